@@ -1,0 +1,39 @@
+"""Evaluation entry points shared by the CLI, recipes and benchmarks."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from sparsefit.data.sources import load_texts
+from sparsefit.evaluation.perplexity import check_seq_len, perplexity
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+
+def tokenize_for_perplexity(
+    tokenizer: PreTrainedTokenizerBase, dataset: str, split: str = "test", text_field: str = "text"
+) -> torch.Tensor:
+    """One 1-D token stream for a dataset; texts are joined by blank lines as in the papers."""
+    text = "\n\n".join(load_texts(dataset, split, text_field))
+    return tokenizer(text, return_tensors="pt").input_ids[0]
+
+
+def evaluate_perplexity(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    dataset: str = "wikitext2",
+    split: str = "test",
+    text_field: str = "text",
+    seq_len: int = 2048,
+    max_windows: int | None = None,
+    batch_size: int = 1,
+    progress: bool = True,
+) -> dict:
+    """Perplexity of a loaded model on a dataset, as a JSON-ready dict."""
+    check_seq_len(model, seq_len)  # fail before tokenizing a large corpus
+    stream = tokenize_for_perplexity(tokenizer, dataset, split, text_field)
+    result = perplexity(model, stream, seq_len, max_windows, batch_size, progress).to_dict()
+    return {"task": "perplexity", "dataset": dataset, "split": split, **result}

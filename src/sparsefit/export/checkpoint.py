@@ -1,0 +1,58 @@
+"""Plain Hugging Face checkpoints (safetensors only), written atomically, with sparsity metadata."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from torch import nn
+
+from sparsefit.atomic import staging_dir
+from sparsefit.models.builtin import strip_gguf_quantization
+from sparsefit.models.layout import decoder_layout, is_prunable
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+SPARSITY_FILE = "sparsity.json"
+
+
+def sparsity_summary(model: nn.Module) -> dict:
+    """Overall (weighted by size) and per-layer sparsity of the decoder linears, measured on the weights."""
+    layout = decoder_layout(model)
+    zeros = numel = 0
+    per_layer = {}
+    for i, block in enumerate(layout.blocks):
+        for name, module in block.named_modules():
+            if is_prunable(module):
+                w = module.weight
+                z = (w == 0).sum().item()
+                zeros, numel = zeros + z, numel + w.numel()
+                per_layer[f"{layout.prefix}.{i}.{name}"] = z / w.numel()
+    return {"overall": zeros / max(numel, 1), "per_layer": per_layer}
+
+
+def save_checkpoint(
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, out_dir: str | os.PathLike, metadata: dict | None = None
+) -> Path:
+    """Save model + tokenizer as safetensors into `out_dir` atomically, plus `sparsity.json`.
+
+    `metadata` (method, recipe, ...) is stored beside the measured sparsity so the format of
+    the checkpoint is written down, never inferred from names.
+    """
+    strip_gguf_quantization(model)
+    out_dir = Path(out_dir)
+    with staging_dir(out_dir) as stage:
+        model.save_pretrained(stage, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(stage)
+        info = {"sparsity": sparsity_summary(model), **(metadata or {})}
+        (stage / SPARSITY_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    return out_dir
+
+
+def read_sparsity(checkpoint: str | os.PathLike) -> dict | None:
+    path = Path(checkpoint) / SPARSITY_FILE
+    return json.loads(path.read_text()) if path.is_file() else None

