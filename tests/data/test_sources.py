@@ -74,10 +74,10 @@ def test_sampler_is_deterministic_and_shaped(data_dir, tokenizer):
         assert any(torch.equal(stream[s : s + 16], row) for s in starts)
 
 
-def test_stream_puts_eos_between_texts(tokenizer):
-    stream = tokenize_stream(tokenizer, ["Tom has", "apples"])
-    ids_a = tokenizer("Tom has", add_special_tokens=False).input_ids
-    assert stream[len(ids_a)].item() == tokenizer.eos_token_id
+def test_stream_puts_a_blank_line_between_texts(tokenizer):
+    stream = tokenize_stream(tokenizer, ["Tom has", "apples"], chunk=1)
+    expected = tokenizer("Tom has\n\n", add_special_tokens=False).input_ids + tokenizer("apples").input_ids
+    assert stream.tolist() == expected
 
 
 def test_sampler_rejects_short_data():

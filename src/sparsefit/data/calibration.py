@@ -12,16 +12,19 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 
-def tokenize_stream(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> torch.Tensor:
-    """Tokenize texts and concatenate them into one 1-D stream, EOS between texts."""
-    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    sep = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None and len(texts) > 1 else []
-    stream: list[int] = []
-    for i, row in enumerate(ids):
-        if i and sep:
-            stream.extend(sep)
-        stream.extend(row)
-    return torch.tensor(stream, dtype=torch.long)
+def tokenize_stream(tokenizer: PreTrainedTokenizerBase, texts: list[str], chunk: int = 512) -> torch.Tensor:
+    """Tokenize texts and concatenate them into one 1-D stream, a blank line between texts.
+
+    A blank line, not EOS, separates texts: the papers join WikiText rows the same way, and an
+    instruct model's EOS (e.g. `<|im_end|>`) mid-stream is far from what the model saw in training.
+    Chunked, so at most `chunk` texts live as Python int lists at once.
+    """
+    parts = []
+    for start in range(0, len(texts), chunk):
+        batch = [t + "\n\n" if start + i < len(texts) - 1 else t for i, t in enumerate(texts[start : start + chunk])]
+        for row in tokenizer(batch, add_special_tokens=False)["input_ids"]:
+            parts.append(torch.tensor(row, dtype=torch.long))
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
 
 
 def sample_windows(stream: torch.Tensor, num_samples: int, seq_len: int, seed: int = 0) -> torch.Tensor:
@@ -41,5 +44,5 @@ def sample_windows(stream: torch.Tensor, num_samples: int, seq_len: int, seed: i
 def sample_calibration(
     tokenizer: PreTrainedTokenizerBase, texts: list[str], num_samples: int, seq_len: int, seed: int = 0
 ) -> torch.Tensor:
-    """Tokenize `texts`, concatenate and cut `num_samples` windows of `seq_len` tokens (N, L)."""
+    """Tokenize `texts`, concatenate (blank lines between) and cut `num_samples` windows of `seq_len` tokens (N, L)."""
     return sample_windows(tokenize_stream(tokenizer, texts), num_samples, seq_len, seed)

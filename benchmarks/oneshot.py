@@ -1,0 +1,153 @@
+"""One-shot pruning benchmark on the embedded model: time, peak RSS, sparsity, WikiText-2 ppl.
+
+Every run is a fresh `sparsefit prune` process (so its peak RSS is its own), followed by
+`sparsefit eval` on the output. The yardstick, measured in the same invocation, is one plain
+dense float32 forward over the same calibration set (64 x 512 from GSM8K train, batches of 8).
+Run it with nothing else on the machine:
+
+    SPARSEFIT_DATA_DIR=../shared/data python benchmarks/oneshot.py --out benchmarks/results/oneshot.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+RUNS = {
+    "magnitude-50": ["--method", "magnitude", "--sparsity", "0.5"],
+    "wanda-50": ["--method", "wanda", "--sparsity", "0.5"],
+    "sparsegpt-50": ["--method", "sparsegpt", "--sparsity", "0.5"],
+    "wanda-2:4": ["--method", "wanda", "--structure", "2:4"],
+    "sparsegpt-2:4": ["--method", "sparsegpt", "--structure", "2:4"],
+    "wanda-50-owl": ["--method", "wanda", "--sparsity", "0.5", "--profile", "owl"],
+    "sparsegpt-50-owl": ["--method", "sparsegpt", "--sparsity", "0.5", "--profile", "owl"],
+    "wanda-70": ["--method", "wanda", "--sparsity", "0.7"],
+    "wanda-70-owl": ["--method", "wanda", "--sparsity", "0.7", "--profile", "owl"],
+    "sparsegpt-70": ["--method", "sparsegpt", "--sparsity", "0.7"],
+    "sparsegpt-70-owl": ["--method", "sparsegpt", "--sparsity", "0.7", "--profile", "owl"],
+}
+
+YARDSTICK = """
+import json, sys, time, torch
+from sparsefit.data import load_texts, sample_calibration
+from sparsefit.models import load_model_and_tokenizer
+from sparsefit.pruning.oneshot import peak_rss_mb
+model, tok = load_model_and_tokenizer(sys.argv[1], "float32", "cpu")
+calib = sample_calibration(tok, load_texts("gsm8k", "train"), int(sys.argv[2]), int(sys.argv[3]), 0)
+start = time.perf_counter()
+with torch.no_grad():
+    for batch in calib.split(8):
+        model(input_ids=batch, use_cache=False)
+print(json.dumps({"seconds": time.perf_counter() - start, "tokens": calib.numel(), "peak_rss_mb": peak_rss_mb()}))
+"""
+
+
+def sparsefit(*args: str) -> None:
+    subprocess.run([sys.executable, "-m", "sparsefit.cli", *args], check=True, stdout=subprocess.DEVNULL)
+
+
+def evaluate(model: str, work: Path, windows: int) -> dict:
+    out = work / "eval.json"
+    sparsefit(
+        "eval",
+        "--model",
+        model,
+        "--dataset",
+        "wikitext2",
+        "--seq-len",
+        "2048",
+        "--max-windows",
+        str(windows),
+        "--device",
+        "cpu",
+        "--json",
+        str(out),
+    )
+    return json.loads(out.read_text())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
+    parser.add_argument("--num-samples", type=int, default=64)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--windows", type=int, default=8)
+    parser.add_argument("--out", default="benchmarks/results/oneshot.json")
+    args = parser.parse_args()
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    result = {
+        "model": args.model,
+        "calibration": f"gsm8k train {args.num_samples} x {args.seq_len}",
+        "eval": f"wikitext2 test, {args.windows} windows of 2048",
+        "cpu_count": os.cpu_count(),
+        "runs": {},
+    }
+
+    proc = subprocess.run(
+        [sys.executable, "-c", YARDSTICK, args.model, str(args.num_samples), str(args.seq_len)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    result["yardstick_dense_forward"] = json.loads(proc.stdout.strip().splitlines()[-1])
+    yard = result["yardstick_dense_forward"]["seconds"]
+    print(f"yardstick: dense fp32 forward over calibration set {yard:.1f} s", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        result["dense"] = {"ppl": evaluate(args.model, work, args.windows)["ppl"]}
+        print(f"dense ppl {result['dense']['ppl']:.3f}", flush=True)
+        for name in args.runs:
+            out, report_path = work / name.replace(":", "_"), work / "report.json"
+            start = time.perf_counter()
+            sparsefit(
+                "prune",
+                "--model",
+                args.model,
+                *RUNS[name],
+                "--calib",
+                "gsm8k",
+                "--num-samples",
+                str(args.num_samples),
+                "--seq-len",
+                str(args.seq_len),
+                "--device",
+                "cpu",
+                "--output",
+                str(out),
+                "--json",
+                str(report_path),
+            )
+            wall = time.perf_counter() - start
+            report = json.loads(report_path.read_text())
+            ppl = evaluate(str(out), work, args.windows)["ppl"]
+            row = {
+                "ppl": ppl,
+                "seconds": report["seconds"],
+                "ratio_to_dense_forward": report["seconds"] / yard,
+                "process_wall_seconds": wall,
+                "peak_rss_mb": report["peak_rss_mb"],
+                "sparsity": report["sparsity"]["overall"],
+                "per_block_sparsity": report["sparsity"]["per_block"],
+                "structure": report["structure"],
+                "phases": report["phases"],
+                "compute_dtype": report["compute_dtype"],
+            }
+            result["runs"][name] = row
+            print(
+                f"{name:18s} ppl {ppl:8.2f}  {row['seconds']:6.1f} s ({row['ratio_to_dense_forward']:.2f}x)  "
+                f"rss {row['peak_rss_mb']:.0f} MB  sparsity {row['sparsity']:.4f}",
+                flush=True,
+            )
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

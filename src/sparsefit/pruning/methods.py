@@ -1,0 +1,59 @@
+"""Which statistics each method needs, and how one block's linears are solved with them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from sparsefit.pruning.magnitude import prune_magnitude
+from sparsefit.pruning.sparsegpt import inverse_hessian, prune_sparsegpt
+from sparsefit.pruning.stats import InputStats
+from sparsefit.pruning.structure import Structure
+from sparsefit.pruning.wanda import prune_wanda
+
+METHODS = ("magnitude", "wanda", "sparsegpt")
+
+
+@dataclass(frozen=True)
+class MethodOptions:
+    name: str
+    structure: Structure = Structure()
+    block_size: int = 128  # SparseGPT column block
+    damp: float = 0.01  # SparseGPT dampening, a fraction of mean(diag H)
+    magnitude_scope: str = "layer"  # "layer" | "row"
+
+    @property
+    def needs_sq_sum(self) -> bool:
+        return self.name == "wanda"
+
+    @property
+    def needs_hessian(self) -> bool:
+        return self.name == "sparsegpt"
+
+    @property
+    def needs_data(self) -> bool:
+        return self.name != "magnitude"
+
+
+class BlockSolver:
+    """Prunes the linears of one block from its statistics; inverts each shared Hessian once."""
+
+    def __init__(self, options: MethodOptions, stats: InputStats | None) -> None:
+        self.options, self.stats = options, stats
+        self._hinv: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def solve(
+        self, name: str, weight: torch.Tensor, sparsity: float, preserve: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """weight: (out, in) -> (pruned weight, keep mask)."""
+        o = self.options
+        if o.name == "magnitude":
+            return prune_magnitude(weight, sparsity, o.structure, o.magnitude_scope, preserve)
+        if o.name == "wanda":
+            return prune_wanda(weight, self.stats.sq_sum(name).to(weight.device), sparsity, o.structure, preserve)
+        root = self.stats.root(name)
+        if root not in self._hinv:
+            self._hinv[root] = inverse_hessian(self.stats.hessian(name).to(weight.device), o.damp)
+        hinv, dead = self._hinv[root]
+        return prune_sparsegpt(weight, hinv, dead, sparsity, o.structure, o.block_size, preserve)

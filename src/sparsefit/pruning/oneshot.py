@@ -1,0 +1,225 @@
+"""One-shot pruning as one call: options in, pruned model and report out."""
+
+from __future__ import annotations
+
+import re
+import resource
+import time
+from typing import TYPE_CHECKING, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from sparsefit.errors import UsageError
+from sparsefit.models.layout import decoder_layout, weight_as_out_in
+from sparsefit.pruning.methods import MethodOptions
+from sparsefit.pruning.owl import owl_sparsities
+from sparsefit.pruning.pipeline import (
+    BlockRunner,
+    LayerwiseReport,
+    capture_block_inputs,
+    owl_outlier_ratios,
+    prune_layerwise,
+    select_block_linears,
+)
+from sparsefit.pruning.structure import Structure
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+
+class OneShotConfig(BaseModel):
+    """Every option of one-shot pruning, with its default; validated on construction."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: Literal["magnitude", "wanda", "sparsegpt"] = "sparsegpt"
+    sparsity: float = Field(0.5, ge=0.0, lt=1.0)
+    structure: str = "unstructured"  # "unstructured" or "N:M" (keep N of every M)
+    profile: Literal["uniform", "owl"] | dict[str, float] = "uniform"  # dict: layer regex -> sparsity
+    owl_m: float = Field(5.0, gt=0)
+    owl_lambda: float = Field(0.08, ge=0, lt=1)
+    targets: list[str] | None = None  # regexes over module names; default: every linear in the blocks
+    ignore: list[str] = []
+    calib: str | None = "gsm8k"  # dataset spec, "self" (sampled from the model), or None (magnitude only)
+    calib_split: str = "train"
+    text_field: str = "text"
+    num_samples: int = Field(64, ge=1)
+    seq_len: int = Field(512, ge=2)
+    seed: int = 0
+    batch_size: int = Field(8, ge=1)
+    block_size: int = Field(128, ge=1)
+    damp: float = Field(0.01, gt=0)
+    magnitude_scope: Literal["layer", "row"] = "layer"
+    preserve_mask: bool = False  # keep existing zeros pruned (iterative pruning)
+    compute_dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # block forwards; statistics stay float32
+
+    @field_validator("structure")
+    @classmethod
+    def _structure(cls, v: str) -> str:
+        return str(Structure.parse(v))
+
+    @field_validator("targets", "ignore")
+    @classmethod
+    def _regexes(cls, v: list[str] | None) -> list[str] | None:
+        for pattern in v or []:
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise ValueError(f"bad regex '{pattern}': {err}") from None
+        return v
+
+    @field_validator("profile")
+    @classmethod
+    def _profile(cls, v: str | dict[str, float]) -> str | dict[str, float]:
+        if isinstance(v, dict):
+            for key, s in v.items():
+                re.compile(key)
+                if not 0.0 <= s < 1.0:
+                    raise ValueError(f"sparsity {s} for '{key}' must be in [0, 1)")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> OneShotConfig:
+        nm = Structure.parse(self.structure)
+        if nm.is_nm and self.profile != "uniform":
+            raise ValueError("N:M structure fixes the sparsity of every layer; use profile 'uniform'")
+        if self.method != "magnitude" and self.calib is None:
+            raise ValueError(f"method '{self.method}' needs calibration data: set calib to a dataset or 'self'")
+        if self.profile == "owl" and self.calib is None:
+            raise ValueError("profile 'owl' needs calibration data (Wanda scores): set calib")
+        return self
+
+    @property
+    def target_sparsity(self) -> float:
+        nm = Structure.parse(self.structure)
+        return nm.sparsity if nm.is_nm else self.sparsity
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX); otherwise bf16 is emulated and slow."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def use_bf16(compute_dtype: str, device: torch.device) -> bool:
+    if compute_dtype != "auto":
+        return compute_dtype == "bfloat16"
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return cpu_has_bf16()
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def calibration_batch(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: OneShotConfig, progress: bool = True
+) -> torch.Tensor | None:
+    """The (N, L) token ids the config asks for, or None when the method needs none."""
+    from sparsefit.data.calibration import sample_calibration
+    from sparsefit.data.self_generated import sample_from_model
+    from sparsefit.data.sources import load_texts
+
+    if config.calib is None or (config.method == "magnitude" and config.profile != "owl"):
+        return None
+    if config.calib == "self":
+        return sample_from_model(model, tokenizer, config.num_samples, config.seq_len, config.seed, progress=progress)
+    texts = load_texts(config.calib, config.calib_split, config.text_field)
+    return sample_calibration(tokenizer, texts, config.num_samples, config.seq_len, config.seed)
+
+
+def _check_structure(per_block: list[dict], structure: Structure) -> None:
+    if not structure.is_nm:
+        return
+    for layers in per_block:
+        for name, module in layers.items():
+            structure.check_columns(weight_as_out_in(module).shape[1], name)
+
+
+def oneshot(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    config: OneShotConfig,
+    device: torch.device | str | None = None,
+    calib: torch.Tensor | None = None,
+    progress: bool = True,
+) -> dict:
+    """Prune `model` in place as `config` says; returns the report (sparsity per layer, phase times).
+
+    `calib` (N, L) overrides the calibration data the config names.
+    """
+    start = time.perf_counter()
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    structure = Structure.parse(config.structure)
+    layout = decoder_layout(model)
+    per_block = select_block_linears(layout, config.targets, config.ignore)
+    _check_structure(per_block, structure)
+    report = LayerwiseReport()
+
+    t = time.perf_counter()
+    if calib is None:
+        calib = calibration_batch(model, tokenizer, config, progress)
+    report.add_time("calibration_data", time.perf_counter() - t)
+    options = MethodOptions(config.method, structure, config.block_size, config.damp, config.magnitude_scope)
+    runner = BlockRunner(device, use_bf16(config.compute_dtype, device))
+
+    inputs = None
+    if calib is not None:
+        t = time.perf_counter()
+        inputs = capture_block_inputs(model, layout, calib, config.batch_size, device)
+        report.add_time("capture", time.perf_counter() - t)
+
+    block_sparsity = [config.target_sparsity] * len(layout.blocks)
+    owl_ratios = None
+    if config.profile == "owl":
+        t = time.perf_counter()
+        dense_inputs = [(h.clone(), a, k) for h, a, k in inputs]
+        owl_ratios = owl_outlier_ratios(layout, per_block, dense_inputs, runner, config.owl_m, progress)
+        del dense_inputs
+        active = [i for i, layers in enumerate(per_block) if layers]
+        try:
+            profile = owl_sparsities([owl_ratios[i] for i in active], config.sparsity, config.owl_lambda)
+        except ValueError as err:
+            raise UsageError(str(err)) from None
+        for i, s in zip(active, profile):
+            block_sparsity[i] = s
+        report.add_time("owl", time.perf_counter() - t)
+    explicit = config.profile if isinstance(config.profile, dict) else {}
+
+    def sparsity_of(block: int, name: str) -> float:
+        for pattern, s in explicit.items():
+            if re.search(pattern, name):
+                return s
+        return block_sparsity[block]
+
+    if not options.needs_data:
+        inputs = None  # magnitude + OWL: the data served only the outlier ratios
+    prune_layerwise(model, options, sparsity_of, inputs, per_block, runner, config.preserve_mask, progress, report)
+
+    zeros = sum(r["sparsity"] * r["shape"][0] * r["shape"][1] for r in report.per_layer.values())
+    numel = sum(r["shape"][0] * r["shape"][1] for r in report.per_layer.values())
+    return {
+        "method": config.method,
+        "structure": str(structure),
+        "profile": config.profile,
+        "target": config.target_sparsity,
+        "sparsity": {
+            "overall": zeros / numel,
+            "per_layer": {name: r["sparsity"] for name, r in report.per_layer.items()},
+            "per_block": block_sparsity,
+        },
+        "owl_outlier_ratios": owl_ratios,
+        "calibration": None if calib is None else {"source": config.calib, "shape": list(calib.shape)},
+        "compute_dtype": "bfloat16" if runner.bf16 else "float32",
+        "phases": report.phases,
+        "seconds": time.perf_counter() - start,
+        "peak_rss_mb": peak_rss_mb(),
+        "config": config.model_dump(),
+    }

@@ -1,0 +1,77 @@
+"""Input statistics of the linears of one block, collected by forward hooks.
+
+Wanda needs the squared norm of every input feature; SparseGPT needs X^T X. Linears fed by
+the very same tensor (q/k/v, gate/up) share one accumulator: the first of them owns it, the
+others are recorded as aliases, so each distinct input costs one X^T X.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class InputStats:
+    """Accumulate float32 input statistics of `layers` while the block runs forwards."""
+
+    def __init__(self, layers: dict[str, nn.Module], sq_sum: bool = False, hessian: bool = False) -> None:
+        self.layers = layers
+        self.want_sq, self.want_hessian = sq_sum, hessian
+        self.count: dict[str, int] = {}
+        self.sq: dict[str, torch.Tensor] = {}
+        self.xtx: dict[str, torch.Tensor] = {}
+        self.owner: dict[str, str] = {}  # alias name -> name that owns the shared statistics
+        self._live: dict[tuple, tuple[torch.Tensor, str]] = {}  # inputs of the current forward, kept alive
+        self._handles: list = []
+
+    def __enter__(self) -> InputStats:
+        for name, module in self.layers.items():
+            self._handles.append(module.register_forward_hook(self._hook(name)))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._live.clear()
+
+    def end_forward(self) -> None:
+        """Forget this forward's inputs (call after each block call)."""
+        self._live.clear()
+
+    def _hook(self, name: str):  # noqa: ANN202
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            x = args[0]
+            # Holding a reference keeps the address from being reused by a later input.
+            key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()))
+            if key in self._live:
+                self.owner[name] = self._live[key][1]
+                return
+            self._live[key] = (x, name)
+            if name in self.owner:
+                raise RuntimeError(f"{name} shared its input in one forward but not in another")
+            self._accumulate(name, x.detach().reshape(-1, x.shape[-1]).float())  # (n, in)
+
+        return hook
+
+    def _accumulate(self, name: str, x: torch.Tensor) -> None:
+        self.count[name] = self.count.get(name, 0) + x.shape[0]
+        if self.want_sq:
+            sq = (x * x).sum(0)
+            self.sq[name] = self.sq[name] + sq if name in self.sq else sq
+        if self.want_hessian:
+            if name not in self.xtx:
+                self.xtx[name] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float32, device=x.device)
+            self.xtx[name].addmm_(x.t(), x)
+
+    def root(self, name: str) -> str:
+        return self.owner.get(name, name)
+
+    def sq_sum(self, name: str) -> torch.Tensor:
+        """Sum over all tokens of x_j^2, shape (in,)."""
+        return self.sq[self.root(name)]
+
+    def hessian(self, name: str) -> torch.Tensor:
+        """H = 2 X^T X / n in float32, shape (in, in)."""
+        root = self.root(name)
+        return self.xtx[root] * (2.0 / self.count[root])

@@ -1,0 +1,103 @@
+"""Sparsity structures: unstructured, or N:M (keep N nonzeros in every M consecutive inputs)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Structure:
+    """`m == 0` means unstructured; otherwise keep `n` of every `m` consecutive weights of a row."""
+
+    n: int = 0
+    m: int = 0
+
+    @classmethod
+    def parse(cls, text: str | None) -> Structure:
+        if text is None or text.strip().lower() in ("", "unstructured"):
+            return cls()
+        match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", text)
+        if not match:
+            raise ValueError(f"structure '{text}' is malformed: use 'unstructured' or 'N:M', e.g. '2:4'")
+        n, m = int(match[1]), int(match[2])
+        if not 1 <= n < m:
+            raise ValueError(f"structure '{text}' is invalid: need 1 <= N < M, e.g. '2:4'")
+        return cls(n, m)
+
+    @property
+    def is_nm(self) -> bool:
+        return self.m > 0
+
+    @property
+    def sparsity(self) -> float:
+        return 1.0 - self.n / self.m if self.is_nm else 0.0
+
+    def __str__(self) -> str:
+        return f"{self.n}:{self.m}" if self.is_nm else "unstructured"
+
+    def check_columns(self, in_features: int, name: str = "layer") -> None:
+        if self.is_nm and in_features % self.m:
+            raise ValueError(
+                f"{self} sparsity needs input features divisible by {self.m}, but {name} has {in_features}; "
+                f"pick an M that divides {in_features} or ignore this layer"
+            )
+
+
+UNSTRUCTURED = Structure()
+
+
+def check_sparsity(sparsity: float) -> None:
+    if not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity {sparsity} is outside [0, 1); pass a fraction of zeros such as 0.5")
+
+
+def topk_keep_mask(scores: torch.Tensor, sparsity: float, dim: int | None = None) -> torch.Tensor:
+    """Keep mask pruning exactly round(count * sparsity) lowest scores, whole tensor (dim=None) or per row."""
+    check_sparsity(sparsity)
+    if dim is None:
+        k = round(scores.numel() * sparsity)
+        mask = torch.ones(scores.numel(), dtype=torch.bool, device=scores.device)
+        if k:
+            mask[torch.topk(scores.flatten(), k, largest=False).indices] = False
+        return mask.view_as(scores)
+    k = round(scores.shape[dim] * sparsity)
+    mask = torch.ones_like(scores, dtype=torch.bool)
+    if k:
+        mask.scatter_(dim, torch.topk(scores, k, dim=dim, largest=False).indices, False)
+    return mask
+
+
+def nm_keep_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Keep mask with the `n` highest scores of every `m` consecutive columns of each row."""
+    rows, cols = scores.shape
+    groups = scores.reshape(rows, cols // m, m)
+    mask = torch.zeros_like(groups, dtype=torch.bool)
+    mask.scatter_(2, torch.topk(groups, n, dim=2).indices, True)
+    return mask.reshape(rows, cols)
+
+
+def preserved(scores: torch.Tensor, preserve_mask: torch.Tensor | None) -> torch.Tensor:
+    """Scores where earlier-pruned weights (preserve_mask False) rank below everything: pruned first."""
+    if preserve_mask is None:
+        return scores
+    return scores.masked_fill(~preserve_mask, float("-inf"))
+
+
+def keep_mask(
+    scores: torch.Tensor,
+    sparsity: float,
+    structure: Structure,
+    dim: int | None,
+    preserve_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The keep mask for `scores` (out, in) under `structure`; never revives a preserved zero."""
+    scores = preserved(scores, preserve_mask)
+    if structure.is_nm:
+        structure.check_columns(scores.shape[1])
+        mask = nm_keep_mask(scores, structure.n, structure.m)
+    else:
+        mask = topk_keep_mask(scores, sparsity, dim)
+    return mask if preserve_mask is None else mask & preserve_mask

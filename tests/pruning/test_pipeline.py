@@ -1,0 +1,230 @@
+"""The layer-by-layer driver on tiny random models of every supported family."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from sparsefit.cli import main
+from sparsefit.config import validate
+from sparsefit.data.self_generated import sample_from_model
+from sparsefit.errors import UsageError
+from sparsefit.export import save_checkpoint
+from sparsefit.models.layout import decoder_layout, select_linears, weight_as_out_in
+from sparsefit.pruning import OneShotConfig, oneshot
+from sparsefit.pruning.stats import InputStats
+from sparsefit.pruning.wanda import prune_wanda
+from tests.conftest import ARCHS, tiny_model
+
+
+def calib(n=8, length=32, seed=0):
+    return torch.randint(3, 256, (n, length), generator=torch.Generator().manual_seed(seed))
+
+
+def cfg(**kw):
+    base = {"calib": "unused", "batch_size": 4, "compute_dtype": "float32"}
+    return OneShotConfig(**{**base, **kw})
+
+
+def linears(model):
+    layout = decoder_layout(model)
+    out = {}
+    for i, block in enumerate(layout.blocks):
+        out.update(select_linears(block, f"{layout.prefix}.{i}", None, None))
+    return out
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+def test_every_family_and_method_hits_the_target(arch, method):
+    model = tiny_model(arch)
+    report = oneshot(model, None, cfg(method=method, sparsity=0.5), calib=calib(), progress=False)
+    layers = linears(model)
+    assert set(report["sparsity"]["per_layer"]) == set(layers)
+    for name, module in layers.items():
+        w = module.weight
+        assert (w == 0).float().mean().item() == pytest.approx(0.5, abs=0.01), name
+    assert report["sparsity"]["overall"] == pytest.approx(0.5, abs=0.005)
+    with torch.no_grad():
+        assert torch.isfinite(model(calib(2, 16)).logits).all()
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt", "gpt2"])
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt", "magnitude"])
+def test_two_four_pattern_in_every_layer(arch, method):
+    model = tiny_model(arch)
+    oneshot(model, None, cfg(method=method, structure="2:4"), calib=calib(), progress=False)
+    for name, module in linears(model).items():
+        groups = (weight_as_out_in(module) != 0).reshape(-1, 4).sum(1)
+        assert (groups <= 2).all(), name
+
+
+def test_later_blocks_see_pruned_outputs_of_earlier_blocks():
+    """Block 1 is pruned from statistics of the model whose block 0 is already pruned."""
+    model = tiny_model("llama")
+    dense_q1 = model.model.layers[1].self_attn.q_proj.weight.detach().clone()
+    x = calib()
+    oneshot(model, None, cfg(method="wanda", sparsity=0.5), calib=x, progress=False)
+    # In the final model block 1's q_proj input depends only on the (pruned) block 0.
+    q1 = model.model.layers[1].self_attn.q_proj
+    with InputStats({"q": q1}, sq_sum=True) as stats, torch.no_grad():
+        model(x)
+    expected, _ = prune_wanda(dense_q1, stats.sq_sum("q"), 0.5)
+    assert torch.equal(q1.weight, expected)
+
+
+def test_shared_inputs_share_one_accumulator():
+    model = tiny_model("llama")
+    block = model.model.layers[0]
+    layers = select_linears(block, "b", None, None)
+    with InputStats(layers, hessian=True) as stats, torch.no_grad():
+        model(calib(2, 16))
+        stats.end_forward()
+    assert stats.root("b.self_attn.k_proj") == stats.root("b.self_attn.v_proj") == "b.self_attn.q_proj"
+    assert stats.root("b.mlp.up_proj") == "b.mlp.gate_proj"
+    assert stats.root("b.self_attn.o_proj") == "b.self_attn.o_proj"
+    assert stats.root("b.mlp.down_proj") == "b.mlp.down_proj"
+    assert set(stats.xtx) == {"b.self_attn.q_proj", "b.self_attn.o_proj", "b.mlp.gate_proj", "b.mlp.down_proj"}
+
+
+def test_owl_profile_mean_equals_target():
+    model = tiny_model("llama")
+    report = oneshot(
+        model, None, cfg(method="wanda", sparsity=0.6, profile="owl", owl_lambda=0.1), calib=calib(), progress=False
+    )
+    per_block = report["sparsity"]["per_block"]
+    assert sum(per_block) / len(per_block) == pytest.approx(0.6, abs=1e-9)
+    assert len(set(round(s, 6) for s in per_block)) > 1
+    assert max(per_block) - min(per_block) == pytest.approx(0.2)  # the spread is 2 * lambda
+    for name, s in report["sparsity"]["per_layer"].items():
+        block = int(name.split(".")[2])
+        assert s == pytest.approx(per_block[block], abs=0.01)
+
+
+def test_explicit_profile_and_ignore():
+    model = tiny_model("llama")
+    report = oneshot(
+        model,
+        None,
+        cfg(method="magnitude", profile={r"mlp\.down_proj": 0.7}, ignore=[r"layers\.0\."], sparsity=0.4),
+        progress=False,
+    )
+    per_layer = report["sparsity"]["per_layer"]
+    assert not any(".layers.0." in n for n in per_layer)
+    assert per_layer["model.layers.1.mlp.down_proj"] == pytest.approx(0.7, abs=0.01)
+    assert per_layer["model.layers.1.mlp.up_proj"] == pytest.approx(0.4, abs=0.01)
+    assert (model.model.layers[0].mlp.up_proj.weight != 0).all()
+
+
+def test_preserve_mask_keeps_earlier_zeros():
+    model = tiny_model("llama")
+    oneshot(model, None, cfg(method="sparsegpt", sparsity=0.3), calib=calib(), progress=False)
+    before = {n: m.weight.detach() == 0 for n, m in linears(model).items()}
+    oneshot(model, None, cfg(method="sparsegpt", sparsity=0.5, preserve_mask=True), calib=calib(), progress=False)
+    for name, module in linears(model).items():
+        assert (module.weight[before[name]] == 0).all(), name
+        assert (module.weight == 0).float().mean().item() == pytest.approx(0.5, abs=0.01)
+
+
+def test_self_generated_calibration_is_deterministic(tokenizer):
+    model = tiny_model("llama")
+    a = sample_from_model(model, tokenizer, 3, 12, seed=5, batch_size=2, progress=False)
+    b = sample_from_model(model, tokenizer, 3, 12, seed=5, batch_size=2, progress=False)
+    assert a.shape == (3, 12) and torch.equal(a, b)
+    assert (a[:, 0] == tokenizer.bos_token_id).all()
+
+
+def test_bf16_block_forwards_stay_close_to_float32():
+    x = calib()
+    results = {}
+    for dtype in ("float32", "bfloat16"):
+        model = tiny_model("llama")
+        oneshot(model, None, cfg(method="sparsegpt", compute_dtype=dtype), calib=x, progress=False)
+        results[dtype] = torch.cat([m.weight.flatten() for m in linears(model).values()])
+    agree = ((results["float32"] == 0) == (results["bfloat16"] == 0)).float().mean().item()
+    assert agree > 0.9
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"sparsity": 1.5}, "sparsity: Input should be less than 1"),
+        ({"sparsity": -0.1}, "sparsity: Input should be greater than or equal to 0"),
+        ({"structure": "2-4"}, "structure"),
+        ({"method": "wanda", "calib": None}, "needs calibration data"),
+        ({"method": "obc"}, "method"),
+        ({"spasity": 0.5}, "spasity: unknown field"),
+        ({"structure": "2:4", "profile": "owl"}, "N:M structure fixes"),
+    ],
+)
+def test_bad_options_name_the_field(options, message):
+    with pytest.raises(UsageError, match=message):
+        validate(OneShotConfig, options, "prune options")
+
+
+def test_targets_matching_nothing():
+    with pytest.raises(UsageError, match="no prunable layer matches"):
+        oneshot(tiny_model("llama"), None, cfg(method="magnitude", targets=["nothing_like_this"]), progress=False)
+
+
+def test_nm_that_does_not_divide():
+    with pytest.raises(ValueError, match="3:5"):
+        oneshot(tiny_model("llama"), None, cfg(method="magnitude", structure="3:5"), progress=False)
+
+
+def test_cli_prune_writes_a_loadable_checkpoint(tiny_checkpoint, data_dir, tmp_path, capsys):
+    out, js = tmp_path / "pruned", tmp_path / "prune.json"
+    code = main(
+        [
+            "prune",
+            "--model",
+            str(tiny_checkpoint),
+            "--method",
+            "wanda",
+            "--sparsity",
+            "0.5",
+            "--calib",
+            "gsm8k",
+            "--num-samples",
+            "4",
+            "--seq-len",
+            "32",
+            "--output",
+            str(out),
+            "--json",
+            str(js),
+        ]
+    )
+    assert code == 0, capsys.readouterr().err
+    report = json.loads(js.read_text())
+    assert {"seconds", "peak_rss_mb", "method", "structure", "sparsity"} <= set(report)
+    assert report["sparsity"]["overall"] == pytest.approx(0.5, abs=0.01)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert (model.model.layers[1].mlp.down_proj.weight == 0).float().mean().item() == pytest.approx(0.5, abs=0.01)
+    meta = json.loads((out / "sparsity.json").read_text())
+    assert meta["sparsity"]["overall"] == pytest.approx(0.5, abs=0.01) and meta["pruning"]["method"] == "wanda"
+    assert not list(out.glob("*.bin")) and list(out.glob("*.safetensors"))
+    assert main(["eval", "--model", str(out), "--seq-len", "64", "--max-windows", "2"]) == 0
+
+
+def test_cli_prune_usage_errors(tiny_checkpoint, tmp_path, capsys):
+    code = main(["prune", "--model", str(tiny_checkpoint), "--sparsity", "1.5", "--output", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and "sparsity" in err and err.count("\n") == 1
+
+
+def test_save_is_atomic_on_failure(tmp_path, tokenizer):
+    model = tiny_model("llama")
+    target = tmp_path / "ckpt"
+
+    class Boom(Exception):
+        pass
+
+    def failing_save(*a, **k):
+        raise Boom
+
+    model.save_pretrained = failing_save
+    with pytest.raises(Boom):
+        save_checkpoint(model, tokenizer, target)
+    assert not target.exists() and not list(tmp_path.iterdir())
