@@ -49,7 +49,9 @@ print(json.dumps({"seconds": time.perf_counter() - start, "tokens": calib.numel(
 
 
 def sparsefit(*args: str) -> None:
-    subprocess.run([sys.executable, "-m", "sparsefit.cli", *args], check=True, stdout=subprocess.DEVNULL)
+    proc = subprocess.run([sys.executable, "-m", "sparsefit.cli", *args], capture_output=True, text=True)
+    if proc.returncode:
+        sys.exit(f"sparsefit {' '.join(args)} failed:\n{proc.stderr[-2000:]}")
 
 
 def evaluate(model: str, work: Path, windows: int) -> dict:
@@ -81,7 +83,6 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=8)
     parser.add_argument("--out", default="benchmarks/results/oneshot.json")
     args = parser.parse_args()
-    os.environ.setdefault("TQDM_DISABLE", "1")
     result = {
         "model": args.model,
         "calibration": f"gsm8k train {args.num_samples} x {args.seq_len}",

@@ -228,3 +228,17 @@ def test_save_is_atomic_on_failure(tmp_path, tokenizer):
     with pytest.raises(Boom):
         save_checkpoint(model, tokenizer, target)
     assert not target.exists() and not list(tmp_path.iterdir())
+
+
+def test_cli_profile_file(tiny_checkpoint, tmp_path, capsys):
+    profile = tmp_path / "profile.yaml"
+    profile.write_text("'mlp\\.down_proj': 0.75\n'self_attn': 0.25\n")
+    out, js = tmp_path / "p", tmp_path / "p.json"
+    args = ["prune", "--model", str(tiny_checkpoint), "--method", "magnitude", "--profile", str(profile)]
+    assert main([*args, "--output", str(out), "--json", str(js)]) == 0
+    per_layer = json.loads(js.read_text())["sparsity"]["per_layer"]
+    assert per_layer["model.layers.0.mlp.down_proj"] == pytest.approx(0.75, abs=0.01)
+    assert per_layer["model.layers.0.self_attn.q_proj"] == pytest.approx(0.25, abs=0.01)
+    assert per_layer["model.layers.0.mlp.up_proj"] == pytest.approx(0.5, abs=0.01)
+    assert main([*args[:-1], str(tmp_path / "missing.yaml"), "--output", str(out)]) == 2
+    assert "neither uniform, owl" in capsys.readouterr().err

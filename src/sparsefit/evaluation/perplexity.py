@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
 # Families whose logits are exactly lm_head(base_model(...).last_hidden_state): for these we
-# apply lm_head in chunks and never hold a (batch, seq, vocab) float32 logits tensor.
+# apply lm_head in chunks to scored positions only, never holding (batch, seq, vocab) float32 logits.
 _CHUNKED_HEAD_TYPES = {"llama", "mistral", "qwen2", "qwen3", "gpt2", "opt", "phi3"}
 
 
@@ -64,19 +64,33 @@ def stream_windows(stream: torch.Tensor, seq_len: int, max_windows: int | None =
 
 
 @torch.no_grad()
-def window_nll_sum(model: PreTrainedModel, input_ids: torch.Tensor, chunk: int = 512) -> torch.Tensor:
-    """Sum over windows of the token NLLs of next-token prediction, in float32. input_ids: (B, T)."""
-    labels = input_ids[:, 1:]
-    if model.config.model_type not in _CHUNKED_HEAD_TYPES:
-        logits = model(input_ids=input_ids, use_cache=False).logits[:, :-1].float()
-        return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum")
-    hidden = model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state[:, :-1]  # (B, T-1, H)
-    head = model.get_output_embeddings()
-    total = torch.zeros((), dtype=torch.float32, device=input_ids.device)
-    for s in range(0, hidden.shape[1], chunk):
-        logits = head(hidden[:, s : s + chunk]).float()  # (B, c, V)
-        total += F.cross_entropy(logits.flatten(0, 1), labels[:, s : s + chunk].flatten(), reduction="sum")
-    return total
+def nll_sum(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    chunk: int = 1024,
+) -> tuple[torch.Tensor, int]:
+    """Sum (float32) and count of next-token NLLs over positions whose label is not -100.
+
+    input_ids, labels: (B, T), labels aligned with input_ids (the shift happens here); no
+    labels means every next token counts.
+    """
+    targets = (input_ids if labels is None else labels)[:, 1:]
+    keep = targets != -100  # (B, T-1)
+    targets = targets[keep]  # (n,)
+    if model.config.model_type in _CHUNKED_HEAD_TYPES:
+        out = model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        hidden = out.last_hidden_state[:, :-1][keep]  # (n, H): only positions that are scored
+        head = model.get_output_embeddings()
+        total = torch.zeros((), dtype=torch.float32, device=input_ids.device)
+        for s in range(0, hidden.shape[0], chunk):
+            logits = head(hidden[s : s + chunk]).float()  # (c, V)
+            total += F.cross_entropy(logits, targets[s : s + chunk], reduction="sum")
+    else:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        total = F.cross_entropy(logits[:, :-1][keep].float(), targets, reduction="sum")
+    return total, int(targets.numel())
 
 
 def perplexity(
@@ -94,19 +108,19 @@ def perplexity(
     windows = stream_windows(stream, seq_len, max_windows)
     device = next(model.parameters()).device
     start = time.perf_counter()
-    nll_sum = 0.0
+    total = 0.0
     was_training = model.training
     model.eval()
     bar = tqdm(total=windows.shape[0], desc="perplexity", unit="win", disable=not progress)
     for b in range(0, windows.shape[0], batch_size):
         batch = windows[b : b + batch_size].to(device)
-        nll_sum += window_nll_sum(model, batch).item()
+        total += nll_sum(model, batch)[0].item()
         bar.update(batch.shape[0])
-        bar.set_postfix(ppl=f"{math.exp(nll_sum / ((b + batch.shape[0]) * (seq_len - 1))):.3f}")
+        bar.set_postfix(ppl=f"{math.exp(total / ((b + batch.shape[0]) * (seq_len - 1))):.3f}")
     bar.close()
     model.train(was_training)
     tokens = windows.shape[0] * (seq_len - 1)
-    nll = nll_sum / tokens
+    nll = total / tokens
     if not math.isfinite(nll):
         raise SparsefitError("perplexity is not finite: the model produced NaN or inf logits; check the checkpoint")
     return PerplexityResult(math.exp(nll), nll, tokens, windows.shape[0], seq_len, time.perf_counter() - start)

@@ -47,7 +47,7 @@ class OneShotConfig(BaseModel):
     num_samples: int = Field(64, ge=1)
     seq_len: int = Field(512, ge=2)
     seed: int = 0
-    batch_size: int = Field(8, ge=1)
+    batch_size: int = Field(4, ge=1)  # sequences per block forward: 4 x 512 keeps transients small
     block_size: int = Field(128, ge=1)
     damp: float = Field(0.01, gt=0)
     magnitude_scope: Literal["layer", "row"] = "layer"
@@ -180,9 +180,9 @@ def oneshot(
     owl_ratios = None
     if config.profile == "owl":
         t = time.perf_counter()
-        dense_inputs = [(h.clone(), a, k) for h, a, k in inputs]
-        owl_ratios = owl_outlier_ratios(layout, per_block, dense_inputs, runner, config.owl_m, progress)
-        del dense_inputs
+        owl_ratios = owl_outlier_ratios(layout, per_block, inputs, runner, config.owl_m, progress)
+        # The OWL pass consumed the inputs; capturing again is cheaper than keeping a copy.
+        inputs = capture_block_inputs(model, layout, calib, config.batch_size, device)
         active = [i for i, layers in enumerate(per_block) if layers]
         try:
             profile = owl_sparsities([owl_ratios[i] for i in active], config.sparsity, config.owl_lambda)

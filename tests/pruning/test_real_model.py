@@ -1,0 +1,24 @@
+"""One-shot pruning of the embedded model end to end (small calibration to keep CI short)."""
+
+import pytest
+
+from sparsefit.evaluation.tasks import evaluate_perplexity
+from sparsefit.export.checkpoint import sparsity_summary
+from sparsefit.pruning import OneShotConfig, oneshot
+
+pytestmark = pytest.mark.slow
+
+
+def test_wanda_two_four_on_the_embedded_model(shared_data):
+    from sparsefit.models import load_model_and_tokenizer
+
+    model, tok = load_model_and_tokenizer("smollm2-135m")
+    report = oneshot(
+        model, tok, OneShotConfig(method="wanda", structure="2:4", num_samples=8, seq_len=256), progress=False
+    )
+    measured = sparsity_summary(model)
+    assert report["sparsity"]["overall"] == pytest.approx(0.5, abs=1e-6)
+    assert len(measured["per_layer"]) == 30 * 7
+    assert all(s == pytest.approx(0.5, abs=1e-3) for s in measured["per_layer"].values())
+    ppl = evaluate_perplexity(model, tok, "wikitext2", seq_len=2048, max_windows=2, progress=False)["ppl"]
+    assert 19.27 < ppl < 1000  # pruned, but still a language model (2:4 Wanda is ~170 on 8 windows)
