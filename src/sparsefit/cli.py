@@ -37,7 +37,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (off by default)")
 
 
-def _print_json(data: dict, path: str | None) -> None:
+def _write_json(data: dict, path: str | None) -> None:
     from sparsefit.atomic import write_json
 
     if path:
@@ -62,7 +62,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         result["recovery"] = recovery(result, baseline)
         result["baseline"] = args.baseline
     print(_summary(result))
-    _print_json(result, args.json)
+    _write_json(result, args.json)
     return 0
 
 
@@ -208,7 +208,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         f"sparsity {report['sparsity']['overall']:.4f} in {report['seconds']:.1f} s ({phases}); "
         f"peak RSS {report['peak_rss_mb']:.0f} MB -> {args.output}"
     )
-    _print_json(report, args.json)
+    _write_json(report, args.json)
     return 0
 
 
