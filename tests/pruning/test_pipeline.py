@@ -242,3 +242,11 @@ def test_cli_profile_file(tiny_checkpoint, tmp_path, capsys):
     assert per_layer["model.layers.0.mlp.up_proj"] == pytest.approx(0.5, abs=0.01)
     assert main([*args[:-1], str(tmp_path / "missing.yaml"), "--output", str(out)]) == 2
     assert "neither uniform, owl" in capsys.readouterr().err
+
+
+def test_variable_length_calibration_batches():
+    model = tiny_model("llama")
+    batches = [calib(1, 20, seed=1), calib(2, 33, seed=2), calib(1, 7, seed=3)]
+    report = oneshot(model, None, cfg(method="sparsegpt"), calib=batches, progress=False)
+    assert report["calibration"]["sequences"] == 4 and report["calibration"]["tokens"] == 20 + 66 + 7
+    assert report["sparsity"]["overall"] == pytest.approx(0.5, abs=0.005)

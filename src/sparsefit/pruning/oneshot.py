@@ -135,6 +135,11 @@ def calibration_batch(
     return sample_calibration(tokenizer, texts, config.num_samples, config.seq_len, config.seed)
 
 
+def _describe(calib: torch.Tensor | list[torch.Tensor], source: str | None) -> dict:
+    batches = [calib] if isinstance(calib, torch.Tensor) else calib
+    return {"source": source, "sequences": sum(b.shape[0] for b in batches), "tokens": sum(b.numel() for b in batches)}
+
+
 def _check_structure(per_block: list[dict], structure: Structure) -> None:
     if not structure.is_nm:
         return
@@ -148,12 +153,12 @@ def oneshot(
     tokenizer: PreTrainedTokenizerBase,
     config: OneShotConfig,
     device: torch.device | str | None = None,
-    calib: torch.Tensor | None = None,
+    calib: torch.Tensor | list[torch.Tensor] | None = None,
     progress: bool = True,
 ) -> dict:
     """Prune `model` in place as `config` says; returns the report (sparsity per layer, phase times).
 
-    `calib` (N, L) overrides the calibration data the config names.
+    `calib` (N, L), or a list of ready batches, overrides the calibration data the config names.
     """
     start = time.perf_counter()
     device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -216,7 +221,7 @@ def oneshot(
             "per_block": block_sparsity,
         },
         "owl_outlier_ratios": owl_ratios,
-        "calibration": None if calib is None else {"source": config.calib, "shape": list(calib.shape)},
+        "calibration": None if calib is None else _describe(calib, config.calib),
         "compute_dtype": "bfloat16" if runner.bf16 else "float32",
         "phases": report.phases,
         "seconds": time.perf_counter() - start,

@@ -79,9 +79,17 @@ class BlockRunner:
 
 @torch.no_grad()
 def capture_block_inputs(
-    model: nn.Module, layout: DecoderLayout, calib: torch.Tensor, batch_size: int, device: torch.device
+    model: nn.Module,
+    layout: DecoderLayout,
+    calib: torch.Tensor | list[torch.Tensor],
+    batch_size: int,
+    device: torch.device,
 ) -> list[BlockInput]:
-    """Run the model on `calib` (N, L) up to block 0 and keep what block 0 receives, per batch."""
+    """Run the model on `calib` up to block 0 and keep what block 0 receives, per batch.
+
+    `calib` is (N, L) token ids cut into batches of `batch_size`, or a list of ready batches
+    (B_i, L_i), e.g. one variable-length dataset row each.
+    """
     captured: list[BlockInput] = []
 
     def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -93,7 +101,7 @@ def capture_block_inputs(
     move_except_blocks(model, layout, device)
     handle = layout.blocks[0].register_forward_pre_hook(pre_hook, with_kwargs=True)
     try:
-        for batch in calib.split(batch_size):
+        for batch in calib.split(batch_size) if isinstance(calib, torch.Tensor) else calib:
             try:
                 model(input_ids=batch.to(device), use_cache=False)
             except _Captured:
