@@ -129,7 +129,10 @@ def test_preserve_mask_keeps_earlier_zeros():
 
 def test_self_generated_calibration_is_deterministic(tokenizer):
     model = tiny_model("llama")
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
     a = sample_from_model(model, tokenizer, 3, 12, seed=5, batch_size=2, progress=False)
+    assert torch.equal(torch.get_rng_state(), state)  # the caller's RNG is left alone
     b = sample_from_model(model, tokenizer, 3, 12, seed=5, batch_size=2, progress=False)
     assert a.shape == (3, 12) and torch.equal(a, b)
     assert (a[:, 0] == tokenizer.bos_token_id).all()

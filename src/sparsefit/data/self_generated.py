@@ -35,18 +35,20 @@ def sample_from_model(
     rows = []
     for b in tqdm(range(0, num_samples, batch_size), desc="self-generate", disable=not progress):
         n = min(batch_size, num_samples - b)
-        torch.manual_seed(seeds[b])
         ids = torch.full((n, 1), start, dtype=torch.long, device=device)
-        out = model.generate(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            do_sample=True,
-            temperature=temperature,
-            top_k=0,
-            top_p=1.0,
-            min_new_tokens=seq_len - 1,  # no early stop at EOS: every row has the full length
-            max_new_tokens=seq_len - 1,
-            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else start,
-        )
+        # generate() samples from the global RNG; fork it so the caller's RNG state is untouched.
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seeds[b])
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=True,
+                temperature=temperature,
+                top_k=0,
+                top_p=1.0,
+                min_new_tokens=seq_len - 1,  # no early stop at EOS: every row has the full length
+                max_new_tokens=seq_len - 1,
+                pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else start,
+            )
         rows.append(out.cpu())
     return torch.cat(rows)
