@@ -182,7 +182,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         "owl_lambda": args.owl_lambda,
         "targets": args.targets,
         "ignore": args.ignore or [],
-        "calib": None if args.calib == "none" else args.calib,
+        "calib": args.calib,
         "calib_split": args.calib_split,
         "text_field": args.text_field,
         "num_samples": args.num_samples,
@@ -194,7 +194,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
         "preserve_mask": args.preserve_mask,
         "compute_dtype": args.compute_dtype,
     }
-    config = validate(OneShotConfig, {k: v for k, v in options.items() if v is not None}, "prune options")
+    options = {k: v for k, v in options.items() if v is not None}  # unset flags keep the config's defaults
+    if args.calib == "none":
+        options["calib"] = None
+    config = validate(OneShotConfig, options, "prune options")
     device = parse_device(args.device)
     # Load on the CPU: the driver moves one block at a time to the compute device.
     model, tokenizer = load_model_and_tokenizer(args.model, args.dtype, "cpu", args.trust_remote_code)

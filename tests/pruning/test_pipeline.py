@@ -215,6 +215,9 @@ def test_cli_prune_usage_errors(tiny_checkpoint, tmp_path, capsys):
     code = main(["prune", "--model", str(tiny_checkpoint), "--sparsity", "1.5", "--output", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert code == 2 and "sparsity" in err and err.count("\n") == 1
+    code = main(["prune", "--model", str(tiny_checkpoint), "--method", "wanda", "--calib", "none", "--output", "o"])
+    err = capsys.readouterr().err
+    assert code == 2 and "needs calibration data" in err
 
 
 def test_save_is_atomic_on_failure(tmp_path, tokenizer):
