@@ -256,3 +256,10 @@ def test_variable_length_calibration_batches():
     report = oneshot(model, None, cfg(method="sparsegpt"), calib=batches, progress=False)
     assert report["calibration"]["sequences"] == 4 and report["calibration"]["tokens"] == 20 + 66 + 7
     assert report["sparsity"]["overall"] == pytest.approx(0.5, abs=0.005)
+
+
+def test_magnitude_with_owl_profile():
+    model = tiny_model("llama")
+    report = oneshot(model, None, cfg(method="magnitude", sparsity=0.5, profile="owl"), calib=calib(), progress=False)
+    assert sum(report["sparsity"]["per_block"]) / 3 == pytest.approx(0.5, abs=1e-9)
+    assert "statistics" not in report["phases"]  # magnitude itself needs no block forwards

@@ -187,7 +187,7 @@ def oneshot(
         t = time.perf_counter()
         owl_ratios = owl_outlier_ratios(layout, per_block, inputs, runner, config.owl_m, progress)
         # The OWL pass consumed the inputs; capturing again is cheaper than keeping a copy.
-        inputs = capture_block_inputs(model, layout, calib, config.batch_size, device)
+        inputs = capture_block_inputs(model, layout, calib, config.batch_size, device) if options.needs_data else None
         active = [i for i, layers in enumerate(per_block) if layers]
         try:
             profile = owl_sparsities([owl_ratios[i] for i in active], config.sparsity, config.owl_lambda)
@@ -205,7 +205,7 @@ def oneshot(
         return block_sparsity[block]
 
     if not options.needs_data:
-        inputs = None  # magnitude + OWL: the data served only the outlier ratios
+        inputs = None  # magnitude: data, if any, served only OWL's outlier ratios
     prune_layerwise(model, options, sparsity_of, inputs, per_block, runner, config.preserve_mask, progress, report)
 
     zeros = sum(r["sparsity"] * r["shape"][0] * r["shape"][1] for r in report.per_layer.values())
