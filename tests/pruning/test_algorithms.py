@@ -6,31 +6,38 @@ import torch
 from sparsefit.pruning.magnitude import prune_magnitude
 from sparsefit.pruning.owl import outlier_ratio, owl_sparsities
 from sparsefit.pruning.sparsegpt import inverse_hessian, prune_sparsegpt, sparsegpt
-from sparsefit.pruning.structure import Structure, nm_keep_mask, topk_keep_mask
+from sparsefit.pruning.structure import UNSTRUCTURED, Structure, check_sparsity, nm_keep_mask, topk_keep_mask
 from sparsefit.pruning.wanda import prune_wanda, wanda_scores
 
+ROWS, COLS = 48, 64
 
-def layer_problem(rows=48, cols=64, tokens=512, seed=0):
-    """A weight and calibration inputs whose feature norms differ a lot (as LLM activations do)."""
+
+def layer_problem(rows=ROWS, cols=COLS, tokens=512, seed=0, dead=()):
+    """A weight and calibration inputs with correlated features of very different norms, as in LLMs."""
     g = torch.Generator().manual_seed(seed)
-    scales = torch.exp(torch.randn(cols, generator=g))  # log-normal feature scales
-    X = torch.randn(tokens, cols, generator=g) * scales
-    X = X + 0.5 * X[:, :1]  # correlated features: where SparseGPT's updates pay off
+    scales = torch.exp(0.75 * torch.randn(cols, generator=g))  # log-normal feature scales
+    scales[torch.randperm(cols, generator=g)[:4]] *= 4  # a few outlier features
+    mix = torch.randn(16, cols, generator=g)  # shared low-rank part: where SparseGPT's updates pay off
+    X = (torch.randn(tokens, 16, generator=g) @ mix / 4 + 0.5 * torch.randn(tokens, cols, generator=g)) * scales
+    X[:, list(dead)] = 0  # inputs that never fire
     W = torch.randn(rows, cols, generator=g)
     return W, X
+
+
+def hessian(X):
+    return 2 * X.T @ X / X.shape[0]
 
 
 def recon_error(W, W2, X):
     return torch.linalg.norm(X @ W.T - X @ W2.T).item()
 
 
-def solve_all(W, X, sparsity, structure):
-    H = 2 * X.T @ X / X.shape[0]
-    sq = (X * X).sum(0)
+def solve_all(W, X, sparsity, structure=UNSTRUCTURED, preserve_mask=None):
+    """{method: (weight, mask)} for the three methods on one problem."""
     return {
-        "magnitude": prune_magnitude(W, sparsity, structure)[0],
-        "wanda": prune_wanda(W, sq, sparsity, structure)[0],
-        "sparsegpt": sparsegpt(W, H, sparsity, structure)[0],
+        "magnitude": prune_magnitude(W, sparsity, structure, preserve_mask=preserve_mask),
+        "wanda": prune_wanda(W, (X * X).sum(0), sparsity, structure, preserve_mask),
+        "sparsegpt": sparsegpt(W, hessian(X), sparsity, structure, preserve_mask=preserve_mask),
     }
 
 
@@ -38,34 +45,48 @@ def solve_all(W, X, sparsity, structure):
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_reconstruction_error_ordering(structure, seed):
     W, X = layer_problem(seed=seed)
-    out = solve_all(W, X, 0.5, structure)
-    err = {k: recon_error(W, v, X) for k, v in out.items()}
+    err = {k: recon_error(W, w, X) for k, (w, _) in solve_all(W, X, 0.5, structure).items()}
     assert err["sparsegpt"] < err["wanda"] < err["magnitude"], err
 
 
 @pytest.mark.parametrize("n, m", [(2, 4), (4, 8), (1, 4)])
 def test_exact_nm_patterns(n, m):
-    W, X = layer_problem()
-    for name, pruned in solve_all(W, X, 0.0, Structure(n, m)).items():
-        nonzero = (pruned != 0).reshape(W.shape[0], -1, m).sum(-1)
-        assert (nonzero == n).all(), name
+    W, X = layer_problem(dead=(5,))
+    for name, (pruned, mask) in solve_all(W, X, 0.5, Structure(n, m)).items():
+        assert (mask.reshape(ROWS, -1, m).sum(-1) == n).all(), name
+        assert ((pruned != 0).reshape(ROWS, -1, m).sum(-1) <= n).all(), name
+        assert (pruned[~mask] == 0).all(), name
 
 
 @pytest.mark.parametrize("sparsity", [0.1, 0.5, 0.7])
 def test_achieved_sparsity_is_exact(sparsity):
-    W, X = layer_problem()
-    X[:, 3] = 0  # a dead input
-    out = solve_all(W, X, sparsity, Structure())
-    total = W.numel()
-    assert (out["magnitude"] == 0).sum().item() == round(total * sparsity)
-    per_row = (out["wanda"] == 0).sum(1)
-    assert (per_row == round(W.shape[1] * sparsity)).all()
-    # SparseGPT: exact per 128-column block (one block here), plus the zeroed dead column's kept weights
-    hinv, dead = inverse_hessian(2 * X.T @ X / X.shape[0])
-    pruned, mask = prune_sparsegpt(W, hinv, dead, sparsity)
-    assert (~mask).sum().item() == round(total * sparsity)
-    assert torch.isfinite(pruned).all() and (pruned[:, 3] == 0).all()
-    assert (pruned[~mask] == 0).all()
+    W, X = layer_problem(dead=(3, 40))
+    out = solve_all(W, X, sparsity)
+    assert (~out["magnitude"][1]).sum().item() == round(W.numel() * sparsity)
+    per_row = round(COLS * sparsity)
+    assert ((~prune_magnitude(W, sparsity, scope="row")[1]).sum(1) == per_row).all()
+    assert ((~out["wanda"][1]).sum(1) == per_row).all()
+    # SparseGPT: exactly round(numel * s) per column block, although the dead columns tie at score 0.
+    assert (~out["sparsegpt"][1]).sum().item() == round(W.numel() * sparsity)
+    hinv, dead = inverse_hessian(hessian(X))
+    _, mask = prune_sparsegpt(W, hinv, dead, sparsity, block_size=16)
+    per_block = (~mask).reshape(ROWS, COLS // 16, 16).sum((0, 2))
+    assert (per_block == round(ROWS * 16 * sparsity)).all()
+    for name, (pruned, mask) in out.items():
+        assert (pruned[~mask] == 0).all(), name
+        assert ((pruned == 0) | mask).all() and (pruned.count_nonzero() <= mask.sum()), name
+
+
+def test_dead_columns():
+    W, X = layer_problem(dead=(0, 7, 8))
+    hinv, dead = inverse_hessian(hessian(X))
+    assert dead.tolist() == [j in (0, 7, 8) for j in range(COLS)]
+    assert torch.isfinite(hinv).all()
+    for structure in (Structure(), Structure(2, 4)):
+        pruned, mask = prune_sparsegpt(W, hinv, dead, 0.5, structure)
+        assert torch.isfinite(pruned).all()
+        assert (pruned[:, dead] == 0).all()  # never influenced the output
+        assert (pruned[~mask] == 0).all()
 
 
 def test_magnitude_row_scope():
@@ -81,98 +102,137 @@ def test_magnitude_row_scope():
 
 def test_wanda_score_definition():
     W = torch.tensor([[1.0, -2.0], [3.0, 0.5]])
-    sq = torch.tensor([4.0, 1.0])
-    assert torch.equal(wanda_scores(W, sq), torch.tensor([[2.0, 2.0], [6.0, 0.5]]))
-    pruned, mask = prune_wanda(W, torch.tensor([4.0, 0.25]), 0.5)
+    assert torch.equal(wanda_scores(W, torch.tensor([4.0, 1.0])), torch.tensor([[2.0, 2.0], [6.0, 0.5]]))
+    # Per row: row 0 scores (2, 1) and row 1 (6, 0.25): the second column goes in both.
+    _, mask = prune_wanda(W, torch.tensor([4.0, 0.25]), 0.5)
     assert torch.equal(mask, torch.tensor([[True, False], [True, False]]))
+    with pytest.raises(ValueError, match="input_sq_sum"):
+        wanda_scores(W, torch.ones(3))
 
 
 @pytest.mark.parametrize("structure", [Structure(), Structure(2, 4)])
-def test_preserve_mask_never_revives(structure):
+@pytest.mark.parametrize("earlier_fraction", [0.3, 0.7])
+def test_preserve_mask_never_revives(structure, earlier_fraction):
     W, X = layer_problem()
-    earlier = torch.rand(W.shape, generator=torch.Generator().manual_seed(9)) > 0.3  # 30% already pruned
+    earlier = torch.rand(W.shape, generator=torch.Generator().manual_seed(9)) >= earlier_fraction
     W = W * earlier
-    H = 2 * X.T @ X / X.shape[0]
-    results = {
-        "magnitude": prune_magnitude(W, 0.5, structure, preserve_mask=earlier),
-        "wanda": prune_wanda(W, (X * X).sum(0), 0.5, structure, preserve_mask=earlier),
-        "sparsegpt": sparsegpt(W, H, 0.5, structure, preserve_mask=earlier),
-    }
-    for name, (pruned, mask) in results.items():
+    for name, (pruned, mask) in solve_all(W, X, 0.5, structure, preserve_mask=earlier).items():
         assert (pruned[~earlier] == 0).all(), name
-        assert not (mask & ~earlier).any(), name
+        assert not (mask & ~earlier).any(), name  # the result is a subset of the preserved mask
+        assert (pruned[~mask] == 0).all(), name
+        if earlier_fraction > 0.5 and not structure.is_nm:
+            assert torch.equal(mask, earlier), name  # already past the target: nothing more, nothing revived
 
 
 def test_sparsegpt_zero_sparsity_is_identity():
     W, X = layer_problem()
-    pruned, mask = sparsegpt(W, 2 * X.T @ X / X.shape[0], 0.0)
+    pruned, mask = sparsegpt(W, hessian(X), 0.0)
     assert mask.all() and torch.allclose(pruned, W, atol=1e-5)
 
 
-def test_sparsegpt_keeps_dtype_and_handles_transposed_views():
+def test_bf16_weights_stay_bf16():
     W, X = layer_problem()
-    H = 2 * X.T @ X / X.shape[0]
-    pruned, _ = sparsegpt(W.bfloat16(), H, 0.5)
-    assert pruned.dtype == torch.bfloat16
+    for name, (pruned, mask) in solve_all(W.bfloat16(), X, 0.5).items():
+        assert pruned.dtype == torch.bfloat16 and mask.dtype == torch.bool, name
+        assert (pruned[~mask] == 0).all(), name
+
+
+def test_sparsegpt_leaves_inputs_alone_and_handles_transposed_views():
+    W, X = layer_problem()
+    H = hessian(X)
+    H_before, W_before = H.clone(), W.clone()
     a, _ = sparsegpt(W.t().contiguous().t(), H, 0.5)  # non-contiguous input, as GPT-2 Conv1D gives
     b, _ = sparsegpt(W, H, 0.5)
     assert torch.equal(a, b)
+    assert torch.equal(H, H_before) and torch.equal(W, W_before)
 
 
-def test_sparsegpt_rejects_singular_hessian():
+def test_sparsegpt_rejects_bad_arguments():
     with pytest.raises(ValueError, match="raise damp"):
         inverse_hessian(-torch.eye(4))
+    W, X = layer_problem()
+    hinv, dead = inverse_hessian(hessian(X))
+    with pytest.raises(ValueError, match="multiple of M=8"):
+        prune_sparsegpt(W, hinv, dead, 0.5, Structure(4, 8), block_size=12)
+    with pytest.raises(ValueError, match="inverse_hessian"):
+        prune_sparsegpt(W[:, :32], hinv, dead, 0.5)
 
 
 def test_owl_profile():
     ratios = [0.01, 0.05, 0.02, 0.10]
     s = owl_sparsities(ratios, 0.7, 0.08)
-    assert sum(s) / len(s) == pytest.approx(0.7, abs=1e-12)
-    assert max(s) - min(s) == pytest.approx(0.16)
-    assert s.index(min(s)) == ratios.index(max(ratios))  # most outliers -> least pruned
+    assert sum(s) / len(s) == pytest.approx(0.7, abs=1e-9)
+    assert max(s) - min(s) == pytest.approx(0.16)  # the span is exactly 2 lam
+    assert all(0.7 - 2 * 0.08 <= x <= 0.7 + 2 * 0.08 for x in s)
+    # more outliers, fewer zeros
     assert sorted(range(4), key=lambda i: s[i]) == sorted(range(4), key=lambda i: -ratios[i])
+    # Symmetric ratios land exactly on target +- lam; a lone outlying block goes past lam (reference code).
+    assert owl_sparsities([0.0, 0.5, 1.0], 0.5, 0.1) == pytest.approx([0.6, 0.5, 0.4])
+    lone = owl_sparsities([0.0, 0.0, 0.0, 1.0], 0.5, 0.1)
+    assert lone == pytest.approx([0.55, 0.55, 0.55, 0.35]) and sum(lone) / 4 == pytest.approx(0.5, abs=1e-9)
     assert owl_sparsities([0.2, 0.2], 0.5) == [0.5, 0.5]
     with pytest.raises(ValueError, match="lower owl_lambda"):
         owl_sparsities([0.0, 1.0], 0.95, 0.2)
+    with pytest.raises(ValueError, match="lower owl_lambda"):
+        owl_sparsities([0.0, 1.0], 0.05, 0.2)
 
 
 def test_outlier_ratio():
     scores = [torch.tensor([1.0, 1.0, 1.0, 1.0]), torch.tensor([1.0, 1.0, 1.0, 100.0])]
-    # mean = 107/8 = 13.375; only 100 exceeds 5 x mean? 66.9 -> yes
+    # mean = 107 / 8 = 13.375: only 100 is above 5 x mean = 66.9, nothing above 10 x mean
     assert outlier_ratio(scores, 5.0) == pytest.approx(1 / 8)
     assert outlier_ratio(scores, 10.0) == 0.0
+    assert outlier_ratio([torch.ones(2, 3)]) == 0.0
 
 
-@pytest.mark.parametrize("text", ["2-4", "4:2", "0:4", "a:b", "2:2"])
-def test_malformed_structures(text):
-    with pytest.raises(ValueError, match=f"structure '{text}'"):
+@pytest.mark.parametrize(
+    "text, problem",
+    [
+        ("2-4", "malformed"),
+        ("4:2", "smaller than M"),
+        ("2:2", "smaller than M"),
+        ("0:4", "at least 1"),
+        ("a:b", "malformed"),
+    ],
+)
+def test_malformed_structures(text, problem):
+    with pytest.raises(ValueError, match=f"structure '{text}' is .*{problem}.*'2:4'"):
         Structure.parse(text)
 
 
 def test_structure_parse_and_columns():
     assert Structure.parse("2:4") == Structure(2, 4) and str(Structure.parse(" 2 : 4 ")) == "2:4"
     assert Structure.parse(None) == Structure.parse("unstructured") == Structure()
-    assert Structure(2, 4).sparsity == 0.5
+    assert str(Structure()) == "unstructured" and not Structure().is_nm and Structure(4, 8).is_nm
+    assert Structure(2, 4).sparsity == 0.5 and Structure(1, 4).sparsity == 0.75
     with pytest.raises(ValueError, match="divisible by 8.*q_proj has 12"):
         Structure(4, 8).check_columns(12, "q_proj")
 
 
 @pytest.mark.parametrize("sparsity", [-0.1, 1.0, 1.5])
-def test_bad_sparsity(sparsity):
+@pytest.mark.parametrize("structure", [Structure(), Structure(2, 4)])
+def test_bad_sparsity(sparsity, structure):
     W, X = layer_problem()
+    with pytest.raises(ValueError, match="outside \\[0, 1\\)"):
+        check_sparsity(sparsity)
     for call in (
-        lambda: prune_magnitude(W, sparsity),
-        lambda: prune_wanda(W, (X * X).sum(0), sparsity),
-        lambda: sparsegpt(W, 2 * X.T @ X / X.shape[0], sparsity),
+        lambda: prune_magnitude(W, sparsity, structure),
+        lambda: prune_wanda(W, (X * X).sum(0), sparsity, structure),
+        lambda: sparsegpt(W, hessian(X), sparsity, structure),
     ):
         with pytest.raises(ValueError, match="outside \\[0, 1\\)"):
             call()
 
 
 def test_nm_that_does_not_divide_columns():
-    W = torch.randn(4, 10)
-    with pytest.raises(ValueError, match="divisible by 4"):
-        prune_magnitude(W, 0.0, Structure(2, 4))
+    W, X = layer_problem(cols=10)
+    for call in (
+        lambda: prune_magnitude(W, 0.5, Structure(2, 4)),
+        lambda: prune_wanda(W, (X * X).sum(0), 0.5, Structure(2, 4)),
+        lambda: sparsegpt(W, hessian(X), 0.5, Structure(2, 4)),
+    ):
+        with pytest.raises(ValueError, match="divisible by 4.*has 10"):
+            call()
 
 
 def test_mask_helpers_with_ties():
@@ -180,3 +240,7 @@ def test_mask_helpers_with_ties():
     assert (~topk_keep_mask(scores, 0.5)).sum() == 16
     assert ((~topk_keep_mask(scores, 0.25, dim=1)).sum(1) == 2).all()
     assert (nm_keep_mask(scores, 2, 4).reshape(4, 2, 4).sum(-1) == 2).all()
+    assert topk_keep_mask(scores, 0.0).all()
+    # The highest scores are the ones kept.
+    ranked = torch.arange(8.0).repeat(2, 1)
+    assert nm_keep_mask(ranked, 1, 4).tolist() == [[False, False, False, True, False, False, False, True]] * 2

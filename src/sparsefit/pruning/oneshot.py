@@ -165,14 +165,21 @@ def oneshot(
     structure = Structure.parse(config.structure)
     layout = decoder_layout(model)
     per_block = select_block_linears(layout, config.targets, config.ignore)
-    _check_structure(per_block, structure)
+    try:
+        _check_structure(per_block, structure)
+    except ValueError as err:  # the math raises ValueError; at this boundary it is the user's input
+        raise UsageError(str(err)) from None
     report = LayerwiseReport()
 
     t = time.perf_counter()
     if calib is None:
         calib = calibration_batch(model, tokenizer, config, progress)
     report.add_time("calibration_data", time.perf_counter() - t)
-    options = MethodOptions(config.method, structure, config.block_size, config.damp, config.magnitude_scope)
+    # N:M groups must not straddle SparseGPT's column blocks: round the block down to a multiple of M.
+    block_size = (
+        max(structure.m, config.block_size - config.block_size % structure.m) if structure.is_nm else config.block_size
+    )
+    options = MethodOptions(config.method, structure, block_size, config.damp, config.magnitude_scope)
     runner = BlockRunner(device, use_bf16(config.compute_dtype, device))
 
     inputs = None

@@ -3,8 +3,9 @@ Pruned in One-Shot"), following IST-DASLab's `sparsegpt.py` (`add_batch` / `fast
 
 The statistics are H = 2 X X^T / n; the solver prunes column blocks left to right. Inside a
 block each pruned weight's error is propagated to the remaining columns of the block through
-the Cholesky factor of H^-1 (the OBS update, Eq. 3 of the paper); the columns right of the
-block receive the block's accumulated error at once (the "lazy batch" update).
+the upper Cholesky factor of H^-1 (the OBS update, Eq. 3 of the paper); the columns right of the
+block receive the block's accumulated error at once (the "lazy batch" update, Sec. 3.2).
+The inversion is split from the solve so layers that share an input (q/k/v) invert H once.
 """
 
 from __future__ import annotations
@@ -15,12 +16,18 @@ from sparsefit.pruning.structure import UNSTRUCTURED, Structure, check_sparsity,
 
 
 def inverse_hessian(hessian: torch.Tensor, damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
-    """H (cols, cols) -> (upper Cholesky factor of (H + damp * mean(diag H) I)^-1, dead-input mask).
+    """H (cols, cols) -> (upper Cholesky factor of (H + damp * mean(diag H) I)^-1, dead-input bool (cols,)).
 
-    Inputs that never fired (H_jj = 0) get H_jj = 1 so the factorization exists; their weights
-    are zeroed by the solver since they never influenced the output.
+    `hessian` is not modified. Inputs that never fired (H_jj = 0) get H_jj = 1 so the factorization
+    exists; the solver zeroes their weights since they never influenced the output.
     """
-    H = hessian.detach().float().clone()
+    if hessian.dim() != 2 or hessian.shape[0] != hessian.shape[1]:
+        raise ValueError(f"Hessian must be square (cols, cols), got shape {tuple(hessian.shape)}")
+    if damp < 0:
+        raise ValueError(f"damp {damp} is negative; use a small positive fraction such as 0.01")
+    H = hessian.detach().to(torch.float32, copy=True)
+    if not torch.isfinite(H).all():
+        raise ValueError("Hessian has NaN/inf entries; check the calibration activations (e.g. fp16 overflow)")
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
     H.diagonal().add_(damp * H.diagonal().mean())
@@ -34,6 +41,22 @@ def inverse_hessian(hessian: torch.Tensor, damp: float = 0.01) -> tuple[torch.Te
     return hinv, dead
 
 
+def _choose_nm(
+    W1: torch.Tensor,
+    d: torch.Tensor,
+    pruned: torch.Tensor,
+    keep_block: torch.Tensor | None,
+    group: slice,
+    n_prune: int,
+) -> None:
+    """Mark the `n_prune` lowest w^2/d^2 of one N:M group (rows of the transposed block) as pruned, in place."""
+    group_keep = None if keep_block is None else keep_block[group]
+    scores = preserved(W1[group] ** 2 / d[group].unsqueeze(1) ** 2, group_keep)
+    pruned[group].scatter_(0, torch.topk(scores, n_prune, dim=0, largest=False).indices, True)
+    if group_keep is not None:
+        pruned[group] |= ~group_keep  # more than M - N already pruned: all stay pruned
+
+
 def prune_sparsegpt(
     weight: torch.Tensor,
     hinv: torch.Tensor,
@@ -43,52 +66,59 @@ def prune_sparsegpt(
     block_size: int = 128,
     preserve_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """weight (out, in) -> (pruned and updated weight, keep mask), given `inverse_hessian`'s output.
+    """weight (out, in) -> (pruned and updated weight in weight's dtype, keep mask), given `inverse_hessian`'s output.
 
-    Unstructured: each column block prunes exactly round(numel * sparsity) weights of smallest
-    w^2 / [H^-1]_cc^2. N:M: every M columns, the M - N smallest of that score, from the weights
-    as already updated by earlier columns. Weights with `preserve_mask` False are always pruned.
+    Unstructured: each column block prunes exactly round(numel_block * sparsity) weights of smallest
+    w^2 / [H^-1]_cc^2. N:M: every M columns, the M - N smallest of that score, from the weights as
+    already updated by earlier columns. Weights with `preserve_mask` False are always pruned.
     """
     check_sparsity(sparsity)
-    W = weight.detach().to(torch.float32, memory_format=torch.contiguous_format, copy=True)  # (rows, cols)
-    rows, cols = W.shape
+    rows, cols = weight.shape
+    if hinv.shape != (cols, cols) or dead.shape != (cols,):
+        raise ValueError(
+            f"hinv {tuple(hinv.shape)} / dead {tuple(dead.shape)} do not match a weight with {cols} inputs; "
+            "pass inverse_hessian() of this layer's input Hessian"
+        )
+    if block_size < 1:
+        raise ValueError(f"block_size {block_size} must be a positive number of columns, e.g. 128")
     if structure.is_nm:
         structure.check_columns(cols)
+        if block_size % structure.m:
+            raise ValueError(f"block_size {block_size} must be a multiple of M={structure.m} for {structure}")
+    if preserve_mask is not None and preserve_mask.shape != weight.shape:
+        raise ValueError(f"preserve_mask has shape {tuple(preserve_mask.shape)} but the weight has {(rows, cols)}")
+
+    W = weight.detach().to(torch.float32, memory_format=torch.contiguous_format, copy=True)
     W[:, dead] = 0
     keep = torch.ones_like(W, dtype=torch.bool)
+    nm, m, n_prune = structure.is_nm, structure.m, structure.m - structure.n
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
-        count = i2 - i1
         # The block is held transposed, (count, rows), so each step reads one contiguous column.
         W1 = W[:, i1:i2].t().contiguous()
         Err1 = torch.zeros_like(W1)
         Hinv1 = hinv[i1:i2, i1:i2]
         d = torch.diag(Hinv1)
         keep_block = None if preserve_mask is None else preserve_mask[:, i1:i2].t()
-        pruned = torch.zeros(W1.shape, dtype=torch.bool, device=W.device)
-        if not structure.is_nm:
+        pruned = torch.zeros_like(W1, dtype=torch.bool)
+        if not nm:
             scores = preserved(W1**2 / d.unsqueeze(1) ** 2, keep_block)
-            k = round(scores.numel() * sparsity)
+            k = round(scores.numel() * sparsity)  # index-based: ties (dead columns) never over-prune
             if k:
                 pruned.view(-1)[torch.topk(scores.flatten(), k, largest=False).indices] = True
             if keep_block is not None:
                 pruned |= ~keep_block
-        # err_i = (w_i - q_i) / [H^-1]_ii with q_i = w_i where kept and 0 where pruned: w_i * scale_i.
+        # err_i = (w_i - q_i) / [H^-1]_ii with q_i = 0 where pruned and w_i where kept: err_i = w_i * scale_i.
         scale = pruned / d.unsqueeze(1)
-        for i in range(count):
-            if structure.is_nm and i % structure.m == 0:
-                j = slice(i, i + structure.m)
-                group_keep = None if keep_block is None else keep_block[j]
-                scores = preserved(W1[j] ** 2 / d[j].unsqueeze(1) ** 2, group_keep)
-                drop = torch.topk(scores, structure.m - structure.n, dim=0, largest=False).indices
-                pruned[j].scatter_(0, drop, True)
-                if group_keep is not None:
-                    pruned[j] |= ~group_keep
-                scale[j] = pruned[j] / d[j].unsqueeze(1)
-            torch.mul(W1[i], scale[i], out=Err1[i])
-            # OBS update of the rest of the block; it also turns column i into q_i (w_i - err_i d_i).
-            W1[i:].addr_(Hinv1[i, i:], Err1[i], alpha=-1.0)
-        W[:, i1:i2] = (W1 * ~pruned).t()  # exact zeros where pruned
+        for i in range(i2 - i1):
+            if nm and i % m == 0:
+                group = slice(i, i + m)
+                _choose_nm(W1, d, pruned, keep_block, group, n_prune)
+                torch.div(pruned[group], d[group].unsqueeze(1), out=scale[group])
+            err = torch.mul(W1[i], scale[i], out=Err1[i])
+            # OBS update of the rest of the block; it also turns column i into q_i (up to rounding).
+            W1[i:].addr_(Hinv1[i, i:], err, alpha=-1.0)
+        W[:, i1:i2] = W1.masked_fill_(pruned, 0).t()  # exact zeros where pruned
         W[:, i2:].addmm_(Err1.t(), hinv[i1:i2, i2:], alpha=-1.0)  # lazy update of later blocks
         keep[:, i1:i2] = ~pruned.t()
     return W.to(weight.dtype), keep

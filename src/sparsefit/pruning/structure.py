@@ -1,4 +1,9 @@
-"""Sparsity structures: unstructured, or N:M (keep N nonzeros in every M consecutive inputs)."""
+"""Sparsity structures (unstructured, or N:M = keep N nonzeros in every M consecutive inputs) and keep masks.
+
+Every mask here is a bool "keep" mask: True = the weight stays, False = it is pruned. Selections
+are index-based (sort/topk), never `score <= threshold`, so ties (e.g. all-zero dead columns) can
+not prune more than the requested count.
+"""
 
 from __future__ import annotations
 
@@ -10,21 +15,24 @@ import torch
 
 @dataclass(frozen=True)
 class Structure:
-    """`m == 0` means unstructured; otherwise keep `n` of every `m` consecutive weights of a row."""
+    """`m == 0` means unstructured; otherwise keep `n` of every `m` consecutive weights of a row (2:4 = 50%)."""
 
     n: int = 0
     m: int = 0
 
     @classmethod
     def parse(cls, text: str | None) -> Structure:
+        """None, "", "unstructured" -> unstructured; "N:M" with 1 <= N < M -> N:M."""
         if text is None or text.strip().lower() in ("", "unstructured"):
             return cls()
         match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", text)
         if not match:
-            raise ValueError(f"structure '{text}' is malformed: use 'unstructured' or 'N:M', e.g. '2:4'")
+            raise ValueError(f"structure '{text}' is malformed: use 'unstructured' or 'N:M' with integers, e.g. '2:4'")
         n, m = int(match[1]), int(match[2])
-        if not 1 <= n < m:
-            raise ValueError(f"structure '{text}' is invalid: need 1 <= N < M, e.g. '2:4'")
+        if n < 1:
+            raise ValueError(f"structure '{text}' is invalid: N must be at least 1 (N weights are kept), e.g. '2:4'")
+        if n >= m:
+            raise ValueError(f"structure '{text}' is invalid: N must be smaller than M, e.g. '2:4'")
         return cls(n, m)
 
     @property
@@ -33,12 +41,14 @@ class Structure:
 
     @property
     def sparsity(self) -> float:
+        """Fraction of zeros an N:M pattern implies (0 for unstructured, whose sparsity is chosen freely)."""
         return 1.0 - self.n / self.m if self.is_nm else 0.0
 
     def __str__(self) -> str:
         return f"{self.n}:{self.m}" if self.is_nm else "unstructured"
 
     def check_columns(self, in_features: int, name: str = "layer") -> None:
+        """N:M groups run along the input dimension, so M must divide it."""
         if self.is_nm and in_features % self.m:
             raise ValueError(
                 f"{self} sparsity needs input features divisible by {self.m}, but {name} has {in_features}; "
@@ -55,7 +65,10 @@ def check_sparsity(sparsity: float) -> None:
 
 
 def topk_keep_mask(scores: torch.Tensor, sparsity: float, dim: int | None = None) -> torch.Tensor:
-    """Keep mask pruning exactly round(count * sparsity) lowest scores, whole tensor (dim=None) or per row."""
+    """Keep mask pruning exactly round(count * sparsity) lowest scores, whole tensor (dim=None) or along `dim`.
+
+    With dim=1 every row loses the same count, round(cols * sparsity).
+    """
     check_sparsity(sparsity)
     if dim is None:
         k = round(scores.numel() * sparsity)
@@ -71,8 +84,12 @@ def topk_keep_mask(scores: torch.Tensor, sparsity: float, dim: int | None = None
 
 
 def nm_keep_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
-    """Keep mask with the `n` highest scores of every `m` consecutive columns of each row."""
+    """Keep mask with the `n` highest scores of every `m` consecutive columns of each row of `scores` (rows, cols)."""
+    if scores.dim() != 2:
+        raise ValueError(f"N:M masks need a 2-D (out, in) score matrix, got shape {tuple(scores.shape)}")
+    Structure.parse(f"{n}:{m}")  # validates 1 <= n < m with the usual message
     rows, cols = scores.shape
+    Structure(n, m).check_columns(cols, "the score matrix")  # callers check first, naming the layer
     groups = scores.reshape(rows, cols // m, m)
     mask = torch.zeros_like(groups, dtype=torch.bool)
     mask.scatter_(2, torch.topk(groups, n, dim=2).indices, True)
@@ -80,9 +97,14 @@ def nm_keep_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
 
 
 def preserved(scores: torch.Tensor, preserve_mask: torch.Tensor | None) -> torch.Tensor:
-    """Scores where earlier-pruned weights (preserve_mask False) rank below everything: pruned first."""
+    """Scores where earlier-pruned weights (preserve_mask False) rank below everything, so they are pruned first."""
     if preserve_mask is None:
         return scores
+    if preserve_mask.shape != scores.shape:
+        raise ValueError(
+            f"preserve_mask has shape {tuple(preserve_mask.shape)} but the weight has {tuple(scores.shape)}; "
+            "pass the keep mask of this same layer"
+        )
     return scores.masked_fill(~preserve_mask, float("-inf"))
 
 
@@ -93,7 +115,12 @@ def keep_mask(
     dim: int | None,
     preserve_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The keep mask for `scores` (out, in) under `structure`; never revives a preserved zero."""
+    """The keep mask for `scores` (out, in) under `structure`; never revives a preserved zero.
+
+    If more weights are already pruned than the target count, they all stay pruned (the `&`).
+    For N:M the pattern fixes the sparsity, so `sparsity` is only validated.
+    """
+    check_sparsity(sparsity)
     scores = preserved(scores, preserve_mask)
     if structure.is_nm:
         structure.check_columns(scores.shape[1])
