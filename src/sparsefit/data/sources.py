@@ -10,7 +10,7 @@ import json
 import os
 from pathlib import Path
 
-from sparsefit.errors import UsageError
+from sparsefit.errors import UsageError, first_line
 
 NAMED = ("wikitext2", "gsm8k")
 _LOCAL_FILES = {
@@ -38,6 +38,12 @@ def join_wikitext(lines: list[str]) -> str:
     return "\n\n".join(lines)
 
 
+def _local_file(name: str, split: str) -> Path | None:
+    """Where a named split would live under SPARSEFIT_DATA_DIR (None when unset or unknown)."""
+    root = data_dir()
+    return root / _LOCAL_FILES[name, split] if root and (name, split) in _LOCAL_FILES else None
+
+
 def load_rows(name: str, split: str = "test") -> list[dict]:
     """Rows of a named dataset (`gsm8k`: dicts with `question` and `answer`)."""
     if name not in NAMED:
@@ -45,8 +51,7 @@ def load_rows(name: str, split: str = "test") -> list[dict]:
     if (name, split) not in _LOCAL_FILES:
         splits = sorted(s for n, s in _LOCAL_FILES if n == name)
         raise UsageError(f"dataset '{name}' has no split '{split}'; use one of: {', '.join(splits)}")
-    root = data_dir()
-    local = root / _LOCAL_FILES[name, split] if root else None
+    local = _local_file(name, split)
     if local is not None and local.is_file():
         if name == "wikitext2":
             return [{"text": line} for line in local.read_text(encoding="utf-8").splitlines(keepends=True)]
@@ -61,8 +66,7 @@ def wikitext_stream(split: str = "test") -> str:
     hub, rows are joined as the SparseGPT/Wanda evaluations do. The local file gives the
     reference figure (SmolLM2-135M, 8 x 2048: ppl 19.27).
     """
-    root = data_dir()
-    local = root / _LOCAL_FILES["wikitext2", split] if root and ("wikitext2", split) in _LOCAL_FILES else None
+    local = _local_file("wikitext2", split)
     if local is not None and local.is_file():
         return local.read_text(encoding="utf-8")
     return join_wikitext([r["text"] for r in load_rows("wikitext2", split)])
@@ -76,7 +80,7 @@ def _hub_rows(name: str, split: str, local: Path | None) -> list[dict]:
 
         return list(datasets.load_dataset(hub_id, config, split=split))
     except Exception as err:  # any hub failure ends the same way: name both places tried
-        reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+        reason = first_line(err, 160)
         raise UsageError(
             f"dataset '{name}' split '{split}' not found: not in {where}, and the hub "
             f"({hub_id}) failed: {reason}; set SPARSEFIT_DATA_DIR to a folder with "
@@ -145,7 +149,7 @@ def _texts_from_path_or_hub(spec: str, split: str, text_field: str) -> list[str]
             f"dataset '{spec}' looks like a hub id; install the extra: pip install 'sparsefit[data]'"
         ) from None
     except Exception as err:
-        reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+        reason = first_line(err, 160)
         raise UsageError(f"could not load dataset '{spec}' from the hub ({reason}); pass a local file") from None
     if text_field not in ds.column_names:
         raise UsageError(

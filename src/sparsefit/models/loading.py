@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from sparsefit.errors import UsageError
+from sparsefit.errors import UsageError, first_line
 from sparsefit.models.builtin import BUILTIN_MODELS, builtin_path, strip_gguf_quantization
 
 if TYPE_CHECKING:
@@ -83,9 +83,9 @@ def parse_device(name: str) -> torch.device:
 
 
 def _hub_error(resolved: ResolvedModel, err: Exception) -> UsageError:
-    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    first = first_line(err)
     return UsageError(
-        f"could not load '{resolved.spec}' ({first[:200]}); "
+        f"could not load '{resolved.spec}' ({first}); "
         "check the hub id and network access, or pass a local directory, .gguf file or builtin name"
     )
 
