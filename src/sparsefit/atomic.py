@@ -29,14 +29,23 @@ def write_json(path: str | os.PathLike, data: Any) -> Path:
 
 
 @contextmanager
-def staging_dir(final: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary sibling directory that replaces `final` only if the block succeeds."""
+def staging_dir(final: str | os.PathLike, merge: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling directory that replaces `final` only if the block succeeds.
+
+    With `merge`, an existing `final` is kept and each staged file is renamed into it (each
+    file atomic; files of `final` that the block did not write stay).
+    """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
     try:
         yield tmp
-        if final.exists():
+        if merge and final.is_dir():
+            for item in tmp.iterdir():
+                if item.is_dir():
+                    shutil.rmtree(final / item.name, ignore_errors=True)
+                os.replace(item, final / item.name)
+        elif final.exists():
             old = final.with_name(f".{final.name}.old")
             shutil.rmtree(old, ignore_errors=True)
             os.replace(final, old)

@@ -215,6 +215,65 @@ def cmd_prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _float_list(text: str, flag: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UsageError(f"{flag} takes comma-separated numbers, e.g. 0.3,0.5,0.7 (got '{text}')") from None
+
+
+def finetune_options(args: argparse.Namespace) -> dict:
+    """The finetune flags the user set, as FinetuneConfig fields (unset flags keep the config's defaults)."""
+    fields = (
+        "dataset split format text_field seq_len limit max_steps num_epochs max_tokens batch_size grad_accum lr "
+        "weight_decay warmup_steps scheduler max_grad_norm bf16 gradient_checkpointing seed masks targets ignore "
+        "teacher ce_weight kl_weight square_head_weight temperature distill_layers teacher_dtype checkpoint_every"
+    ).split()
+    options = {f: getattr(args, f) for f in fields if getattr(args, f) is not None}
+    if args.gmp is not None:
+        values = _float_list(args.gmp, "--gmp")
+        if len(values) != 5:
+            raise UsageError(f"--gmp takes INITIAL,FINAL,START,END,EVERY, e.g. 0,0.5,0,100,10 (got '{args.gmp}')")
+        initial, final, start, end, every = values
+        options["gmp"] = {"initial": initial, "final": final, "start": int(start), "end": int(end), "every": int(every)}
+    return options
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from sparsefit.config import validate
+    from sparsefit.models import load_model_and_tokenizer, parse_device
+    from sparsefit.training import FinetuneConfig, finetune, iterative_prune_finetune
+
+    config = validate(FinetuneConfig, finetune_options(args), "finetune options")
+    device = parse_device(args.device)
+    model, tokenizer = load_model_and_tokenizer(args.model, args.dtype, device, args.trust_remote_code)
+    if args.cycles:
+        from sparsefit.pruning import OneShotConfig
+
+        prune = validate(
+            OneShotConfig,
+            {k: v for k, v in {"method": args.cycle_method, "calib": args.calib}.items() if v is not None},
+            "prune options",
+        )
+        cycles = iterative_prune_finetune(
+            model, tokenizer, _float_list(args.cycles, "--cycles"), prune, config, args.output, device=device
+        )
+        for c in cycles:
+            f = c["finetune"]
+            print(f"cycle {c['sparsity']:.2f}: final loss {f['final_loss']:.4f}, sparsity {f['sparsity']:.4f}")
+        _write_json({"cycles": cycles}, args.json)
+        return 0
+    metrics = finetune(model, tokenizer, config, args.output, resume=args.resume, device=device)
+    tps = metrics["tokens_per_second"]
+    print(
+        f"fine-tuned {args.model}: {metrics['steps']} steps, {metrics['tokens']} tokens"
+        f"{f' at {tps:.0f} tok/s' if tps else ''}, final loss {metrics['final_loss']:.4f}, sparsity "
+        f"{metrics['sparsity']:.4f}, revived weights {metrics['revived_weights']} -> {args.output}"
+    )
+    _write_json(metrics, args.json)
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from sparsefit.models import BUILTIN_MODELS, cache_root
 
@@ -277,6 +336,52 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="directory for the pruned HF checkpoint")
     p.add_argument("--json", default=None, help="write the report as JSON here")
     p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("finetune", help="fine-tune (dense or sparse, optionally distilled from a teacher)")
+    _add_model_args(p)
+    p.add_argument("--output", required=True, help="directory for the checkpoint, train_log.jsonl and metrics.json")
+    p.add_argument("--json", default=None, help="also write the final metrics here")
+    p.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint if it exists")
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", default=None, help="gsm8k (default) | file.jsonl (prompt/completion) | text dataset")
+    g.add_argument("--split", default=None)
+    g.add_argument("--format", default=None, help="auto (default: chat template if any) | chat | plain")
+    g.add_argument("--text-field", default=None)
+    g.add_argument("--seq-len", type=int, default=None, help="longest sequence (default 512)")
+    g.add_argument("--limit", type=int, default=None, help="use only the first N examples")
+    g = p.add_argument_group("length (one of)")
+    g.add_argument("--max-steps", type=int, default=None)
+    g.add_argument("--num-epochs", type=float, default=None, help="default 1 when no length is given")
+    g.add_argument("--max-tokens", type=int, default=None, help="token budget, converted to steps")
+    g = p.add_argument_group("optimization")
+    g.add_argument("--batch-size", type=int, default=None, help="sequences per micro-batch per process (default 4)")
+    g.add_argument("--grad-accum", type=int, default=None)
+    g.add_argument("--lr", type=float, default=None, help="peak learning rate (default 5e-5)")
+    g.add_argument("--weight-decay", type=float, default=None)
+    g.add_argument("--warmup-steps", type=int, default=None, help="default 10%% of the steps")
+    g.add_argument("--scheduler", default=None, help="linear (default) | cosine | constant")
+    g.add_argument("--max-grad-norm", type=float, default=None, help="clipping (default 1.0; 0 disables)")
+    g.add_argument("--bf16", default=None, help="auto (default) | true | false: bf16 autocast")
+    g.add_argument("--gradient-checkpointing", action="store_true", default=None)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--checkpoint-every", type=int, default=None, help="steps between checkpoints (default: end only)")
+    g = p.add_argument_group("sparsity")
+    g.add_argument("--masks", default=None, help="auto (default) | zeros | none: hold the model's zeros at zero")
+    g.add_argument("--targets", nargs="+", default=None, help="regexes of masked layers (default all block linears)")
+    g.add_argument("--ignore", nargs="+", default=None)
+    g.add_argument("--gmp", default=None, help="gradual magnitude pruning INITIAL,FINAL,START,END,EVERY")
+    g.add_argument("--cycles", default=None, help="iterative prune/fine-tune cycles, e.g. 0.3,0.5,0.7")
+    g.add_argument("--cycle-method", default=None, help="one-shot method of each cycle (default sparsegpt)")
+    g.add_argument("--calib", default=None, help="calibration of each cycle (default gsm8k)")
+    g = p.add_argument_group("distillation")
+    g.add_argument("--teacher", default=None, help="dense teacher model (any --model spec)")
+    g.add_argument("--ce-weight", type=float, default=None, help="task cross-entropy weight (default 1)")
+    g.add_argument("--kl-weight", type=float, default=None, help="logit KL weight (default 0)")
+    g.add_argument("--square-head-weight", type=float, default=None, help="per-layer square-head weight (default 0)")
+    g.add_argument("--temperature", type=float, default=None, help="KL temperature (default 1)")
+    g.add_argument("--distill-layers", type=int, nargs="+", default=None, help="block indices (default all)")
+    g.add_argument("--teacher-dtype", default=None, help="auto (default) | float32 | bfloat16")
+    p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("models", help="list builtin models")
     p.set_defaults(func=cmd_models)

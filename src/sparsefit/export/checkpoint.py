@@ -35,16 +35,21 @@ def sparsity_summary(model: nn.Module) -> dict:
 
 
 def save_checkpoint(
-    model: nn.Module, tokenizer: PreTrainedTokenizerBase, out_dir: str | os.PathLike, metadata: dict | None = None
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    out_dir: str | os.PathLike,
+    metadata: dict | None = None,
+    into_existing: bool = False,
 ) -> Path:
     """Save model + tokenizer as safetensors into `out_dir` atomically, plus `sparsity.json`.
 
     `metadata` (method, recipe, ...) is stored beside the measured sparsity so the format of
-    the checkpoint is written down, never inferred from names.
+    the checkpoint is written down, never inferred from names. `into_existing` keeps other
+    files of `out_dir` (a training log) and renames each checkpoint file into place.
     """
     strip_gguf_quantization(model)
     out_dir = Path(out_dir)
-    with staging_dir(out_dir) as stage:
+    with staging_dir(out_dir, merge=into_existing) as stage:
         model.save_pretrained(stage, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(stage)

@@ -1,0 +1,99 @@
+"""Recovery benchmark: the seed's sparse fine-tuning pipeline at CPU scale, on the embedded model.
+
+1. dense fine-tune of `smollm2-135m` on GSM8K train (this becomes the teacher);
+2. one-shot SparseGPT 50% of that teacher (64 x 512 GSM8K calibration);
+3. sparse fine-tune with every pruned weight held at zero, distilled from the teacher
+   (task CE + logit KL + per-layer square-head), with the same token budget as step 1.
+After every stage: GSM8K test answer perplexity (teacher-forced, first 200 rows, plain prompt)
+and WikiText-2 perplexity (8 windows of 2048). Tokens/s of each loop come from the same run,
+so the sparse loop's throughput is quoted as a ratio to the dense loop's. Run it alone:
+
+    SPARSEFIT_DATA_DIR=../shared/data python benchmarks/recovery.py --out benchmarks/results/recovery.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from sparsefit.atomic import write_json
+from sparsefit.data.sources import wikitext_stream
+from sparsefit.evaluation.gsm8k import evaluate_answer_ppl
+from sparsefit.evaluation.perplexity import perplexity
+from sparsefit.models import load_model_and_tokenizer
+from sparsefit.pruning import OneShotConfig, oneshot
+from sparsefit.training import FinetuneConfig, finetune
+
+
+def evaluate(model, tokenizer, args) -> dict:
+    model.eval()
+    ans = evaluate_answer_ppl(model, tokenizer, limit=args.answer_rows, progress=False)
+    stream = tokenizer(wikitext_stream("test"), return_tensors="pt").input_ids[0]
+    wiki = perplexity(model, stream, seq_len=2048, max_windows=args.wiki_windows, progress=False)
+    return {"gsm8k_answer_ppl": ans["ppl"], "wikitext2_ppl": wiki.ppl, "eval_seconds": ans["seconds"] + wiki.seconds}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--tokens", type=int, default=150_000, help="token budget of each fine-tune")
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--sparsity", type=float, default=0.5)
+    p.add_argument("--answer-rows", type=int, default=200)
+    p.add_argument("--wiki-windows", type=int, default=8)
+    p.add_argument("--work", default="runs/bench-recovery")
+    p.add_argument("--out", default="benchmarks/results/recovery.json")
+    args = p.parse_args()
+    work = Path(args.work)
+    result: dict = {"args": vars(args), "stages": {}, "threads": torch.get_num_threads()}
+
+    def record(stage: str, data: dict) -> None:
+        result["stages"][stage] = data
+        write_json(args.out, result)  # after every stage, so a partial run still leaves numbers
+        print(stage, json.dumps({k: v for k, v in data.items() if not isinstance(v, dict)}), flush=True)
+
+    model, tok = load_model_and_tokenizer(args.model, "float32", "cpu")
+    record("dense", evaluate(model, tok, args))
+
+    common = dict(dataset="gsm8k", format="plain", max_tokens=args.tokens, batch_size=args.batch_size, lr=args.lr)
+    metrics = finetune(model, tok, FinetuneConfig(**common), work / "dense-ft")
+    record("dense-ft", {**evaluate(model, tok, args), "loop": _loop(metrics)})
+    teacher = copy.deepcopy(model)
+
+    report = oneshot(model, tok, OneShotConfig(method="sparsegpt", sparsity=args.sparsity), progress=False)
+    record(
+        "oneshot",
+        {**evaluate(model, tok, args), "sparsity": report["sparsity"]["overall"], "seconds": report["seconds"]},
+    )
+
+    distill = dict(teacher=str(work / "dense-ft"), kl_weight=1.0, square_head_weight=1.0, ce_weight=1.0)
+    metrics = finetune(model, tok, FinetuneConfig(**common, **distill), work / "sparse-ft", teacher=teacher)
+    record("sparse-ft", {**evaluate(model, tok, args), "loop": _loop(metrics)})
+
+    s = result["stages"]
+    result["summary"] = {
+        "throughput_ratio_sparse_vs_dense": s["sparse-ft"]["loop"]["tokens_per_second"]
+        / s["dense-ft"]["loop"]["tokens_per_second"],
+        "answer_ppl_sparse_ft_vs_dense_ft": s["sparse-ft"]["gsm8k_answer_ppl"] / s["dense-ft"]["gsm8k_answer_ppl"],
+        "answer_ppl_oneshot_vs_dense_ft": s["oneshot"]["gsm8k_answer_ppl"] / s["dense-ft"]["gsm8k_answer_ppl"],
+        "revived_weights": s["sparse-ft"]["loop"]["revived_weights"],
+        "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    write_json(args.out, result)
+    print(json.dumps(result["summary"], indent=2))
+
+
+def _loop(m: dict) -> dict:
+    keys = ("steps", "tokens", "train_seconds", "tokens_per_second", "final_loss", "bf16", "sparsity")
+    keys += ("revived_weights",)
+    return {k: m[k] for k in keys}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""Every option of a fine-tuning run, with its default, validated on construction."""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class GMPConfig(BaseModel):
+    """Gradual magnitude pruning: cubic from `initial` to `final` sparsity over steps [start, end], every `every`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    initial: float = Field(0.0, ge=0.0, lt=1.0)
+    final: float = Field(0.5, ge=0.0, lt=1.0)
+    start: int = Field(0, ge=0)
+    end: int = Field(100, ge=0)
+    every: int = Field(10, ge=1)
+
+    @model_validator(mode="after")
+    def _order(self) -> GMPConfig:
+        if self.end < self.start:
+            raise ValueError(f"end ({self.end}) must not come before start ({self.start})")
+        if self.final < self.initial:
+            raise ValueError(f"final sparsity {self.final} is below initial {self.initial}")
+        return self
+
+
+class FinetuneConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    # data
+    dataset: str = "gsm8k"
+    split: str = "train"
+    format: Literal["auto", "chat", "plain"] = "auto"  # supervised data: the chat template when the model has one
+    text_field: str = "text"
+    prompt_field: str = "prompt"
+    completion_field: str = "completion"
+    seq_len: int = Field(512, ge=2)
+    limit: int | None = Field(None, ge=1)  # use only the first N examples
+    # length: exactly one of these; max_tokens converts to steps with the data's mean example length
+    max_steps: int | None = Field(None, ge=1)
+    num_epochs: float | None = Field(None, gt=0)
+    max_tokens: int | None = Field(None, ge=1)
+    # optimization
+    batch_size: int = Field(4, ge=1)  # sequences per micro-batch per process
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(5e-5, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int | None = Field(None, ge=0)  # default: 10% of the steps
+    scheduler: Literal["linear", "cosine", "constant"] = "linear"
+    max_grad_norm: float = Field(1.0, ge=0)  # 0 disables clipping
+    bf16: Literal["auto", "true", "false"] = "auto"
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    # sparsity
+    masks: Literal["auto", "zeros", "none"] = "auto"  # auto: keep zeros pruned when the model is sparse
+    targets: list[str] | None = None  # regexes over module names; default every decoder linear
+    ignore: list[str] = []
+    gmp: GMPConfig | None = None
+    # distillation (needs a teacher)
+    teacher: str | None = None
+    ce_weight: float = Field(1.0, ge=0)
+    kl_weight: float = Field(0.0, ge=0)
+    square_head_weight: float = Field(0.0, ge=0)
+    temperature: float = Field(1.0, gt=0)
+    distill_layers: list[int] | None = None  # decoder block indices for square_head; default all
+    teacher_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    # bookkeeping
+    checkpoint_every: int = Field(0, ge=0)  # steps; 0 = only at the end
+    log_every: int = Field(1, ge=1)
+
+    @field_validator("targets", "ignore")
+    @classmethod
+    def _regexes(cls, v: list[str] | None) -> list[str] | None:
+        for pattern in v or []:
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise ValueError(f"bad regex '{pattern}': {err}") from None
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> FinetuneConfig:
+        given = [k for k in ("max_steps", "num_epochs", "max_tokens") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give only one of max_steps, num_epochs, max_tokens (got {', '.join(given)})")
+        distilling = self.kl_weight > 0 or self.square_head_weight > 0
+        if distilling and self.teacher is None:
+            raise ValueError("kl_weight / square_head_weight need a teacher: set teacher to a model")
+        if self.ce_weight == 0 and not distilling:
+            raise ValueError("every loss weight is 0: set ce_weight, or a teacher with kl_weight / square_head_weight")
+        if self.gmp is not None and self.masks == "none":
+            raise ValueError("gmp prunes during training and needs masks: drop masks='none'")
+        return self
+
+    @property
+    def distilling(self) -> bool:
+        return self.teacher is not None and (self.kl_weight > 0 or self.square_head_weight > 0)

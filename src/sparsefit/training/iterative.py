@@ -1,0 +1,49 @@
+"""Iterative pruning: prune a little, recover, prune more (e.g. 0.3 -> 0.5 -> 0.7).
+
+Each cycle re-runs one-shot pruning with `preserve_mask`, so weights pruned in an earlier
+cycle stay pruned, then fine-tunes with the new masks. Cycle k writes `output/cycle-k`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from sparsefit.pruning import OneShotConfig, oneshot
+from sparsefit.training.config import FinetuneConfig
+from sparsefit.training.loop import finetune
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+
+def iterative_prune_finetune(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    sparsities: list[float],
+    prune: OneShotConfig,
+    train: FinetuneConfig,
+    output_dir: str | Path,
+    teacher: PreTrainedModel | None = None,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+) -> list[dict]:
+    """One (prune report, finetune metrics) record per cycle; the model ends at the last sparsity."""
+    if sorted(sparsities) != list(sparsities) or not sparsities:
+        raise ValueError(f"iterative sparsities must be a non-empty increasing list (got {sparsities})")
+    cycles = []
+    for k, sparsity in enumerate(sparsities):
+        cfg = prune.model_copy(update={"sparsity": sparsity, "preserve_mask": True})
+        report = oneshot(model, tokenizer, cfg, device=device, progress=progress)
+        metrics = finetune(
+            model,
+            tokenizer,
+            train.model_copy(update={"masks": "zeros"}),
+            Path(output_dir) / f"cycle-{k}",
+            teacher=teacher,
+            progress=progress,
+            device=device,
+        )
+        cycles.append({"sparsity": sparsity, "prune": report, "finetune": metrics})
+    return cycles

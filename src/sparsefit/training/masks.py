@@ -1,0 +1,108 @@
+"""Sparsity masks of a model's decoder linears: taken from zeros, enforced on gradients and weights.
+
+A mask is a bool "keep" tensor per linear (True = trainable weight, False = pruned, held at 0),
+the same convention as the pruning functions. Masks live beside the parameters (same device,
+same shape as `module.weight`, Conv1D included), so enforcing them is one multiply.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from sparsefit.models.layout import decoder_layout, select_linears
+
+
+class SparsityMasks:
+    """Keep masks by module name, bound to the modules of one model."""
+
+    def __init__(self, modules: dict[str, nn.Module], masks: dict[str, torch.Tensor]) -> None:
+        missing = sorted(set(masks) - set(modules))
+        if missing:
+            raise ValueError(f"masks name modules the model does not have: {', '.join(missing[:3])}")
+        self.modules = {name: modules[name] for name in masks}
+        self.masks = {name: m.to(device=modules[name].weight.device, dtype=torch.bool) for name, m in masks.items()}
+        self._pruned: dict[str, torch.Tensor] = {}  # ~mask, cached: enforcing runs twice per step
+        for name, mask in self.masks.items():
+            if mask.shape != self.modules[name].weight.shape:
+                raise ValueError(
+                    f"mask of {name} has shape {tuple(mask.shape)}, weight {tuple(self.modules[name].weight.shape)}"
+                )
+
+    @classmethod
+    def from_zeros(
+        cls, model: nn.Module, targets: list[str] | None = None, ignore: list[str] | None = None
+    ) -> SparsityMasks:
+        """Every exact zero of the targeted linears is a pruned weight."""
+        modules = decoder_linears(model, targets, ignore)
+        return cls(modules, {name: m.weight.detach() != 0 for name, m in modules.items()})
+
+    @classmethod
+    def dense(
+        cls, model: nn.Module, targets: list[str] | None = None, ignore: list[str] | None = None
+    ) -> SparsityMasks:
+        """All-True masks: nothing pruned yet (gradual pruning starts here)."""
+        modules = decoder_linears(model, targets, ignore)
+        return cls(modules, {name: torch.ones_like(m.weight, dtype=torch.bool) for name, m in modules.items()})
+
+    def items(self) -> Iterator[tuple[str, nn.Module, torch.Tensor]]:
+        for name, mask in self.masks.items():
+            yield name, self.modules[name], mask
+
+    def set(self, name: str, mask: torch.Tensor) -> None:
+        self.masks[name] = mask
+        self._pruned.pop(name, None)
+
+    def pruned(self, name: str) -> torch.Tensor:
+        if name not in self._pruned:
+            self._pruned[name] = ~self.masks[name]
+        return self._pruned[name]
+
+    @torch.no_grad()
+    def apply_to_weights(self) -> None:
+        for name, module, _ in self.items():
+            module.weight.masked_fill_(self.pruned(name), 0.0)
+
+    @torch.no_grad()
+    def apply_to_grads(self) -> None:
+        for name, module, _ in self.items():
+            if module.weight.grad is not None:
+                module.weight.grad.masked_fill_(self.pruned(name), 0.0)
+
+    @torch.no_grad()
+    def apply_to_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Zero the optimizer's per-weight state (Adam moments) at pruned positions.
+
+        Needed when a mask grows (gradual pruning): otherwise a stale momentum would move a
+        freshly pruned weight away from zero at the next step.
+        """
+        for _, module, mask in self.items():
+            for value in optimizer.state.get(module.weight, {}).values():
+                if isinstance(value, torch.Tensor) and value.shape == mask.shape:
+                    value.masked_fill_(~mask, 0.0)
+
+    @torch.no_grad()
+    def revived(self) -> int:
+        """Pruned weights that are not exactly zero: must always be 0."""
+        return int(sum((module.weight[~mask] != 0).sum().item() for _, module, mask in self.items()))
+
+    def sparsity(self) -> float:
+        pruned = sum(int((~m).sum()) for m in self.masks.values())
+        return pruned / max(sum(m.numel() for m in self.masks.values()), 1)
+
+    def per_layer(self) -> dict[str, float]:
+        return {name: float((~m).float().mean()) for name, m in self.masks.items()}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {name: m.cpu().contiguous() for name, m in self.masks.items()}
+
+
+def decoder_linears(model: nn.Module, targets: list[str] | None = None, ignore: list[str] | None = None) -> dict:
+    """The prunable linears of every decoder block, by full module name (embeddings and head excluded)."""
+    layout = decoder_layout(model)
+    found = {}
+    for i, block in enumerate(layout.blocks):
+        found.update(select_linears(block, f"{layout.prefix}.{i}", targets, ignore))
+    return found
