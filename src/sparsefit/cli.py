@@ -274,6 +274,47 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from sparsefit.recipes import load_recipe, run_recipe
+    from sparsefit.recipes.report import format_table
+
+    recipe = load_recipe(args.recipe, args.set or [], args.model)
+    if args.check:
+        print(f"recipe {recipe.name}: {len(recipe.stages)} stages on {recipe.model}")
+        for i, stage in enumerate(recipe.stages):
+            fields = stage.model_dump(exclude_defaults=True, exclude={"kind", "name"})
+            print(f"  {i + 1:02d}-{stage.name} ({stage.kind}) {fields}")
+        for note in recipe.notes:
+            print(f"  note: {note}")
+        return 0
+    output = args.output or str(Path("runs") / recipe.name)
+    report = run_recipe(recipe, output, args.device)
+    print(format_table(report["stages"], markdown=False))
+    print(f"report: {Path(output) / 'report.md'}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from sparsefit.recipes import read_report
+    from sparsefit.recipes.report import format_table
+
+    report = read_report(args.run_dir)
+    print(format_table(report["stages"], markdown=False))
+    if report["baseline"]:
+        print(f"recovery = metric / baseline '{report['baseline']['stage']}' (perplexities: above 1 is worse)")
+    return 0
+
+
+def cmd_recipes(args: argparse.Namespace) -> int:
+    from sparsefit.recipes import builtin_recipes, load_recipe
+
+    for name in sorted(builtin_recipes()):
+        recipe = load_recipe(name)
+        kinds = " -> ".join(s.kind for s in recipe.stages)
+        print(f"{name:14s} {recipe.description.split('.')[0]}.\n{'':14s} [{kinds}]")
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from sparsefit.models import BUILTIN_MODELS, cache_root
 
@@ -382,6 +423,22 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--distill-layers", type=int, nargs="+", default=None, help="block indices (default all)")
     g.add_argument("--teacher-dtype", default=None, help="auto (default) | float32 | bfloat16")
     p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("run", help="run a recipe (builtin name or YAML, native or SparseML) into a run directory")
+    p.add_argument("recipe", help="builtin recipe name (see `sparsefit recipes`) or a YAML file")
+    p.add_argument("--output", default=None, help="run directory (default runs/<recipe name>)")
+    p.add_argument("--set", action="append", default=None, metavar="KEY=VALUE", help="variable or STAGE.FIELD override")
+    p.add_argument("--model", default=None, help="replace the recipe's model")
+    p.add_argument("--device", default="auto", help="cpu | cuda | auto (default auto)")
+    p.add_argument("--check", action="store_true", help="validate and print the stages, run nothing")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("report", help="print the report table of a run directory")
+    p.add_argument("run_dir")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("recipes", help="list builtin recipes")
+    p.set_defaults(func=cmd_recipes)
 
     p = sub.add_parser("models", help="list builtin models")
     p.set_defaults(func=cmd_models)

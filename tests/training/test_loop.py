@@ -151,3 +151,21 @@ def test_bad_options_are_reported_by_field():
         validate(FinetuneConfig, {"lr": -1}, "finetune options")
     with pytest.raises(UsageError, match="gmp"):
         validate(FinetuneConfig, {"gmp": {"start": 5, "end": 2}}, "finetune options")
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "opt", "gpt2"])
+def test_head_path_gives_the_same_losses_as_full_logits(arch, tokenizer, data_dir):
+    from sparsefit.training.data import collate, load_examples
+    from sparsefit.training.losses import HeadPath, compute_losses
+
+    student, teacher = sparse_tiny(tokenizer, arch=arch), tiny_model(arch)
+    batch = collate(load_examples(tokenizer, "gsm8k", fmt="plain", seq_len=64)[:3], tokenizer.pad_token_id)
+    cfg = FinetuneConfig(teacher="given", kl_weight=1.0, square_head_weight=1.0, temperature=2.0)
+    layers = [0, 1]
+    detected = HeadPath.detect(student, batch)
+    full = compute_losses(student, teacher, batch, cfg, layers, HeadPath(False), HeadPath(False))
+    fast = compute_losses(student, teacher, batch, cfg, layers, detected, HeadPath.detect(teacher, batch))
+    if arch in ("llama", "qwen2", "mistral", "gpt2"):
+        assert detected.enabled
+    for key in full:
+        assert fast[key].item() == pytest.approx(full[key].item(), rel=1e-4, abs=1e-6), key

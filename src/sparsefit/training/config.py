@@ -32,7 +32,8 @@ class FinetuneConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     # data
-    dataset: str = "gsm8k"
+    dataset: str = "gsm8k"  # or "self": text sampled from the teacher (or the model itself), no dataset needed
+    self_samples: int = Field(64, ge=1)  # sequences of seq_len tokens when dataset is "self"
     split: str = "train"
     format: Literal["auto", "chat", "plain"] = "auto"  # supervised data: the chat template when the model has one
     text_field: str = "text"

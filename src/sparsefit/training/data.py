@@ -112,6 +112,16 @@ def load_examples(
     return examples[:limit] if limit else examples
 
 
+def self_examples(
+    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, num: int, seq_len: int, seed: int
+) -> list[Example]:
+    """Data-free training text: `num` sequences of `seq_len` tokens sampled from `model` (e.g. the dense teacher)."""
+    from sparsefit.data.self_generated import sample_from_model
+
+    ids = sample_from_model(model, tokenizer, num, seq_len, seed)
+    return [Example(row, list(row)) for row in ids.tolist()]
+
+
 def example_order(lengths: list[int], global_batch: int, seed: int, step: int, group: int = 16) -> list[int]:
     """Indices of the examples of global batch `step`, a pure function of (seed, step).
 

@@ -26,7 +26,7 @@ from sparsefit.errors import SparsefitError, UsageError
 from sparsefit.models.layout import decoder_layout, weight_as_out_in
 from sparsefit.pruning.magnitude import prune_magnitude
 from sparsefit.training.config import FinetuneConfig
-from sparsefit.training.data import collate, example_order, load_examples
+from sparsefit.training.data import collate, example_order, load_examples, self_examples
 from sparsefit.training.distributed import DistInfo, all_reduce_sum, barrier, init_distributed
 from sparsefit.training.losses import HeadPath, compute_losses
 from sparsefit.training.masks import SparsityMasks
@@ -127,17 +127,30 @@ def finetune(
     bf16 = _bf16(config, device)
     torch.manual_seed(config.seed)
 
-    examples = load_examples(
-        tokenizer,
-        config.dataset,
-        config.split,
-        config.format,
-        config.seq_len,
-        config.text_field,
-        config.prompt_field,
-        config.completion_field,
-        config.limit,
-    )
+    masks = resolve_masks(model, config)
+    teacher_tok = None
+    if config.distilling and teacher is None:
+        use_bf16 = config.teacher_dtype == "bfloat16" or (config.teacher_dtype == "auto" and bf16)
+        teacher, teacher_tok = load_teacher(config.teacher, torch.bfloat16 if use_bf16 else torch.float32, device)
+    if teacher is not None:
+        freeze(teacher)
+        teacher.to(device)
+    if config.dataset == "self":  # sampled before any training step, from the teacher when there is one
+        was_training = model.training
+        examples = self_examples(teacher or model.eval(), tokenizer, config.self_samples, config.seq_len, config.seed)
+        model.train(was_training)
+    else:
+        examples = load_examples(
+            tokenizer,
+            config.dataset,
+            config.split,
+            config.format,
+            config.seq_len,
+            config.text_field,
+            config.prompt_field,
+            config.completion_field,
+            config.limit,
+        )
     per_rank = config.batch_size * config.grad_accum
     global_batch = per_rank * info.world
     mean_tokens = sum(len(e.input_ids) for e in examples) / len(examples)
@@ -146,19 +159,7 @@ def finetune(
     example_order(lengths, global_batch, config.seed, 0)  # fails early when one batch cannot be filled
     warmup = config.warmup_steps if config.warmup_steps is not None else int(0.1 * steps)
 
-    masks = resolve_masks(model, config)
-    if config.distilling and teacher is None:
-        t_dtype = (
-            torch.bfloat16
-            if (config.teacher_dtype == "bfloat16" or (config.teacher_dtype == "auto" and bf16))
-            else torch.float32
-        )
-        teacher, teacher_tok = load_teacher(config.teacher, t_dtype, device)
-    else:
-        teacher_tok = None
     if teacher is not None:
-        freeze(teacher)
-        teacher.to(device)
         num_blocks = len(decoder_layout(model).blocks)
         check_compatible(
             model, tokenizer, teacher, teacher_tok, config.distill_layers, num_blocks, config.square_head_weight > 0

@@ -1,0 +1,188 @@
+"""`sparsefit run`: the stages of a recipe in order, each in `RUN_DIR/NN-name/`, resumable.
+
+A stage is complete when its `stage.json` exists with the fingerprint of its configuration and
+of its input model; a rerun skips complete stages and redoes a stage (and every later one)
+whose configuration or input changed. A model-producing stage's folder is an HF checkpoint,
+and the next stage loads from it, so a crash loses at most the stage in flight (a fine-tune
+in flight resumes from its own last checkpoint).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from sparsefit.atomic import write_json
+from sparsefit.recipes.report import write_report
+from sparsefit.recipes.schema import EvaluateStage, ExportStage, FinetuneStage, OneshotStage, Recipe
+
+STAGE_FILE = "stage.json"
+
+
+def stage_dir(run_dir: Path, index: int, name: str) -> Path:
+    return run_dir / f"{index + 1:02d}-{name}"
+
+
+def _fingerprint(stage_config: dict, input_model: str, input_stamp: str) -> str:
+    text = json.dumps({"config": stage_config, "input": input_model, "stamp": input_stamp}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def run_recipe(recipe: Recipe, run_dir: str | Path, device: str | torch.device = "auto", progress: bool = True) -> dict:
+    """Run (or resume) every stage; returns the report dict (also written as report.json / report.md)."""
+    from sparsefit.models import parse_device
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    device = parse_device(device) if isinstance(device, str) else device
+    (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
+    for note in recipe.notes:
+        print(f"note: {note}", flush=True)
+
+    current, stamp = recipe.model, "input"  # the model the next stage reads, and the run that made it
+    outputs: dict[str, str] = {}
+    for i, stage in enumerate(recipe.stages):
+        folder = stage_dir(run_dir, i, stage.name)
+        config = stage.model_dump(mode="json")
+        fingerprint = _fingerprint(config, current, stamp)
+        done = _completed(folder, fingerprint)
+        if done is not None:
+            print(f"[{i + 1}/{len(recipe.stages)}] {stage.name}: complete, skipped", flush=True)
+            record = done
+        else:
+            print(f"[{i + 1}/{len(recipe.stages)}] {stage.name} ({stage.kind}) on {current}", flush=True)
+            _claim(folder, fingerprint)
+            start = time.perf_counter()
+            result = _run_stage(stage, recipe, current, outputs, folder, device, progress)
+            record = {
+                "name": stage.name,
+                "kind": stage.kind,
+                "input": current,
+                "fingerprint": fingerprint,
+                "seconds": time.perf_counter() - start,
+                "result": result,
+                "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+            }
+            write_json(folder / STAGE_FILE, record)
+        if stage.kind in ("oneshot", "finetune", "export"):
+            current, stamp = str(folder), record["fingerprint"]
+        outputs[stage.name] = str(folder)
+    return write_report(run_dir, recipe)
+
+
+def _claim(folder: Path, fingerprint: str) -> None:
+    """Start a stage in `folder`: keep what an interrupted run of the same stage left (a fine-tune
+    checkpoint), discard anything made with another configuration or input."""
+    marker = folder / ".fingerprint"
+    if folder.exists() and (not marker.is_file() or marker.read_text() != fingerprint):
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    marker.write_text(fingerprint)
+
+
+def _completed(folder: Path, fingerprint: str) -> dict | None:
+    path = folder / STAGE_FILE
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    return record if record.get("fingerprint") == fingerprint else None
+
+
+def _teacher_spec(teacher: str, recipe: Recipe, outputs: dict[str, str]) -> str:
+    if teacher == "input":
+        return recipe.model
+    if teacher.startswith("stage:"):
+        return outputs[teacher.removeprefix("stage:")]
+    return teacher
+
+
+def _run_stage(stage, recipe: Recipe, current: str, outputs: dict, folder: Path, device, progress: bool) -> dict:  # noqa: ANN001
+    from sparsefit.export import read_sparsity, save_checkpoint, sparsity_summary
+    from sparsefit.models import load_model_and_tokenizer
+
+    if isinstance(stage, OneshotStage):
+        from sparsefit.pruning import OneShotConfig, oneshot
+
+        model, tok = load_model_and_tokenizer(current, "float32", "cpu")
+        config = OneShotConfig(**stage.model_dump(exclude={"kind", "name"}))
+        report = oneshot(model, tok, config, device=device, progress=progress)
+        save_checkpoint(model, tok, folder, {"pruning": report})
+        return {"sparsity": report["sparsity"]["overall"], "seconds": report["seconds"], "phases": report["phases"]}
+    if isinstance(stage, FinetuneStage):
+        from sparsefit.training import FinetuneConfig, finetune
+
+        fields = stage.model_dump(exclude={"kind", "name"})
+        if fields.get("teacher"):
+            fields["teacher"] = _teacher_spec(fields["teacher"], recipe, outputs)
+        model, tok = load_model_and_tokenizer(current, "float32", device)
+        metrics = finetune(model, tok, FinetuneConfig(**fields), folder, resume=True, progress=progress, device=device)
+        keys = ("steps", "tokens", "tokens_per_second", "final_loss", "sparsity", "revived_weights", "train_seconds")
+        return {k: metrics[k] for k in keys}
+    if isinstance(stage, EvaluateStage):
+        model, tok = load_model_and_tokenizer(current, "float32", device)
+        result = _evaluate(stage, model, tok, progress, lambda: _self_eval_tokens(folder.parent, recipe.model, stage))
+        info = read_sparsity(current) if Path(current).is_dir() else None
+        result["sparsity"] = info["sparsity"]["overall"] if info else sparsity_summary(model)["overall"]
+        result["model"] = current
+        write_json(folder / "eval.json", result)
+        return result
+    if isinstance(stage, ExportStage):
+        model, tok = load_model_and_tokenizer(current, "float32", "cpu")
+        save_checkpoint(model, tok, folder, {"exported_from": current, "format": stage.format})
+        files = sorted(p.name for p in folder.iterdir())
+        size = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+        return {"format": stage.format, "files": files, "bytes": size, "sparsity": sparsity_summary(model)["overall"]}
+    raise TypeError(f"unknown stage {stage!r}")
+
+
+def _self_eval_tokens(run_dir: Path, reference: str, stage: EvaluateStage) -> torch.Tensor:
+    """Held-out text sampled once from the recipe's input model (seed 1234, unlike any training seed), cached."""
+    from safetensors.torch import load_file, save_file
+
+    from sparsefit.data.self_generated import sample_from_model
+    from sparsefit.models import load_model_and_tokenizer
+
+    path = run_dir / f"self-eval-{stage.self_samples}x{stage.self_seq_len}.safetensors"
+    if path.is_file():
+        return load_file(str(path))["input_ids"]
+    model, tok = load_model_and_tokenizer(reference, "float32", "cpu")
+    ids = sample_from_model(model, tok, stage.self_samples, stage.self_seq_len, seed=1234)
+    save_file({"input_ids": ids.contiguous()}, str(path))
+    return ids
+
+
+def _evaluate(stage: EvaluateStage, model, tok, progress: bool, self_tokens) -> dict:  # noqa: ANN001
+    from sparsefit.errors import UsageError
+    from sparsefit.evaluation import gsm8k, tasks
+    from sparsefit.evaluation.perplexity import perplexity
+
+    out: dict = {"tasks": list(stage.tasks), "baseline": stage.baseline, "skipped": {}}
+    device = next(model.parameters()).device
+    for task in stage.tasks:
+        try:
+            if task == "self-ppl":
+                ids = self_tokens()
+                out["self_ppl"] = perplexity(model, ids.flatten().to(device), ids.shape[1], progress=progress).ppl
+            elif task == "perplexity":
+                r = tasks.evaluate_perplexity(
+                    model, tok, stage.dataset, seq_len=stage.seq_len, max_windows=stage.max_windows, progress=progress
+                )
+                out["ppl"], out["ppl_dataset"] = r["ppl"], stage.dataset
+            elif task == "gsm8k-answer-ppl":
+                r = gsm8k.evaluate_answer_ppl(model, tok, limit=stage.limit, chat=stage.chat, progress=progress)
+                out["answer_ppl"] = r["ppl"]
+            elif task == "gsm8k":
+                r = gsm8k.evaluate_gsm8k(model, tok, limit=stage.limit, chat=stage.chat, progress=progress)
+                out["strict_match"], out["flexible_match"] = r["strict_match"], r["flexible_match"]
+        except UsageError as err:
+            if stage.missing_data == "error":
+                raise
+            out["skipped"][task] = str(err)  # reported in the report, never dropped silently
+            print(f"skipped {task}: {err}", flush=True)
+    return out

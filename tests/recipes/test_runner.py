@@ -1,0 +1,105 @@
+"""`sparsefit run` on a tiny checkpoint: every stage kind, the report, plots, and resume."""
+
+import json
+
+import pytest
+import yaml
+
+from sparsefit.cli import main
+from sparsefit.errors import UsageError
+from sparsefit.recipes import recipe_from_data, run_recipe
+
+EVAL = {
+    "kind": "evaluate",
+    "tasks": ["self-ppl", "perplexity", "gsm8k-answer-ppl"],
+    "seq_len": 64,
+    "max_windows": 2,
+    "limit": 4,
+    "self_samples": 2,
+    "self_seq_len": 16,
+}
+
+
+def tiny_recipe(model, eval_dataset="wikitext2"):
+    return {
+        "name": "tiny",
+        "model": str(model),
+        "variables": {"sparsity": 0.5},
+        "stages": [
+            {**EVAL, "name": "dense", "baseline": True},
+            {"kind": "oneshot", "method": "wanda", "sparsity": "${sparsity}", "num_samples": 4, "seq_len": 32},
+            {**EVAL, "name": "pruned", "dataset": eval_dataset},
+            {"kind": "finetune", "name": "recover", "dataset": "self", "self_samples": 8, "seq_len": 32,
+             "teacher": "input", "ce_weight": 0.0, "kl_weight": 1.0, "square_head_weight": 1.0, "max_steps": 3,
+             "batch_size": 2, "lr": 1e-3, "bf16": "false"},
+            {**EVAL, "name": "recovered"},
+            {"kind": "export"},
+        ],
+    }  # fmt: skip
+
+
+def test_run_chain_report_and_resume(tiny_checkpoint, data_dir, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    # a crash in stage 3 (its dataset is missing) ...
+    broken = recipe_from_data(tiny_recipe(tiny_checkpoint, eval_dataset="missing.txt"))
+    with pytest.raises(UsageError, match="missing.txt"):
+        run_recipe(broken, run_dir, "cpu", progress=False)
+    first = json.loads((run_dir / "02-oneshot" / "stage.json").read_text())
+    # ... then the fixed recipe resumes: stages 1 and 2 are skipped, not redone
+    report = run_recipe(recipe_from_data(tiny_recipe(tiny_checkpoint)), run_dir, "cpu", progress=False)
+    out = capsys.readouterr().out
+    assert "[1/6] dense: complete, skipped" in out and "[2/6] oneshot: complete, skipped" in out
+    assert json.loads((run_dir / "02-oneshot" / "stage.json").read_text())["finished"] == first["finished"]
+    rows = {r["stage"]: r for r in report["stages"]}
+    assert list(rows) == ["dense", "oneshot", "pruned", "recover", "recovered", "export"]
+    assert rows["pruned"]["sparsity"] == pytest.approx(0.5, abs=0.01)
+    assert rows["recovered"]["sparsity"] == pytest.approx(0.5, abs=0.01)
+    assert rows["recover"]["tokens_per_second"] > 0
+    assert rows["dense"]["recovery"]["ppl"] == 1.0 and rows["dense"]["answer_ppl"] > 1.0
+    for metric in ("self_ppl", "ppl", "answer_ppl"):
+        expected = rows["pruned"][metric] / rows["dense"][metric]
+        assert rows["pruned"]["recovery"][metric] == pytest.approx(expected) and expected != 1.0
+    assert set(report["plots"]) == {"sparsity.png", "training.png", "metrics.png"}
+    for name in report["plots"]:
+        assert (run_dir / name).stat().st_size > 5000
+    md = (run_dir / "report.md").read_text()
+    assert "| recovered | evaluate | 0.500 |" in md and "![sparsity](sparsity.png)" in md
+    resolved = yaml.safe_load((run_dir / "recipe.yaml").read_text())
+    assert resolved["stages"][1]["sparsity"] == 0.5  # variables resolved
+    assert (run_dir / "06-export" / "model.safetensors").is_file()
+
+    # a full rerun skips every stage; the CLI prints the same table
+    run_recipe(recipe_from_data(tiny_recipe(tiny_checkpoint)), run_dir, "cpu", progress=False)
+    assert capsys.readouterr().out.count("complete, skipped") == 6
+    assert main(["report", str(run_dir)]) == 0
+    assert "recovered" in capsys.readouterr().out
+
+    # changing a stage redoes it and everything after it, not what came before
+    changed = tiny_recipe(tiny_checkpoint)
+    changed["stages"][3]["max_steps"] = 2
+    run_recipe(recipe_from_data(changed), run_dir, "cpu", progress=False)
+    out = capsys.readouterr().out
+    assert out.count("complete, skipped") == 3 and "[4/6] recover (finetune)" in out
+
+
+def test_missing_data_is_skipped_and_reported_when_asked(tiny_checkpoint, data_dir, tmp_path):
+    stage = {**EVAL, "dataset": "missing.txt", "missing_data": "skip"}
+    report = run_recipe(
+        recipe_from_data({"model": str(tiny_checkpoint), "stages": [stage]}), tmp_path / "r", "cpu", False
+    )
+    (row,) = report["stages"]
+    assert row["ppl"] is None and row["self_ppl"] > 1.0 and row["answer_ppl"] > 1.0
+    assert any("perplexity skipped" in n and "missing.txt" in n for n in report["notes"])
+    assert "perplexity skipped" in (tmp_path / "r" / "report.md").read_text()
+
+
+def test_cli_run_check_and_errors(tmp_path, capsys):
+    assert main(["run", "quick", "--check"]) == 0
+    assert "oneshot" in capsys.readouterr().out
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("stages:\n  - kind: oneshot\n    sparsity: 1.5\n")
+    assert main(["run", str(bad), "--check"]) == 2
+    err = capsys.readouterr().err
+    assert "stage 1 (oneshot) field 'sparsity'" in err and err.count("\n") == 1
+    assert main(["report", str(tmp_path / "nothing")]) == 2
+    assert main(["recipes"]) == 0 and "gsm8k-50-owl" in capsys.readouterr().out

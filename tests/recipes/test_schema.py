@@ -1,0 +1,62 @@
+import pytest
+
+from sparsefit.errors import UsageError
+from sparsefit.recipes import builtin_recipes, load_recipe, recipe_from_data
+from sparsefit.recipes.schema import FinetuneStage, OneshotStage
+
+
+def test_builtin_recipes_exist_and_validate():
+    assert {"quick", "gsm8k-50", "gsm8k-50-owl", "2of4"} <= set(builtin_recipes())
+    for name in builtin_recipes():
+        recipe = load_recipe(name)
+        assert recipe.stages and recipe.model == "smollm2-135m"
+    owl = load_recipe("gsm8k-50-owl")
+    pruning = next(s for s in owl.stages if isinstance(s, OneshotStage))
+    assert pruning.profile == "owl" and pruning.owl_lambda == 0.08
+    two_four = next(s for s in load_recipe("2of4").stages if isinstance(s, OneshotStage))
+    assert two_four.structure == "2:4"
+    sparse_ft = next(s for s in load_recipe("gsm8k-50").stages if s.name == "sparse-ft")
+    assert sparse_ft.teacher == "stage:dense-ft" and sparse_ft.square_head_weight == 1.0
+
+
+def test_variables_and_overrides():
+    recipe = load_recipe("gsm8k-50", ["sparsity=0.7", "sparse-ft.max_tokens=1000", "2.lr=3e-5"])
+    pruning = next(s for s in recipe.stages if isinstance(s, OneshotStage))
+    assert pruning.sparsity == 0.7
+    sparse_ft = next(s for s in recipe.stages if s.name == "sparse-ft")
+    assert sparse_ft.max_tokens == 1000
+    assert isinstance(recipe.stages[1], FinetuneStage) and recipe.stages[1].lr == 3e-5
+
+
+def _stages(*stages):
+    return {"model": "m", "stages": list(stages)}
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        (_stages({"kind": "prune", "sparsity": 0.5}), "stage 1 (prune): unknown stage kind 'prune'"),
+        (_stages({"kind": "oneshot", "sparsty": 0.5}), "stage 1 (oneshot) field 'sparsty': unknown field"),
+        (_stages({"kind": "oneshot", "sparsity": 1.5}), "stage 1 (oneshot) field 'sparsity'"),
+        (_stages({"kind": "oneshot", "structure": "2-4"}), "field 'structure': structure '2-4' is malformed"),
+        (_stages({"kind": "evaluate"}, {"kind": "finetune", "square_head_weight": 1.0}), "stage 2 (finetune)"),
+        (_stages({"kind": "finetune", "kl_weight": 1.0}), "need a teacher"),
+        (_stages({"kind": "finetune", "max_steps": "many"}), "field 'max_steps'"),
+        (_stages({"kind": "finetune", "teacher": "stage:later", "kl_weight": 1}), "names no earlier stage"),
+        (_stages({"kind": "oneshot", "sparsity": "${s}"}), "variable '${s}' is not defined"),
+        ({"model": "m", "stages": []}, "stages"),
+    ],
+)
+def test_bad_recipes_fail_fast_naming_stage_and_field(data, message):
+    with pytest.raises(UsageError, match=None) as err:
+        recipe_from_data(data)
+    assert message in str(err.value), str(err.value)
+
+
+def test_unknown_override_is_a_usage_error():
+    with pytest.raises(UsageError, match="no variable 'sparsityy'"):
+        load_recipe("gsm8k-50", ["sparsityy=0.6"])
+    with pytest.raises(UsageError, match="no stage 'nope'"):
+        load_recipe("gsm8k-50", ["nope.lr=1"])
+    with pytest.raises(UsageError, match="neither a builtin"):
+        load_recipe("no-such-recipe")

@@ -1,0 +1,72 @@
+"""`sparsefit finetune` end to end on a tiny checkpoint: output, resume, errors."""
+
+import json
+
+import pytest
+from safetensors.torch import load_file
+
+from sparsefit.cli import main
+
+
+def run(argv, capsys):
+    code = main(argv)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_prune_then_distill_from_the_dense_checkpoint(tiny_checkpoint, data_dir, tmp_path, capsys):
+    pruned = tmp_path / "pruned"
+    assert run(["prune", "--model", str(tiny_checkpoint), "--method", "magnitude", "--calib", "none",
+                "--output", str(pruned)], capsys)[0] == 0  # fmt: skip
+    out = tmp_path / "ft"
+    code, stdout, err = run(
+        ["finetune", "--model", str(pruned), "--teacher", str(tiny_checkpoint), "--kl-weight", "1",
+         "--square-head-weight", "1", "--max-steps", "3", "--batch-size", "2", "--seq-len", "64",
+         "--format", "plain", "--output", str(out), "--json", str(tmp_path / "m.json")],
+        capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    assert "revived weights 0" in stdout
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert metrics["masks"] and metrics["sparsity"] == pytest.approx(0.5, abs=0.01)
+    weights = load_file(str(out / "model.safetensors"))
+    assert sum(int((w == 0).sum()) for k, w in weights.items() if "layers" in k and k.endswith("proj.weight")) > 0
+    assert len((out / "train_log.jsonl").read_text().splitlines()) == 3
+    info = json.loads((out / "sparsity.json").read_text())
+    assert info["sparsity"]["overall"] == pytest.approx(0.5, abs=0.01) and "finetune" in info
+    # the output is a plain checkpoint that `eval` reads
+    assert run(["eval", "--model", str(out), "--seq-len", "64", "--max-windows", "1"], capsys)[0] == 0
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--kl-weight", "1"], "need a teacher"),
+        (["--max-steps", "2", "--num-epochs", "1"], "only one of"),
+        (["--lr", "-1"], "lr"),
+        (["--gmp", "0,0.5,10"], "--gmp takes"),
+        (["--teacher", "./nowhere", "--kl-weight", "1"], "does not exist"),
+        (["--dataset", "missing.jsonl"], "not found"),
+    ],
+)
+def test_finetune_usage_errors_are_one_line(extra, message, tiny_checkpoint, data_dir, tmp_path, capsys):
+    code, _, err = run(["finetune", "--model", str(tiny_checkpoint), "--output", str(tmp_path / "o"), *extra], capsys)
+    assert code == 2 and message in err and err.count("\n") == 1, err
+
+
+def test_gmp_and_iterative_cycles_from_the_cli(tiny_checkpoint, data_dir, tmp_path, capsys):
+    base = ["finetune", "--model", str(tiny_checkpoint), "--batch-size", "2", "--seq-len", "64", "--format", "plain"]
+    code, stdout, err = run(
+        [*base, "--max-steps", "4", "--gmp", "0,0.4,0,3,1", "--output", str(tmp_path / "g")], capsys
+    )
+    assert code == 0 and "sparsity 0.4" in stdout, err
+    code, stdout, err = run(
+        [*base, "--max-steps", "2", "--cycles", "0.2,0.4", "--cycle-method", "wanda", "--calib", "gsm8k",
+         "--output", str(tmp_path / "c"), "--json", str(tmp_path / "c.json")],
+        capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    cycles = json.loads((tmp_path / "c.json").read_text())["cycles"]
+    assert [c["sparsity"] for c in cycles] == [0.2, 0.4]
+    assert [round(c["finetune"]["sparsity"], 2) for c in cycles] == [0.2, 0.4]
+    assert all(c["finetune"]["revived_weights"] == 0 for c in cycles)
