@@ -156,3 +156,12 @@ def smollm2(shared_data):
     from sparsefit.models import load_model_and_tokenizer
 
     return load_model_and_tokenizer("smollm2-135m", dtype="float32", device="cpu")
+
+
+def run_cli(argv, capsys):
+    """Run `sparsefit ARGV` in-process: (exit code, stdout, stderr)."""
+    from sparsefit.cli import main
+
+    code = main(argv)
+    out = capsys.readouterr()
+    return code, out.out, out.err

@@ -2,13 +2,9 @@ import json
 
 import pytest
 
-from sparsefit.cli import main
+from tests.conftest import run_cli
 
-
-def run(argv, capsys):
-    code = main(argv)
-    out = capsys.readouterr()
-    return code, out.out, out.err
+run = run_cli
 
 
 def test_eval_writes_json(tiny_checkpoint, data_dir, tmp_path, capsys):

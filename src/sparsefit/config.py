@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import TypeVar
 
 from pydantic import BaseModel, ValidationError
@@ -28,3 +29,13 @@ def validate(model_cls: type[M], data: dict, where: str) -> M:
         return model_cls.model_validate(data)
     except ValidationError as err:
         raise UsageError(describe_validation_error(err, where)) from None
+
+
+def check_regexes(patterns: list[str] | None) -> list[str] | None:
+    """A pydantic field check: every pattern compiles (module-name targets / ignores)."""
+    for pattern in patterns or []:
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            raise ValueError(f"bad regex '{pattern}': {err}") from None
+    return patterns

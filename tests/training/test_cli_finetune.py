@@ -1,17 +1,13 @@
-"""`sparsefit finetune` end to end on a tiny checkpoint: output, resume, errors."""
+"""`sparsefit finetune` end to end on a tiny checkpoint: distillation output, GMP, iterative cycles, errors."""
 
 import json
 
 import pytest
 from safetensors.torch import load_file
 
-from sparsefit.cli import main
+from tests.conftest import run_cli
 
-
-def run(argv, capsys):
-    code = main(argv)
-    out = capsys.readouterr()
-    return code, out.out, out.err
+run = run_cli
 
 
 def test_prune_then_distill_from_the_dense_checkpoint(tiny_checkpoint, data_dir, tmp_path, capsys):

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from sparsefit.config import check_regexes
 from sparsefit.errors import UsageError
 from sparsefit.models.layout import decoder_layout, weight_as_out_in
 from sparsefit.pruning.methods import MethodOptions
@@ -62,12 +63,7 @@ class OneShotConfig(BaseModel):
     @field_validator("targets", "ignore")
     @classmethod
     def _regexes(cls, v: list[str] | None) -> list[str] | None:
-        for pattern in v or []:
-            try:
-                re.compile(pattern)
-            except re.error as err:
-                raise ValueError(f"bad regex '{pattern}': {err}") from None
-        return v
+        return check_regexes(v)
 
     @field_validator("profile")
     @classmethod

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import re
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from sparsefit.config import check_regexes
 
 
 class GMPConfig(BaseModel):
@@ -77,12 +78,7 @@ class FinetuneConfig(BaseModel):
     @field_validator("targets", "ignore")
     @classmethod
     def _regexes(cls, v: list[str] | None) -> list[str] | None:
-        for pattern in v or []:
-            try:
-                re.compile(pattern)
-            except re.error as err:
-                raise ValueError(f"bad regex '{pattern}': {err}") from None
-        return v
+        return check_regexes(v)
 
     @model_validator(mode="after")
     def _consistent(self) -> FinetuneConfig:
