@@ -55,7 +55,7 @@ def build_rows(records: list[dict]) -> tuple[list[dict], dict | None]:
             base = baseline["result"]
             row["recovery"] = {m: res[m] / base[m] for m in METRICS if res.get(m) is not None and base.get(m)}
         rows.append(row)
-    return rows, (baseline["name"] if baseline else None) and {"stage": baseline["name"], **baseline["result"]}
+    return rows, {"stage": baseline["name"], **baseline["result"]} if baseline else None
 
 
 def _fmt(value: object, key: str) -> str:

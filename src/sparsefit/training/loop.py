@@ -22,14 +22,14 @@ from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
 from sparsefit.atomic import write_json
-from sparsefit.errors import SparsefitError, UsageError
+from sparsefit.errors import SparsefitError
 from sparsefit.models.layout import decoder_layout, weight_as_out_in
 from sparsefit.pruning.magnitude import prune_magnitude
 from sparsefit.training.config import FinetuneConfig
 from sparsefit.training.data import collate, example_order, load_examples, self_examples
 from sparsefit.training.distributed import DistInfo, all_reduce_sum, barrier, init_distributed
 from sparsefit.training.losses import HeadPath, compute_losses
-from sparsefit.training.masks import SparsityMasks
+from sparsefit.training.masks import SparsityMasks, decoder_linears
 from sparsefit.training.schedules import gmp_sparsity, lr_factor
 from sparsefit.training.state import has_training_state, load_training_state, save_training_state
 from sparsefit.training.teacher import check_compatible, freeze, load_teacher
@@ -63,9 +63,7 @@ def total_steps(config: FinetuneConfig, num_examples: int, mean_tokens: float, g
 def resolve_masks(model: PreTrainedModel, config: FinetuneConfig) -> SparsityMasks | None:
     if config.masks == "none":
         return None
-    masks = SparsityMasks.from_zeros(model, config.targets, config.ignore)
-    if not masks.masks:
-        raise UsageError("no decoder linear matches the mask targets; check targets / ignore")
+    masks = SparsityMasks.from_zeros(model, config.targets, config.ignore)  # no match: a UsageError
     # auto: a dense model has (almost) no exact zeros; a pruned one has many
     if config.masks == "auto" and config.gmp is None and masks.sparsity() < 0.01:
         return None
@@ -153,20 +151,18 @@ def finetune(
         )
     per_rank = config.batch_size * config.grad_accum
     global_batch = per_rank * info.world
-    mean_tokens = sum(len(e.input_ids) for e in examples) / len(examples)
-    steps = total_steps(config, len(examples), mean_tokens, global_batch)
     lengths = [len(e.input_ids) for e in examples]
+    mean_tokens = sum(lengths) / len(lengths)
+    steps = total_steps(config, len(examples), mean_tokens, global_batch)
     example_order(lengths, global_batch, config.seed, 0)  # fails early when one batch cannot be filled
     warmup = config.warmup_steps if config.warmup_steps is not None else int(0.1 * steps)
 
+    num_blocks = len(decoder_layout(model).blocks)
     if teacher is not None:
-        num_blocks = len(decoder_layout(model).blocks)
         check_compatible(
             model, tokenizer, teacher, teacher_tok, config.distill_layers, num_blocks, config.square_head_weight > 0
         )
-    layers = (
-        config.distill_layers if config.distill_layers is not None else list(range(len(decoder_layout(model).blocks)))
-    )
+    layers = config.distill_layers if config.distill_layers is not None else list(range(num_blocks))
 
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable()
@@ -184,7 +180,7 @@ def finetune(
         trainer_state, saved_masks = load_training_state(ckpt_dir, model, optimizer, scheduler)
         start_step, tokens_seen, resumed_from = trainer_state["step"], trainer_state["tokens"], trainer_state["step"]
         if saved_masks is not None:
-            masks = SparsityMasks(dict(masks.modules) if masks else _named(model), saved_masks)
+            masks = SparsityMasks(decoder_linears(model), saved_masks)
     elif resume and info.main:
         print(f"no checkpoint in {ckpt_dir}; starting from step 0", flush=True)
     initial_sparsity = masks.sparsity() if masks else 0.0
@@ -300,12 +296,6 @@ def finetune(
 
 def _fused_ok(device: torch.device) -> bool:
     return device.type in ("cpu", "cuda")
-
-
-def _named(model: torch.nn.Module) -> dict:
-    from sparsefit.training.masks import decoder_linears
-
-    return decoder_linears(model)
 
 
 def _non_finite(step: int, value: float, ckpt_dir: Path) -> SparsefitError:

@@ -12,7 +12,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from sparsefit.models.layout import decoder_layout, select_linears
+from sparsefit.models.layout import decoder_layout
+from sparsefit.pruning.pipeline import select_block_linears
 
 
 class SparsityMasks:
@@ -25,6 +26,7 @@ class SparsityMasks:
         self.modules = {name: modules[name] for name in masks}
         self.masks = {name: m.to(device=modules[name].weight.device, dtype=torch.bool) for name, m in masks.items()}
         self._pruned: dict[str, torch.Tensor] = {}  # ~mask, cached: enforcing runs twice per step
+        self._sparsity: float | None = None  # cached: logged every step, changes only through set()
         for name, mask in self.masks.items():
             if mask.shape != self.modules[name].weight.shape:
                 raise ValueError(
@@ -39,14 +41,6 @@ class SparsityMasks:
         modules = decoder_linears(model, targets, ignore)
         return cls(modules, {name: m.weight.detach() != 0 for name, m in modules.items()})
 
-    @classmethod
-    def dense(
-        cls, model: nn.Module, targets: list[str] | None = None, ignore: list[str] | None = None
-    ) -> SparsityMasks:
-        """All-True masks: nothing pruned yet (gradual pruning starts here)."""
-        modules = decoder_linears(model, targets, ignore)
-        return cls(modules, {name: torch.ones_like(m.weight, dtype=torch.bool) for name, m in modules.items()})
-
     def items(self) -> Iterator[tuple[str, nn.Module, torch.Tensor]]:
         for name, mask in self.masks.items():
             yield name, self.modules[name], mask
@@ -54,6 +48,7 @@ class SparsityMasks:
     def set(self, name: str, mask: torch.Tensor) -> None:
         self.masks[name] = mask
         self._pruned.pop(name, None)
+        self._sparsity = None
 
     def pruned(self, name: str) -> torch.Tensor:
         if name not in self._pruned:
@@ -78,31 +73,29 @@ class SparsityMasks:
         Needed when a mask grows (gradual pruning): otherwise a stale momentum would move a
         freshly pruned weight away from zero at the next step.
         """
-        for _, module, mask in self.items():
+        for name, module, mask in self.items():
             for value in optimizer.state.get(module.weight, {}).values():
                 if isinstance(value, torch.Tensor) and value.shape == mask.shape:
-                    value.masked_fill_(~mask, 0.0)
+                    value.masked_fill_(self.pruned(name), 0.0)
 
     @torch.no_grad()
     def revived(self) -> int:
         """Pruned weights that are not exactly zero: must always be 0."""
-        return int(sum((module.weight[~mask] != 0).sum().item() for _, module, mask in self.items()))
+        return int(sum((module.weight[self.pruned(name)] != 0).sum().item() for name, module, _ in self.items()))
 
     def sparsity(self) -> float:
-        pruned = sum(int((~m).sum()) for m in self.masks.values())
-        return pruned / max(sum(m.numel() for m in self.masks.values()), 1)
-
-    def per_layer(self) -> dict[str, float]:
-        return {name: float((~m).float().mean()) for name, m in self.masks.items()}
+        if self._sparsity is None:
+            pruned = sum(int((~m).sum()) for m in self.masks.values())
+            self._sparsity = pruned / max(sum(m.numel() for m in self.masks.values()), 1)
+        return self._sparsity
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {name: m.cpu().contiguous() for name, m in self.masks.items()}
 
 
 def decoder_linears(model: nn.Module, targets: list[str] | None = None, ignore: list[str] | None = None) -> dict:
-    """The prunable linears of every decoder block, by full module name (embeddings and head excluded)."""
-    layout = decoder_layout(model)
-    found = {}
-    for i, block in enumerate(layout.blocks):
-        found.update(select_linears(block, f"{layout.prefix}.{i}", targets, ignore))
-    return found
+    """The prunable linears of every decoder block, by full module name (embeddings and head excluded);
+    the same selection one-shot pruning makes, so masks cover exactly what was pruned."""
+    return {
+        name: m for block in select_block_linears(decoder_layout(model), targets, ignore) for name, m in block.items()
+    }
