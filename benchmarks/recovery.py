@@ -22,9 +22,8 @@ from pathlib import Path
 import torch
 
 from sparsefit.atomic import write_json
-from sparsefit.data.sources import wikitext_stream
 from sparsefit.evaluation.gsm8k import evaluate_answer_ppl
-from sparsefit.evaluation.perplexity import perplexity
+from sparsefit.evaluation.tasks import evaluate_perplexity
 from sparsefit.models import load_model_and_tokenizer
 from sparsefit.pruning import OneShotConfig, oneshot
 from sparsefit.training import FinetuneConfig, finetune
@@ -33,9 +32,14 @@ from sparsefit.training import FinetuneConfig, finetune
 def evaluate(model, tokenizer, args) -> dict:
     model.eval()
     ans = evaluate_answer_ppl(model, tokenizer, limit=args.answer_rows, progress=False)
-    stream = tokenizer(wikitext_stream("test"), return_tensors="pt").input_ids[0]
-    wiki = perplexity(model, stream, seq_len=2048, max_windows=args.wiki_windows, progress=False)
-    return {"gsm8k_answer_ppl": ans["ppl"], "wikitext2_ppl": wiki.ppl, "eval_seconds": ans["seconds"] + wiki.seconds}
+    wiki = evaluate_perplexity(
+        model, tokenizer, "wikitext2", seq_len=2048, max_windows=args.wiki_windows, progress=False
+    )
+    return {
+        "gsm8k_answer_ppl": ans["ppl"],
+        "wikitext2_ppl": wiki["ppl"],
+        "eval_seconds": ans["seconds"] + wiki["seconds"],
+    }
 
 
 def main() -> None:

@@ -140,6 +140,22 @@ def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(tok
     assert state["trainer"]["step"] == 2
 
 
+def test_non_finite_gradient_stops_before_the_optimizer_step(tokenizer, data_dir, tmp_path):
+    cfg = FinetuneConfig(**BASE, max_steps=6)
+    model = sparse_tiny(tokenizer)
+    weight = model.model.layers[0].mlp.down_proj.weight
+    calls = {"n": 0}
+
+    def poison(grad):  # a finite loss whose gradient overflows from step 2 on
+        calls["n"] += 1
+        return grad * float("inf") if calls["n"] >= 3 else grad
+
+    weight.register_hook(poison)
+    with pytest.raises(SparsefitError, match=r"gradient norm became (inf|nan) at step 2.*lower --lr"):
+        finetune(model, tokenizer, cfg, tmp_path / "g", progress=False)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
 def test_bad_options_are_reported_by_field():
     from sparsefit.config import validate
 

@@ -205,9 +205,7 @@ def finetune(
             )
             if target is not None:
                 gmp_update(masks, target, optimizer)
-        ids = example_order(lengths, global_batch, config.seed, step)[
-            info.rank * per_rank : (info.rank + 1) * per_rank
-        ]
+        ids = example_order(lengths, global_batch, config.seed, step)[info.rank * per_rank : (info.rank + 1) * per_rank]
         sums = {"loss": 0.0, "ce": 0.0, "kl": 0.0, "square_head": 0.0}
         step_tokens = 0
         for k in range(config.grad_accum):
@@ -232,6 +230,8 @@ def finetune(
         grad_norm = (
             float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)) if config.max_grad_norm > 0 else None
         )
+        if grad_norm is not None and not math.isfinite(grad_norm):  # before the step: weights stay good
+            raise _non_finite(step, grad_norm, ckpt_dir, "gradient norm")
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
@@ -298,13 +298,14 @@ def _fused_ok(device: torch.device) -> bool:
     return device.type in ("cpu", "cuda")
 
 
-def _non_finite(step: int, value: float, ckpt_dir: Path) -> SparsefitError:
+def _non_finite(step: int, value: float, ckpt_dir: Path, what: str = "loss") -> SparsefitError:
     where = (
         f"the last good checkpoint is {ckpt_dir}; rerun with --resume"
         if has_training_state(ckpt_dir)
         else "no checkpoint was written yet"
     )
-    return SparsefitError(f"loss became {value} at step {step}; stopped ({where}), then lower --lr or enable clipping")
+    fix = "lower --lr" if what != "loss" else "lower --lr or enable clipping"
+    return SparsefitError(f"{what} became {value} at step {step}; stopped ({where}), then {fix}")
 
 
 def _checkpoint(ckpt_dir, model, masks, optimizer, scheduler, step, tokens, info: DistInfo) -> None:  # noqa: ANN001

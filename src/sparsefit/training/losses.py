@@ -77,16 +77,14 @@ def compute_losses(
     if config.ce_weight > 0 and positions.any():
         ce = F.cross_entropy(logits.float(), targets[positions])
     if teacher is not None and (config.kl_weight > 0 or want_hidden):
-        with torch.inference_mode():  # cheaper than no_grad; outputs are cloned below to enter autograd
+        # no_grad, not inference_mode: its outputs enter the losses as constants without a copy
+        with torch.no_grad():
             t_logits, t_hidden = teacher_path.forward(teacher, batch, positions, want_hidden)
-        t_logits = t_logits.clone()
-        t_hidden = [t_hidden[i + 1].clone() for i in layers] if want_hidden else None
+        t_hidden = [t_hidden[i + 1] for i in layers] if want_hidden else None
         if config.kl_weight > 0 and positions.any():
             kl = distill.kl_logits(logits, t_logits, None, config.temperature)
         if want_hidden:
             # hidden_states[i + 1] is the output of block i (the last one after the final norm)
-            sq = distill.square_head(
-                [hidden[i + 1] for i in layers], t_hidden, batch["attention_mask"]
-            )
+            sq = distill.square_head([hidden[i + 1] for i in layers], t_hidden, batch["attention_mask"])
     loss = config.ce_weight * ce + config.kl_weight * kl + config.square_head_weight * sq
     return {"loss": loss, "ce": ce, "kl": kl, "square_head": sq}
