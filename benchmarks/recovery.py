@@ -49,7 +49,11 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--sparsity", type=float, default=0.5)
+    p.add_argument("--ce-weight", type=float, default=1.0)
+    p.add_argument("--kl-weight", type=float, default=1.0)
+    p.add_argument("--square-head-weight", type=float, default=1.0)
     p.add_argument("--answer-rows", type=int, default=200)
+    p.add_argument("--ab-rounds", type=int, default=3, help="alternating short runs of each loop (0 skips)")
     p.add_argument("--wiki-windows", type=int, default=8)
     p.add_argument("--work", default="runs/bench-recovery")
     p.add_argument("--out", default="benchmarks/results/recovery.json")
@@ -76,14 +80,24 @@ def main() -> None:
         {**evaluate(model, tok, args), "sparsity": report["sparsity"]["overall"], "seconds": report["seconds"]},
     )
 
-    distill = dict(teacher=str(work / "dense-ft"), kl_weight=1.0, square_head_weight=1.0, ce_weight=1.0)
+    distill = dict(
+        teacher=str(work / "dense-ft"),
+        kl_weight=args.kl_weight,
+        square_head_weight=args.square_head_weight,
+        ce_weight=args.ce_weight,
+    )
     metrics = finetune(model, tok, FinetuneConfig(**common, **distill), work / "sparse-ft", teacher=teacher)
     record("sparse-ft", {**evaluate(model, tok, args), "loop": _loop(metrics)})
+
+    if args.ab_rounds > 0:
+        result["interleaved_throughput"] = interleaved_throughput(work, tok, common, distill, teacher, args.ab_rounds)
+        print("interleaved", json.dumps(result["interleaved_throughput"]), flush=True)
 
     s = result["stages"]
     result["summary"] = {
         "throughput_ratio_sparse_vs_dense": s["sparse-ft"]["loop"]["tokens_per_second"]
         / s["dense-ft"]["loop"]["tokens_per_second"],
+        "interleaved_throughput_ratio": result.get("interleaved_throughput", {}).get("ratio"),
         "answer_ppl_sparse_ft_vs_dense_ft": s["sparse-ft"]["gsm8k_answer_ppl"] / s["dense-ft"]["gsm8k_answer_ppl"],
         "answer_ppl_oneshot_vs_dense_ft": s["oneshot"]["gsm8k_answer_ppl"] / s["dense-ft"]["gsm8k_answer_ppl"],
         "revived_weights": s["sparse-ft"]["loop"]["revived_weights"],
@@ -91,6 +105,30 @@ def main() -> None:
     }
     write_json(args.out, result)
     print(json.dumps(result["summary"], indent=2))
+
+
+def interleaved_throughput(work: Path, tok, common: dict, distill: dict, teacher, rounds: int) -> dict:  # noqa: ANN001
+    """The two loops' speed again, alternated in short runs over the same batches.
+
+    The fine-tunes above run 20+ minutes apart, and this shared machine's speed drifts by up to
+    20% over minutes; alternating short runs of each loop puts the same drift on both sides.
+    """
+    dense, _ = load_model_and_tokenizer(str(work / "dense-ft"), "float32", "cpu")
+    sparse, _ = load_model_and_tokenizer(str(work / "sparse-ft"), "float32", "cpu")
+    short = {**common, "max_tokens": None, "max_steps": 5}
+    seconds = {"dense": 0.0, "distilled": 0.0}
+    tokens = {"dense": 0, "distilled": 0}
+    for _ in range(rounds):
+        runs = (
+            ("dense", dense, FinetuneConfig(**short), None),
+            ("distilled", sparse, FinetuneConfig(**short, **distill), teacher),
+        )
+        for name, model, config, t in runs:
+            m = finetune(model, tok, config, work / f"ab-{name}", teacher=t, progress=False)
+            seconds[name] += m["train_seconds"]
+            tokens[name] += m["tokens"]
+    rate = {k: tokens[k] / seconds[k] for k in seconds}
+    return {"rounds": rounds, "steps_per_run": 5, "tokens_per_second": rate, "ratio": rate["distilled"] / rate["dense"]}
 
 
 def _loop(m: dict) -> dict:
