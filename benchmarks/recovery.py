@@ -107,6 +107,9 @@ def main() -> None:
     print(json.dumps(result["summary"], indent=2))
 
 
+AB_STEPS = 5  # steps per short run of the interleaved throughput measurement
+
+
 def interleaved_throughput(work: Path, tok, common: dict, distill: dict, teacher, rounds: int) -> dict:  # noqa: ANN001
     """The two loops' speed again, alternated in short runs over the same batches.
 
@@ -115,7 +118,7 @@ def interleaved_throughput(work: Path, tok, common: dict, distill: dict, teacher
     """
     dense, _ = load_model_and_tokenizer(str(work / "dense-ft"), "float32", "cpu")
     sparse, _ = load_model_and_tokenizer(str(work / "sparse-ft"), "float32", "cpu")
-    short = {**common, "max_tokens": None, "max_steps": 5}
+    short = {**common, "max_tokens": None, "max_steps": AB_STEPS}
     seconds = {"dense": 0.0, "distilled": 0.0}
     tokens = {"dense": 0, "distilled": 0}
     for _ in range(rounds):
@@ -128,7 +131,12 @@ def interleaved_throughput(work: Path, tok, common: dict, distill: dict, teacher
             seconds[name] += m["train_seconds"]
             tokens[name] += m["tokens"]
     rate = {k: tokens[k] / seconds[k] for k in seconds}
-    return {"rounds": rounds, "steps_per_run": 5, "tokens_per_second": rate, "ratio": rate["distilled"] / rate["dense"]}
+    return {
+        "rounds": rounds,
+        "steps_per_run": AB_STEPS,
+        "tokens_per_second": rate,
+        "ratio": rate["distilled"] / rate["dense"],
+    }
 
 
 def _loop(m: dict) -> dict:

@@ -96,8 +96,9 @@ class _SquareHead(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:  # noqa: ANN001
-        diff = student.float() - teacher.float()
-        t_sq = torch.linalg.vector_norm(teacher.float(), dim=-1).square()  # (B, T), no (B, T, H) temporary
+        teacher = teacher.float()
+        diff = student.float() - teacher
+        t_sq = torch.linalg.vector_norm(teacher, dim=-1).square()  # (B, T), no (B, T, H) temporary
         if mask is not None:
             w = mask.to(diff.dtype)
             diff.mul_(w.unsqueeze(-1))

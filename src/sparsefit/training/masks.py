@@ -25,7 +25,6 @@ class SparsityMasks:
             raise ValueError(f"masks name modules the model does not have: {', '.join(missing[:3])}")
         self.modules = {name: modules[name] for name in masks}
         self.masks = {name: m.to(device=modules[name].weight.device, dtype=torch.bool) for name, m in masks.items()}
-        self._pruned: dict[str, torch.Tensor] = {}  # ~mask, cached: enforcing runs twice per step
         self._sparsity: float | None = None  # cached: logged every step, changes only through set()
         for name, mask in self.masks.items():
             if mask.shape != self.modules[name].weight.shape:
@@ -47,13 +46,7 @@ class SparsityMasks:
 
     def set(self, name: str, mask: torch.Tensor) -> None:
         self.masks[name] = mask
-        self._pruned.pop(name, None)
         self._sparsity = None
-
-    def pruned(self, name: str) -> torch.Tensor:
-        if name not in self._pruned:
-            self._pruned[name] = ~self.masks[name]
-        return self._pruned[name]
 
     # Enforcing multiplies by the bool mask: 4x faster than masked_fill_ on CPU (0.06 vs 0.24 s for the
     # 106M decoder weights of SmolLM2-135M) and runs twice per step. Pruned weights stay +0.0: their
@@ -76,15 +69,15 @@ class SparsityMasks:
         Needed when a mask grows (gradual pruning): otherwise a stale momentum would move a
         freshly pruned weight away from zero at the next step.
         """
-        for name, module, mask in self.items():
+        for _, module, mask in self.items():
             for value in optimizer.state.get(module.weight, {}).values():
                 if isinstance(value, torch.Tensor) and value.shape == mask.shape:
-                    value.masked_fill_(self.pruned(name), 0.0)
+                    value.masked_fill_(~mask, 0.0)
 
     @torch.no_grad()
     def revived(self) -> int:
         """Pruned weights that are not exactly zero: must always be 0."""
-        return int(sum((module.weight[self.pruned(name)] != 0).sum().item() for name, module, _ in self.items()))
+        return int(sum((module.weight[~mask] != 0).sum().item() for _, module, mask in self.items()))
 
     def sparsity(self) -> float:
         if self._sparsity is None:
