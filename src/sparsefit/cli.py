@@ -226,8 +226,9 @@ def finetune_options(args: argparse.Namespace) -> dict:
     """The finetune flags the user set, as FinetuneConfig fields (unset flags keep the config's defaults)."""
     fields = (
         "dataset split format text_field seq_len limit max_steps num_epochs max_tokens batch_size grad_accum lr "
-        "weight_decay warmup_steps scheduler max_grad_norm bf16 gradient_checkpointing seed masks targets ignore "
-        "teacher ce_weight kl_weight square_head_weight temperature distill_layers teacher_dtype checkpoint_every"
+        "weight_decay warmup_steps scheduler max_grad_norm bf16 gradient_checkpointing strategy seed masks targets "
+        "ignore teacher ce_weight kl_weight square_head_weight temperature distill_layers teacher_dtype "
+        "checkpoint_every"
     ).split()
     options = {f: getattr(args, f) for f in fields if getattr(args, f) is not None}
     if args.gmp is not None:
@@ -404,6 +405,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-grad-norm", type=float, default=None, help="clipping (default 1.0; 0 disables)")
     g.add_argument("--bf16", default=None, help="auto (default) | true | false: bf16 autocast")
     g.add_argument("--gradient-checkpointing", action="store_true", default=None)
+    g.add_argument(
+        "--strategy", default=None, help="with several processes: ddp (default, replicas) | fsdp (sharded, FSDP2)"
+    )
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--checkpoint-every", type=int, default=None, help="steps between checkpoints (default: end only)")
     g = p.add_argument_group("sparsity")

@@ -1,10 +1,13 @@
-"""DDP with two CPU processes (gloo): both ranks end with identical weights and intact masks."""
+"""DDP and FSDP with two CPU processes (gloo): ranks agree, masks hold, FSDP matches DDP and resumes."""
 
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -21,6 +24,35 @@ def test_ddp_two_cpu_processes_agree_and_keep_masks(data_dir, tmp_path):
     assert ranks[0]["digest"] == ranks[1]["digest"]
     assert ranks[0]["pruned_nonzero"] == ranks[1]["pruned_nonzero"] == 0
     m = ranks[0]["metrics"]
-    assert m["world_size"] == 2 and m["revived_weights"] == 0
+    assert m["world_size"] == 2 and m["strategy"] == "ddp" and m["revived_weights"] == 0
     assert m["steps"] == 4 and m["tokens"] > 0
     assert (tmp_path / "run" / "model.safetensors").is_file()
+
+
+def test_fsdp_matches_ddp_and_resumes_from_a_sharded_checkpoint(data_dir, tmp_path):
+    """FSDP2 on 2 CPU processes: the same masked, gradually pruned run as DDP (grad accumulation on),
+    killed after its step-2 checkpoint and resumed; its losses, weights and masks match DDP's."""
+    from safetensors.torch import load_file
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29518",
+        str(ROOT / "tests" / "training" / "fsdp_worker.py"), str(tmp_path),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ddp, fsdp = (json.loads((tmp_path / run / "metrics.json").read_text()) for run in ("ddp", "fsdp"))
+    assert fsdp["resumed_from"] == 2 and fsdp["world_size"] == 2 and fsdp["strategy"] == "fsdp"
+    assert fsdp["revived_weights"] == ddp["revived_weights"] == 0
+    assert fsdp["sparsity"] == ddp["sparsity"] == pytest.approx(0.6, abs=1e-3)  # GMP's final sparsity
+    logs = {
+        run: [json.loads(line)["loss"] for line in (tmp_path / run / "train_log.jsonl").read_text().splitlines()]
+        for run in ("ddp", "fsdp")
+    }
+    assert len(logs["fsdp"]) == 4 and logs["fsdp"] == pytest.approx(logs["ddp"], abs=1e-5)
+    a, b = (load_file(str(tmp_path / run / "model.safetensors")) for run in ("ddp", "fsdp"))
+    assert sorted(a) == sorted(b)  # tied embeddings saved once, as DDP's save does
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=1e-4), name  # reduction order differs, nothing else
+        if name.endswith("proj.weight"):
+            assert torch.equal(a[name] == 0, b[name] == 0), name  # the same pruned weights

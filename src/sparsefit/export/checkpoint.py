@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import torch
 from torch import nn
 
 from sparsefit.atomic import staging_dir
@@ -19,15 +20,17 @@ if TYPE_CHECKING:
 SPARSITY_FILE = "sparsity.json"
 
 
-def sparsity_summary(model: nn.Module) -> dict:
-    """Overall (weighted by size) and per-layer sparsity of the decoder linears, measured on the weights."""
+def sparsity_summary(model: nn.Module, state_dict: dict[str, torch.Tensor] | None = None) -> dict:
+    """Overall (weighted by size) and per-layer sparsity of the decoder linears, measured on the weights
+    (those of `state_dict` when given: the full weights of a sharded model)."""
     layout = decoder_layout(model)
     zeros = numel = 0
     per_layer = {}
     for i, block in enumerate(layout.blocks):
         for name, module in block.named_modules():
             if is_prunable(module):
-                w = module.weight
+                key = f"{layout.prefix}.{i}.{name}.weight"
+                w = state_dict[key] if state_dict is not None else module.weight
                 z = (w == 0).sum().item()
                 zeros, numel = zeros + z, numel + w.numel()
                 per_layer[f"{layout.prefix}.{i}.{name}"] = z / w.numel()
@@ -40,20 +43,23 @@ def save_checkpoint(
     out_dir: str | os.PathLike,
     metadata: dict | None = None,
     into_existing: bool = False,
+    state_dict: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Save model + tokenizer as safetensors into `out_dir` atomically, plus `sparsity.json`.
 
     `metadata` (method, recipe, ...) is stored beside the measured sparsity so the format of
     the checkpoint is written down, never inferred from names. `into_existing` keeps other
-    files of `out_dir` (a training log) and renames each checkpoint file into place.
+    files of `out_dir` (a training log) and renames each checkpoint file into place. `state_dict`
+    replaces the model's own tensors (the gathered weights of an FSDP-sharded model).
     """
     strip_gguf_quantization(model)
     out_dir = Path(out_dir)
     with staging_dir(out_dir, merge=into_existing) as stage:
-        model.save_pretrained(stage, safe_serialization=True)
+        info = {"sparsity": sparsity_summary(model, state_dict), **(metadata or {})}
+        given = None if state_dict is None else dict(state_dict)  # a copy: save_pretrained empties its dict
+        model.save_pretrained(stage, safe_serialization=True, state_dict=given)
         if tokenizer is not None:
             tokenizer.save_pretrained(stage)
-        info = {"sparsity": sparsity_summary(model), **(metadata or {})}
         (stage / SPARSITY_FILE).write_text(json.dumps(info, indent=2) + "\n")
     return out_dir
 

@@ -57,6 +57,7 @@ class FinetuneConfig(BaseModel):
     max_grad_norm: float = Field(1.0, ge=0)  # 0 disables clipping
     bf16: Literal["auto", "true", "false"] = "auto"
     gradient_checkpointing: bool = False
+    strategy: Literal["ddp", "fsdp"] = "ddp"  # with several processes: replicate (DDP) or shard (FSDP2)
     seed: int = 0
     # sparsity
     masks: Literal["auto", "zeros", "none"] = "auto"  # auto: keep zeros pruned when the model is sparse

@@ -1,5 +1,5 @@
 """The fine-tuning loop: one loop for dense fine-tuning, sparse (mask-preserving) fine-tuning,
-distillation from a dense teacher and gradual pruning, on one device or many (DDP).
+distillation from a dense teacher and gradual pruning, on one device or many (DDP or FSDP).
 
 Per step: (GMP mask update) -> micro-batches: forward, losses, backward -> zero pruned grads ->
 clip -> AdamW step -> re-apply masks. Masks, losses, schedules and checkpoints are library
@@ -23,7 +23,7 @@ from transformers.pytorch_utils import Conv1D
 
 from sparsefit.atomic import write_json
 from sparsefit.errors import SparsefitError
-from sparsefit.models.layout import decoder_layout, weight_as_out_in
+from sparsefit.models.layout import decoder_layout
 from sparsefit.pruning.magnitude import prune_magnitude
 from sparsefit.training.config import FinetuneConfig
 from sparsefit.training.data import collate, example_order, load_examples, self_examples
@@ -31,6 +31,7 @@ from sparsefit.training.distributed import DistInfo, all_reduce_sum, barrier, in
 from sparsefit.training.losses import HeadPath, compute_losses
 from sparsefit.training.masks import SparsityMasks, decoder_linears
 from sparsefit.training.schedules import gmp_sparsity, lr_factor
+from sparsefit.training.sharding import full, model_state, shard_model
 from sparsefit.training.state import has_training_state, load_training_state, save_training_state
 from sparsefit.training.teacher import check_compatible, freeze, load_teacher
 
@@ -75,7 +76,10 @@ def gmp_update(masks: SparsityMasks, sparsity: float, optimizer: torch.optim.Opt
     """Prune every masked linear to `sparsity` by magnitude, keeping earlier zeros pruned."""
     for name, module, mask in masks.items():
         transposed = isinstance(module, Conv1D)  # masks follow module.weight; the math wants (out, in)
-        _, keep = prune_magnitude(weight_as_out_in(module), sparsity, preserve_mask=mask.t() if transposed else mask)
+        weight, mask = full(module.weight.detach()), full(mask)  # under FSDP: the layer's threshold needs all of it
+        if transposed:
+            weight, mask = weight.t(), mask.t()
+        _, keep = prune_magnitude(weight, sparsity, preserve_mask=mask)
         masks.set(name, keep.t().contiguous() if transposed else keep)
     masks.apply_to_weights()
     masks.apply_to_optimizer(optimizer)
@@ -168,6 +172,11 @@ def finetune(
         model.gradient_checkpointing_enable()
     model.config.use_cache = False
     model.train()
+    fsdp = info.enabled and config.strategy == "fsdp"
+    if fsdp:  # before the optimizer exists: it must hold the sharded parameters
+        shard_model(model)
+        if masks is not None:
+            masks.shard()
     params = [p for p in model.parameters() if p.requires_grad]
     # fused: one kernel per parameter group, on CPU (torch >= 2.4) as on GPU
     optimizer = torch.optim.AdamW(
@@ -181,11 +190,13 @@ def finetune(
         start_step, tokens_seen, resumed_from = trainer_state["step"], trainer_state["tokens"], trainer_state["step"]
         if saved_masks is not None:
             masks = SparsityMasks(decoder_linears(model), saved_masks)
+            if fsdp:
+                masks.shard()
     elif resume and info.main:
         print(f"no checkpoint in {ckpt_dir}; starting from step 0", flush=True)
     initial_sparsity = masks.sparsity() if masks else 0.0
 
-    train_model = DistributedDataParallel(model) if info.enabled else model
+    train_model = DistributedDataParallel(model) if info.enabled and not fsdp else model
     if info.main:
         output_dir.mkdir(parents=True, exist_ok=True)
     log = _Log(output_dir / LOG_FILE, info.main, start_step)
@@ -213,7 +224,9 @@ def finetune(
             batch = {key: v.to(device) for key, v in batch.items()}
             step_tokens += int(batch["attention_mask"].sum())
             last_micro = k == config.grad_accum - 1
-            sync = nullcontext() if (last_micro or not info.enabled) else train_model.no_sync()
+            if fsdp:
+                model.set_requires_gradient_sync(last_micro)
+            sync = nullcontext() if (last_micro or not info.enabled or fsdp) else train_model.no_sync()
             with sync:
                 with autocast():
                     losses = compute_losses(train_model, teacher, batch, config, layers, student_path, teacher_path)
@@ -228,7 +241,9 @@ def finetune(
         if masks is not None:
             masks.apply_to_grads()
         grad_norm = (
-            float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)) if config.max_grad_norm > 0 else None
+            float(full(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)))
+            if config.max_grad_norm > 0
+            else None
         )
         if grad_norm is not None and not math.isfinite(grad_norm):  # before the step: weights stay good
             raise _non_finite(step, grad_norm, ckpt_dir, "gradient norm")
@@ -274,6 +289,7 @@ def finetune(
         "final_loss": last_loss,
         "bf16": bf16,
         "world_size": info.world,
+        "strategy": "fsdp" if fsdp else "ddp" if info.enabled else "single process",
         "examples": len(examples),
         "mean_example_tokens": mean_tokens,
         "masks": masks is not None,
@@ -286,8 +302,9 @@ def finetune(
     if config.gradient_checkpointing:
         model.gradient_checkpointing_disable()
     model.config.use_cache = True
+    weights = model_state(model) if fsdp else None  # gathered on rank 0; every rank takes part
     if info.main:
-        save_checkpoint(model, tokenizer, output_dir, {"finetune": metrics}, into_existing=True)
+        save_checkpoint(model, tokenizer, output_dir, {"finetune": metrics}, into_existing=True, state_dict=weights)
         write_json(output_dir / METRICS_FILE, metrics)
         shutil.rmtree(ckpt_dir, ignore_errors=True)
     barrier(info)
@@ -309,13 +326,13 @@ def _non_finite(step: int, value: float, ckpt_dir: Path, what: str = "loss") -> 
 
 
 def _checkpoint(ckpt_dir, model, masks, optimizer, scheduler, step, tokens, info: DistInfo) -> None:  # noqa: ANN001
-    if info.main:
-        save_training_state(
-            ckpt_dir,
-            model,
-            masks.state_dict() if masks else None,
-            optimizer,
-            scheduler,
-            {"step": step, "tokens": tokens},
-        )
+    save_training_state(  # every rank: an FSDP model and its masks are gathered collectively
+        ckpt_dir,
+        model,
+        masks.state_dict() if masks else None,
+        optimizer,
+        scheduler,
+        {"step": step, "tokens": tokens},
+        write=info.main,
+    )
     barrier(info)

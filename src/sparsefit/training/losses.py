@@ -16,6 +16,7 @@ from torch import nn
 
 from sparsefit.training import distill
 from sparsefit.training.config import FinetuneConfig
+from sparsefit.training.sharding import is_sharded
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -33,7 +34,7 @@ class HeadPath:
     def detect(cls, model: nn.Module, batch: dict[str, torch.Tensor]) -> HeadPath:
         model = _unwrap(model)
         head = model.get_output_embeddings()
-        if head is None:
+        if head is None or is_sharded(model):  # FSDP gathers the head's weight only inside the model's forward
             return cls(False)
         ids, mask = batch["input_ids"][:1], batch["attention_mask"][:1]
         try:
