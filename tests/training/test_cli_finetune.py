@@ -43,6 +43,7 @@ def test_prune_then_distill_from_the_dense_checkpoint(tiny_checkpoint, data_dir,
         (["--gmp", "0,0.5,10"], "--gmp takes"),
         (["--teacher", "./nowhere", "--kl-weight", "1"], "does not exist"),
         (["--dataset", "missing.jsonl"], "not found"),
+        (["--strategy", "zero3"], "strategy"),
     ],
 )
 def test_finetune_usage_errors_are_one_line(extra, message, tiny_checkpoint, data_dir, tmp_path, capsys):
@@ -66,3 +67,13 @@ def test_gmp_and_iterative_cycles_from_the_cli(tiny_checkpoint, data_dir, tmp_pa
     assert [c["sparsity"] for c in cycles] == [0.2, 0.4]
     assert [round(c["finetune"]["sparsity"], 2) for c in cycles] == [0.2, 0.4]
     assert all(c["finetune"]["revived_weights"] == 0 for c in cycles)
+
+
+def test_cycles_under_fsdp_is_a_usage_error(tiny_checkpoint, data_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as under torchrun; the check comes before any process group
+    code, _, err = run(
+        ["finetune", "--model", str(tiny_checkpoint), "--cycles", "0.2,0.4", "--strategy", "fsdp",
+         "--output", str(tmp_path / "o")],
+        capsys,
+    )  # fmt: skip
+    assert code == 2 and "--strategy ddp" in err and err.count("\n") == 1, err

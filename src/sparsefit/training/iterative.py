@@ -6,9 +6,11 @@ cycle stay pruned, then fine-tunes with the new masks. Cycle k writes `output/cy
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from sparsefit.errors import UsageError
 from sparsefit.pruning import OneShotConfig, oneshot
 from sparsefit.training.config import FinetuneConfig
 from sparsefit.training.loop import finetune
@@ -32,6 +34,9 @@ def iterative_prune_finetune(
     """One (prune report, finetune metrics) record per cycle; the model ends at the last sparsity."""
     if sorted(sparsities) != list(sparsities) or not sparsities:
         raise ValueError(f"iterative sparsities must be a non-empty increasing list (got {sparsities})")
+    if train.strategy == "fsdp" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # each cycle prunes the whole model between fine-tunes; FSDP leaves it sharded after the first
+        raise UsageError("iterative cycles need the whole model on every process: use --strategy ddp with --cycles")
     cycles = []
     for k, sparsity in enumerate(sparsities):
         cfg = prune.model_copy(update={"sparsity": sparsity, "preserve_mask": True})
