@@ -47,13 +47,13 @@ def _write_json(data: dict, path: str | None) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from sparsefit.evaluation.recovery import load_baseline, recovery
+    from sparsefit.evaluation.tasks import TASKS
     from sparsefit.models import load_model_and_tokenizer
 
     if args.limit is not None and args.limit < 1:
         raise UsageError(f"--limit must be at least 1 (got {args.limit})")
-    tasks = ("perplexity", "gsm8k", "gsm8k-answer-ppl")
-    if args.harness is None and args.task not in tasks:
-        raise UsageError(f"unknown task '{args.task}'; use one of: {', '.join(tasks)} (or --harness TASK)")
+    if args.harness is None and args.task not in TASKS:
+        raise UsageError(f"unknown task '{args.task}'; use one of: {', '.join(TASKS)} (or --harness TASK)")
     baseline = load_baseline(args.baseline) if args.baseline else None  # fail before loading a model
     model, tokenizer = load_model_and_tokenizer(args.model, args.dtype, args.device, args.trust_remote_code)
     result = _run_eval_task(args, model, tokenizer)
@@ -67,7 +67,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _run_eval_task(args: argparse.Namespace, model: object, tokenizer: object) -> dict:
-    from sparsefit.evaluation import gsm8k, harness, tasks
+    from sparsefit.evaluation import harness, tasks
 
     # Unset flags are left out so each function's own defaults apply (one source of defaults).
     def given(**kw: object) -> dict:
@@ -88,30 +88,9 @@ def _run_eval_task(args: argparse.Namespace, model: object, tokenizer: object) -
                 chat=args.chat,
             ),
         )
-    if args.task == "gsm8k":
-        samples = args.samples or (str(Path(args.json).with_suffix(".samples.jsonl")) if args.json else None)
-        result = gsm8k.evaluate_gsm8k(
-            model,
-            tokenizer,
-            **given(
-                limit=args.limit,
-                num_fewshot=args.num_fewshot,
-                chat=args.chat,
-                batch_size=args.batch_size,
-                max_new_tokens=args.max_new_tokens,
-                samples_path=samples,
-            ),
-        )
-        result["samples_file"] = samples
-        return result
-    if args.task == "gsm8k-answer-ppl":
-        return gsm8k.evaluate_answer_ppl(
-            model, tokenizer, **given(limit=args.limit, chat=args.chat, batch_size=args.batch_size)
-        )
-    return tasks.evaluate_perplexity(
-        model,
-        tokenizer,
-        **given(
+    samples = args.samples or (str(Path(args.json).with_suffix(".samples.jsonl")) if args.json else None)
+    options = {
+        "perplexity": dict(
             dataset=args.dataset,
             split=args.split,
             text_field=args.text_field,
@@ -119,7 +98,20 @@ def _run_eval_task(args: argparse.Namespace, model: object, tokenizer: object) -
             max_windows=args.max_windows,
             batch_size=args.batch_size,
         ),
-    )
+        "gsm8k-answer-ppl": dict(limit=args.limit, chat=args.chat, batch_size=args.batch_size),
+        "gsm8k": dict(
+            limit=args.limit,
+            num_fewshot=args.num_fewshot,
+            chat=args.chat,
+            batch_size=args.batch_size,
+            max_new_tokens=args.max_new_tokens,
+            samples_path=samples,
+        ),
+    }[args.task]
+    result = tasks.run_task(args.task, model, tokenizer, **given(**options))
+    if args.task == "gsm8k":
+        result["samples_file"] = samples
+    return result
 
 
 def _summary(r: dict) -> str:

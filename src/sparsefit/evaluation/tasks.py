@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from sparsefit.data.sources import load_texts
+from sparsefit.errors import UsageError
 from sparsefit.evaluation.perplexity import check_seq_len, perplexity
 
 if TYPE_CHECKING:
@@ -37,3 +38,21 @@ def evaluate_perplexity(
     stream = tokenize_for_perplexity(tokenizer, dataset, split, text_field)
     result = perplexity(model, stream, seq_len, max_windows, batch_size, progress).to_dict()
     return {"task": "perplexity", "dataset": dataset, "split": split, **result}
+
+
+TASKS = ("perplexity", "gsm8k-answer-ppl", "gsm8k")
+
+
+def run_task(task: str, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, **options: object) -> dict:
+    """One evaluation task by name, with that task function's options: the CLI's `eval --task` and a
+    recipe's evaluate stage both come here."""
+    from sparsefit.evaluation import gsm8k
+
+    functions = {
+        "perplexity": evaluate_perplexity,
+        "gsm8k-answer-ppl": gsm8k.evaluate_answer_ppl,
+        "gsm8k": gsm8k.evaluate_gsm8k,
+    }
+    if task not in functions:
+        raise UsageError(f"unknown evaluation task '{task}'; choose one of {', '.join(TASKS)}")
+    return functions[task](model, tokenizer, **options)

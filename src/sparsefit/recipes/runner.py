@@ -159,7 +159,7 @@ def _self_eval_tokens(run_dir: Path, reference: str, stage: EvaluateStage) -> to
 
 def _evaluate(stage: EvaluateStage, model, tok, progress: bool, self_tokens) -> dict:  # noqa: ANN001
     from sparsefit.errors import UsageError
-    from sparsefit.evaluation import gsm8k, tasks
+    from sparsefit.evaluation import tasks
     from sparsefit.evaluation.perplexity import perplexity
 
     out: dict = {"tasks": list(stage.tasks), "baseline": stage.baseline, "skipped": {}}
@@ -170,16 +170,15 @@ def _evaluate(stage: EvaluateStage, model, tok, progress: bool, self_tokens) -> 
                 ids = self_tokens()
                 out["self_ppl"] = perplexity(model, ids.flatten().to(device), ids.shape[1], progress=progress).ppl
             elif task == "perplexity":
-                r = tasks.evaluate_perplexity(
-                    model, tok, stage.dataset, seq_len=stage.seq_len, max_windows=stage.max_windows, progress=progress
-                )
+                r = tasks.run_task(task, model, tok, dataset=stage.dataset, seq_len=stage.seq_len,
+                                   max_windows=stage.max_windows, progress=progress)  # fmt: skip
                 out["ppl"], out["ppl_dataset"] = r["ppl"], stage.dataset
-            elif task == "gsm8k-answer-ppl":
-                r = gsm8k.evaluate_answer_ppl(model, tok, limit=stage.limit, chat=stage.chat, progress=progress)
-                out["answer_ppl"] = r["ppl"]
-            elif task == "gsm8k":
-                r = gsm8k.evaluate_gsm8k(model, tok, limit=stage.limit, chat=stage.chat, progress=progress)
-                out["strict_match"], out["flexible_match"] = r["strict_match"], r["flexible_match"]
+            else:  # the GSM8K tasks
+                r = tasks.run_task(task, model, tok, limit=stage.limit, chat=stage.chat, progress=progress)
+                if task == "gsm8k":
+                    out["strict_match"], out["flexible_match"] = r["strict_match"], r["flexible_match"]
+                else:
+                    out["answer_ppl"] = r["ppl"]
         except UsageError as err:
             if stage.missing_data == "error":
                 raise
