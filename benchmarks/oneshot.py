@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -74,6 +75,33 @@ def evaluate(model: str, work: Path, windows: int) -> dict:
     return json.loads(out.read_text())
 
 
+def prune_and_evaluate(args: argparse.Namespace, name: str, seed: int, work: Path, yard: float) -> dict:
+    out, report_path = work / name.replace(":", "_"), work / "report.json"
+    start = time.perf_counter()
+    sparsefit(
+        "prune", "--model", args.model, *RUNS[name], "--calib", "gsm8k", "--num-samples", str(args.num_samples),
+        "--seq-len", str(args.seq_len), "--seed", str(seed), "--device", "cpu", "--output", str(out),
+        "--json", str(report_path),
+    )  # fmt: skip
+    wall = time.perf_counter() - start
+    report = json.loads(report_path.read_text())
+    row = {
+        "seed": seed,
+        "ppl": evaluate(str(out), work, args.windows)["ppl"],
+        "seconds": report["seconds"],
+        "ratio_to_dense_forward": report["seconds"] / yard,
+        "process_wall_seconds": wall,
+        "peak_rss_mb": report["peak_rss_mb"],
+        "sparsity": report["sparsity"]["overall"],
+        "per_block_sparsity": report["sparsity"]["per_block"],
+        "structure": report["structure"],
+        "phases": report["phases"],
+        "compute_dtype": report["compute_dtype"],
+    }
+    print(f"  {name} seed {seed}: ppl {row['ppl']:.2f} in {row['seconds']:.1f} s", flush=True)
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
@@ -81,6 +109,9 @@ def main() -> None:
     parser.add_argument("--num-samples", type=int, default=64)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--windows", type=int, default=8)
+    parser.add_argument(
+        "--seeds", type=int, nargs="+", default=[0], help="calibration draws; several give each one and the mean"
+    )
     parser.add_argument("--out", default="benchmarks/results/oneshot.json")
     args = parser.parse_args()
     result = {
@@ -105,45 +136,20 @@ def main() -> None:
         result["dense"] = {"ppl": evaluate(args.model, work, args.windows)["ppl"]}
         print(f"dense ppl {result['dense']['ppl']:.3f}", flush=True)
         for name in args.runs:
-            out, report_path = work / name.replace(":", "_"), work / "report.json"
-            start = time.perf_counter()
-            sparsefit(
-                "prune",
-                "--model",
-                args.model,
-                *RUNS[name],
-                "--calib",
-                "gsm8k",
-                "--num-samples",
-                str(args.num_samples),
-                "--seq-len",
-                str(args.seq_len),
-                "--device",
-                "cpu",
-                "--output",
-                str(out),
-                "--json",
-                str(report_path),
-            )
-            wall = time.perf_counter() - start
-            report = json.loads(report_path.read_text())
-            ppl = evaluate(str(out), work, args.windows)["ppl"]
-            row = {
-                "ppl": ppl,
-                "seconds": report["seconds"],
-                "ratio_to_dense_forward": report["seconds"] / yard,
-                "process_wall_seconds": wall,
-                "peak_rss_mb": report["peak_rss_mb"],
-                "sparsity": report["sparsity"]["overall"],
-                "per_block_sparsity": report["sparsity"]["per_block"],
-                "structure": report["structure"],
-                "phases": report["phases"],
-                "compute_dtype": report["compute_dtype"],
-            }
+            rows = [prune_and_evaluate(args, name, seed, work, yard) for seed in args.seeds]
+            row = dict(rows[0])
+            if len(rows) > 1:  # the headline figures become means; each draw stays in `per_seed`
+                for key in ("ppl", "seconds", "ratio_to_dense_forward", "process_wall_seconds"):
+                    row[key] = statistics.fmean(r[key] for r in rows)
+                row["peak_rss_mb"] = max(r["peak_rss_mb"] for r in rows)
+                row["ppl_stdev"] = statistics.stdev(r["ppl"] for r in rows)
+                row["per_seed"] = {str(r["seed"]): {k: r[k] for k in ("ppl", "seconds", "peak_rss_mb")} for r in rows}
+                row["seed"] = args.seeds
             result["runs"][name] = row
             print(
-                f"{name:18s} ppl {ppl:8.2f}  {row['seconds']:6.1f} s ({row['ratio_to_dense_forward']:.2f}x)  "
-                f"rss {row['peak_rss_mb']:.0f} MB  sparsity {row['sparsity']:.4f}",
+                f"{name:18s} ppl {row['ppl']:8.2f}  {row['seconds']:6.1f} s ({row['ratio_to_dense_forward']:.2f}x)  "
+                f"rss {row['peak_rss_mb']:.0f} MB  sparsity {row['sparsity']:.4f}"
+                + (f"  (mean of seeds {args.seeds}, stdev {row['ppl_stdev']:.2f})" if len(rows) > 1 else ""),
                 flush=True,
             )
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,135 @@
+"""The reference implementation on our exact calibration windows: llm-compressor's SparseGPT / Wanda
+against `sparsefit prune`, same model, same 64 x 512 GSM8K windows, same WikiText-2 evaluation.
+
+The one-shot targets quote llm-compressor's perplexities; a different calibration draw moves
+SparseGPT 50% by about 2 ppl on this model, so the comparison that isolates the algorithm feeds
+both tools the same token ids. llm-compressor lives in its own virtual environment (it pins its
+own transformers), e.g.
+
+    python -m venv /tmp/lcvenv && /tmp/lcvenv/bin/pip install torch==2.13.0 llmcompressor==0.14.0.1
+    SPARSEFIT_DATA_DIR=../shared/data python benchmarks/reference_llmcompressor.py --lc-python /tmp/lcvenv/bin/python
+
+Run it alone: the times are reported too. Writes benchmarks/results/reference_llmcompressor.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+RUNS = {  # name: (method, llm-compressor mask_structure, sparsefit prune flags)
+    "sparsegpt-50": ("sparsegpt", "0:0", ["--method", "sparsegpt", "--sparsity", "0.5"]),
+    "sparsegpt-2:4": ("sparsegpt", "2:4", ["--method", "sparsegpt", "--structure", "2:4"]),
+    "wanda-50": ("wanda", "0:0", ["--method", "wanda", "--sparsity", "0.5"]),
+}
+
+# Runs inside llm-compressor's environment: prune with its oneshot on the saved windows, save a checkpoint.
+WORKER = """
+import json, resource, sys, time
+import torch
+from datasets import Dataset
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from llmcompressor import oneshot
+from llmcompressor.modifiers.pruning import SparseGPTModifier, WandaPruningModifier
+
+source, method, structure, calib, out = sys.argv[1:6]
+model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+tokenizer = AutoTokenizer.from_pretrained(source)
+ids = load_file(calib)["input_ids"]
+data = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
+kwargs = dict(sparsity=0.5, mask_structure=structure, targets=["Linear"], ignore=["re:.*lm_head"])
+modifier = SparseGPTModifier(**kwargs) if method == "sparsegpt" else WandaPruningModifier(**kwargs)
+start = time.perf_counter()
+oneshot(model=model, dataset=data, recipe=[modifier], num_calibration_samples=ids.shape[0],
+        max_seq_length=ids.shape[1], shuffle_calibration_samples=False)
+seconds = time.perf_counter() - start
+model.save_pretrained(out)
+tokenizer.save_pretrained(out)
+print(json.dumps({"seconds": seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def run(cmd: list[str]) -> str:
+    # offline: both tools load local folders, and a hub lookup without network only hangs
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode:
+        sys.exit(f"{' '.join(cmd[:4])} ... failed:\n{proc.stderr[-3000:]}")
+    return proc.stdout
+
+
+def sparsefit(*args: str) -> str:
+    return run([sys.executable, "-m", "sparsefit.cli", *args])
+
+
+def wikitext_ppl(model: str, work: Path, windows: int) -> float:
+    out = work / "eval.json"
+    sparsefit("eval", "--model", model, "--dataset", "wikitext2", "--seq-len", "2048", "--max-windows",
+              str(windows), "--device", "cpu", "--json", str(out))  # fmt: skip
+    return json.loads(out.read_text())["ppl"]
+
+
+def save_calibration(model: str, seed: int, num_samples: int, seq_len: int, path: Path) -> None:
+    """The windows `sparsefit prune --calib gsm8k --seed SEED` cuts, written as safetensors."""
+    from safetensors.torch import save_file
+
+    from sparsefit.models import load_model_and_tokenizer
+    from sparsefit.pruning import OneShotConfig
+    from sparsefit.pruning.oneshot import calibration_batch
+
+    m, tok = load_model_and_tokenizer(model, "float32", "cpu")
+    config = OneShotConfig(method="wanda", sparsity=0.5, num_samples=num_samples, seq_len=seq_len, seed=seed)
+    save_file({"input_ids": calibration_batch(m, tok, config).contiguous()}, str(path))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--lc-python", required=True, help="python of a virtual environment with llmcompressor")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-samples", type=int, default=64)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--windows", type=int, default=8)
+    p.add_argument("--out", default="benchmarks/results/reference_llmcompressor.json")
+    args = p.parse_args()
+    from sparsefit.models.loading import resolve_model
+
+    resolved = resolve_model(args.model)
+    if resolved.source not in ("builtin", "local"):
+        sys.exit("--model must be a builtin or a checkpoint directory (both tools load the same folder)")
+    source = resolved.path
+    version = run([args.lc_python, "-c", "import llmcompressor; print(llmcompressor.__version__)"]).strip()
+    result = {"llmcompressor": version, "model": args.model, "seed": args.seed, "runs": {}}
+    result["calibration"] = f"gsm8k train {args.num_samples} x {args.seq_len}, sparsefit's windows for seed {args.seed}"
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        calib = work / "calib.safetensors"
+        save_calibration(args.model, args.seed, args.num_samples, args.seq_len, calib)
+        for name in args.runs:
+            method, structure, flags = RUNS[name]
+            lc_out, sf_out, report = work / "lc", work / "sf", work / "report.json"
+            lc = json.loads(run([args.lc_python, "-c", WORKER, source, method, structure, str(calib), str(lc_out)])
+                            .strip().splitlines()[-1])  # fmt: skip
+            lc["ppl"] = wikitext_ppl(str(lc_out), work, args.windows)
+            sparsefit("prune", "--model", args.model, *flags, "--calib", "gsm8k", "--num-samples",
+                      str(args.num_samples), "--seq-len", str(args.seq_len), "--seed", str(args.seed),
+                      "--device", "cpu", "--output", str(sf_out), "--json", str(report))  # fmt: skip
+            ours = json.loads(report.read_text())
+            sf = {"seconds": ours["seconds"], "peak_rss_mb": ours["peak_rss_mb"]}
+            sf["ppl"] = wikitext_ppl(str(sf_out), work, args.windows)
+            result["runs"][name] = {"llmcompressor": lc, "sparsefit": sf}
+            print(f"{name:14s} llm-compressor ppl {lc['ppl']:.2f} in {lc['seconds']:.0f} s | "
+                  f"sparsefit ppl {sf['ppl']:.2f} in {sf['seconds']:.0f} s", flush=True)  # fmt: skip
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
