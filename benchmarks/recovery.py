@@ -9,6 +9,10 @@ and WikiText-2 perplexity (8 windows of 2048). Tokens/s of each loop come from t
 so the sparse loop's throughput is quoted as a ratio to the dense loop's. Run it alone:
 
     SPARSEFIT_DATA_DIR=../shared/data python benchmarks/recovery.py --out benchmarks/results/recovery.json
+
+`--teacher-run DIR` reuses the dense fine-tune of an earlier run with the same settings (the
+loop is deterministic) to study the sparse stage alone; the loops' speed ratio then comes from
+the interleaved short runs only.
 """
 
 from __future__ import annotations
@@ -46,7 +50,15 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--tokens", type=int, default=150_000, help="token budget of each fine-tune")
-    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--lr", type=float, default=1e-4, help="learning rate of the dense fine-tune")
+    p.add_argument("--sparse-lr", type=float, default=2e-4, help="learning rate of the sparse fine-tune")
+    p.add_argument(
+        "--sparse-seed",
+        type=int,
+        default=0,
+        help="data-order seed of the sparse fine-tune (the dense one uses 0): 1 draws other GSM8K examples "
+        "than the teacher was trained on",
+    )
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--sparsity", type=float, default=0.5)
     p.add_argument("--ce-weight", type=float, default=1.0)
@@ -56,6 +68,12 @@ def main() -> None:
     p.add_argument("--ab-rounds", type=int, default=3, help="alternating short runs of each loop (0 skips)")
     p.add_argument("--wiki-windows", type=int, default=8)
     p.add_argument("--work", default="runs/bench-recovery")
+    p.add_argument(
+        "--teacher-run",
+        default=None,
+        help="a finished dense fine-tune of an earlier run (its output directory): stage 1 is evaluated "
+        "and its loop figures are taken from its metrics.json instead of training it again",
+    )
     p.add_argument("--out", default="benchmarks/results/recovery.json")
     args = p.parse_args()
     work = Path(args.work)
@@ -70,8 +88,18 @@ def main() -> None:
     record("dense", evaluate(model, tok, args))
 
     common = dict(dataset="gsm8k", format="plain", max_tokens=args.tokens, batch_size=args.batch_size, lr=args.lr)
-    metrics = finetune(model, tok, FinetuneConfig(**common), work / "dense-ft")
-    record("dense-ft", {**evaluate(model, tok, args), "loop": _loop(metrics)})
+    teacher_dir = Path(args.teacher_run) if args.teacher_run else work / "dense-ft"
+    if args.teacher_run:  # the dense fine-tune is deterministic: reuse one, and say so in the JSON
+        metrics = json.loads((teacher_dir / "metrics.json").read_text())
+        expected = json.loads(FinetuneConfig(**common).model_dump_json())  # as metrics.json holds it
+        if metrics["config"] != expected:
+            differ = sorted(k for k in expected if metrics["config"].get(k) != expected[k])
+            raise SystemExit(f"--teacher-run {teacher_dir} was trained with other settings: {', '.join(differ)}")
+        model, tok = load_model_and_tokenizer(str(teacher_dir), "float32", "cpu")
+        record("dense-ft", {**evaluate(model, tok, args), "loop": _loop(metrics), "reused_from": str(teacher_dir)})
+    else:
+        metrics = finetune(model, tok, FinetuneConfig(**common), teacher_dir)
+        record("dense-ft", {**evaluate(model, tok, args), "loop": _loop(metrics)})
     teacher = copy.deepcopy(model)
 
     report = oneshot(model, tok, OneShotConfig(method="sparsegpt", sparsity=args.sparsity), progress=False)
@@ -80,8 +108,9 @@ def main() -> None:
         {**evaluate(model, tok, args), "sparsity": report["sparsity"]["overall"], "seconds": report["seconds"]},
     )
 
+    common.update(lr=args.sparse_lr, seed=args.sparse_seed)
     distill = dict(
-        teacher=str(work / "dense-ft"),
+        teacher=str(teacher_dir),
         kl_weight=args.kl_weight,
         square_head_weight=args.square_head_weight,
         ce_weight=args.ce_weight,
@@ -95,8 +124,10 @@ def main() -> None:
 
     s = result["stages"]
     result["summary"] = {
-        "throughput_ratio_sparse_vs_dense": s["sparse-ft"]["loop"]["tokens_per_second"]
-        / s["dense-ft"]["loop"]["tokens_per_second"],
+        # a reused dense loop ran in another session, at another machine speed: only the interleaved ratio counts
+        "throughput_ratio_sparse_vs_dense": None
+        if args.teacher_run
+        else s["sparse-ft"]["loop"]["tokens_per_second"] / s["dense-ft"]["loop"]["tokens_per_second"],
         "interleaved_throughput_ratio": result.get("interleaved_throughput", {}).get("ratio"),
         "answer_ppl_sparse_ft_vs_dense_ft": s["sparse-ft"]["gsm8k_answer_ppl"] / s["dense-ft"]["gsm8k_answer_ppl"],
         "answer_ppl_oneshot_vs_dense_ft": s["oneshot"]["gsm8k_answer_ppl"] / s["dense-ft"]["gsm8k_answer_ppl"],
@@ -116,7 +147,7 @@ def interleaved_throughput(work: Path, tok, common: dict, distill: dict, teacher
     The fine-tunes above run 20+ minutes apart, and this shared machine's speed drifts by up to
     20% over minutes; alternating short runs of each loop puts the same drift on both sides.
     """
-    dense, _ = load_model_and_tokenizer(str(work / "dense-ft"), "float32", "cpu")
+    dense, _ = load_model_and_tokenizer(distill["teacher"], "float32", "cpu")
     sparse, _ = load_model_and_tokenizer(str(work / "sparse-ft"), "float32", "cpu")
     short = {**common, "max_tokens": None, "max_steps": AB_STEPS}
     seconds = {"dense": 0.0, "distilled": 0.0}

@@ -105,7 +105,7 @@ def main() -> None:
     if resolved.source not in ("builtin", "local"):
         sys.exit("--model must be a builtin or a checkpoint directory (both tools load the same folder)")
     source = resolved.path
-    version = run([args.lc_python, "-c", "import llmcompressor; print(llmcompressor.__version__)"]).strip()
+    version = run([args.lc_python, "-c", "import llmcompressor; print(llmcompressor.__version__)"]).split()[-1]
     result = {"llmcompressor": version, "model": args.model, "seed": args.seed, "runs": {}}
     result["calibration"] = f"gsm8k train {args.num_samples} x {args.seq_len}, sparsefit's windows for seed {args.seed}"
     with tempfile.TemporaryDirectory() as tmp:

@@ -16,7 +16,8 @@ def test_builtin_recipes_exist_and_validate():
     two_four = next(s for s in load_recipe("2of4").stages if isinstance(s, OneshotStage))
     assert two_four.structure == "2:4"
     sparse_ft = next(s for s in load_recipe("gsm8k-50").stages if s.name == "sparse-ft")
-    assert sparse_ft.teacher == "stage:dense-ft" and sparse_ft.square_head_weight == 1.0
+    assert sparse_ft.teacher == "stage:dense-ft" and sparse_ft.square_head_weight == 10.0
+    assert (sparse_ft.lr, sparse_ft.kl_weight, sparse_ft.batch_size) == (2e-4, 3.0, 4)  # the measured settings
 
 
 def test_variables_and_overrides():
