@@ -84,17 +84,19 @@ def main() -> None:
         write_json(args.out, result)  # after every stage, so a partial run still leaves numbers
         print(stage, json.dumps({k: v for k, v in data.items() if not isinstance(v, dict)}), flush=True)
 
-    model, tok = load_model_and_tokenizer(args.model, "float32", "cpu")
-    record("dense", evaluate(model, tok, args))
-
     common = dict(dataset="gsm8k", format="plain", max_tokens=args.tokens, batch_size=args.batch_size, lr=args.lr)
     teacher_dir = Path(args.teacher_run) if args.teacher_run else work / "dense-ft"
-    if args.teacher_run:  # the dense fine-tune is deterministic: reuse one, and say so in the JSON
+    if args.teacher_run:  # checked before any work: it must be the fine-tune this run would train
         metrics = json.loads((teacher_dir / "metrics.json").read_text())
         expected = json.loads(FinetuneConfig(**common).model_dump_json())  # as metrics.json holds it
         if metrics["config"] != expected:
             differ = sorted(k for k in expected if metrics["config"].get(k) != expected[k])
             raise SystemExit(f"--teacher-run {teacher_dir} was trained with other settings: {', '.join(differ)}")
+
+    model, tok = load_model_and_tokenizer(args.model, "float32", "cpu")
+    record("dense", evaluate(model, tok, args))
+
+    if args.teacher_run:  # the dense fine-tune is deterministic: reuse one, and say so in the JSON
         model, tok = load_model_and_tokenizer(str(teacher_dir), "float32", "cpu")
         record("dense-ft", {**evaluate(model, tok, args), "loop": _loop(metrics), "reused_from": str(teacher_dir)})
     else:
