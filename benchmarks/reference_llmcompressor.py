@@ -22,10 +22,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-RUNS = {  # name: (method, llm-compressor mask_structure, sparsefit prune flags)
-    "sparsegpt-50": ("sparsegpt", "0:0", ["--method", "sparsegpt", "--sparsity", "0.5"]),
-    "sparsegpt-2:4": ("sparsegpt", "2:4", ["--method", "sparsegpt", "--structure", "2:4"]),
-    "wanda-50": ("wanda", "0:0", ["--method", "wanda", "--sparsity", "0.5"]),
+from oneshot import RUNS as PRUNE_FLAGS  # sparsefit's side of each run, as benchmarks/oneshot.py prunes it
+from oneshot import evaluate, sparsefit
+
+RUNS = {  # name: (method, llm-compressor mask_structure)
+    "sparsegpt-50": ("sparsegpt", "0:0"),
+    "sparsegpt-2:4": ("sparsegpt", "2:4"),
+    "wanda-50": ("wanda", "0:0"),
 }
 
 # Runs inside llm-compressor's environment: prune with its oneshot on the saved windows, save a checkpoint.
@@ -55,24 +58,13 @@ print(json.dumps({"seconds": seconds, "peak_rss_mb": resource.getrusage(resource
 """
 
 
-def run(cmd: list[str]) -> str:
-    # offline: both tools load local folders, and a hub lookup without network only hangs
+def run_llmcompressor(cmd: list[str]) -> str:
+    # offline: it loads a local folder, and its hub lookups without network only hang
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode:
         sys.exit(f"{' '.join(cmd[:4])} ... failed:\n{proc.stderr[-3000:]}")
     return proc.stdout
-
-
-def sparsefit(*args: str) -> str:
-    return run([sys.executable, "-m", "sparsefit.cli", *args])
-
-
-def wikitext_ppl(model: str, work: Path, windows: int) -> float:
-    out = work / "eval.json"
-    sparsefit("eval", "--model", model, "--dataset", "wikitext2", "--seq-len", "2048", "--max-windows",
-              str(windows), "--device", "cpu", "--json", str(out))  # fmt: skip
-    return json.loads(out.read_text())["ppl"]
 
 
 def save_calibration(model: str, seed: int, num_samples: int, seq_len: int, path: Path) -> None:
@@ -105,7 +97,9 @@ def main() -> None:
     if resolved.source not in ("builtin", "local"):
         sys.exit("--model must be a builtin or a checkpoint directory (both tools load the same folder)")
     source = resolved.path
-    version = run([args.lc_python, "-c", "import llmcompressor; print(llmcompressor.__version__)"]).split()[-1]
+    version = run_llmcompressor(
+        [args.lc_python, "-c", "import llmcompressor; print(llmcompressor.__version__)"]
+    ).split()[-1]
     result = {"llmcompressor": version, "model": args.model, "seed": args.seed, "runs": {}}
     result["calibration"] = f"gsm8k train {args.num_samples} x {args.seq_len}, sparsefit's windows for seed {args.seed}"
     with tempfile.TemporaryDirectory() as tmp:
@@ -113,17 +107,17 @@ def main() -> None:
         calib = work / "calib.safetensors"
         save_calibration(args.model, args.seed, args.num_samples, args.seq_len, calib)
         for name in args.runs:
-            method, structure, flags = RUNS[name]
+            method, structure = RUNS[name]
             lc_out, sf_out, report = work / "lc", work / "sf", work / "report.json"
-            lc = json.loads(run([args.lc_python, "-c", WORKER, source, method, structure, str(calib), str(lc_out)])
-                            .strip().splitlines()[-1])  # fmt: skip
-            lc["ppl"] = wikitext_ppl(str(lc_out), work, args.windows)
-            sparsefit("prune", "--model", args.model, *flags, "--calib", "gsm8k", "--num-samples",
+            worker = [args.lc_python, "-c", WORKER, source, method, structure, str(calib), str(lc_out)]
+            lc = json.loads(run_llmcompressor(worker).strip().splitlines()[-1])
+            lc["ppl"] = evaluate(str(lc_out), work, args.windows)["ppl"]
+            sparsefit("prune", "--model", args.model, *PRUNE_FLAGS[name], "--calib", "gsm8k", "--num-samples",
                       str(args.num_samples), "--seq-len", str(args.seq_len), "--seed", str(args.seed),
                       "--device", "cpu", "--output", str(sf_out), "--json", str(report))  # fmt: skip
             ours = json.loads(report.read_text())
             sf = {"seconds": ours["seconds"], "peak_rss_mb": ours["peak_rss_mb"]}
-            sf["ppl"] = wikitext_ppl(str(sf_out), work, args.windows)
+            sf["ppl"] = evaluate(str(sf_out), work, args.windows)["ppl"]
             result["runs"][name] = {"llmcompressor": lc, "sparsefit": sf}
             print(f"{name:14s} llm-compressor ppl {lc['ppl']:.2f} in {lc['seconds']:.0f} s | "
                   f"sparsefit ppl {sf['ppl']:.2f} in {sf['seconds']:.0f} s", flush=True)  # fmt: skip
