@@ -79,7 +79,8 @@ def prune_and_evaluate(args: argparse.Namespace, name: str, seed: int, work: Pat
     out, report_path = work / name.replace(":", "_"), work / "report.json"
     start = time.perf_counter()
     sparsefit(
-        "prune", "--model", args.model, *RUNS[name], "--calib", "gsm8k", "--num-samples", str(args.num_samples),
+        "prune", "--model", args.model, *RUNS[name], *(["--sequential"] if args.sequential else []),
+        "--calib", "gsm8k", "--num-samples", str(args.num_samples),
         "--seq-len", str(args.seq_len), "--seed", str(seed), "--device", "cpu", "--output", str(out),
         "--json", str(report_path),
     )  # fmt: skip
@@ -112,10 +113,14 @@ def main() -> None:
     parser.add_argument(
         "--seeds", type=int, nargs="+", default=[0], help="calibration draws; several give each one and the mean"
     )
+    parser.add_argument(
+        "--sequential", action="store_true", help="prune with --sequential (one forward per block instead of two)"
+    )
     parser.add_argument("--out", default="benchmarks/results/oneshot.json")
     args = parser.parse_args()
     result = {
         "model": args.model,
+        "sequential": args.sequential,
         "calibration": f"gsm8k train {args.num_samples} x {args.seq_len}",
         "eval": f"wikitext2 test, {args.windows} windows of 2048",
         "cpu_count": os.cpu_count(),

@@ -185,6 +185,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         "damp": args.damp,
         "preserve_mask": args.preserve_mask,
         "compute_dtype": args.compute_dtype,
+        "sequential": args.sequential,
     }
     options = {k: v for k, v in options.items() if v is not None}  # unset flags keep the config's defaults
     if args.calib == "none":
@@ -367,6 +368,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--damp", type=float, default=None, help="SparseGPT dampening (default 0.01)")
     p.add_argument("--preserve-mask", action="store_true", default=None, help="keep existing zeros pruned")
     p.add_argument("--compute-dtype", default=None, help="auto | float32 | bfloat16: block forwards (default auto)")
+    p.add_argument(
+        "--sequential",
+        action="store_true",
+        default=None,
+        help="prune each linear with the earlier linears of its block already pruned: one forward per block, not two",
+    )
     p.add_argument("--output", required=True, help="directory for the pruned HF checkpoint")
     p.add_argument("--json", default=None, help="write the report as JSON here")
     p.set_defaults(func=cmd_prune)

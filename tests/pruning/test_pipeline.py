@@ -75,6 +75,42 @@ def test_later_blocks_see_pruned_outputs_of_earlier_blocks():
     assert torch.equal(q1.weight, expected)
 
 
+@pytest.mark.parametrize("sequential", [False, True])
+def test_sequential_prunes_each_linear_from_the_final_models_inputs(sequential):
+    """Sequential: every linear was pruned from what it receives in the finished sparse model, since
+    all linears before it (earlier blocks and earlier in its own block) were already final. The
+    default order differs for linears whose inputs come from pruned linears of the same block."""
+    model = tiny_model("llama")
+    dense = {n: m.weight.detach().clone() for n, m in linears(model).items()}
+    x = calib()
+    oneshot(model, None, cfg(method="wanda", sparsity=0.5, sequential=sequential), calib=x, progress=False)
+    layers = linears(model)
+    with InputStats(layers, sq_sum=True) as stats, torch.no_grad():
+        model(x)
+    same = {n: torch.equal(m.weight, prune_wanda(dense[n], stats.sq_sum(n), 0.5)[0]) for n, m in layers.items()}
+    assert same["model.layers.1.self_attn.q_proj"] and same["model.layers.0.mlp.gate_proj"] == sequential
+    assert all(same.values()) == sequential, same
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("structure", ["unstructured", "2:4"])
+def test_sequential_sparsegpt_every_family(arch, structure):
+    model = tiny_model(arch)
+    reference = tiny_model(arch)
+    config = cfg(method="sparsegpt", structure=structure, block_size=4, sequential=True)
+    report = oneshot(model, None, config, calib=calib(), progress=False)
+    assert set(report["phases"]) >= {"forward", "solve"} and "propagate" not in report["phases"]
+    for name, module in linears(model).items():
+        w = weight_as_out_in(module)
+        assert (w == 0).float().mean().item() == pytest.approx(0.5, abs=0.01), name
+        if structure == "2:4":
+            assert ((w != 0).reshape(-1, 4).sum(1) <= 2).all(), name
+    # The first linear of block 0 sees the embeddings either way: both orders prune it alike.
+    oneshot(reference, None, config.model_copy(update={"sequential": False}), calib=calib(), progress=False)
+    first = next(iter(linears(model)))
+    assert torch.allclose(dict(linears(model))[first].weight, dict(linears(reference))[first].weight, atol=1e-6)
+
+
 def test_shared_inputs_share_one_accumulator():
     model = tiny_model("llama")
     block = model.model.layers[0]
@@ -177,11 +213,13 @@ def test_nm_that_does_not_divide():
         oneshot(tiny_model("llama"), None, cfg(method="magnitude", structure="3:5"), progress=False)
 
 
-def test_cli_prune_writes_a_loadable_checkpoint(tiny_checkpoint, data_dir, tmp_path, capsys):
+@pytest.mark.parametrize("sequential", [False, True])
+def test_cli_prune_writes_a_loadable_checkpoint(tiny_checkpoint, data_dir, tmp_path, capsys, sequential):
     out, js = tmp_path / "pruned", tmp_path / "prune.json"
     code = main(
         [
             "prune",
+            *(["--sequential"] if sequential else []),
             "--model",
             str(tiny_checkpoint),
             "--method",
@@ -203,6 +241,7 @@ def test_cli_prune_writes_a_loadable_checkpoint(tiny_checkpoint, data_dir, tmp_p
     assert code == 0, capsys.readouterr().err
     report = json.loads(js.read_text())
     assert {"seconds", "peak_rss_mb", "method", "structure", "sparsity"} <= set(report)
+    assert report["config"]["sequential"] == sequential and ("forward" in report["phases"]) == sequential
     assert report["sparsity"]["overall"] == pytest.approx(0.5, abs=0.01)
     model = AutoModelForCausalLM.from_pretrained(out)
     assert (model.model.layers[1].mlp.down_proj.weight == 0).float().mean().item() == pytest.approx(0.5, abs=0.01)

@@ -53,6 +53,9 @@ class OneShotConfig(BaseModel):
     damp: float = Field(0.01, gt=0)
     magnitude_scope: Literal["layer", "row"] = "layer"
     preserve_mask: bool = False  # keep existing zeros pruned (iterative pruning)
+    # Prune each linear from the block with its earlier linears already pruned, in one forward per
+    # block instead of two (the GPTQ reference code's --true-sequential); off: every linear sees the dense block.
+    sequential: bool = False
     compute_dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # block forwards; statistics stay float32
 
     @field_validator("structure")
@@ -209,7 +212,10 @@ def oneshot(
 
     if not options.needs_data:
         inputs = None  # magnitude: data, if any, served only OWL's outlier ratios
-    prune_layerwise(model, options, sparsity_of, inputs, per_block, runner, config.preserve_mask, progress, report)
+    prune_layerwise(
+        model, options, sparsity_of, inputs, per_block, runner, config.preserve_mask, progress, report,
+        sequential=config.sequential,
+    )  # fmt: skip
 
     zeros = sum(r["sparsity"] * r["shape"][0] * r["shape"][1] for r in report.per_layer.values())
     numel = sum(r["shape"][0] * r["shape"][1] for r in report.per_layer.values())

@@ -1,6 +1,12 @@
 """Layer-by-layer driver: capture block 0's inputs, then per block collect statistics, prune,
 and feed the block's pruned outputs to the next one. Only the current block (and one batch
 of activations) needs to be on the compute device; activations wait on the CPU.
+
+Two orders within a block. The default runs the dense block once for the statistics of all its
+linears, prunes them, and runs it again for the outputs. `sequential` (like `--true-sequential`
+of the GPTQ reference code) runs it once: each batch's forward stops before every linear until all
+batches have fed that linear's statistics, the linear is pruned, and the forwards go on, so later
+linears of the block see the pruned outputs of earlier ones.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
+from greenlet import greenlet
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -75,6 +82,61 @@ class BlockRunner:
                     hidden.copy_(out)
                 if after_each is not None:
                     after_each()
+
+    @torch.no_grad()
+    def run_sequential(
+        self,
+        block: nn.Module,
+        inputs: list[BlockInput],
+        layers: dict[str, nn.Module],
+        stats: InputStats,
+        solve: Callable[[str], None],
+    ) -> None:
+        """One forward of `block` per batch that prunes the block on the way; outputs replace `inputs`.
+
+        Each batch's forward is a coroutine (a greenlet, so everything stays on this thread and its
+        torch state) that stops before the first call of every linear in `layers`. When all batches
+        have stopped at a linear, `stats` holds its statistics over every batch: `solve(name)` prunes
+        it and the batches resume with the pruned weight. Activations of all batches are alive at a
+        stop, about what one large batch of the whole calibration set would hold between two linears.
+        """
+        driver = greenlet.getcurrent()
+        solved: set[str] = set()
+
+        def stop_before(name: str):  # noqa: ANN202
+            def hook(module: nn.Module, args: tuple) -> None:
+                if name not in solved:
+                    driver.switch(name)
+
+            return hook
+
+        def forward(hidden: torch.Tensor, args: tuple, kwargs: dict) -> None:
+            out = block(hidden.to(self.device), *args, **kwargs)
+            hidden.copy_(out[0] if isinstance(out, tuple) else out)
+            stats.end_forward()
+
+        # Registered after `stats`' hooks, so a batch stops only once its input is counted.
+        handles = [module.register_forward_pre_hook(stop_before(name)) for name, module in layers.items()]
+        pending = [(i, greenlet(forward), batch) for i, batch in enumerate(inputs)]
+        try:
+            with self.autocast():
+                while pending:
+                    stops: dict[str, None] = {}  # in the order the batches reached them
+                    paused = []
+                    for i, task, batch in pending:
+                        stats.scope = i
+                        name = task.switch() if task else task.switch(*batch)
+                        if not task.dead:
+                            stops[name] = None
+                            paused.append((i, task, batch))
+                    for name in stops:
+                        solve(name)
+                        solved.add(name)
+                    pending = paused
+        finally:
+            for h in handles:
+                h.remove()
+            stats.scope = None
 
 
 @torch.no_grad()
@@ -149,6 +211,64 @@ def owl_outlier_ratios(
     return ratios
 
 
+def _prune_block(
+    index: int,
+    block: nn.Module,
+    layers: dict[str, nn.Module],
+    inputs: list[BlockInput] | None,
+    options: MethodOptions,
+    sparsity_of: Callable[[int, str], float],
+    runner: BlockRunner,
+    preserve_zeros: bool,
+    sequential: bool,
+    propagate: bool,
+    report: LayerwiseReport,
+) -> None:
+    """Prune the `layers` of one block (already on the compute device); with `propagate`, leave
+    the block's pruned outputs in `inputs`."""
+
+    def solve(name: str, solver: BlockSolver) -> None:
+        t = time.perf_counter()
+        module = layers[name]
+        weight = weight_as_out_in(module)
+        target = sparsity_of(index, name)
+        preserve = weight != 0 if preserve_zeros else None
+        pruned, mask = solver.solve(name, weight, target, preserve)
+        set_weight_out_in(module, pruned)
+        report.per_layer[name] = {
+            "target": target,
+            "sparsity": 1.0 - mask.sum().item() / mask.numel(),
+            "shape": list(weight.shape),
+        }
+        report.add_time("solve", time.perf_counter() - t)
+
+    if not (options.needs_data and layers):
+        solver = BlockSolver(options, None)
+        for name in layers:
+            solve(name, solver)
+        return
+    stats = InputStats(layers, sq_sum=options.needs_sq_sum, hessian=options.needs_hessian)
+    solver = BlockSolver(options, stats)
+    t = time.perf_counter()
+    if sequential:
+        solving = report.phases.get("solve", 0.0)
+        with stats:
+            runner.run_sequential(block, inputs, layers, stats, lambda name: solve(name, solver))
+        # One pruned forward is statistics and propagation at once; solving is counted apart.
+        report.add_time("forward", time.perf_counter() - t - (report.phases["solve"] - solving))
+        return
+    with stats:
+        runner.run(block, inputs, stats.end_forward)
+    report.add_time("statistics", time.perf_counter() - t)
+    for name in layers:
+        solve(name, solver)
+    solver = stats = None  # free the block's statistics before the second forward
+    if propagate:
+        t = time.perf_counter()
+        runner.run(block, inputs, replace=True)
+        report.add_time("propagate", time.perf_counter() - t)
+
+
 def prune_layerwise(
     model: nn.Module,
     options: MethodOptions,
@@ -159,49 +279,27 @@ def prune_layerwise(
     preserve_zeros: bool = False,
     progress: bool = True,
     report: LayerwiseReport | None = None,
+    sequential: bool = False,
 ) -> LayerwiseReport:
     """Prune every selected linear block by block; `sparsity_of(block_index, name)` gives each target.
 
-    The linears of a block are all solved from statistics of the *dense* block (fed by the
-    already-pruned earlier blocks); the block's outputs are then recomputed with pruned weights.
+    By default the linears of a block are all solved from statistics of the *dense* block (fed by
+    the already-pruned earlier blocks); the block's outputs are then recomputed with pruned weights.
+    `sequential` solves each linear from the block with its earlier linears already pruned, in one
+    forward (see `BlockRunner.run_sequential`).
     """
     layout = decoder_layout(model)
     report = report or LayerwiseReport()
     if options.needs_data and inputs is None:
         raise UsageError(f"{options.name} needs calibration data; pass --calib DATASET or --calib self")
     last = max(i for i, layers in enumerate(per_block) if layers)
-    bar = tqdm(total=last + 1, desc=f"{options.name}", unit="block", disable=not progress)
-    for i, (block, layers) in enumerate(zip(layout.blocks, per_block)):
-        if i > last:
-            break
+    for i, (block, layers) in enumerate(
+        tqdm(list(zip(layout.blocks, per_block))[: last + 1], desc=options.name, unit="block", disable=not progress)
+    ):
         home = next(block.parameters()).device
         block.to(runner.device)
-        stats = None
-        if options.needs_data and layers:
-            t = time.perf_counter()
-            with InputStats(layers, sq_sum=options.needs_sq_sum, hessian=options.needs_hessian) as stats:
-                runner.run(block, inputs, stats.end_forward)
-            report.add_time("statistics", time.perf_counter() - t)
-        t = time.perf_counter()
-        solver = BlockSolver(options, stats)
-        for name, module in layers.items():
-            weight = weight_as_out_in(module)
-            target = sparsity_of(i, name)
-            preserve = weight != 0 if preserve_zeros else None
-            pruned, mask = solver.solve(name, weight, target, preserve)
-            set_weight_out_in(module, pruned)
-            report.per_layer[name] = {
-                "target": target,
-                "sparsity": 1.0 - mask.sum().item() / mask.numel(),
-                "shape": list(weight.shape),
-            }
-        del solver, stats
-        report.add_time("solve", time.perf_counter() - t)
-        if options.needs_data and i < last:
-            t = time.perf_counter()
-            runner.run(block, inputs, replace=True)
-            report.add_time("propagate", time.perf_counter() - t)
+        _prune_block(
+            i, block, layers, inputs, options, sparsity_of, runner, preserve_zeros, sequential, i < last, report
+        )
         block.to(home)
-        bar.update(1)
-    bar.close()
     return report

@@ -2,10 +2,14 @@
 
 Wanda needs the squared norm of every input feature; SparseGPT needs X^T X. Linears fed by
 the very same tensor (q/k/v, gate/up) share one accumulator: the first of them owns it, the
-others are recorded as aliases, so each distinct input costs one X^T X.
+others are recorded as aliases, so each distinct input costs one X^T X. The hooks run before
+each linear, so the statistics are complete before a linear that is pruned mid-forward runs.
 """
 
 from __future__ import annotations
+
+import weakref
+from collections.abc import Hashable
 
 import torch
 from torch import nn
@@ -21,33 +25,36 @@ class InputStats:
         self.sq: dict[str, torch.Tensor] = {}
         self.xtx: dict[str, torch.Tensor] = {}
         self.owner: dict[str, str] = {}  # alias name -> name that owns the shared statistics
-        self._live: dict[tuple, tuple[torch.Tensor, str]] = {}  # inputs of the current forward, kept alive
+        # Inputs seen in the current forward, per scope (a forward that may be paused beside others).
+        self._seen: dict[Hashable, dict[tuple, tuple[weakref.ref, str]]] = {}
+        self.scope: Hashable = None
         self._handles: list = []
 
     def __enter__(self) -> InputStats:
         for name, module in self.layers.items():
-            self._handles.append(module.register_forward_hook(self._hook(name)))
+            self._handles.append(module.register_forward_pre_hook(self._hook(name)))
         return self
 
     def __exit__(self, *exc: object) -> None:
         for h in self._handles:
             h.remove()
         self._handles.clear()
-        self._live.clear()
+        self._seen.clear()
 
     def end_forward(self) -> None:
-        """Forget this forward's inputs (call after each block call)."""
-        self._live.clear()
+        """Forget the inputs of the current scope's forward (call after each block call)."""
+        self._seen.pop(self.scope, None)
 
     def _hook(self, name: str):  # noqa: ANN202
-        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        def hook(module: nn.Module, args: tuple) -> None:
             x = args[0]
-            # Holding a reference keeps the address from being reused by a later input.
+            seen = self._seen.setdefault(self.scope, {})
             key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()))
-            if key in self._live:
-                self.owner[name] = self._live[key][1]
+            # A live weak reference means the address was not reused by a later tensor.
+            if key in seen and seen[key][0]() is not None:
+                self.owner[name] = seen[key][1]
                 return
-            self._live[key] = (x, name)
+            seen[key] = (weakref.ref(x), name)
             if name in self.owner:
                 raise RuntimeError(f"{name} shared its input in one forward but not in another")
             self._accumulate(name, x.detach().reshape(-1, x.shape[-1]).float())  # (n, in)
