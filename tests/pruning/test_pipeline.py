@@ -13,6 +13,7 @@ from sparsefit.errors import UsageError
 from sparsefit.export import save_checkpoint
 from sparsefit.models.layout import decoder_layout, select_linears, weight_as_out_in
 from sparsefit.pruning import OneShotConfig, oneshot
+from sparsefit.pruning.pipeline import BlockRunner, capture_block_inputs
 from sparsefit.pruning.stats import InputStats
 from sparsefit.pruning.wanda import prune_wanda
 from tests.conftest import ARCHS, tiny_model
@@ -321,3 +322,39 @@ def test_magnitude_with_owl_profile():
     report = oneshot(model, None, cfg(method="magnitude", sparsity=0.5, profile="owl"), calib=calib(), progress=False)
     assert sum(report["sparsity"]["per_block"]) / 3 == pytest.approx(0.5, abs=1e-9)
     assert "statistics" not in report["phases"]  # magnitude itself needs no block forwards
+
+
+def test_sequential_error_in_a_solve_surfaces_and_leaves_no_hooks():
+    model = tiny_model("llama")
+    layout = decoder_layout(model)
+    block = layout.blocks[0]
+    layers = select_linears(block, "b", None, None)
+    inputs = capture_block_inputs(model, layout, calib(), 4, torch.device("cpu"))
+
+    def solve(name):
+        if name.endswith("o_proj"):
+            raise ValueError("no solution for o_proj")
+
+    with InputStats(layers, sq_sum=True) as stats, pytest.raises(ValueError, match="o_proj"):
+        BlockRunner(torch.device("cpu")).run_sequential(block, inputs, layers, stats, solve)
+    assert all(not m._forward_pre_hooks for m in layers.values())
+    assert stats.scope is None
+
+
+def test_statistics_pass_stops_at_the_last_linear_with_the_same_statistics():
+    model = tiny_model("llama")
+    layout = decoder_layout(model)
+    block = layout.blocks[0]
+    layers = select_linears(block, "b", None, None)
+    inputs = capture_block_inputs(model, layout, calib(), 2, torch.device("cpu"))
+    runs = []
+    handle = block.mlp.down_proj.register_forward_hook(lambda *a: runs.append(1))
+    with InputStats(layers, sq_sum=True, hessian=True) as short:
+        BlockRunner(torch.device("cpu")).run_statistics(block, inputs, short)
+    assert len(runs) == 1  # only the first of 4 batches ran the down projection
+    with InputStats(layers, sq_sum=True, hessian=True) as full:
+        BlockRunner(torch.device("cpu")).run(block, inputs, full.end_forward)
+    handle.remove()
+    for name in layers:
+        assert torch.equal(short.sq_sum(name), full.sq_sum(name)), name
+        assert torch.equal(short.hessian(name), full.hessian(name)), name
