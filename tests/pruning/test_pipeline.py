@@ -358,3 +358,11 @@ def test_statistics_pass_stops_at_the_last_linear_with_the_same_statistics():
     for name in layers:
         assert torch.equal(short.sq_sum(name), full.sq_sum(name)), name
         assert torch.equal(short.hessian(name), full.hessian(name)), name
+
+
+@pytest.mark.parametrize("sequential", [False, True])
+def test_a_linear_that_never_runs_is_an_error(sequential):
+    model = tiny_model("llama")
+    model.model.layers[0].mlp.spare = torch.nn.Linear(64, 64)  # registered but never called
+    with pytest.raises(UsageError, match="mlp.spare never runs"):
+        oneshot(model, None, cfg(method="wanda", sequential=sequential), calib=calib(), progress=False)

@@ -243,6 +243,11 @@ def owl_outlier_ratios(
     return ratios
 
 
+def _check_all_ran(unused: list[str]) -> None:
+    if unused:
+        raise UsageError(f"{unused[0]} never runs in its block's forward, so it has no statistics; --ignore it")
+
+
 def _prune_block(
     index: int,
     block: nn.Module,
@@ -287,11 +292,13 @@ def _prune_block(
         with stats:
             runner.run_sequential(block, inputs, layers, stats, lambda name: solve(name, solver))
         # One pruned forward is statistics and propagation at once; solving is counted apart.
-        report.add_time("forward", time.perf_counter() - t - (report.phases["solve"] - solving))
+        report.add_time("forward", time.perf_counter() - t - (report.phases.get("solve", 0.0) - solving))
+        _check_all_ran([name for name in layers if name not in report.per_layer])
         return
     with stats:
         runner.run_statistics(block, inputs, stats)
     report.add_time("statistics", time.perf_counter() - t)
+    _check_all_ran([name for name in layers if stats.root(name) not in stats.count])
     for name in layers:
         solve(name, solver)
     solver = stats = None  # free the block's statistics before the second forward
