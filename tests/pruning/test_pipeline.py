@@ -324,12 +324,17 @@ def test_magnitude_with_owl_profile():
     assert "statistics" not in report["phases"]  # magnitude itself needs no block forwards
 
 
-def test_sequential_error_in_a_solve_surfaces_and_leaves_no_hooks():
+def first_block_with_inputs(batch_size):
+    """Block 0 of a tiny Llama, its linears, and its captured calibration inputs."""
     model = tiny_model("llama")
     layout = decoder_layout(model)
     block = layout.blocks[0]
-    layers = select_linears(block, "b", None, None)
-    inputs = capture_block_inputs(model, layout, calib(), 4, torch.device("cpu"))
+    inputs = capture_block_inputs(model, layout, calib(), batch_size, torch.device("cpu"))
+    return block, select_linears(block, "b", None, None), inputs
+
+
+def test_sequential_error_in_a_solve_surfaces_and_leaves_no_hooks():
+    block, layers, inputs = first_block_with_inputs(batch_size=4)
 
     def solve(name):
         if name.endswith("o_proj"):
@@ -342,11 +347,7 @@ def test_sequential_error_in_a_solve_surfaces_and_leaves_no_hooks():
 
 
 def test_statistics_pass_stops_at_the_last_linear_with_the_same_statistics():
-    model = tiny_model("llama")
-    layout = decoder_layout(model)
-    block = layout.blocks[0]
-    layers = select_linears(block, "b", None, None)
-    inputs = capture_block_inputs(model, layout, calib(), 2, torch.device("cpu"))
+    block, layers, inputs = first_block_with_inputs(batch_size=2)
     runs = []
     handle = block.mlp.down_proj.register_forward_hook(lambda *a: runs.append(1))
     with InputStats(layers, sq_sum=True, hessian=True) as short:
