@@ -80,6 +80,7 @@ def prune_and_evaluate(args: argparse.Namespace, name: str, seed: int, work: Pat
     start = time.perf_counter()
     sparsefit(
         "prune", "--model", args.model, *RUNS[name], *(["--sequential"] if args.sequential else []),
+        *(["--reconstruct-iters", str(args.reconstruct_iters)] if args.reconstruct_iters else []),
         "--calib", "gsm8k", "--num-samples", str(args.num_samples),
         "--seq-len", str(args.seq_len), "--seed", str(seed), "--device", "cpu", "--output", str(out),
         "--json", str(report_path),
@@ -116,11 +117,15 @@ def main() -> None:
     parser.add_argument(
         "--sequential", action="store_true", help="prune with --sequential (one forward per block instead of two)"
     )
+    parser.add_argument(
+        "--reconstruct-iters", type=int, default=0, help="prune with --reconstruct-iters N (least-squares refit)"
+    )
     parser.add_argument("--out", default="benchmarks/results/oneshot.json")
     args = parser.parse_args()
     result = {
         "model": args.model,
         "sequential": args.sequential,
+        "reconstruct_iters": args.reconstruct_iters,
         "calibration": f"gsm8k train {args.num_samples} x {args.seq_len}",
         "eval": f"wikitext2 test, {args.windows} windows of 2048",
         "cpu_count": os.cpu_count(),

@@ -186,6 +186,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         "preserve_mask": args.preserve_mask,
         "compute_dtype": args.compute_dtype,
         "sequential": args.sequential,
+        "reconstruct_iters": args.reconstruct_iters,
     }
     options = {k: v for k, v in options.items() if v is not None}  # unset flags keep the config's defaults
     if args.calib == "none":
@@ -367,6 +368,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--block-size", type=int, default=None, help="SparseGPT column block (default 128)")
     p.add_argument("--damp", type=float, default=None, help="SparseGPT dampening (default 0.01)")
     p.add_argument("--preserve-mask", action="store_true", default=None, help="keep existing zeros pruned")
+    p.add_argument(
+        "--reconstruct-iters",
+        type=int,
+        default=None,
+        help="refit the kept weights after each mask: this many least-squares CG steps (e.g. 20; default 0: off)",
+    )
     p.add_argument("--compute-dtype", default=None, help="auto | float32 | bfloat16: block forwards (default auto)")
     p.add_argument(
         "--sequential",

@@ -93,6 +93,29 @@ def test_sequential_prunes_each_linear_from_the_final_models_inputs(sequential):
     assert all(same.values()) == sequential, same
 
 
+@pytest.mark.parametrize("method, structure", [("wanda", "unstructured"), ("sparsegpt", "2:4")])
+def test_reconstruction_refits_weights_under_the_same_masks(method, structure):
+    """Block 0's linears are all solved from the dense block's inputs, with or without
+    reconstruction: same masks, and the refit weights reproduce the dense outputs better."""
+    x = calib()
+    dense, plain, refit = tiny_model("llama"), tiny_model("llama"), tiny_model("llama")
+    block0 = select_linears(dense.model.layers[0], "model.layers.0", None, None)
+    with InputStats(block0, hessian=True) as stats, torch.no_grad():
+        dense(x)
+    options = {"method": method, "structure": structure, "sparsity": 0.5}
+    r0 = oneshot(plain, None, cfg(**options), calib=x, progress=False)
+    r1 = oneshot(refit, None, cfg(**options, reconstruct_iters=30), calib=x, progress=False)
+    assert "reconstruct" in r1["phases"] and "reconstruct" not in r0["phases"]
+    assert r1["sparsity"]["per_layer"] == r0["sparsity"]["per_layer"]
+    weights = [{n: weight_as_out_in(m) for n, m in linears(model).items()} for model in (dense, plain, refit)]
+    for name in block0:
+        w, p, r = (ws[name] for ws in weights)
+        assert torch.equal(p != 0, r != 0), name
+        H = stats.hessian(name)
+        loss = [torch.einsum("ij,jk,ik->", w - v, H, w - v).item() for v in (p, r)]
+        assert loss[1] < loss[0], (name, loss)
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("structure", ["unstructured", "2:4"])
 def test_sequential_sparsegpt_every_family(arch, structure):
@@ -197,6 +220,8 @@ def test_bf16_block_forwards_stay_close_to_float32():
         ({"method": "obc"}, "method"),
         ({"spasity": 0.5}, "spasity: unknown field"),
         ({"structure": "2:4", "profile": "owl"}, "N:M structure fixes"),
+        ({"method": "magnitude", "reconstruct_iters": 5}, "reconstruct_iters needs calibration"),
+        ({"reconstruct_iters": -1}, "reconstruct_iters: Input should be greater than or equal to 0"),
     ],
 )
 def test_bad_options_name_the_field(options, message):
@@ -220,7 +245,7 @@ def test_cli_prune_writes_a_loadable_checkpoint(tiny_checkpoint, data_dir, tmp_p
     code = main(
         [
             "prune",
-            *(["--sequential"] if sequential else []),
+            *(["--sequential", "--reconstruct-iters", "5"] if sequential else []),
             "--model",
             str(tiny_checkpoint),
             "--method",
@@ -243,6 +268,7 @@ def test_cli_prune_writes_a_loadable_checkpoint(tiny_checkpoint, data_dir, tmp_p
     report = json.loads(js.read_text())
     assert {"seconds", "peak_rss_mb", "method", "structure", "sparsity"} <= set(report)
     assert report["config"]["sequential"] == sequential and ("forward" in report["phases"]) == sequential
+    assert ("reconstruct" in report["phases"]) == sequential
     assert report["sparsity"]["overall"] == pytest.approx(0.5, abs=0.01)
     model = AutoModelForCausalLM.from_pretrained(out)
     assert (model.model.layers[1].mlp.down_proj.weight == 0).float().mean().item() == pytest.approx(0.5, abs=0.01)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from sparsefit.pruning.magnitude import prune_magnitude
+from sparsefit.pruning.reconstruct import reconstruct
 from sparsefit.pruning.sparsegpt import inverse_hessian, prune_sparsegpt
 from sparsefit.pruning.stats import InputStats
 from sparsefit.pruning.structure import Structure
@@ -22,6 +23,7 @@ class MethodOptions:
     block_size: int = 128  # SparseGPT column block
     damp: float = 0.01  # SparseGPT dampening, a fraction of mean(diag H)
     magnitude_scope: str = "layer"  # "layer" | "row"
+    reconstruct_iters: int = 0  # conjugate-gradient steps of least-squares reconstruction after the mask; 0: off
 
     @property
     def needs_sq_sum(self) -> bool:
@@ -29,7 +31,7 @@ class MethodOptions:
 
     @property
     def needs_hessian(self) -> bool:
-        return self.name == "sparsegpt"
+        return self.name == "sparsegpt" or self.reconstruct_iters > 0
 
     @property
     def needs_data(self) -> bool:
@@ -42,6 +44,13 @@ class BlockSolver:
     def __init__(self, options: MethodOptions, stats: InputStats | None) -> None:
         self.options, self.stats = options, stats
         self._hinv: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._hessian: dict[str, torch.Tensor] = {}
+
+    def hessian(self, name: str) -> torch.Tensor:
+        root = self.stats.root(name)
+        if root not in self._hessian:
+            self._hessian[root] = self.stats.hessian(name)
+        return self._hessian[root]
 
     def solve(
         self, name: str, weight: torch.Tensor, sparsity: float, preserve: torch.Tensor | None
@@ -54,6 +63,11 @@ class BlockSolver:
             return prune_wanda(weight, self.stats.sq_sum(name).to(weight.device), sparsity, o.structure, preserve)
         root = self.stats.root(name)
         if root not in self._hinv:
-            self._hinv[root] = inverse_hessian(self.stats.hessian(name).to(weight.device), o.damp)
+            self._hinv[root] = inverse_hessian(self.hessian(name).to(weight.device), o.damp)
         hinv, dead = self._hinv[root]
         return prune_sparsegpt(weight, hinv, dead, sparsity, o.structure, o.block_size, preserve)
+
+    def reconstruct(self, name: str, weight: torch.Tensor, pruned: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """Refit the kept weights of `pruned` to `weight`'s outputs on the calibration inputs (mask unchanged)."""
+        H = self.hessian(name).to(weight.device)
+        return reconstruct(weight, pruned, keep, H, self.options.reconstruct_iters, self.options.damp)

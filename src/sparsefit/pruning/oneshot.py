@@ -52,6 +52,9 @@ class OneShotConfig(BaseModel):
     block_size: int = Field(128, ge=1)
     damp: float = Field(0.01, gt=0)
     magnitude_scope: Literal["layer", "row"] = "layer"
+    # After each mask is chosen, this many conjugate-gradient steps refit the kept weights to the
+    # dense layer's outputs (least squares on the calibration inputs); 0 keeps the method's own weights.
+    reconstruct_iters: int = Field(0, ge=0)
     preserve_mask: bool = False  # keep existing zeros pruned (iterative pruning)
     # Prune each linear from the block with its earlier linears already pruned, in one forward per
     # block instead of two (the GPTQ reference code's --true-sequential); off: every linear sees the dense block.
@@ -85,6 +88,8 @@ class OneShotConfig(BaseModel):
             raise ValueError("N:M structure fixes the sparsity of every layer; use profile 'uniform'")
         if self.method != "magnitude" and self.calib is None:
             raise ValueError(f"method '{self.method}' needs calibration data: set calib to a dataset or 'self'")
+        if self.reconstruct_iters and self.method == "magnitude":
+            raise ValueError("reconstruct_iters needs calibration statistics: use method 'wanda' or 'sparsegpt'")
         if self.profile == "owl" and self.calib is None:
             raise ValueError("profile 'owl' needs calibration data (Wanda scores): set calib")
         return self
@@ -178,7 +183,9 @@ def oneshot(
     block_size = (
         max(structure.m, config.block_size - config.block_size % structure.m) if structure.is_nm else config.block_size
     )
-    options = MethodOptions(config.method, structure, block_size, config.damp, config.magnitude_scope)
+    options = MethodOptions(
+        config.method, structure, block_size, config.damp, config.magnitude_scope, config.reconstruct_iters
+    )
     runner = BlockRunner(device, use_bf16(config.compute_dtype, device))
 
     inputs = None

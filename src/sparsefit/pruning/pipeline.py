@@ -55,6 +55,9 @@ class LayerwiseReport:
     def add_time(self, phase: str, seconds: float) -> None:
         self.phases[phase] = self.phases.get(phase, 0.0) + seconds
 
+    def solving_seconds(self) -> float:
+        return self.phases.get("solve", 0.0) + self.phases.get("reconstruct", 0.0)
+
 
 @dataclass
 class BlockRunner:
@@ -271,13 +274,17 @@ def _prune_block(
         target = sparsity_of(index, name)
         preserve = weight != 0 if preserve_zeros else None
         pruned, mask = solver.solve(name, weight, target, preserve)
+        report.add_time("solve", time.perf_counter() - t)
+        if options.reconstruct_iters:
+            t = time.perf_counter()
+            pruned = solver.reconstruct(name, weight, pruned, mask)
+            report.add_time("reconstruct", time.perf_counter() - t)
         set_weight_out_in(module, pruned)
         report.per_layer[name] = {
             "target": target,
             "sparsity": 1.0 - mask.sum().item() / mask.numel(),
             "shape": list(weight.shape),
         }
-        report.add_time("solve", time.perf_counter() - t)
 
     if not (options.needs_data and layers):
         solver = BlockSolver(options, None)
@@ -288,11 +295,11 @@ def _prune_block(
     solver = BlockSolver(options, stats)
     t = time.perf_counter()
     if sequential:
-        solving = report.phases.get("solve", 0.0)
+        before = report.solving_seconds()
         with stats:
             runner.run_sequential(block, inputs, layers, stats, lambda name: solve(name, solver))
         # One pruned forward is statistics and propagation at once; solving is counted apart.
-        report.add_time("forward", time.perf_counter() - t - (report.phases.get("solve", 0.0) - solving))
+        report.add_time("forward", time.perf_counter() - t - (report.solving_seconds() - before))
         _check_all_ran([name for name in layers if name not in report.per_layer])
         return
     with stats:
