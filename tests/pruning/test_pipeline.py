@@ -93,13 +93,15 @@ def test_sequential_prunes_each_linear_from_the_final_models_inputs(sequential):
     assert all(same.values()) == sequential, same
 
 
+@pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("method, structure", [("wanda", "unstructured"), ("sparsegpt", "2:4")])
-def test_reconstruction_refits_weights_under_the_same_masks(method, structure):
+def test_reconstruction_refits_weights_under_the_same_masks(arch, method, structure):
     """Block 0's linears are all solved from the dense block's inputs, with or without
     reconstruction: same masks, and the refit weights reproduce the dense outputs better."""
     x = calib()
-    dense, plain, refit = tiny_model("llama"), tiny_model("llama"), tiny_model("llama")
-    block0 = select_linears(dense.model.layers[0], "model.layers.0", None, None)
+    dense, plain, refit = tiny_model(arch), tiny_model(arch), tiny_model(arch)
+    layout = decoder_layout(dense)
+    block0 = select_linears(layout.blocks[0], f"{layout.prefix}.0", None, None)
     with InputStats(block0, hessian=True) as stats, torch.no_grad():
         dense(x)
     options = {"method": method, "structure": structure, "sparsity": 0.5}
