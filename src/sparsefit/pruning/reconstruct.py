@@ -1,5 +1,5 @@
-"""Least-squares weight reconstruction for a fixed mask (as in Boža 2024, "Fast and Effective
-Weight Update for Pruned Large Language Models").
+"""Least-squares weight reconstruction for a fixed mask: the problem of Boža 2024, "Fast and
+Effective Weight Update for Pruned Large Language Models" (solved there by ADMM, here by CG).
 
 Once a mask is chosen, the best weights for it solve, row by row, the layer-wise problem
 
