@@ -29,7 +29,7 @@ from sparsefit.pruning.wanda import prune_wanda
 
 
 def exact(weight: torch.Tensor, keep: torch.Tensor, H: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
-    """Per-row direct solve of H_KK w'_K = (H w)_K in float64, rows grouped by their number of kept inputs."""
+    """Direct solve of H_KK w'_K = (H w)_K in float64, one row at a time."""
     Hd = H.double()
     Hd.diagonal().add_(damp * Hd.diagonal().mean())
     rhs = weight.double() @ Hd
