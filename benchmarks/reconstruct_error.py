@@ -45,6 +45,38 @@ def loss(weight: torch.Tensor, other: torch.Tensor, H: torch.Tensor) -> float:
     return float(((d @ H) * d).sum())
 
 
+def measure_layer(name: str, W: torch.Tensor, stats: InputStats, structure: str, iters: list[int]) -> list[dict]:
+    """One row per method: its loss, and the loss ratio after each step count and after the exact solve."""
+    H, nm = stats.hessian(name), Structure.parse(structure)
+    masks = {"wanda": prune_wanda(W, stats.sq_sum(name), 0.5, nm), "sparsegpt": sparsegpt(W, H, 0.5, nm)}
+    rows = []
+    for method, (pruned, keep) in masks.items():
+        base = loss(W, pruned, H)
+        row = {"layer": name, "structure": structure, "method": method, "loss": base}
+        for n in iters:
+            t = time.perf_counter()
+            refit = reconstruct(W, pruned, keep, H, iters=n)
+            row[f"cg{n}"] = {"ratio": loss(W, refit, H) / base, "seconds": time.perf_counter() - t}
+        row["exact"] = {"ratio": loss(W, exact(W, keep, H), H) / base}
+        print(f"{name} {structure} {method}: " + ", ".join(
+            f"{k} {v['ratio']:.3f}" for k, v in row.items() if isinstance(v, dict)
+        ), flush=True)  # fmt: skip
+        rows.append(row)
+    return rows
+
+
+def summarize(rows: list[dict]) -> dict:
+    """Per method and structure: summed refit loss over the layers / summed loss of the method's weights."""
+    sums: dict[str, dict[str, float]] = {}
+    for row in rows:
+        acc = sums.setdefault(f"{row['method']} {row['structure']}", {"method": 0.0})
+        acc["method"] += row["loss"]
+        for k, v in row.items():
+            if isinstance(v, dict):
+                acc[k] = acc.get(k, 0.0) + v["ratio"] * row["loss"]
+    return {key: {k: v / s["method"] for k, v in s.items() if k != "method"} for key, s in sums.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
@@ -61,50 +93,26 @@ def main() -> None:
     layout = decoder_layout(model)
     inputs = capture_block_inputs(model, layout, calib, 4, torch.device("cpu"))
     runner = BlockRunner(torch.device("cpu"))
-    rows, totals = [], {}
+    rows = []
     for b in range(max(args.blocks) + 1):
         block = layout.blocks[b]
         layers = select_linears(block, f"{layout.prefix}.{b}", None, None)
         with InputStats(layers, sq_sum=True, hessian=True) as stats:
             runner.run(block, inputs, stats.end_forward, replace=True)  # dense outputs feed the next block
-        if b not in args.blocks:
-            continue
-        for name, module in layers.items():
-            W, H = weight_as_out_in(module), stats.hessian(name)
-            for structure in args.structures:
-                nm = Structure.parse(structure)
-                masks = {
-                    "wanda": prune_wanda(W, stats.sq_sum(name), 0.5, nm),
-                    "sparsegpt": sparsegpt(W, H, 0.5, nm),
-                }
-                for method, (pruned, keep) in masks.items():
-                    base = loss(W, pruned, H)
-                    row = {"layer": name, "structure": structure, "method": method, "loss": base}
-                    for n in args.iters:
-                        t = time.perf_counter()
-                        refit = reconstruct(W, pruned, keep, H, iters=n)
-                        row[f"cg{n}"] = {"ratio": loss(W, refit, H) / base, "seconds": time.perf_counter() - t}
-                    row["exact"] = {"ratio": loss(W, exact(W, keep, H), H) / base}
-                    rows.append(row)
-                    sums = totals.setdefault(f"{method} {structure}", {})
-                    sums["method"] = sums.get("method", 0.0) + base
-                    for k, v in row.items():
-                        if isinstance(v, dict):
-                            sums[k] = sums.get(k, 0.0) + v["ratio"] * base
-                    print(f"{name} {structure} {method}: " + ", ".join(
-                        f"{k} {row[k]['ratio']:.3f}" for k in row if isinstance(row[k], dict)
-                    ), flush=True)  # fmt: skip
-    summary = {key: {k: v / sums["method"] for k, v in sums.items() if k != "method"} for key, sums in totals.items()}
+        if b in args.blocks:
+            for name, module in layers.items():
+                for structure in args.structures:
+                    rows += measure_layer(name, weight_as_out_in(module), stats, structure, args.iters)
     result = {
         "model": args.model,
         "calibration": f"gsm8k train {args.num_samples} x {args.seq_len}, seed 0",
         "blocks": args.blocks,
-        "summary_loss_ratio": summary,  # sum over the layers of the refit loss / the method's loss
+        "summary_loss_ratio": summarize(rows),  # sum over the layers of the refit loss / the method's loss
         "layers": rows,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(summary, indent=2))
+    print(json.dumps(result["summary_loss_ratio"], indent=2))
 
 
 if __name__ == "__main__":
