@@ -6,7 +6,14 @@ import torch
 from sparsefit.pruning.magnitude import prune_magnitude
 from sparsefit.pruning.owl import outlier_ratio, owl_sparsities
 from sparsefit.pruning.sparsegpt import inverse_hessian, prune_sparsegpt, sparsegpt
-from sparsefit.pruning.structure import UNSTRUCTURED, Structure, check_sparsity, nm_keep_mask, topk_keep_mask
+from sparsefit.pruning.structure import (
+    UNSTRUCTURED,
+    Structure,
+    check_sparsity,
+    lowest_k,
+    nm_keep_mask,
+    topk_keep_mask,
+)
 from sparsefit.pruning.wanda import prune_wanda, wanda_scores
 
 ROWS, COLS = 48, 64
@@ -244,3 +251,72 @@ def test_mask_helpers_with_ties():
     # The highest scores are the ones kept.
     ranked = torch.arange(8.0).repeat(2, 1)
     assert nm_keep_mask(ranked, 1, 4).tolist() == [[False, False, False, True, False, False, False, True]] * 2
+
+
+def reference_sparsegpt(W, H, sparsity, structure=UNSTRUCTURED, block_size=128, damp=0.01):
+    """IST-DASLab's `fasterprune` as written there, in float64: one OBS update per column over the whole block."""
+    W, H = W.double().clone(), H.double().clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    H += damp * torch.diag(H).mean() * torch.eye(H.shape[0], dtype=H.dtype)
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    keep = torch.ones_like(W, dtype=torch.bool)
+    for i1 in range(0, W.shape[1], block_size):
+        i2 = min(i1 + block_size, W.shape[1])
+        W1, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
+        Q1, Err1 = torch.zeros_like(W1), torch.zeros_like(W1)
+        d = torch.diag(Hinv1)
+        mask1 = torch.zeros_like(W1, dtype=torch.bool)
+        if not structure.is_nm:
+            tmp = (W1**2 / d**2).flatten()
+            mask1.view(-1)[tmp.argsort()[: round(tmp.numel() * sparsity)]] = True
+        for i in range(i2 - i1):
+            if structure.is_nm and i % structure.m == 0:
+                tmp = W1[:, i : i + structure.m] ** 2 / d[i : i + structure.m] ** 2
+                low = torch.topk(tmp, structure.m - structure.n, dim=1, largest=False).indices
+                mask1[:, i : i + structure.m].scatter_(1, low, True)
+            q = W1[:, i].masked_fill(mask1[:, i], 0)
+            err = (W1[:, i] - q) / d[i]
+            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
+            Q1[:, i], Err1[:, i] = q, err
+        W[:, i1:i2] = Q1
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+        keep[:, i1:i2] = ~mask1
+    return W, keep
+
+
+@pytest.mark.parametrize("structure", [UNSTRUCTURED, Structure(2, 4), Structure(4, 8)])
+@pytest.mark.parametrize("block_size", [128, 40])
+def test_sparsegpt_matches_the_reference_loop(structure, block_size):
+    """The sub-blocked updates and the one-factorization inverse give the reference's masks and weights."""
+    if structure.is_nm and block_size % structure.m:
+        block_size = 48
+    W, X = layer_problem(rows=24, cols=168, tokens=1024, dead=(7,))
+    ours, keep = sparsegpt(W, hessian(X), 0.5, structure, block_size)
+    ref, ref_keep = reference_sparsegpt(W, hessian(X).double(), 0.5, structure, block_size)
+    assert torch.equal(keep, ref_keep)
+    assert torch.allclose(ours.double(), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_inverse_hessian_is_the_cholesky_factor_of_the_inverse():
+    _, X = layer_problem(cols=300, tokens=2048, dead=(3, 200))
+    H = hessian(X)
+    U, dead = inverse_hessian(H, damp=0.01)
+    assert dead.nonzero().flatten().tolist() == [3, 200]
+    assert torch.equal(U, U.triu()) and (U.diagonal() > 0).all()
+    Hd = H.double()
+    Hd[dead, dead] = 1
+    Hd += 0.01 * Hd.diagonal().mean() * torch.eye(300, dtype=torch.float64)
+    assert torch.allclose(U.double().T @ U.double() @ Hd, torch.eye(300, dtype=torch.float64), atol=1e-3)
+
+
+def test_lowest_k_counts_ties_by_index():
+    scores = torch.tensor([[3.0, 1.0, 1.0, 1.0, 0.0, 5.0], [2.0, 2.0, 2.0, 2.0, 2.0, 2.0]])
+    assert lowest_k(scores, 3, dim=1).tolist() == [
+        [False, True, True, False, True, False],
+        [True, True, True, False, False, False],
+    ]
+    assert lowest_k(scores.flatten(), 0).sum() == 0
+    assert lowest_k(scores.flatten(), 12).all()
+    assert lowest_k(torch.tensor([0.0, float("-inf"), 4.0]), 1).tolist() == [False, True, False]

@@ -4,7 +4,9 @@ Pruned in One-Shot"), following IST-DASLab's `sparsegpt.py` (`add_batch` / `fast
 The statistics are H = 2 X X^T / n; the solver prunes column blocks left to right. Inside a
 block each pruned weight's error is propagated to the remaining columns of the block through
 the upper Cholesky factor of H^-1 (the OBS update, Eq. 3 of the paper); the columns right of the
-block receive the block's accumulated error at once (the "lazy batch" update, Sec. 3.2).
+block receive the block's accumulated error at once (the "lazy batch" update, Sec. 3.2). The same
+lazy update is applied once more inside the block, every `SUB_BLOCK` columns, so the one-column
+updates touch 16 columns instead of up to 128 (identical result up to rounding, far less memory traffic).
 The inversion is split from the solve so layers that share an input (q/k/v) invert H once.
 """
 
@@ -12,7 +14,10 @@ from __future__ import annotations
 
 import torch
 
-from sparsefit.pruning.structure import UNSTRUCTURED, Structure, check_sparsity, preserved
+from sparsefit.pruning.structure import UNSTRUCTURED, Structure, check_sparsity, lowest_k, preserved
+
+# Columns whose OBS updates run one by one; the rest of the column block gets them as one product.
+SUB_BLOCK = 16
 
 
 def inverse_hessian(hessian: torch.Tensor, damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
@@ -31,27 +36,46 @@ def inverse_hessian(hessian: torch.Tensor, damp: float = 0.01) -> tuple[torch.Te
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
     H.diagonal().add_(damp * H.diagonal().mean())
-    try:
-        factor = torch.linalg.cholesky(H)
-        hinv = torch.linalg.cholesky(torch.cholesky_inverse(factor), upper=True)
-    except torch.linalg.LinAlgError:
+    # With J the order reversal and J H J = L L^T: H^-1 = U^T U for the upper U = J L^-1 J. One
+    # Cholesky and one triangular inverse, half the work of cholesky -> cholesky_inverse -> cholesky.
+    factor, info = torch.linalg.cholesky_ex(H.flip(0, 1))
+    if info.item() != 0:
         raise ValueError(
             f"Hessian is not positive definite with damp={damp}; raise damp (e.g. 0.1) or use more calibration data"
-        ) from None
-    return hinv, dead
+        )
+    return _lower_triangular_inverse(factor).flip(0, 1), dead
+
+
+def _lower_triangular_inverse(L: torch.Tensor, leaf: int = 128) -> torch.Tensor:
+    """L^-1 for lower-triangular L, by halves: [[A, 0], [B, C]]^-1 = [[A^-1, 0], [-C^-1 B A^-1, C^-1]].
+
+    Matrix products instead of a triangular solve against the identity: about twice as fast at 1536.
+    """
+    n = L.shape[0]
+    if n <= leaf:
+        return torch.linalg.solve_triangular(L, torch.eye(n, dtype=L.dtype, device=L.device), upper=False)
+    h = n // 2
+    inv = torch.zeros_like(L)
+    inv[:h, :h] = _lower_triangular_inverse(L[:h, :h], leaf)
+    inv[h:, h:] = _lower_triangular_inverse(L[h:, h:], leaf)
+    inv[h:, :h] = -(inv[h:, h:] @ L[h:, :h]) @ inv[:h, :h]
+    return inv
 
 
 def _choose_nm(
     W1: torch.Tensor,
-    d: torch.Tensor,
+    d2: torch.Tensor,
     pruned: torch.Tensor,
     keep_block: torch.Tensor | None,
     group: slice,
     n_prune: int,
 ) -> None:
-    """Mark the `n_prune` lowest w^2/d^2 of one N:M group (rows of the transposed block) as pruned, in place."""
+    """Mark the `n_prune` lowest w^2/d^2 of one N:M group (rows of the transposed block) as pruned, in place.
+
+    `d2` is the block's (count, 1) column of [H^-1]_cc^2.
+    """
     group_keep = None if keep_block is None else keep_block[group]
-    scores = preserved(W1[group] ** 2 / d[group].unsqueeze(1) ** 2, group_keep)
+    scores = preserved(W1[group].square().div_(d2[group]), group_keep)
     pruned[group].scatter_(0, torch.topk(scores, n_prune, dim=0, largest=False).indices, True)
     if group_keep is not None:
         pruned[group] |= ~group_keep  # more than M - N already pruned: all stay pruned
@@ -92,32 +116,38 @@ def prune_sparsegpt(
     W[:, dead] = 0
     keep = torch.ones_like(W, dtype=torch.bool)
     nm, m, n_prune = structure.is_nm, structure.m, structure.m - structure.n
+    sub = m * max(1, SUB_BLOCK // m) if nm else SUB_BLOCK
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
         # The block is held transposed, (count, rows), so each step reads one contiguous column.
         W1 = W[:, i1:i2].t().contiguous()
         Err1 = torch.zeros_like(W1)
         Hinv1 = hinv[i1:i2, i1:i2]
-        d = torch.diag(Hinv1)
+        d = torch.diag(Hinv1).unsqueeze(1)  # (count, 1), to scale rows of the transposed block
         keep_block = None if preserve_mask is None else preserve_mask[:, i1:i2].t()
         pruned = torch.zeros_like(W1, dtype=torch.bool)
         if not nm:
-            scores = preserved(W1**2 / d.unsqueeze(1) ** 2, keep_block)
-            k = round(scores.numel() * sparsity)  # index-based: ties (dead columns) never over-prune
-            if k:
-                pruned.view(-1)[torch.topk(scores.flatten(), k, largest=False).indices] = True
+            scores = preserved(W1**2 / d**2, keep_block)
+            # by count, not threshold: ties (dead columns) never over-prune
+            pruned = lowest_k(scores.flatten(), round(scores.numel() * sparsity)).view_as(W1)
             if keep_block is not None:
                 pruned |= ~keep_block
         # err_i = (w_i - q_i) / [H^-1]_ii with q_i = 0 where pruned and w_i where kept: err_i = w_i * scale_i.
-        scale = pruned / d.unsqueeze(1)
-        for i in range(i2 - i1):
-            if nm and i % m == 0:
-                group = slice(i, i + m)
-                _choose_nm(W1, d, pruned, keep_block, group, n_prune)
-                torch.div(pruned[group], d[group].unsqueeze(1), out=scale[group])
-            err = torch.mul(W1[i], scale[i], out=Err1[i])
-            # OBS update of the rest of the block; it also turns column i into q_i (up to rounding).
-            W1[i:].addr_(Hinv1[i, i:], err, alpha=-1.0)
+        scale = pruned / d
+        d2 = d**2 if nm else None
+        count = i2 - i1
+        for j1 in range(0, count, sub):
+            j2 = min(j1 + sub, count)
+            for i in range(j1, j2):
+                if nm and i % m == 0:
+                    group = slice(i, i + m)
+                    _choose_nm(W1, d2, pruned, keep_block, group, n_prune)
+                    torch.div(pruned[group], d[group], out=scale[group])
+                err = torch.mul(W1[i], scale[i], out=Err1[i])
+                # OBS update of the rest of the sub-block; it also turns column i into q_i (up to rounding).
+                W1[i:j2].addr_(Hinv1[i, i:j2], err, alpha=-1.0)
+            # The same updates for the rest of the block, as one product (exact: they are linear in Err1).
+            W1[j2:].addmm_(Hinv1[j1:j2, j2:].t(), Err1[j1:j2], alpha=-1.0)
         W[:, i1:i2] = W1.masked_fill_(pruned, 0).t()  # exact zeros where pruned
         W[:, i2:].addmm_(Err1.t(), hinv[i1:i2, i2:], alpha=-1.0)  # lazy update of later blocks
         keep[:, i1:i2] = ~pruned.t()

@@ -1,8 +1,8 @@
 """Sparsity structures (unstructured, or N:M = keep N nonzeros in every M consecutive inputs) and keep masks.
 
 Every mask here is a bool "keep" mask: True = the weight stays, False = it is pruned. Selections
-are index-based (sort/topk), never `score <= threshold`, so ties (e.g. all-zero dead columns) can
-not prune more than the requested count.
+are by count (`lowest_k`), never `score <= threshold` alone, so ties (e.g. all-zero dead columns)
+can not prune more than the requested count.
 """
 
 from __future__ import annotations
@@ -64,6 +64,20 @@ def check_sparsity(sparsity: float) -> None:
         raise ValueError(f"sparsity {sparsity} is outside [0, 1); pass a fraction of zeros such as 0.5")
 
 
+def lowest_k(scores: torch.Tensor, k: int, dim: int = -1) -> torch.Tensor:
+    """Bool mask of exactly the `k` lowest scores along `dim`; ties at the k-th value go to the lower index.
+
+    kthvalue plus a tie count instead of topk: for k near half of a large slice (SparseGPT's whole
+    column block) this is several times faster, with the same selection wherever scores are distinct.
+    """
+    if k == 0:
+        return torch.zeros_like(scores, dtype=torch.bool)
+    kth = scores.kthvalue(k, dim=dim, keepdim=True).values
+    below, ties = scores < kth, scores == kth
+    need = k - below.sum(dim, keepdim=True)
+    return below | (ties & (ties.cumsum(dim) <= need))
+
+
 def topk_keep_mask(scores: torch.Tensor, sparsity: float, dim: int | None = None) -> torch.Tensor:
     """Keep mask pruning exactly round(count * sparsity) lowest scores, whole tensor (dim=None) or along `dim`.
 
@@ -71,16 +85,8 @@ def topk_keep_mask(scores: torch.Tensor, sparsity: float, dim: int | None = None
     """
     check_sparsity(sparsity)
     if dim is None:
-        k = round(scores.numel() * sparsity)
-        mask = torch.ones(scores.numel(), dtype=torch.bool, device=scores.device)
-        if k:
-            mask[torch.topk(scores.flatten(), k, largest=False).indices] = False
-        return mask.view_as(scores)
-    k = round(scores.shape[dim] * sparsity)
-    mask = torch.ones_like(scores, dtype=torch.bool)
-    if k:
-        mask.scatter_(dim, torch.topk(scores, k, dim=dim, largest=False).indices, False)
-    return mask
+        return ~lowest_k(scores.flatten(), round(scores.numel() * sparsity)).view_as(scores)
+    return ~lowest_k(scores, round(scores.shape[dim] * sparsity), dim)
 
 
 def nm_keep_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
