@@ -81,6 +81,7 @@ def prune_and_evaluate(args: argparse.Namespace, name: str, seed: int, work: Pat
     sparsefit(
         "prune", "--model", args.model, *RUNS[name], *(["--sequential"] if args.sequential else []),
         *(["--reconstruct-iters", str(args.reconstruct_iters)] if args.reconstruct_iters else []),
+        *(["--offload-dir", str(work / "offload")] if args.offload else []),
         "--calib", "gsm8k", "--num-samples", str(args.num_samples),
         "--seq-len", str(args.seq_len), "--seed", str(seed), "--device", "cpu", "--output", str(out),
         "--json", str(report_path),
@@ -94,6 +95,7 @@ def prune_and_evaluate(args: argparse.Namespace, name: str, seed: int, work: Pat
         "ratio_to_dense_forward": report["seconds"] / yard,
         "process_wall_seconds": wall,
         "peak_rss_mb": report["peak_rss_mb"],
+        "process_peak_rss_mb": report["process_peak_rss_mb"],  # with loading and the save
         "sparsity": report["sparsity"]["overall"],
         "per_block_sparsity": report["sparsity"]["per_block"],
         "structure": report["structure"],
@@ -120,12 +122,16 @@ def main() -> None:
     parser.add_argument(
         "--reconstruct-iters", type=int, default=0, help="prune with --reconstruct-iters N (least-squares refit)"
     )
+    parser.add_argument(
+        "--offload", action="store_true", help="prune with --offload-dir (low-memory mode) in the work directory"
+    )
     parser.add_argument("--out", default="benchmarks/results/oneshot.json")
     args = parser.parse_args()
     result = {
         "model": args.model,
         "sequential": args.sequential,
         "reconstruct_iters": args.reconstruct_iters,
+        "offload": args.offload,
         "calibration": f"gsm8k train {args.num_samples} x {args.seq_len}",
         "eval": f"wikitext2 test, {args.windows} windows of 2048",
         "cpu_count": os.cpu_count(),
@@ -152,8 +158,12 @@ def main() -> None:
                 for key in ("ppl", "seconds", "ratio_to_dense_forward", "process_wall_seconds"):
                     row[key] = statistics.fmean(r[key] for r in rows)
                 row["peak_rss_mb"] = max(r["peak_rss_mb"] for r in rows)
+                row["process_peak_rss_mb"] = max(r["process_peak_rss_mb"] for r in rows)
                 row["ppl_stdev"] = statistics.stdev(r["ppl"] for r in rows)
-                row["per_seed"] = {str(r["seed"]): {k: r[k] for k in ("ppl", "seconds", "peak_rss_mb")} for r in rows}
+                row["per_seed"] = {
+                    str(r["seed"]): {k: r[k] for k in ("ppl", "seconds", "peak_rss_mb", "process_peak_rss_mb")}
+                    for r in rows
+                }
                 row["seed"] = args.seeds
             result["runs"][name] = row
             print(

@@ -164,6 +164,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from sparsefit.export import save_checkpoint
     from sparsefit.models import load_model_and_tokenizer, parse_device
     from sparsefit.pruning import OneShotConfig, oneshot
+    from sparsefit.pruning.oneshot import peak_rss_mb
 
     options = {
         "method": args.method,
@@ -187,6 +188,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         "compute_dtype": args.compute_dtype,
         "sequential": args.sequential,
         "reconstruct_iters": args.reconstruct_iters,
+        "offload_dir": args.offload_dir,
     }
     options = {k: v for k, v in options.items() if v is not None}  # unset flags keep the config's defaults
     if args.calib == "none":
@@ -198,6 +200,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     report = oneshot(model, tokenizer, config, device=device)
     report["model"] = args.model
     save_checkpoint(model, tokenizer, args.output, {"pruning": report})
+    # `peak_rss_mb` is the pruning's; the save reads every weight back, so the process's peak may be later.
+    report["process_peak_rss_mb"] = peak_rss_mb()
     phases = ", ".join(f"{k} {v:.1f}s" for k, v in report["phases"].items())
     profile = config.profile if isinstance(config.profile, str) else "explicit"
     print(
@@ -380,6 +384,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         default=None,
         help="prune each linear with the earlier linears of its block already pruned: one forward per block, not two",
+    )
+    p.add_argument(
+        "--offload-dir",
+        default=None,
+        help="move each pruned block's weights to files here (mapped back lazily): memory holds about one block",
     )
     p.add_argument("--output", required=True, help="directory for the pruned HF checkpoint")
     p.add_argument("--json", default=None, help="write the report as JSON here")

@@ -247,7 +247,11 @@ def test_cli_prune_writes_a_loadable_checkpoint(tiny_checkpoint, data_dir, tmp_p
     code = main(
         [
             "prune",
-            *(["--sequential", "--reconstruct-iters", "5"] if sequential else []),
+            *(
+                ["--sequential", "--reconstruct-iters", "5", "--offload-dir", str(tmp_path / "off")]
+                if sequential
+                else []
+            ),
             "--model",
             str(tiny_checkpoint),
             "--method",
@@ -270,7 +274,8 @@ def test_cli_prune_writes_a_loadable_checkpoint(tiny_checkpoint, data_dir, tmp_p
     report = json.loads(js.read_text())
     assert {"seconds", "peak_rss_mb", "method", "structure", "sparsity"} <= set(report)
     assert report["config"]["sequential"] == sequential and ("forward" in report["phases"]) == sequential
-    assert ("reconstruct" in report["phases"]) == sequential
+    assert ("reconstruct" in report["phases"]) == sequential and ("offload" in report["phases"]) == sequential
+    assert report["process_peak_rss_mb"] >= report["peak_rss_mb"]
     assert report["sparsity"]["overall"] == pytest.approx(0.5, abs=0.01)
     model = AutoModelForCausalLM.from_pretrained(out)
     assert (model.model.layers[1].mlp.down_proj.weight == 0).float().mean().item() == pytest.approx(0.5, abs=0.01)

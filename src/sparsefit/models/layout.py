@@ -67,6 +67,12 @@ def select_linears(
     return found
 
 
+def params_outside_blocks(model: nn.Module, layout: DecoderLayout) -> list[tuple[str, nn.Parameter]]:
+    """(name, parameter) of everything but the decoder blocks: embeddings, final norm, head (tied ones once)."""
+    inside = {id(p) for p in layout.blocks.parameters()}
+    return [(name, p) for name, p in model.named_parameters() if id(p) not in inside]
+
+
 def move_except_blocks(model: nn.Module, layout: DecoderLayout, device: torch.device) -> None:
     """Move everything but the decoder blocks to `device` (embeddings, rotary tables, final norm, head)."""
 

@@ -12,7 +12,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from sparsefit.config import check_regexes
 from sparsefit.errors import UsageError
-from sparsefit.models.layout import decoder_layout, weight_as_out_in
+from sparsefit.models.layout import decoder_layout, params_outside_blocks, weight_as_out_in
+from sparsefit.models.offload import offload_parameters, prepare_offload_dir
 from sparsefit.pruning.methods import MethodOptions
 from sparsefit.pruning.owl import owl_sparsities
 from sparsefit.pruning.pipeline import (
@@ -60,6 +61,10 @@ class OneShotConfig(BaseModel):
     # block instead of two (the GPTQ reference code's --true-sequential); off: every linear sees the dense block.
     sequential: bool = False
     compute_dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # block forwards; statistics stay float32
+    # Low-memory mode: each pruned block's weights move to a file here, mapped back lazily, and freed
+    # heap goes back to the OS between phases; resident memory then holds about one block's weights
+    # plus the activations. None keeps everything in memory.
+    offload_dir: str | None = None
 
     @field_validator("structure")
     @classmethod
@@ -186,7 +191,7 @@ def oneshot(
     options = MethodOptions(
         config.method, structure, block_size, config.damp, config.magnitude_scope, config.reconstruct_iters
     )
-    runner = BlockRunner(device, use_bf16(config.compute_dtype, device))
+    runner = BlockRunner(device, use_bf16(config.compute_dtype, device), low_memory=config.offload_dir is not None)
 
     inputs = None
     if calib is not None:
@@ -219,9 +224,14 @@ def oneshot(
 
     if not options.needs_data:
         inputs = None  # magnitude: data, if any, served only OWL's outlier ratios
+    offload_dir = None if config.offload_dir is None else prepare_offload_dir(config.offload_dir)
+    if offload_dir is not None:  # captured: embeddings and head wait on disk until the model is used whole
+        t = time.perf_counter()
+        offload_parameters(params_outside_blocks(model, layout), offload_dir)
+        report.add_time("offload", time.perf_counter() - t)
     prune_layerwise(
         model, options, sparsity_of, inputs, per_block, runner, config.preserve_mask, progress, report,
-        sequential=config.sequential,
+        sequential=config.sequential, offload_dir=offload_dir,
     )  # fmt: skip
 
     zeros = sum(r["sparsity"] * r["shape"][0] * r["shape"][1] for r in report.per_layer.values())

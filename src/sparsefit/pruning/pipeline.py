@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from greenlet import greenlet
@@ -30,6 +31,7 @@ from sparsefit.models.layout import (
     set_weight_out_in,
     weight_as_out_in,
 )
+from sparsefit.models.offload import offload_parameters, release_free_heap
 from sparsefit.pruning.methods import BlockSolver, MethodOptions
 from sparsefit.pruning.owl import outlier_ratio
 from sparsefit.pruning.stats import InputStats
@@ -61,10 +63,15 @@ class LayerwiseReport:
 
 @dataclass
 class BlockRunner:
-    """Runs one block over every calibration batch, on `device`, optionally under bf16 autocast."""
+    """Runs one block over every calibration batch, on `device`, optionally under bf16 autocast.
+
+    `low_memory` returns freed heap to the OS before each solve of the sequential order, where
+    every batch's paused forward holds activations among the holes of short-lived ones.
+    """
 
     device: torch.device
     bf16: bool = False
+    low_memory: bool = False
 
     def autocast(self):  # noqa: ANN201
         if not self.bf16:
@@ -165,6 +172,8 @@ class BlockRunner:
                             stops[name] = None
                             paused.append((i, task, batch))
                     for name in stops:
+                        if self.low_memory and stats.root(name) == name:  # a new input: new activations since
+                            release_free_heap()
                         solve(name)
                         solved.add(name)
                     pending = paused
@@ -326,13 +335,16 @@ def prune_layerwise(
     progress: bool = True,
     report: LayerwiseReport | None = None,
     sequential: bool = False,
+    offload_dir: Path | None = None,
 ) -> LayerwiseReport:
     """Prune every selected linear block by block; `sparsity_of(block_index, name)` gives each target.
 
     By default the linears of a block are all solved from statistics of the *dense* block (fed by
     the already-pruned earlier blocks); the block's outputs are then recomputed with pruned weights.
     `sequential` solves each linear from the block with its earlier linears already pruned, in one
-    forward (see `BlockRunner.run_sequential`).
+    forward (see `BlockRunner.run_sequential`). With `offload_dir`, each finished block's weights
+    move to disk there and are mapped back lazily (`offload_parameters`), so resident memory holds
+    about one block's weights besides the activations, whatever the depth of the model.
     """
     layout = decoder_layout(model)
     report = report or LayerwiseReport()
@@ -348,4 +360,9 @@ def prune_layerwise(
             i, block, layers, inputs, options, sparsity_of, runner, preserve_zeros, sequential, i < last, report
         )
         block.to(home)
+        if offload_dir is not None and layers:
+            t = time.perf_counter()
+            offload_parameters(block.named_parameters(), offload_dir)
+            release_free_heap()
+            report.add_time("offload", time.perf_counter() - t)
     return report

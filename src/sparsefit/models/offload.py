@@ -1,0 +1,93 @@
+"""Disk offload of finished parts of a model: their weights move to a file and come back on demand.
+
+Layer-by-layer pruning only computes on one block at a time, yet a pruned block's weights are
+fresh memory (the unpruned ones are pages of the mapped checkpoint, read only when used). Writing a
+finished block to a safetensors file and mapping it back privately and lazily turns those weights
+into file pages again: they cost no resident memory until something reads them (a later save, an
+evaluation), and the kernel can drop them again under pressure.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+import uuid
+from collections.abc import Iterable
+from pathlib import Path
+
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from sparsefit.errors import UsageError
+
+
+def prepare_offload_dir(directory: str | os.PathLike) -> Path:
+    """Create `directory` if needed and check it can take files; a usage error names the problem."""
+    path = Path(directory)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".sparsefit-probe-{uuid.uuid4().hex}"
+        probe.touch()
+        probe.unlink()
+    except OSError as err:
+        raise UsageError(
+            f"offload directory '{path}' is not writable ({err.strerror}); pass another --offload-dir"
+        ) from None
+    return path
+
+
+def offload_parameters(named: Iterable[tuple[str, nn.Parameter]], directory: Path) -> int:
+    """Move CPU parameters (`module.named_parameters()`) to a file in `directory`, mapped back lazily.
+
+    Returns the bytes moved. Values and dtypes are unchanged; the parameters stay writable (a write
+    copies that page). The file is unlinked once mapped (Linux keeps a mapped file alive until it is
+    unmapped), so nothing is left behind even if the process dies.
+    """
+    params = {name: p for name, p in named if p.device.type == "cpu" and p.numel()}
+    if not params:
+        return 0
+    path = directory / f"offload-{uuid.uuid4().hex}.safetensors"
+    save_file({name: p.detach().contiguous() for name, p in params.items()}, str(path))
+    old = [(p.data_ptr(), p.numel() * p.element_size()) for p in params.values()]
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            for name, p in params.items():
+                p.data = f.get_tensor(name)
+    finally:
+        path.unlink(missing_ok=True)
+    for addr, size in old:
+        _release(addr, size)
+    return sum(size for _, size in old)
+
+
+_LIBC = ctypes.CDLL(None) if sys.platform.startswith("linux") else None
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+_MADV_DONTNEED = 4
+
+
+def _release(addr: int, size: int) -> None:
+    """Drop the whole pages of [addr, addr + size) from resident memory (Linux; elsewhere a no-op).
+
+    The bytes belonged to a tensor no longer in use, possibly inside a larger storage that stays
+    alive (a checkpoint mapped as one buffer), so freeing the tensor alone would release nothing.
+    """
+    start = -(-addr // _PAGE) * _PAGE
+    end = (addr + size) // _PAGE * _PAGE
+    if _LIBC is not None and end > start:
+        _LIBC.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_DONTNEED)
+
+
+def release_free_heap() -> None:
+    """Return the free pages of the C heap to the OS (glibc's malloc_trim; elsewhere a no-op).
+
+    Many activations alive at once, interleaved with short-lived ones of other sizes, fragment the
+    heap: freed holes stay resident and the next, larger request grows it. Trimming between the
+    phases that allocate them keeps resident memory near what is alive.
+    """
+    if _TRIM is not None:
+        _TRIM(0)
+
+
+_TRIM = getattr(_LIBC, "malloc_trim", None)

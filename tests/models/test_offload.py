@@ -1,0 +1,72 @@
+"""Disk offload: parameters move to a file, come back lazily with the same values, and nothing stays on disk."""
+
+import pytest
+import torch
+from torch import nn
+
+from sparsefit.errors import UsageError
+from sparsefit.models.layout import decoder_layout, params_outside_blocks
+from sparsefit.models.offload import offload_parameters, prepare_offload_dir, release_free_heap
+from tests.conftest import tiny_model
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_offloaded_parameters_keep_their_values_and_stay_parameters(tmp_path, dtype):
+    layer = nn.Linear(24, 16).to(dtype)
+    before = {name: p.detach().clone() for name, p in layer.named_parameters()}
+    params = dict(layer.named_parameters())
+    moved = offload_parameters(layer.named_parameters(), tmp_path)
+    assert moved == sum(p.numel() * p.element_size() for p in before.values())
+    assert list(tmp_path.iterdir()) == []  # unlinked once mapped
+    for name, p in layer.named_parameters():
+        assert p is params[name] and isinstance(p, nn.Parameter) and p.requires_grad
+        assert p.dtype == dtype and torch.equal(p.detach(), before[name])
+    with torch.no_grad():  # still writable, and a write touches only that tensor
+        layer.weight[0, 0] = 7.0
+    assert layer.weight[0, 0].item() == 7.0 and torch.equal(layer.bias.detach(), before["bias"])
+    out = layer(torch.ones(2, 24, dtype=dtype))
+    out.float().sum().backward()
+    assert layer.weight.grad is not None
+
+
+def test_offloading_one_view_of_a_storage_leaves_the_others_intact(tmp_path):
+    """Checkpoints load as one mapped buffer; releasing a moved tensor's pages must not touch its neighbours."""
+    buffer = torch.randn(3 * 4096)  # three page-sized (and larger) tensors side by side
+    a, b, c = (nn.Parameter(buffer[i * 4096 : (i + 1) * 4096]) for i in range(3))
+    expected = [t.detach().clone() for t in (a, b, c)]
+    offload_parameters([("b", b)], tmp_path)
+    assert torch.equal(a.detach(), expected[0]) and torch.equal(c.detach(), expected[2])
+    assert torch.equal(b.detach(), expected[1])
+    release_free_heap()  # safe to call any time
+
+
+def test_pruning_with_offload_gives_the_same_model(tmp_path):
+    from sparsefit.pruning import OneShotConfig, oneshot
+
+    x = torch.randint(3, 256, (8, 32), generator=torch.Generator().manual_seed(0))
+    options = {"calib": "unused", "batch_size": 4, "compute_dtype": "float32", "sequential": True}
+    plain, offloaded = tiny_model("llama"), tiny_model("llama")
+    oneshot(plain, None, OneShotConfig(method="sparsegpt", **options), calib=x, progress=False)
+    config = OneShotConfig(method="sparsegpt", offload_dir=str(tmp_path / "off"), **options)
+    report = oneshot(offloaded, None, config, calib=x, progress=False)
+    assert "offload" in report["phases"]
+    assert list((tmp_path / "off").iterdir()) == []
+    for (name, p), q in zip(plain.named_parameters(), offloaded.parameters()):
+        assert torch.equal(p, q), name
+    assert offloaded.lm_head.weight is offloaded.model.embed_tokens.weight or not plain.config.tie_word_embeddings
+    assert torch.equal(plain(x).logits, offloaded(x).logits)
+
+
+def test_params_outside_blocks():
+    model = tiny_model("llama")
+    names = [name for name, _ in params_outside_blocks(model, decoder_layout(model))]
+    assert names and not any(name.startswith("model.layers.") for name in names)
+    assert "model.embed_tokens.weight" in names and "model.norm.weight" in names
+
+
+def test_unwritable_offload_dir_is_a_usage_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(UsageError, match="not writable.*--offload-dir"):
+        prepare_offload_dir(blocker / "sub")
+    assert prepare_offload_dir(tmp_path / "a" / "b").is_dir()
