@@ -172,7 +172,7 @@ class BlockRunner:
                             stops[name] = None
                             paused.append((i, task, batch))
                     for name in stops:
-                        if self.low_memory and stats.root(name) == name:  # a new input: new activations since
+                        if self.low_memory:
                             release_free_heap()
                         solve(name)
                         solved.add(name)
