@@ -43,23 +43,27 @@ def offload_parameters(named: Iterable[tuple[str, nn.Parameter]], directory: Pat
 
     Returns the bytes moved. Values and dtypes are unchanged; the parameters stay writable (a write
     copies that page). The file is unlinked once mapped (Linux keeps a mapped file alive until it is
-    unmapped), so nothing is left behind even if the process dies.
+    unmapped), so nothing is left behind even if the process dies. The parameters' old memory is
+    released, so no other tensor may view it (tied weights must be the same `Parameter`, as in HF).
     """
     params = {name: p for name, p in named if p.device.type == "cpu" and p.numel()}
     if not params:
         return 0
     path = directory / f"offload-{uuid.uuid4().hex}.safetensors"
     save_file({name: p.detach().contiguous() for name, p in params.items()}, str(path))
-    old = [(p.data_ptr(), p.numel() * p.element_size()) for p in params.values()]
+    # The old tensors stay referenced until their pages are released: freed memory could be reused at once.
+    old = [p.data for p in params.values()]
     try:
         with safe_open(str(path), framework="pt") as f:
             for name, p in params.items():
                 p.data = f.get_tensor(name)
     finally:
         path.unlink(missing_ok=True)
-    for addr, size in old:
-        _release(addr, size)
-    return sum(size for _, size in old)
+    sizes = [t.numel() * t.element_size() for t in old]
+    for t, size in zip(old, sizes):
+        if t.is_contiguous():  # then its bytes are exactly [data_ptr, data_ptr + size)
+            _release(t.data_ptr(), size)
+    return sum(sizes)
 
 
 _LIBC = ctypes.CDLL(None) if sys.platform.startswith("linux") else None

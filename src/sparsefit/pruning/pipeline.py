@@ -65,8 +65,8 @@ class LayerwiseReport:
 class BlockRunner:
     """Runs one block over every calibration batch, on `device`, optionally under bf16 autocast.
 
-    `low_memory` returns freed heap to the OS before each solve of the sequential order, where
-    every batch's paused forward holds activations among the holes of short-lived ones.
+    `low_memory` returns freed heap to the OS at the sequential order's stops, where every batch's
+    paused forward holds activations among the holes of short-lived ones.
     """
 
     device: torch.device
@@ -172,7 +172,8 @@ class BlockRunner:
                             stops[name] = None
                             paused.append((i, task, batch))
                     for name in stops:
-                        if self.low_memory:
+                        # Only where the input is new (not k/v after q): only then did the forwards allocate much.
+                        if self.low_memory and stats.root(name) == name:
                             release_free_heap()
                         solve(name)
                         solved.add(name)
