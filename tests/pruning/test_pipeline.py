@@ -310,6 +310,12 @@ def test_cli_prune_usage_errors(tiny_checkpoint, tmp_path, capsys):
     code = main(["prune", "--model", str(tiny_checkpoint), "--method", "wanda", "--calib", "none", "--output", "o"])
     err = capsys.readouterr().err
     assert code == 2 and "needs calibration data" in err
+    (tmp_path / "file").write_text("x")
+    bad_dir = str(tmp_path / "file" / "off")
+    code = main(["prune", "--model", str(tiny_checkpoint), "--offload-dir", bad_dir, "--output", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and "not writable" in err and "--offload-dir" in err and err.count("\n") == 1
+    assert not (tmp_path / "o").exists()
 
 
 def test_save_is_atomic_on_failure(tmp_path, tokenizer):

@@ -179,6 +179,8 @@ def oneshot(
     except ValueError as err:  # the math raises ValueError; at this boundary it is the user's input
         raise UsageError(str(err)) from None
     report = LayerwiseReport()
+    # Checked before any work: an unwritable directory should not cost the calibration pass.
+    offload_dir = None if config.offload_dir is None else prepare_offload_dir(config.offload_dir)
 
     t = time.perf_counter()
     if calib is None:
@@ -224,7 +226,6 @@ def oneshot(
 
     if not options.needs_data:
         inputs = None  # magnitude: data, if any, served only OWL's outlier ratios
-    offload_dir = None if config.offload_dir is None else prepare_offload_dir(config.offload_dir)
     if offload_dir is not None:  # captured: embeddings and head wait on disk until the model is used whole
         t = time.perf_counter()
         offload_parameters(params_outside_blocks(model, layout), offload_dir)
