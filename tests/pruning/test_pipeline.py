@@ -137,6 +137,20 @@ def test_sequential_sparsegpt_every_family(arch, structure):
     assert torch.allclose(dict(linears(model))[first].weight, dict(linears(reference))[first].weight, atol=1e-6)
 
 
+def test_pruning_with_offload_gives_the_same_model(tmp_path):
+    x = calib()
+    plain, offloaded = tiny_model("llama"), tiny_model("llama")
+    oneshot(plain, None, cfg(method="sparsegpt", sequential=True), calib=x, progress=False)
+    config = cfg(method="sparsegpt", sequential=True, offload_dir=str(tmp_path / "off"))
+    report = oneshot(offloaded, None, config, calib=x, progress=False)
+    assert "offload" in report["phases"]
+    assert list((tmp_path / "off").iterdir()) == []
+    for (name, p), q in zip(plain.named_parameters(), offloaded.parameters()):
+        assert torch.equal(p, q), name
+    assert offloaded.lm_head.weight is offloaded.model.embed_tokens.weight or not plain.config.tie_word_embeddings
+    assert torch.equal(plain(x).logits, offloaded(x).logits)
+
+
 def test_shared_inputs_share_one_accumulator():
     model = tiny_model("llama")
     block = model.model.layers[0]

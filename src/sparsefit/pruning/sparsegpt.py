@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from sparsefit.pruning.structure import UNSTRUCTURED, Structure, check_sparsity, lowest_k, preserved
+from sparsefit.pruning.structure import UNSTRUCTURED, Structure, check_sparsity, preserved, topk_keep_mask
 
 # Columns whose OBS updates run one by one; the rest of the column block gets them as one product.
 SUB_BLOCK = 16
@@ -127,9 +127,8 @@ def prune_sparsegpt(
         keep_block = None if preserve_mask is None else preserve_mask[:, i1:i2].t()
         pruned = torch.zeros_like(W1, dtype=torch.bool)
         if not nm:
-            scores = preserved(W1**2 / d**2, keep_block)
-            # by count, not threshold: ties (dead columns) never over-prune
-            pruned = lowest_k(scores.flatten(), round(scores.numel() * sparsity)).view_as(W1)
+            # over the whole block, by count: ties (dead columns) never over-prune
+            pruned = ~topk_keep_mask(preserved(W1**2 / d**2, keep_block), sparsity)
             if keep_block is not None:
                 pruned |= ~keep_block
         # err_i = (w_i - q_i) / [H^-1]_ii with q_i = 0 where pruned and w_i where kept: err_i = w_i * scale_i.
