@@ -1,4 +1,5 @@
-"""Disk offload: parameters move to a file, come back lazily with the same values, and nothing stays on disk.
+"""Disk offload: parameters and activations move to a file, come back lazily with the same values,
+and nothing stays on disk.
 
 That pruning with offload gives the same model is tested with the pipeline (tests/pruning/test_pipeline.py).
 """
@@ -9,7 +10,12 @@ from torch import nn
 
 from sparsefit.errors import UsageError
 from sparsefit.models.layout import decoder_layout, params_outside_blocks
-from sparsefit.models.offload import offload_parameters, prepare_offload_dir, release_free_heap
+from sparsefit.models.offload import (
+    offload_parameters,
+    offload_tensor_,
+    prepare_offload_dir,
+    release_free_heap,
+)
 from tests.conftest import tiny_model
 
 
@@ -41,6 +47,29 @@ def test_offloading_one_view_of_a_storage_leaves_the_others_intact(tmp_path):
     assert torch.equal(a.detach(), expected[0]) and torch.equal(c.detach(), expected[2])
     assert torch.equal(b.detach(), expected[1])
     release_free_heap()  # safe to call any time
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.bool])
+def test_offloaded_tensor_keeps_its_values_in_place(tmp_path, dtype):
+    t = torch.randn(3, 5, 4096) > 0 if dtype == torch.bool else torch.randn(3, 5, 4096).to(dtype)
+    same, expected, address = t, t.clone(), t.data_ptr()
+    assert offload_tensor_(t, tmp_path) == t.numel() * t.element_size()
+    assert same is t and t.data_ptr() != address  # every reference sees the moved bytes
+    assert t.dtype == dtype and t.shape == expected.shape and t.stride() == expected.stride()
+    assert torch.equal(t, expected)
+    assert list(tmp_path.iterdir()) == []  # unlinked once mapped
+    t[0] = t[1]  # still writable (privately)
+    assert torch.equal(t[0], expected[1]) and torch.equal(t[2], expected[2])
+
+
+def test_tensors_that_share_their_storage_are_not_offloaded(tmp_path):
+    base = torch.randn(4, 6)
+    for t in (base[1:], base.t(), base.view(24)):  # a slice, non-contiguous, a view of the whole storage
+        address, expected = t.data_ptr(), t.clone()
+        assert offload_tensor_(t, tmp_path) == 0
+        assert t.data_ptr() == address and torch.equal(t, expected)
+    assert offload_tensor_(torch.empty(0), tmp_path) == 0
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_params_outside_blocks():

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from torch import nn
 from transformers import AutoModelForCausalLM
 
 from sparsefit.cli import main
@@ -12,6 +13,7 @@ from sparsefit.data.self_generated import sample_from_model
 from sparsefit.errors import UsageError
 from sparsefit.export import save_checkpoint
 from sparsefit.models.layout import decoder_layout, select_linears, weight_as_out_in
+from sparsefit.models.offload import offload_tensor_
 from sparsefit.pruning import OneShotConfig, oneshot
 from sparsefit.pruning.pipeline import BlockRunner, capture_block_inputs
 from sparsefit.pruning.stats import InputStats
@@ -137,9 +139,11 @@ def test_sequential_sparsegpt_every_family(arch, structure):
     assert torch.allclose(dict(linears(model))[first].weight, dict(linears(reference))[first].weight, atol=1e-6)
 
 
-def test_pruning_with_offload_gives_the_same_model(tmp_path):
+@pytest.mark.parametrize("arch", ["llama", "opt", "gpt2"])
+def test_pruning_with_offload_gives_the_same_model(tmp_path, arch):
+    """Weights and, in the sequential order, the paused forwards' inputs move to files."""
     x = calib()
-    plain, offloaded = tiny_model("llama"), tiny_model("llama")
+    plain, offloaded = tiny_model(arch), tiny_model(arch)
     oneshot(plain, None, cfg(method="sparsegpt", sequential=True), calib=x, progress=False)
     config = cfg(method="sparsegpt", sequential=True, offload_dir=str(tmp_path / "off"))
     report = oneshot(offloaded, None, config, calib=x, progress=False)
@@ -147,7 +151,8 @@ def test_pruning_with_offload_gives_the_same_model(tmp_path):
     assert list((tmp_path / "off").iterdir()) == []
     for (name, p), q in zip(plain.named_parameters(), offloaded.parameters()):
         assert torch.equal(p, q), name
-    assert offloaded.lm_head.weight is offloaded.model.embed_tokens.weight or not plain.config.tie_word_embeddings
+    tied = offloaded.get_output_embeddings().weight is offloaded.get_input_embeddings().weight
+    assert tied or not plain.config.tie_word_embeddings
     assert torch.equal(plain(x).logits, offloaded(x).logits)
 
 
@@ -163,6 +168,39 @@ def test_shared_inputs_share_one_accumulator():
     assert stats.root("b.self_attn.o_proj") == "b.self_attn.o_proj"
     assert stats.root("b.mlp.down_proj") == "b.mlp.down_proj"
     assert set(stats.xtx) == {"b.self_attn.q_proj", "b.self_attn.o_proj", "b.mlp.gate_proj", "b.mlp.down_proj"}
+
+
+def test_an_input_moved_between_its_linears_stays_shared(tmp_path):
+    """The sequential order's low-memory mode moves q's input to a file before k and v read it."""
+    model = tiny_model("llama")
+    block = model.model.layers[0]
+    layers = select_linears(block, "b", None, None)
+    moved = []
+
+    def move(module, args):
+        moved.append(offload_tensor_(args[0], tmp_path))
+
+    with InputStats(layers, hessian=True) as stats, torch.no_grad():
+        q = block.self_attn.q_proj.register_forward_pre_hook(move)  # after `stats`' hooks, as the runner's stops
+        model(calib(2, 16))
+        q.remove()
+    assert moved[0] > 0
+    assert stats.root("b.self_attn.k_proj") == stats.root("b.self_attn.v_proj") == "b.self_attn.q_proj"
+    assert set(stats.xtx) == {"b.self_attn.q_proj", "b.self_attn.o_proj", "b.mlp.gate_proj", "b.mlp.down_proj"}
+
+
+def test_a_new_tensor_at_a_moved_inputs_old_address_is_not_shared(tmp_path):
+    a, b = nn.Linear(6, 6), nn.Linear(6, 6)
+    with InputStats({"a": a, "b": b}, hessian=True) as stats, torch.no_grad():
+        x = torch.randn(2, 6)
+        a(x)
+        old = x.untyped_storage()
+        offload_tensor_(x, tmp_path)  # x is alive, elsewhere now
+        y = torch.empty(0).set_(old, 0, x.shape, x.stride())  # another tensor where x was
+        y.normal_()
+        b(y)
+    assert stats.root("b") == "b"
+    assert torch.allclose(stats.hessian("b"), 2 * y.t() @ y / 2)
 
 
 def test_owl_profile_mean_equals_target():
@@ -397,6 +435,25 @@ def test_sequential_error_in_a_solve_surfaces_and_leaves_no_hooks():
         BlockRunner(torch.device("cpu")).run_sequential(block, inputs, layers, stats, solve)
     assert all(not m._forward_pre_hooks for m in layers.values())
     assert stats.scope is None
+
+
+@pytest.mark.parametrize("offload", [False, True])
+def test_sequential_stops_only_where_a_linear_has_a_new_input(tmp_path, offload):
+    """k/v share q's input and up shares gate's: they are pruned as the first batch reaches them,
+    so no stop has every batch holding q's or gate's output."""
+    block, layers, inputs = first_block_with_inputs(batch_size=2)  # 4 batches
+    ran = {name: 0 for name in layers}
+    handles = [m.register_forward_hook(lambda m, a, o, n=n: ran.__setitem__(n, ran[n] + 1)) for n, m in layers.items()]
+    seen = {}  # name -> how many batches had run each linear when it was solved
+    runner = BlockRunner(torch.device("cpu"), offload_dir=tmp_path if offload else None)
+    with InputStats(layers, sq_sum=True) as stats:
+        runner.run_sequential(block, inputs, layers, stats, lambda name: seen.__setitem__(name, dict(ran)))
+    for h in handles:
+        h.remove()
+    assert list(seen) == list(layers)
+    assert seen["b.self_attn.k_proj"]["b.self_attn.q_proj"] == 1 and seen["b.mlp.up_proj"]["b.mlp.gate_proj"] == 1
+    assert seen["b.self_attn.o_proj"]["b.self_attn.v_proj"] == 4 and seen["b.mlp.down_proj"]["b.mlp.up_proj"] == 4
+    assert all(n == 4 for n in ran.values())
 
 
 def test_statistics_pass_stops_at_the_last_linear_with_the_same_statistics():

@@ -1,10 +1,12 @@
-"""Disk offload of finished parts of a model: their weights move to a file and come back on demand.
+"""Disk offload of finished parts of a model, and of paused activations: their bytes move to a file
+and come back on demand.
 
 Layer-by-layer pruning only computes on one block at a time, yet a pruned block's weights are
 fresh memory (the unpruned ones are pages of the mapped checkpoint, read only when used). Writing a
 finished block to a safetensors file and mapping it back privately and lazily turns those weights
 into file pages again: they cost no resident memory until something reads them (a later save, an
-evaluation), and the kernel can drop them again under pressure.
+evaluation), and the kernel can drop them again under pressure. The same holds for the inputs that
+the sequential order's paused forwards wait with (`offload_tensor_`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import uuid
 from collections.abc import Iterable
 from pathlib import Path
 
+import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
@@ -64,6 +67,37 @@ def offload_parameters(named: Iterable[tuple[str, nn.Parameter]], directory: Pat
         if t.is_contiguous():  # then its bytes are exactly [data_ptr, data_ptr + size)
             _release(t.data_ptr(), size)
     return sum(sizes)
+
+
+def offload_tensor_(tensor: torch.Tensor, directory: Path) -> int:
+    """Move a CPU tensor's bytes to a file in `directory` and map them back lazily, in place.
+
+    Every reference to this tensor object sees the same values afterwards, now as file pages that
+    are resident only once read. Returns the bytes moved: 0 (and nothing done) unless the tensor is
+    contiguous and alone in its storage, since only then is its memory freed. Another view of the
+    same storage, if any, keeps the old bytes and no longer shares later in-place writes.
+    """
+    nbytes = tensor.numel() * tensor.element_size()
+    storage = tensor.untyped_storage()
+    if (
+        tensor.device.type != "cpu"
+        or not nbytes
+        or tensor._base is not None
+        or not tensor.is_contiguous()
+        or tensor.storage_offset()
+        or storage.nbytes() != nbytes
+    ):
+        return 0
+    path = directory / f"activation-{uuid.uuid4().hex}.bin"
+    try:
+        with open(path, "xb") as f:
+            f.write(tensor.detach().reshape(-1).view(torch.uint8).numpy().data)
+        mapped = torch.UntypedStorage.from_file(str(path), False, nbytes)  # private: writes stay in memory
+    finally:
+        path.unlink(missing_ok=True)  # the mapping keeps the file's pages
+    with torch.no_grad():
+        tensor.set_(mapped, 0, tensor.size(), tensor.stride())
+    return nbytes
 
 
 _LIBC = ctypes.CDLL(None) if sys.platform.startswith("linux") else None

@@ -193,7 +193,7 @@ def oneshot(
     options = MethodOptions(
         config.method, structure, block_size, config.damp, config.magnitude_scope, config.reconstruct_iters
     )
-    runner = BlockRunner(device, use_bf16(config.compute_dtype, device), low_memory=config.offload_dir is not None)
+    runner = BlockRunner(device, use_bf16(config.compute_dtype, device), offload_dir=offload_dir)
 
     inputs = None
     if calib is not None:

@@ -31,7 +31,7 @@ from sparsefit.models.layout import (
     set_weight_out_in,
     weight_as_out_in,
 )
-from sparsefit.models.offload import offload_parameters, release_free_heap
+from sparsefit.models.offload import offload_parameters, offload_tensor_, release_free_heap
 from sparsefit.pruning.methods import BlockSolver, MethodOptions
 from sparsefit.pruning.owl import outlier_ratio
 from sparsefit.pruning.stats import InputStats
@@ -65,13 +65,15 @@ class LayerwiseReport:
 class BlockRunner:
     """Runs one block over every calibration batch, on `device`, optionally under bf16 autocast.
 
-    `low_memory` returns freed heap to the OS at the sequential order's stops, where every batch's
-    paused forward holds activations among the holes of short-lived ones.
+    With `offload_dir` (low-memory mode), the sequential order's paused forwards wait with their
+    linear's input in a file there (mapped back as they resume), and freed heap goes back to the OS
+    at each such stop, where every batch's paused forward holds activations among the holes of
+    short-lived ones.
     """
 
     device: torch.device
     bf16: bool = False
-    low_memory: bool = False
+    offload_dir: Path | None = None
 
     def autocast(self):  # noqa: ANN201
         if not self.bf16:
@@ -137,18 +139,30 @@ class BlockRunner:
         """One forward of `block` per batch that prunes the block on the way; outputs replace `inputs`.
 
         Each batch's forward is a coroutine (a greenlet, so everything stays on this thread and its
-        torch state) that stops before the first call of every linear in `layers`. When all batches
-        have stopped at a linear, `stats` holds its statistics over every batch: `solve(name)` prunes
-        it and the batches resume with the pruned weight. Activations of all batches are alive at a
-        stop, about what one large batch of the whole calibration set would hold between two linears.
+        torch state) that stops before the first call of every linear in `layers` with a new input.
+        When all batches have stopped at a linear, `stats` holds its statistics over every batch:
+        `solve(name)` prunes it and the batches resume with the pruned weight. A linear that shares
+        its input with an earlier one is pruned when the first batch reaches it. Activations of all
+        batches are alive at a stop, about what one large batch of the whole calibration set would
+        hold between two linears.
         """
         driver = greenlet.getcurrent()
         solved: set[str] = set()
 
         def stop_before(name: str):  # noqa: ANN202
             def hook(module: nn.Module, args: tuple) -> None:
-                if name not in solved:
-                    driver.switch(name)
+                if name in solved:
+                    return
+                if stats.root(name) in solved:
+                    # Its input is one an earlier linear already took from every batch (k/v after q, up
+                    # after gate; known once `stats`' hook saw it): its statistics are complete, so it
+                    # is pruned now, with no stop where every batch would hold that linear's output.
+                    solve(name)
+                    solved.add(name)
+                    return
+                if self.offload_dir is not None and stats.root(name) == name:
+                    offload_tensor_(args[0], self.offload_dir)  # the MLP's wide intermediate is the largest
+                driver.switch(name)
 
             return hook
 
@@ -172,8 +186,7 @@ class BlockRunner:
                             stops[name] = None
                             paused.append((i, task, batch))
                     for name in stops:
-                        # Only where the input is new (not k/v after q): only then did the forwards allocate much.
-                        if self.low_memory and stats.root(name) == name:
+                        if self.offload_dir is not None:
                             release_free_heap()
                         solve(name)
                         solved.add(name)

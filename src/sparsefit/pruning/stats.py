@@ -50,9 +50,15 @@ class InputStats:
             x = args[0]
             seen = self._seen.setdefault(self.scope, {})
             key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()))
-            # A live weak reference means the address was not reused by a later tensor.
-            if key in seen and seen[key][0]() is not None:
-                self.owner[name] = seen[key][1]
+            # The same tensor object (its bytes may have moved since: `offload_tensor_`), or another
+            # view of the same bytes: a tensor still alive at that address, so it was not reused.
+            same = next((owner for ref, owner in seen.values() if ref() is x), None)
+            if same is None and key in seen:
+                first = seen[key][0]()
+                if first is not None and first.data_ptr() == key[0]:
+                    same = seen[key][1]
+            if same is not None:
+                self.owner[name] = same
                 return
             seen[key] = (weakref.ref(x), name)
             if name in self.owner:
