@@ -438,9 +438,17 @@ def test_sequential_error_in_a_solve_surfaces_and_leaves_no_hooks():
 
 
 @pytest.mark.parametrize("offload", [False, True])
-def test_sequential_stops_only_where_a_linear_has_a_new_input(tmp_path, offload):
+def test_sequential_stops_only_where_a_linear_has_a_new_input(tmp_path, monkeypatch, offload):
     """k/v share q's input and up shares gate's: they are pruned as the first batch reaches them,
-    so no stop has every batch holding q's or gate's output."""
+    so no stop has every batch holding q's or gate's output. Low-memory mode moves the inputs
+    wider than the block's, the MLP intermediates, to files while their batches wait."""
+    moved = []
+
+    def record(tensor, directory):
+        moved.append(tuple(tensor.shape))
+        return offload_tensor_(tensor, directory)
+
+    monkeypatch.setattr("sparsefit.pruning.pipeline.offload_tensor_", record)
     block, layers, inputs = first_block_with_inputs(batch_size=2)  # 4 batches
     ran = {name: 0 for name in layers}
     handles = [m.register_forward_hook(lambda m, a, o, n=n: ran.__setitem__(n, ran[n] + 1)) for n, m in layers.items()]
@@ -454,6 +462,9 @@ def test_sequential_stops_only_where_a_linear_has_a_new_input(tmp_path, offload)
     assert seen["b.self_attn.k_proj"]["b.self_attn.q_proj"] == 1 and seen["b.mlp.up_proj"]["b.mlp.gate_proj"] == 1
     assert seen["b.self_attn.o_proj"]["b.self_attn.v_proj"] == 4 and seen["b.mlp.down_proj"]["b.mlp.up_proj"] == 4
     assert all(n == 4 for n in ran.values())
+    hidden = inputs[0][0].shape
+    assert moved == ([(*hidden[:-1], block.mlp.down_proj.in_features)] * 4 if offload else [])
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_statistics_pass_stops_at_the_last_linear_with_the_same_statistics():

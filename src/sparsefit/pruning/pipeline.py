@@ -65,10 +65,8 @@ class LayerwiseReport:
 class BlockRunner:
     """Runs one block over every calibration batch, on `device`, optionally under bf16 autocast.
 
-    With `offload_dir` (low-memory mode), the sequential order's paused forwards wait with their
-    linear's input in a file there (mapped back as they resume), and freed heap goes back to the OS
-    at each such stop, where every batch's paused forward holds activations among the holes of
-    short-lived ones.
+    With `offload_dir` (low-memory mode), the sequential order's paused forwards wait with an input
+    wider than the block's (the MLP's intermediate) in a file there, mapped back as they resume.
     """
 
     device: torch.device
@@ -160,8 +158,11 @@ class BlockRunner:
                     solve(name)
                     solved.add(name)
                     return
-                if self.offload_dir is not None and stats.root(name) == name:
-                    offload_tensor_(args[0], self.offload_dir)  # the MLP's wide intermediate is the largest
+                if self.offload_dir is not None and args[0].numel() > widths[stats.scope]:
+                    # Wider than the block's input: the MLP's intermediate, the largest thing a paused
+                    # forward holds. A narrower input is read again before the next stop (q's by k
+                    # and v, gate's by up), so moving it would save nothing there.
+                    offload_tensor_(args[0], self.offload_dir)
                 driver.switch(name)
 
             return hook
@@ -174,6 +175,7 @@ class BlockRunner:
         # Registered after `stats`' hooks, so a batch stops only once its input is counted.
         handles = [module.register_forward_pre_hook(stop_before(name)) for name, module in layers.items()]
         pending = [(i, greenlet(forward), batch) for i, batch in enumerate(inputs)]
+        widths = [hidden.numel() for hidden, _, _ in inputs]
         try:
             with self.autocast():
                 while pending:
@@ -186,8 +188,6 @@ class BlockRunner:
                             stops[name] = None
                             paused.append((i, task, batch))
                     for name in stops:
-                        if self.offload_dir is not None:
-                            release_free_heap()
                         solve(name)
                         solved.add(name)
                     pending = paused
