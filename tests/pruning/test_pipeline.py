@@ -141,7 +141,7 @@ def test_sequential_sparsegpt_every_family(arch, structure):
 
 @pytest.mark.parametrize("arch", ["llama", "opt", "gpt2"])
 def test_pruning_with_offload_gives_the_same_model(tmp_path, arch):
-    """Weights and, in the sequential order, the paused forwards' inputs move to files."""
+    """Weights and, in the sequential order, the paused forwards' MLP intermediates move to files."""
     x = calib()
     plain, offloaded = tiny_model(arch), tiny_model(arch)
     oneshot(plain, None, cfg(method="sparsegpt", sequential=True), calib=x, progress=False)
@@ -171,7 +171,7 @@ def test_shared_inputs_share_one_accumulator():
 
 
 def test_an_input_moved_between_its_linears_stays_shared(tmp_path):
-    """The sequential order's low-memory mode moves q's input to a file before k and v read it."""
+    """An input moved to a file (`offload_tensor_`) between the linears that take it is still one shared input."""
     model = tiny_model("llama")
     block = model.model.layers[0]
     layers = select_linears(block, "b", None, None)
