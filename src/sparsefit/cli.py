@@ -388,7 +388,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--offload-dir",
         default=None,
-        help="move each pruned block's weights to files here (mapped back lazily): memory holds about one block",
+        help="low-memory mode: move each pruned block's weights (and, with --sequential, the paused MLP "
+        "intermediates) to files here, mapped back lazily: memory holds about one block",
     )
     p.add_argument("--output", required=True, help="directory for the pruned HF checkpoint")
     p.add_argument("--json", default=None, help="write the report as JSON here")

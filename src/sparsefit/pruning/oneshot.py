@@ -61,9 +61,10 @@ class OneShotConfig(BaseModel):
     # block instead of two (the GPTQ reference code's --true-sequential); off: every linear sees the dense block.
     sequential: bool = False
     compute_dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # block forwards; statistics stay float32
-    # Low-memory mode: each pruned block's weights move to a file here, mapped back lazily, and freed
-    # heap goes back to the OS between phases; resident memory then holds about one block's weights
-    # plus the activations. None keeps everything in memory.
+    # Low-memory mode: each pruned block's weights move to a file here, mapped back lazily, as do the
+    # MLP intermediates that paused sequential forwards wait with; freed heap goes back to the OS
+    # after each block. Resident memory then holds about one block's weights plus the activations.
+    # None keeps everything in memory.
     offload_dir: str | None = None
 
     @field_validator("structure")
