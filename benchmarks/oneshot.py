@@ -1,8 +1,9 @@
 """One-shot pruning benchmark on the embedded model: time, peak RSS, sparsity, WikiText-2 ppl.
 
 Every run is a fresh `sparsefit prune` process (so its peak RSS is its own), followed by
-`sparsefit eval` on the output. The yardstick, measured in the same invocation, is one plain
-dense float32 forward over the same calibration set (64 x 512 from GSM8K train, batches of 8).
+`sparsefit eval` on the output. The yardstick, measured in the same invocation before and again
+after the runs, is one plain dense float32 forward over the same calibration set (64 x 512 from
+GSM8K train, batches of 8); the ratios are to the mean of the two.
 Run it with nothing else on the machine:
 
     SPARSEFIT_DATA_DIR=../shared/data python benchmarks/oneshot.py --out benchmarks/results/oneshot.json
@@ -138,14 +139,9 @@ def main() -> None:
         "runs": {},
     }
 
-    proc = subprocess.run(
-        [sys.executable, "-c", YARDSTICK, args.model, str(args.num_samples), str(args.seq_len)],
-        check=True,
-        capture_output=True,
-        text=True,
-    )
-    result["yardstick_dense_forward"] = json.loads(proc.stdout.strip().splitlines()[-1])
-    yard = result["yardstick_dense_forward"]["seconds"]
+    before = yardstick(args)
+    result["yardstick_dense_forward"] = before
+    yard = before["seconds"]
     print(f"yardstick: dense fp32 forward over calibration set {yard:.1f} s", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -160,10 +156,8 @@ def main() -> None:
                 row["peak_rss_mb"] = max(r["peak_rss_mb"] for r in rows)
                 row["process_peak_rss_mb"] = max(r["process_peak_rss_mb"] for r in rows)
                 row["ppl_stdev"] = statistics.stdev(r["ppl"] for r in rows)
-                row["per_seed"] = {
-                    str(r["seed"]): {k: r[k] for k in ("ppl", "seconds", "peak_rss_mb", "process_peak_rss_mb")}
-                    for r in rows
-                }
+                keep = ("ppl", "seconds", "ratio_to_dense_forward", "peak_rss_mb", "process_peak_rss_mb")
+                row["per_seed"] = {str(r["seed"]): {k: r[k] for k in keep} for r in rows}
                 row["seed"] = args.seeds
             result["runs"][name] = row
             print(
@@ -174,6 +168,28 @@ def main() -> None:
             )
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    # The machine's speed drifts over a long benchmark: the ratios are to the mean of a yardstick
+    # measured before and one measured after the runs.
+    after = yardstick(args)
+    mean = (before["seconds"] + after["seconds"]) / 2
+    result["yardstick_dense_forward"] = {**before, "seconds": mean, "before": before, "after": after}
+    print(f"yardstick after the runs {after['seconds']:.1f} s; ratios below are to the mean {mean:.1f} s", flush=True)
+    for name, row in result["runs"].items():
+        for r in [row, *row.get("per_seed", {}).values()]:
+            r["ratio_to_dense_forward"] = r["seconds"] / mean
+        print(f"{name:18s} {row['seconds']:6.1f} s ({row['ratio_to_dense_forward']:.2f}x)", flush=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+
+
+def yardstick(args: argparse.Namespace) -> dict:
+    """One plain dense float32 forward over the calibration set, in its own process."""
+    proc = subprocess.run(
+        [sys.executable, "-c", YARDSTICK, args.model, str(args.num_samples), str(args.seq_len)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from sparsefit.pruning.reconstruct import reconstruct
+from sparsefit.pruning.reconstruct import _top_eigenpairs, low_rank_preconditioner, reconstruct
 from sparsefit.pruning.structure import UNSTRUCTURED, Structure
 from tests.pruning.test_algorithms import ROWS, hessian, layer_problem, recon_error, solve_all
 
@@ -72,6 +72,55 @@ def test_rows_already_exact_stay_finite():
     assert torch.equal(refit[ROWS // 2 :], W[ROWS // 2 :])  # nothing pruned: residual 0 from the start
 
 
+def planted_hessian(cols=64, outliers=(1000.0, 800.0, 600.0, 400.0), seed=0):
+    """H = D^1/2 (I + V diag(outliers) V^T) D^1/2: a few correlated directions far above the rest."""
+    g = torch.Generator().manual_seed(seed)
+    V = torch.linalg.qr(torch.randn(cols, len(outliers), generator=g, dtype=torch.float64)).Q
+    C = torch.eye(cols, dtype=torch.float64) + V @ torch.diag(torch.tensor(outliers, dtype=torch.float64)) @ V.T
+    d = torch.exp(torch.randn(cols, generator=g, dtype=torch.float64))
+    return d.sqrt()[:, None] * C * d.sqrt()[None, :], C
+
+
+def test_top_eigenpairs_by_subspace_iteration_match_eigh():
+    _, C = planted_hessian()
+    vals, vecs = _top_eigenpairs(C.float(), 4)
+    ref_vals, ref_vecs = torch.linalg.eigh(C)
+    assert torch.allclose(vals.double(), ref_vals[-4:], rtol=1e-4)
+    assert torch.allclose((vecs.double().T @ ref_vecs[:, -4:]).abs(), torch.eye(4, dtype=torch.float64), atol=1e-4)
+
+
+@pytest.mark.parametrize("rank", [0, 4])
+def test_preconditioner_inverts_each_rows_restricted_approximation(rank):
+    """apply(R)_r = M_KK^-1 r_K for K the row's kept inputs, M = D^1/2 (I + U S U^T) D^1/2 from the
+    top eigenpairs of D^-1/2 H D^-1/2 (D = diag H, S = lambda - 1), here by a direct float64 solve."""
+    H, _ = planted_hessian()
+    keep = torch.rand(8, H.shape[0], generator=torch.Generator().manual_seed(1)) > 0.5
+    R = torch.randn(keep.shape, generator=torch.Generator().manual_seed(2)) * keep
+    out = low_rank_preconditioner(H.float(), keep.float(), rank)(R, torch.empty_like(R))
+    root = H.diagonal().sqrt()
+    lam, U = torch.linalg.eigh(H / root[:, None] / root[None, :])
+    lam, U = lam[len(lam) - rank :], U[:, len(lam) - rank :]
+    M = root[:, None] * (torch.eye(len(root), dtype=H.dtype) + U @ torch.diag(lam - 1) @ U.T) * root[None, :]
+    expected = torch.zeros_like(R)
+    for r in range(keep.shape[0]):
+        k = keep[r].nonzero().squeeze(1)
+        expected[r, k] = torch.linalg.solve(M[k][:, k], R[r, k].double()).float()
+    assert torch.allclose(out, expected, rtol=1e-3, atol=1e-6)
+    assert (out[~keep] == 0).all()
+
+
+@pytest.mark.parametrize("structure", [UNSTRUCTURED, Structure(2, 4)])
+def test_low_rank_preconditioner_converges_faster_than_the_diagonal(structure):
+    """The problems share a rank-16 part across features (as LLM activations do): capturing it cuts
+    the excess error after 3 steps several times over."""
+    W, X = layer_problem(seed=3)
+    H = hessian(X)
+    pruned, keep = solve_all(W, X, 0.5, structure)["sparsegpt"]
+    best = recon_error(W, exact_refit(W, keep, H), X)
+    excess = {r: recon_error(W, reconstruct(W, pruned, keep, H, iters=3, rank=r), X) - best for r in (0, 16)}
+    assert 0 <= excess[16] < excess[0] / 4, excess
+
+
 def test_bad_arguments():
     W, X = layer_problem()
     H, keep = hessian(X), torch.ones_like(W, dtype=torch.bool)
@@ -83,3 +132,5 @@ def test_bad_arguments():
         reconstruct(W, W, keep, H, iters=-1)
     with pytest.raises(ValueError, match="damp"):
         reconstruct(W, W, keep, H, damp=0)
+    with pytest.raises(ValueError, match="rank"):
+        reconstruct(W, W, keep, H, rank=-1)

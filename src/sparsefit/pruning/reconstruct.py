@@ -7,15 +7,28 @@ Once a mask is chosen, the best weights for it solve, row by row, the layer-wise
 
 i.e. H_KK w'_K = (H w)_K on each row's kept inputs K. SparseGPT only approximates this: its OBS
 updates reach the columns right of each pruned one, never those already passed. Wanda does not
-update weights at all. We solve it with conjugate gradient on the kept weights of all rows at
-once (one (rows, in) x (in, in) product per step), preconditioned by diag(H) and started from the
-method's weights, so a few tens of steps reach the exact solution. H is dampened as SparseGPT
-dampens it, which also pulls the kept weights towards their dense values where the data is silent.
+update weights at all. We solve it with preconditioned conjugate gradient on the kept weights of
+all rows at once (one (rows, in) x (in, in) product per step), started from the method's weights.
+H is dampened as SparseGPT dampens it, which also pulls the kept weights towards their dense
+values where the data is silent.
+
+The preconditioner. Activations of LLMs have a few outlier directions, so H = D^1/2 C D^1/2
+(D = diag H) has a correlation matrix C with a handful of eigenvalues far above 1 (70-170 at
+576 inputs of SmolLM2) and the rest near it: diag(H) alone leaves those few directions badly
+conditioned. We approximate C ~ I + U S U^T from its top `rank` eigenpairs (S = lambda - 1) and
+invert, for each row, the restriction of that approximation to the row's kept inputs exactly, by
+the Woodbury identity: a (rank x rank) system per row. On SmolLM2's Hessians at 2:4, 5 steps then
+reach what 10 steps of the diagonal preconditioner did, at a few percent more per step.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+
+OVERSAMPLE = 8  # extra subspace vectors: the top `rank` Ritz pairs converge in two power steps
+POWER_STEPS = 2
 
 
 def reconstruct(
@@ -25,10 +38,12 @@ def reconstruct(
     hessian: torch.Tensor,
     iters: int = 20,
     damp: float = 0.01,
+    rank: int = 16,
 ) -> torch.Tensor:
     """Dense `weight` (out, in), the method's `pruned` weight and bool `keep` mask, H (in, in) ->
     weights for that mask that reconstruct `weight`'s outputs better; exact zeros where `keep` is False.
 
+    `rank` is the number of outlier directions of H the preconditioner captures; 0 is plain diag(H).
     Inputs that never fired (H_jj = 0) carry no signal, so the target treats their weights as zero.
     """
     if weight.shape != pruned.shape or keep.shape != weight.shape:
@@ -42,26 +57,87 @@ def reconstruct(
         raise ValueError(f"iters {iters} must be >= 0")
     if damp <= 0:
         raise ValueError(f"damp {damp} must be positive, e.g. 0.01")
+    if rank < 0:
+        raise ValueError(f"rank {rank} must be >= 0 (0: diagonal preconditioner)")
     H = hessian.detach().to(torch.float32, copy=True)
     live = torch.diag(H) != 0
     H.diagonal().add_(damp * H.diagonal().mean())
     mask = keep.to(torch.float32)
     X = pruned.detach().to(torch.float32, copy=True) * mask
+    if iters == 0:
+        return X.to(weight.dtype)
     # Residual of the normal equations on the kept weights: ((W - X) H) restricted to the mask.
     R = ((weight.detach().float() * live - X) @ H) * mask
-    inv_diag = 1.0 / H.diagonal()
-    Z = R * inv_diag
-    P = Z.clone()
-    rz = (R * Z).sum(1, keepdim=True)
+    precondition = low_rank_preconditioner(H, mask, rank)
+    Z, AP = torch.empty_like(R), torch.empty_like(R)
+    P = precondition(R, Z).clone()
+    rz = torch.linalg.vecdot(R, Z).unsqueeze(1)
     tiny = torch.finfo(torch.float32).tiny
     for _ in range(iters):
-        AP = (P @ H) * mask
+        torch.mm(P, H, out=AP).mul_(mask)
         # Rows already solved have rz = 0 and P = 0: their step is 0, not 0/0.
-        alpha = rz / (P * AP).sum(1, keepdim=True).clamp_min(tiny)
+        alpha = rz / torch.linalg.vecdot(P, AP).unsqueeze(1).clamp_min(tiny)
         X.addcmul_(alpha, P)
         R.addcmul_(alpha, AP, value=-1.0)
-        torch.mul(R, inv_diag, out=Z)
-        rz_next = (R * Z).sum(1, keepdim=True)
-        P = Z + (rz_next / rz.clamp_min(tiny)) * P
+        precondition(R, Z)
+        rz_next = torch.linalg.vecdot(R, Z).unsqueeze(1)
+        torch.addcmul(Z, rz_next / rz.clamp_min(tiny), P, out=P)  # P = Z + beta P
         rz = rz_next
     return X.mul_(mask).to(weight.dtype)
+
+
+def low_rank_preconditioner(
+    H: torch.Tensor, mask: torch.Tensor, rank: int
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """For a positive definite H (in, in) and a 0/1 float `mask` (rows, in): `apply(R, out)` writes,
+    row by row, M_KK^-1 r_K into `out` (zeros off the mask), where M = D^1/2 (I + U S U^T) D^1/2
+    keeps the top `rank` eigenpairs (lambda, u) of C = D^-1/2 H D^-1/2 with lambda > 1, S = lambda - 1.
+
+    With r~ = D_K^-1/2 r_K, Woodbury gives M_KK^-1 r_K = D_K^-1/2 (r~ - U_K G^-1 U_K^T r~),
+    G = S^-1 + U_K^T U_K, a different small G for each row.
+    """
+    inv_diag = 1.0 / H.diagonal()
+    inv_sqrt = inv_diag.sqrt()
+    eigvals, U = _top_eigenpairs(H * inv_sqrt[:, None] * inv_sqrt[None, :], rank)
+    outlier = eigvals > 1.0
+    eigvals, U = eigvals[outlier], U[:, outlier]
+    if not len(eigvals):
+
+        def apply_diagonal(R: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+            return torch.mul(R, inv_diag, out=out)
+
+        return apply_diagonal
+    k = len(eigvals)
+    V = U * inv_sqrt[:, None]  # D^-1/2 U: (in, k)
+    gram = (mask @ (U[:, :, None] * U[:, None, :]).reshape(-1, k * k)).view(-1, k, k)  # U_K^T U_K per row
+    gram.diagonal(dim1=1, dim2=2).add_(1.0 / (eigvals - 1.0))
+    g_inv = torch.linalg.inv(gram)
+
+    def apply(R: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        coeff = torch.bmm(g_inv, (R @ V).unsqueeze(2)).squeeze(2)  # G^-1 U_K^T r~ per row: (rows, k)
+        correction = (coeff @ V.t()).mul_(mask)
+        return torch.mul(R, inv_diag, out=out).sub_(correction)
+
+    return apply
+
+
+def _top_eigenpairs(C: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The `rank` largest eigenvalues (ascending) of symmetric C with orthonormal eigenvectors as columns.
+
+    By subspace iteration from a fixed random start (deterministic) and Rayleigh-Ritz; a full
+    `eigh` when the subspace would be most of C.
+    """
+    n = C.shape[0]
+    rank = min(rank, n)
+    if rank == 0:
+        return C.new_zeros(0), C.new_zeros(n, 0)
+    width = rank + OVERSAMPLE
+    if 2 * width >= n:
+        eigvals, vectors = torch.linalg.eigh(C)
+        return eigvals[n - rank :], vectors[:, n - rank :]
+    gen = torch.Generator(device=C.device).manual_seed(0)
+    Q = torch.randn(n, width, generator=gen, device=C.device, dtype=C.dtype)
+    for _ in range(POWER_STEPS):
+        Q = torch.linalg.qr(C @ Q).Q
+    eigvals, ritz = torch.linalg.eigh(Q.t() @ C @ Q)
+    return eigvals[-rank:], Q @ ritz[:, -rank:]

@@ -135,6 +135,8 @@ def prune_sparsegpt(
         scale = pruned / d
         d2 = d**2 if nm else None
         count = i2 - i1
+        # Row views made once per block: indexing costs more than the small products of each step.
+        w_rows, err_rows, scale_rows, hinv_rows = W1.unbind(0), Err1.unbind(0), scale.unbind(0), Hinv1.unbind(0)
         for j1 in range(0, count, sub):
             j2 = min(j1 + sub, count)
             for i in range(j1, j2):
@@ -142,9 +144,10 @@ def prune_sparsegpt(
                     group = slice(i, i + m)
                     _choose_nm(W1, d2, pruned, keep_block, group, n_prune)
                     torch.div(pruned[group], d[group], out=scale[group])
-                err = torch.mul(W1[i], scale[i], out=Err1[i])
-                # OBS update of the rest of the sub-block; it also turns column i into q_i (up to rounding).
-                W1[i:j2].addr_(Hinv1[i, i:j2], err, alpha=-1.0)
+                err = torch.mul(w_rows[i], scale_rows[i], out=err_rows[i])
+                # OBS update of the rest of the sub-block; column i itself needs none: a pruned one is
+                # zeroed below, a kept one has err_i = 0.
+                W1[i + 1 : j2].addr_(hinv_rows[i][i + 1 : j2], err, alpha=-1.0)
             # The same updates for the rest of the block, as one product (exact: they are linear in Err1).
             W1[j2:].addmm_(Hinv1[j1:j2, j2:].t(), Err1[j1:j2], alpha=-1.0)
         W[:, i1:i2] = W1.masked_fill_(pruned, 0).t()  # exact zeros where pruned
