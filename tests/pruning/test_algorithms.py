@@ -10,6 +10,7 @@ from sparsefit.pruning.structure import (
     UNSTRUCTURED,
     Structure,
     check_sparsity,
+    kth_smallest,
     lowest_k,
     nm_keep_mask,
     topk_keep_mask,
@@ -320,3 +321,35 @@ def test_lowest_k_counts_ties_by_index():
     assert lowest_k(scores.flatten(), 0).sum() == 0
     assert lowest_k(scores.flatten(), 12).all()
     assert lowest_k(torch.tensor([0.0, float("-inf"), 4.0]), 1).tolist() == [False, True, False]
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        torch.randn(128 * 576, generator=torch.Generator().manual_seed(0)).square(),  # a column block's scores
+        torch.cat([torch.full((300,), float("-inf")), torch.zeros(40000), torch.rand(30000)]),  # preserved and dead
+        torch.where(torch.arange(70000) % 32 == 0, 1e9 + torch.arange(70000.0), 0.0),  # the sample misleads
+    ],
+)
+def test_kth_smallest_is_exact(values):
+    n = values.numel()
+    for k in (1, 2, 300, 301, n // 3, n // 2, n - 1, n):
+        assert kth_smallest(values, k) == values.kthvalue(k).values, k
+    k = n // 2
+    assert torch.equal(lowest_k(values, k), lowest_k(values.view(1, -1), k, dim=1)[0])  # banded vs plain, ties too
+
+
+@pytest.mark.parametrize("structure", [UNSTRUCTURED, Structure(2, 4)])
+def test_sparsegpt_stacked_layers_match_separate_solves(structure):
+    """q/k/v-like layers sharing H, stacked by rows with their own sparsities: each comes out as
+    if solved alone (rows never interact; the unstructured count is per layer)."""
+    W, X = layer_problem(rows=40, seed=4)
+    hinv, dead = inverse_hessian(hessian(X))
+    parts, targets = W.split([24, 8, 8]), [0.5, 0.25, 0.75]
+    alone = [prune_sparsegpt(w, hinv, dead, s, structure, block_size=16) for w, s in zip(parts, targets)]
+    groups = [(w.shape[0], s) for w, s in zip(parts, targets)]
+    weight, keep = prune_sparsegpt(W, hinv, dead, 0.0, structure, block_size=16, row_groups=groups)
+    assert torch.allclose(weight, torch.cat([w for w, _ in alone]), atol=1e-5)
+    assert torch.equal(keep, torch.cat([k for _, k in alone]))
+    with pytest.raises(ValueError, match="add up"):
+        prune_sparsegpt(W, hinv, dead, 0.5, structure, row_groups=[(24, 0.5)])

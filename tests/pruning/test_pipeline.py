@@ -488,3 +488,60 @@ def test_a_linear_that_never_runs_is_an_error(sequential):
     model.model.layers[0].mlp.spare = torch.nn.Linear(64, 64)  # registered but never called
     with pytest.raises(UsageError, match="mlp.spare never runs"):
         oneshot(model, None, cfg(method="wanda", sequential=sequential), calib=calib(), progress=False)
+
+
+@pytest.mark.parametrize("sequential", [False, True])
+@pytest.mark.parametrize("structure", ["unstructured", "2:4"])
+def test_linears_sharing_an_input_are_solved_together_as_if_alone(monkeypatch, sequential, structure):
+    """q/k/v and gate/up go through one stacked SparseGPT solve and refit (the sequential order
+    from block 1 on, by the previous block's sharing); the model equals one solved layer by layer."""
+    from sparsefit.pruning.methods import BlockSolver
+
+    x, config = calib(), cfg(method="sparsegpt", structure=structure, sequential=sequential, reconstruct_iters=3)
+    stacked, alone = tiny_model("llama"), tiny_model("llama")
+    groups = []
+    real = BlockSolver.solve_shared
+    monkeypatch.setattr(
+        BlockSolver,
+        "solve_shared",
+        lambda self, name, ws, *a: groups.append((name, len(ws))) or real(self, name, ws, *a),
+    )
+    oneshot(stacked, None, config, calib=x, progress=False)
+    first_block = 1 if sequential else 0
+    blocks = len(decoder_layout(stacked).blocks)
+    expected = [
+        (f"model.layers.{i}.{n}", k)
+        for i in range(first_block, blocks)
+        for n, k in (("self_attn.q_proj", 3), ("mlp.gate_proj", 2))
+    ]
+    assert groups == expected
+    monkeypatch.setattr(
+        BlockSolver, "solve_shared", lambda self, name, ws, s, p: [self.solve(name, *a) for a in zip(ws, s, p)]
+    )
+    oneshot(alone, None, config, calib=x, progress=False)
+    for (name, a), b in zip(linears(stacked).items(), linears(alone).values()):
+        assert torch.equal(a.weight != 0, b.weight != 0), name
+        assert torch.allclose(a.weight, b.weight, atol=1e-5), name
+
+
+def test_a_wrong_sharing_hint_falls_back_to_solving_alone():
+    """A predicted partner that turns out to take another input is solved from its own statistics."""
+    from sparsefit.pruning.methods import MethodOptions
+    from sparsefit.pruning.pipeline import LayerwiseReport, _prune_block
+
+    results = []
+    for hint in ({}, {"self_attn.o_proj": ["mlp.up_proj"]}):
+        block, layers, inputs = first_block_with_inputs(batch_size=4)
+        layers = {f"m.0.{k[2:]}": v for k, v in layers.items()}
+        report = LayerwiseReport()
+        shared = _prune_block(
+            0, block, layers, inputs, MethodOptions("sparsegpt", reconstruct_iters=2), lambda i, n: 0.5,
+            BlockRunner(torch.device("cpu")), False, True, True, report, "m.0.", hint,
+        )  # fmt: skip
+        assert shared == {
+            "self_attn.q_proj": ["self_attn.k_proj", "self_attn.v_proj"],
+            "mlp.gate_proj": ["mlp.up_proj"],
+        }
+        results.append({n: weight_as_out_in(m).clone() for n, m in layers.items()})
+    for name in results[0]:
+        assert torch.equal(results[0][name], results[1][name]), name

@@ -61,13 +61,45 @@ class BlockSolver:
             return prune_magnitude(weight, sparsity, o.structure, o.magnitude_scope, preserve)
         if o.name == "wanda":
             return prune_wanda(weight, self.stats.sq_sum(name).to(weight.device), sparsity, o.structure, preserve)
-        root = self.stats.root(name)
-        if root not in self._hinv:
-            self._hinv[root] = inverse_hessian(self.hessian(name).to(weight.device), o.damp)
-        hinv, dead = self._hinv[root]
+        hinv, dead = self._inverse(name, weight.device)
         return prune_sparsegpt(weight, hinv, dead, sparsity, o.structure, o.block_size, preserve)
 
+    def _inverse(self, name: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        root = self.stats.root(name)
+        if root not in self._hinv:
+            self._hinv[root] = inverse_hessian(self.hessian(name).to(device), self.options.damp)
+        return self._hinv[root]
+
+    def solve_shared(
+        self,
+        name: str,
+        weights: list[torch.Tensor],
+        sparsities: list[float],
+        preserves: list[torch.Tensor | None],
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Several linears fed `name`'s input (q/k/v, gate/up), each as `solve` would prune it alone.
+
+        SparseGPT solves them stacked by rows in one pass: its per-column steps cost the same for
+        960 rows as for 192, so one pass instead of three saves most of that overhead.
+        """
+        if self.options.name != "sparsegpt" or len(weights) == 1:
+            return [self.solve(name, w, s, p) for w, s, p in zip(weights, sparsities, preserves)]
+        o = self.options
+        hinv, dead = self._inverse(name, weights[0].device)
+        preserve = None
+        if any(p is not None for p in preserves):
+            preserve = torch.cat(
+                [torch.ones_like(w, dtype=torch.bool) if p is None else p for w, p in zip(weights, preserves)]
+            )
+        groups = [(w.shape[0], s) for w, s in zip(weights, sparsities)]
+        pruned, keep = prune_sparsegpt(torch.cat(weights), hinv, dead, 0.0, o.structure, o.block_size, preserve, groups)
+        rows = [w.shape[0] for w in weights]
+        return list(zip(pruned.split(rows), keep.split(rows)))
+
     def reconstruct(self, name: str, weight: torch.Tensor, pruned: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        """Refit the kept weights of `pruned` to `weight`'s outputs on the calibration inputs (mask unchanged)."""
+        """Refit the kept weights of `pruned` to `weight`'s outputs on the calibration inputs (mask unchanged).
+
+        Rows are independent, so linears that share `name`'s input may come stacked by rows.
+        """
         H = self.hessian(name).to(weight.device)
         return reconstruct(weight, pruned, keep, H, self.options.reconstruct_iters, self.options.damp)

@@ -286,34 +286,82 @@ def _prune_block(
     sequential: bool,
     propagate: bool,
     report: LayerwiseReport,
-) -> None:
+    prefix: str,
+    shared_hint: dict[str, list[str]],
+) -> dict[str, list[str]]:
     """Prune the `layers` of one block (already on the compute device); with `propagate`, leave
-    the block's pruned outputs in `inputs`."""
+    the block's pruned outputs in `inputs`.
+
+    Linears that share an input are solved together (`BlockSolver.solve_shared`) when the first of
+    them is. Which ones share is known from the statistics in the two-pass order; in the sequential
+    order the first is solved before the others have run, so `shared_hint` (from the previous block:
+    first linear's name -> its partners', without the block's `prefix`) predicts them. A partner's result is
+    applied only once its own forward shows it did take that input; otherwise it is solved alone.
+    Returns this block's sharing, as the hint for the next.
+    """
+    prepared: dict[str, tuple[str, torch.Tensor, torch.Tensor]] = {}  # partner -> (first's name, weight, mask)
+
+    def apply(name: str, pruned: torch.Tensor, mask: torch.Tensor) -> None:
+        set_weight_out_in(layers[name], pruned)
+        report.per_layer[name] = {
+            "target": sparsity_of(index, name),
+            "sparsity": 1.0 - mask.sum().item() / mask.numel(),
+            "shape": list(pruned.shape),
+        }
+
+    def partners(name: str, stats: InputStats | None) -> list[str]:
+        if stats is None or not options.needs_hessian:
+            return []
+        hinted = {prefix + rel for rel in shared_hint.get(name[len(prefix) :], [])}
+        return [
+            other
+            for other in layers
+            if other != name and other not in report.per_layer and (stats.owner.get(other) == name or other in hinted)
+        ]
 
     def solve(name: str, solver: BlockSolver) -> None:
+        lead = name if solver.stats is None else solver.stats.root(name)
+        if lead != name and lead not in report.per_layer and name not in prepared and options.needs_hessian:
+            solve(lead, solver)  # two-pass order, a partner listed before its input's first taker (OPT's k)
+        if name in prepared:
+            first, pruned, mask = prepared.pop(name)
+            if solver.stats.root(name) == first:  # it did take that input: the joint solve holds
+                apply(name, pruned, mask)
+                return
+        group = [name, *partners(name, solver.stats)]
         t = time.perf_counter()
-        module = layers[name]
-        weight = weight_as_out_in(module)
-        target = sparsity_of(index, name)
-        preserve = weight != 0 if preserve_zeros else None
-        pruned, mask = solver.solve(name, weight, target, preserve)
+        weights = [weight_as_out_in(layers[n]) for n in group]
+        targets = [sparsity_of(index, n) for n in group]
+        preserves = [w != 0 if preserve_zeros else None for w in weights]
+        if len(group) == 1:
+            results = [solver.solve(name, weights[0], targets[0], preserves[0])]
+        else:
+            results = solver.solve_shared(name, weights, targets, preserves)
         report.add_time("solve", time.perf_counter() - t)
         if options.reconstruct_iters:
             t = time.perf_counter()
-            pruned = solver.reconstruct(name, weight, pruned, mask)
+            if len(group) == 1:
+                results = [(solver.reconstruct(name, weights[0], *results[0]), results[0][1])]
+            else:  # rows are independent: one stacked refit
+                stacked = [torch.cat(parts) for parts in (weights, *zip(*results))]
+                refit = solver.reconstruct(name, *stacked).split([w.shape[0] for w in weights])
+                results = [(r, mask) for r, (_, mask) in zip(refit, results)]
             report.add_time("reconstruct", time.perf_counter() - t)
-        set_weight_out_in(module, pruned)
-        report.per_layer[name] = {
-            "target": target,
-            "sparsity": 1.0 - mask.sum().item() / mask.numel(),
-            "shape": list(weight.shape),
-        }
+        apply(name, *results[0])
+        for other, result in zip(group[1:], results[1:]):
+            prepared[other] = (solver.stats.root(name), *result)
+
+    def sharing(stats: InputStats) -> dict[str, list[str]]:
+        hint: dict[str, list[str]] = {}
+        for alias, first in stats.owner.items():
+            hint.setdefault(first[len(prefix) :], []).append(alias[len(prefix) :])
+        return hint
 
     if not (options.needs_data and layers):
         solver = BlockSolver(options, None)
         for name in layers:
             solve(name, solver)
-        return
+        return {}
     stats = InputStats(layers, sq_sum=options.needs_sq_sum, hessian=options.needs_hessian)
     solver = BlockSolver(options, stats)
     t = time.perf_counter()
@@ -324,18 +372,20 @@ def _prune_block(
         # One pruned forward is statistics and propagation at once; solving is counted apart.
         report.add_time("forward", time.perf_counter() - t - (report.solving_seconds() - before))
         _check_all_ran([name for name in layers if name not in report.per_layer])
-        return
+        return sharing(stats)
     with stats:
         runner.run_statistics(block, inputs, stats)
     report.add_time("statistics", time.perf_counter() - t)
     _check_all_ran([name for name in layers if stats.root(name) not in stats.count])
     for name in layers:
         solve(name, solver)
+    hint = sharing(stats)
     solver = stats = None  # free the block's statistics before the second forward
     if propagate:
         t = time.perf_counter()
         runner.run(block, inputs, replace=True)
         report.add_time("propagate", time.perf_counter() - t)
+    return hint
 
 
 def prune_layerwise(
@@ -365,14 +415,16 @@ def prune_layerwise(
     if options.needs_data and inputs is None:
         raise UsageError(f"{options.name} needs calibration data; pass --calib DATASET or --calib self")
     last = max(i for i, layers in enumerate(per_block) if layers)
+    shared_hint: dict[str, list[str]] = {}
     for i, (block, layers) in enumerate(
         tqdm(list(zip(layout.blocks, per_block))[: last + 1], desc=options.name, unit="block", disable=not progress)
     ):
         home = next(block.parameters()).device
         block.to(runner.device)
-        _prune_block(
-            i, block, layers, inputs, options, sparsity_of, runner, preserve_zeros, sequential, i < last, report
-        )
+        shared_hint = _prune_block(
+            i, block, layers, inputs, options, sparsity_of, runner, preserve_zeros, sequential, i < last, report,
+            f"{layout.prefix}.{i}.", shared_hint,
+        )  # fmt: skip
         block.to(home)
         if offload_dir is not None and layers:
             t = time.perf_counter()

@@ -12,6 +12,8 @@ The inversion is split from the solve so layers that share an input (q/k/v) inve
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from sparsefit.pruning.structure import UNSTRUCTURED, Structure, check_sparsity, preserved, topk_keep_mask
@@ -63,22 +65,17 @@ def _lower_triangular_inverse(L: torch.Tensor, leaf: int = 128) -> torch.Tensor:
 
 
 def _choose_nm(
-    W1: torch.Tensor,
-    d2: torch.Tensor,
-    pruned: torch.Tensor,
-    keep_block: torch.Tensor | None,
-    group: slice,
-    n_prune: int,
+    w: torch.Tensor, d2: torch.Tensor, pruned: torch.Tensor, keep: torch.Tensor | None, n_prune: int
 ) -> None:
-    """Mark the `n_prune` lowest w^2/d^2 of one N:M group (rows of the transposed block) as pruned, in place.
+    """Mark the `n_prune` lowest w^2/d^2 of one N:M group as pruned, in place.
 
-    `d2` is the block's (count, 1) column of [H^-1]_cc^2.
+    All arguments are the group's rows of the transposed block: `w` and `pruned` (M, rows), `d2`
+    the (M, 1) [H^-1]_cc^2, `keep` the (M, rows) preserve mask or None.
     """
-    group_keep = None if keep_block is None else keep_block[group]
-    scores = preserved(W1[group].square().div_(d2[group]), group_keep)
-    pruned[group].scatter_(0, torch.topk(scores, n_prune, dim=0, largest=False).indices, True)
-    if group_keep is not None:
-        pruned[group] |= ~group_keep  # more than M - N already pruned: all stay pruned
+    scores = preserved(w.square().div_(d2), keep)
+    pruned.scatter_(0, torch.topk(scores, n_prune, dim=0, largest=False).indices, True)
+    if keep is not None:
+        pruned |= ~keep  # more than M - N already pruned: all stay pruned
 
 
 def prune_sparsegpt(
@@ -89,14 +86,25 @@ def prune_sparsegpt(
     structure: Structure = UNSTRUCTURED,
     block_size: int = 128,
     preserve_mask: torch.Tensor | None = None,
+    row_groups: Sequence[tuple[int, float]] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """weight (out, in) -> (pruned and updated weight in weight's dtype, keep mask), given `inverse_hessian`'s output.
 
     Unstructured: each column block prunes exactly round(numel_block * sparsity) weights of smallest
     w^2 / [H^-1]_cc^2. N:M: every M columns, the M - N smallest of that score, from the weights as
     already updated by earlier columns. Weights with `preserve_mask` False are always pruned.
+
+    `row_groups` [(rows, sparsity), ...] solves several layers that share H stacked by rows (q/k/v,
+    gate/up) in one pass: rows never interact, only the unstructured count is taken per group.
     """
-    check_sparsity(sparsity)
+    if row_groups is None:
+        row_groups = [(weight.shape[0], sparsity)]
+    if sum(n for n, _ in row_groups) != weight.shape[0]:
+        raise ValueError(f"row_groups {list(row_groups)} do not add up to the weight's {weight.shape[0]} rows")
+    for _, s in row_groups:
+        check_sparsity(s)
+    bounds = torch.tensor([0] + [n for n, _ in row_groups]).cumsum(0).tolist()
+    spans = [(a, b, s) for a, b, (_, s) in zip(bounds, bounds[1:], row_groups)]
     rows, cols = weight.shape
     if hinv.shape != (cols, cols) or dead.shape != (cols,):
         raise ValueError(
@@ -128,22 +136,27 @@ def prune_sparsegpt(
         pruned = torch.zeros_like(W1, dtype=torch.bool)
         if not nm:
             # over the whole block, by count: ties (dead columns) never over-prune
-            pruned = ~topk_keep_mask(preserved(W1**2 / d**2, keep_block), sparsity)
+            scores = preserved(W1**2 / d**2, keep_block)
+            pruned = torch.cat([~topk_keep_mask(scores[:, a:b], s) for a, b, s in spans], dim=1)
             if keep_block is not None:
                 pruned |= ~keep_block
         # err_i = (w_i - q_i) / [H^-1]_ii with q_i = 0 where pruned and w_i where kept: err_i = w_i * scale_i.
         scale = pruned / d
         d2 = d**2 if nm else None
         count = i2 - i1
-        # Row views made once per block: indexing costs more than the small products of each step.
+        # Row and group views made once per block: indexing costs more than the small products of each step.
         w_rows, err_rows, scale_rows, hinv_rows = W1.unbind(0), Err1.unbind(0), scale.unbind(0), Hinv1.unbind(0)
+        if nm:  # count is a multiple of M (M divides both the block size and the columns)
+            w_g, pruned_g, scale_g = (t.view(-1, m, rows).unbind(0) for t in (W1, pruned, scale))
+            d_g, d2_g = d.view(-1, m, 1).unbind(0), d2.view(-1, m, 1).unbind(0)
         for j1 in range(0, count, sub):
             j2 = min(j1 + sub, count)
             for i in range(j1, j2):
                 if nm and i % m == 0:
-                    group = slice(i, i + m)
-                    _choose_nm(W1, d2, pruned, keep_block, group, n_prune)
-                    torch.div(pruned[group], d[group], out=scale[group])
+                    g = i // m
+                    keep_g = None if keep_block is None else keep_block[i : i + m]
+                    _choose_nm(w_g[g], d2_g[g], pruned_g[g], keep_g, n_prune)
+                    torch.div(pruned_g[g], d_g[g], out=scale_g[g])
                 err = torch.mul(w_rows[i], scale_rows[i], out=err_rows[i])
                 # OBS update of the rest of the sub-block; column i itself needs none: a pruned one is
                 # zeroed below, a kept one has err_i = 0.
