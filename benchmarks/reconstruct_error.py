@@ -45,18 +45,23 @@ def loss(weight: torch.Tensor, other: torch.Tensor, H: torch.Tensor) -> float:
     return float(((d @ H) * d).sum())
 
 
-def measure_layer(name: str, W: torch.Tensor, stats: InputStats, structure: str, iters: list[int]) -> list[dict]:
-    """One row per method: its loss, and the loss ratio after each step count and after the exact solve."""
+def measure_layer(
+    name: str, W: torch.Tensor, stats: InputStats, structure: str, iters: list[int], ranks: list[int]
+) -> list[dict]:
+    """One row per method: its loss, and the loss ratio after each step count (per preconditioner
+    rank: key `cg{steps}` for rank 16, the default, `cg{steps}-r{rank}` for others) and after the exact solve."""
     H, nm = stats.hessian(name), Structure.parse(structure)
     masks = {"wanda": prune_wanda(W, stats.sq_sum(name), 0.5, nm), "sparsegpt": sparsegpt(W, H, 0.5, nm)}
     rows = []
     for method, (pruned, keep) in masks.items():
         base = loss(W, pruned, H)
         row = {"layer": name, "structure": structure, "method": method, "loss": base}
-        for n in iters:
-            t = time.perf_counter()
-            refit = reconstruct(W, pruned, keep, H, iters=n)
-            row[f"cg{n}"] = {"ratio": loss(W, refit, H) / base, "seconds": time.perf_counter() - t}
+        for rank in ranks:
+            for n in iters:
+                t = time.perf_counter()
+                refit = reconstruct(W, pruned, keep, H, iters=n, rank=rank)
+                key = f"cg{n}" if rank == 16 else f"cg{n}-r{rank}"
+                row[key] = {"ratio": loss(W, refit, H) / base, "seconds": time.perf_counter() - t}
         row["exact"] = {"ratio": loss(W, exact(W, keep, H), H) / base}
         print(f"{name} {structure} {method}: " + ", ".join(
             f"{k} {v['ratio']:.3f}" for k, v in row.items() if isinstance(v, dict)
@@ -84,7 +89,10 @@ def main() -> None:
     parser.add_argument("--num-samples", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--structures", nargs="+", default=["2:4", "unstructured"])
-    parser.add_argument("--iters", type=int, nargs="+", default=[5, 10, 20, 40])
+    parser.add_argument("--iters", type=int, nargs="+", default=[3, 4, 5, 10, 20, 40])
+    parser.add_argument(
+        "--ranks", type=int, nargs="+", default=[0, 16], help="preconditioner ranks (0: diag(H) alone; 16: default)"
+    )
     parser.add_argument("--out", default="benchmarks/results/reconstruct_error.json")
     args = parser.parse_args()
 
@@ -102,7 +110,7 @@ def main() -> None:
         if b in args.blocks:
             for name, module in layers.items():
                 for structure in args.structures:
-                    rows += measure_layer(name, weight_as_out_in(module), stats, structure, args.iters)
+                    rows += measure_layer(name, weight_as_out_in(module), stats, structure, args.iters, args.ranks)
     result = {
         "model": args.model,
         "calibration": f"gsm8k train {args.num_samples} x {args.seq_len}, seed 0",

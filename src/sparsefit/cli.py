@@ -376,7 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--reconstruct-iters",
         type=int,
         default=None,
-        help="refit the kept weights after each mask: this many least-squares CG steps (e.g. 20; default 0: off)",
+        help="refit the kept weights after each mask: this many least-squares CG steps (e.g. 4; default 0: off)",
     )
     p.add_argument("--compute-dtype", default=None, help="auto | float32 | bfloat16: block forwards (default auto)")
     p.add_argument(
