@@ -13,6 +13,7 @@ The inversion is split from the solve so layers that share an input (q/k/v) inve
 from __future__ import annotations
 
 from collections.abc import Sequence
+from itertools import accumulate
 
 import torch
 
@@ -103,7 +104,7 @@ def prune_sparsegpt(
         raise ValueError(f"row_groups {list(row_groups)} do not add up to the weight's {weight.shape[0]} rows")
     for _, s in row_groups:
         check_sparsity(s)
-    bounds = torch.tensor([0] + [n for n, _ in row_groups]).cumsum(0).tolist()
+    bounds = list(accumulate([0] + [n for n, _ in row_groups]))
     spans = [(a, b, s) for a, b, (_, s) in zip(bounds, bounds[1:], row_groups)]
     rows, cols = weight.shape
     if hinv.shape != (cols, cols) or dead.shape != (cols,):
