@@ -77,7 +77,7 @@ class BlockSolver:
         sparsities: list[float],
         preserves: list[torch.Tensor | None],
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Several linears fed `name`'s input (q/k/v, gate/up), each as `solve` would prune it alone.
+        """Several linears fed `name`'s input (q/k/v, gate/up), or just one, each as `solve` would prune it alone.
 
         SparseGPT solves them stacked by rows in one pass: its per-column steps are mostly dispatch
         (a 576-column 2:4 solve took 18 ms for 192 rows, 23 ms for 576), so one pass instead of
@@ -92,9 +92,9 @@ class BlockSolver:
             preserve = torch.cat(
                 [torch.ones_like(w, dtype=torch.bool) if p is None else p for w, p in zip(weights, preserves)]
             )
-        groups = [(w.shape[0], s) for w, s in zip(weights, sparsities)]
-        pruned, keep = prune_sparsegpt(torch.cat(weights), hinv, dead, 0.0, o.structure, o.block_size, preserve, groups)
         rows = [w.shape[0] for w in weights]
+        groups = list(zip(rows, sparsities))
+        pruned, keep = prune_sparsegpt(torch.cat(weights), hinv, dead, 0.0, o.structure, o.block_size, preserve, groups)
         return list(zip(pruned.split(rows), keep.split(rows)))
 
     def reconstruct(self, name: str, weight: torch.Tensor, pruned: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:

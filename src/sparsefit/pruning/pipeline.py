@@ -333,19 +333,14 @@ def _prune_block(
         weights = [weight_as_out_in(layers[n]) for n in group]
         targets = [sparsity_of(index, n) for n in group]
         preserves = [w != 0 if preserve_zeros else None for w in weights]
-        if len(group) == 1:
-            results = [solver.solve(name, weights[0], targets[0], preserves[0])]
-        else:
-            results = solver.solve_shared(name, weights, targets, preserves)
+        results = solver.solve_shared(name, weights, targets, preserves)
         report.add_time("solve", time.perf_counter() - t)
         if options.reconstruct_iters:
             t = time.perf_counter()
-            if len(group) == 1:
-                results = [(solver.reconstruct(name, weights[0], *results[0]), results[0][1])]
-            else:  # rows are independent: one stacked refit
-                stacked = [torch.cat(parts) for parts in (weights, *zip(*results))]
-                refit = solver.reconstruct(name, *stacked).split([w.shape[0] for w in weights])
-                results = [(r, mask) for r, (_, mask) in zip(refit, results)]
+            # Rows are independent: one stacked refit for the whole group.
+            stacked = [torch.cat(parts) for parts in (weights, *zip(*results))]
+            refit = solver.reconstruct(name, *stacked).split([w.shape[0] for w in weights])
+            results = [(r, mask) for r, (_, mask) in zip(refit, results)]
             report.add_time("reconstruct", time.perf_counter() - t)
         apply(name, *results[0])
         for other, result in zip(group[1:], results[1:]):
