@@ -40,12 +40,18 @@ import json, sys, time, torch
 from sparsefit.data import load_texts, sample_calibration
 from sparsefit.models import load_model_and_tokenizer
 from sparsefit.pruning.oneshot import peak_rss_mb
-model, tok = load_model_and_tokenizer(sys.argv[1], "float32", "cpu")
+device = torch.device(sys.argv[4])
+model, tok = load_model_and_tokenizer(sys.argv[1], "float32", device)
 calib = sample_calibration(tok, load_texts("gsm8k", "train"), int(sys.argv[2]), int(sys.argv[3]), 0)
-start = time.perf_counter()
 with torch.no_grad():
+    if device.type == "cuda":  # kernels load and the clock rises on a first pass, which is not timed
+        model(input_ids=calib[:8].to(device), use_cache=False)
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
     for batch in calib.split(8):
-        model(input_ids=batch, use_cache=False)
+        model(input_ids=batch.to(device), use_cache=False)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 print(json.dumps({"seconds": time.perf_counter() - start, "tokens": calib.numel(), "peak_rss_mb": peak_rss_mb()}))
 """
 
@@ -56,7 +62,7 @@ def sparsefit(*args: str) -> None:
         sys.exit(f"sparsefit {' '.join(args)} failed:\n{proc.stderr[-2000:]}")
 
 
-def evaluate(model: str, work: Path, windows: int) -> dict:
+def evaluate(model: str, work: Path, windows: int, device: str) -> dict:
     out = work / "eval.json"
     sparsefit(
         "eval",
@@ -69,7 +75,7 @@ def evaluate(model: str, work: Path, windows: int) -> dict:
         "--max-windows",
         str(windows),
         "--device",
-        "cpu",
+        device,
         "--json",
         str(out),
     )
@@ -83,15 +89,16 @@ def prune_and_evaluate(args: argparse.Namespace, name: str, seed: int, work: Pat
         "prune", "--model", args.model, *RUNS[name], *(["--sequential"] if args.sequential else []),
         *(["--reconstruct-iters", str(args.reconstruct_iters)] if args.reconstruct_iters else []),
         *(["--offload-dir", str(work / "offload")] if args.offload else []),
+        *(["--compute-dtype", args.compute_dtype] if args.compute_dtype else []),
         "--calib", "gsm8k", "--num-samples", str(args.num_samples),
-        "--seq-len", str(args.seq_len), "--seed", str(seed), "--device", "cpu", "--output", str(out),
+        "--seq-len", str(args.seq_len), "--seed", str(seed), "--device", args.device, "--output", str(out),
         "--json", str(report_path),
     )  # fmt: skip
     wall = time.perf_counter() - start
     report = json.loads(report_path.read_text())
     row = {
         "seed": seed,
-        "ppl": evaluate(str(out), work, args.windows)["ppl"],
+        "ppl": evaluate(str(out), work, args.windows, args.device)["ppl"],
         "seconds": report["seconds"],
         "ratio_to_dense_forward": report["seconds"] / yard,
         "process_wall_seconds": wall,
@@ -102,6 +109,7 @@ def prune_and_evaluate(args: argparse.Namespace, name: str, seed: int, work: Pat
         "structure": report["structure"],
         "phases": report["phases"],
         "compute_dtype": report["compute_dtype"],
+        "peak_gpu_mb": report.get("peak_gpu_mb"),
     }
     print(f"  {name} seed {seed}: ppl {row['ppl']:.2f} in {row['seconds']:.1f} s", flush=True)
     return row
@@ -126,6 +134,12 @@ def main() -> None:
     parser.add_argument(
         "--offload", action="store_true", help="prune with --offload-dir (low-memory mode) in the work directory"
     )
+    parser.add_argument(
+        "--device", default="cpu", help="cpu | cuda: where pruning, the yardstick and the evaluation compute"
+    )
+    parser.add_argument(
+        "--compute-dtype", default=None, help="prune with --compute-dtype (auto: bf16 where the device has it)"
+    )
     parser.add_argument("--out", default="benchmarks/results/oneshot.json")
     args = parser.parse_args()
     result = {
@@ -136,16 +150,19 @@ def main() -> None:
         "calibration": f"gsm8k train {args.num_samples} x {args.seq_len}",
         "eval": f"wikitext2 test, {args.windows} windows of 2048",
         "cpu_count": os.cpu_count(),
+        "device": args.device,
+        "device_name": device_name(args.device),
+        "compute_dtype": args.compute_dtype or "auto",
         "runs": {},
     }
 
     before = yardstick(args)
     result["yardstick_dense_forward"] = before
     yard = before["seconds"]
-    print(f"yardstick: dense fp32 forward over calibration set {yard:.1f} s", flush=True)
+    print(f"yardstick: dense fp32 forward over calibration set on {args.device} {yard:.3g} s", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        result["dense"] = {"ppl": evaluate(args.model, work, args.windows)["ppl"]}
+        result["dense"] = {"ppl": evaluate(args.model, work, args.windows, args.device)["ppl"]}
         print(f"dense ppl {result['dense']['ppl']:.3f}", flush=True)
         for name in args.runs:
             rows = [prune_and_evaluate(args, name, seed, work, yard) for seed in args.seeds]
@@ -184,12 +201,18 @@ def main() -> None:
 def yardstick(args: argparse.Namespace) -> dict:
     """One plain dense float32 forward over the calibration set, in its own process."""
     proc = subprocess.run(
-        [sys.executable, "-c", YARDSTICK, args.model, str(args.num_samples), str(args.seq_len)],
+        [sys.executable, "-c", YARDSTICK, args.model, str(args.num_samples), str(args.seq_len), args.device],
         check=True,
         capture_output=True,
         text=True,
     )
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def device_name(device: str) -> str:
+    import torch
+
+    return torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu"
 
 
 if __name__ == "__main__":

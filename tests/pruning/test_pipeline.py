@@ -264,6 +264,26 @@ def test_bf16_block_forwards_stay_close_to_float32():
     assert agree > 0.9
 
 
+@pytest.mark.parametrize("sequential", [False, True])
+def test_solves_compute_in_float32_under_bf16_block_forwards(monkeypatch, sequential):
+    """The sequential order solves inside the forwards: their bf16 autocast must not reach the
+    solver, whose plain matrix products (SparseGPT's inverse, the refit) it would run in bf16."""
+    from sparsefit.pruning.methods import BlockSolver
+
+    states = []
+    for method in ("solve_shared", "reconstruct"):
+        real = getattr(BlockSolver, method)
+
+        def spy(self, *args, _real=real):
+            states.append(torch.is_autocast_enabled("cpu"))
+            return _real(self, *args)
+
+        monkeypatch.setattr(BlockSolver, method, spy)
+    config = cfg(method="sparsegpt", compute_dtype="bfloat16", sequential=sequential, reconstruct_iters=2)
+    oneshot(tiny_model("llama"), None, config, calib=calib(), progress=False)
+    assert states and not any(states)
+
+
 @pytest.mark.parametrize(
     "options, message",
     [

@@ -147,6 +147,12 @@ class BlockRunner:
         driver = greenlet.getcurrent()
         solved: set[str] = set()
 
+        def solve_exact(name: str) -> None:
+            # Solves run inside the forwards' bf16 autocast: outside an in-place product, every
+            # matrix product of the solver (SparseGPT's inverse, the refit) would drop to bf16.
+            with torch.autocast(device_type=self.device.type, enabled=False):
+                solve(name)
+
         def stop_before(name: str):  # noqa: ANN202
             def hook(module: nn.Module, args: tuple) -> None:
                 if name in solved:
@@ -155,7 +161,7 @@ class BlockRunner:
                     # Its input is one an earlier linear already took from every batch (k/v after q, up
                     # after gate; known once `stats`' hook saw it): its statistics are complete, so it
                     # is pruned now, with no stop where every batch would hold that linear's output.
-                    solve(name)
+                    solve_exact(name)
                     solved.add(name)
                     return
                 if self.offload_dir is not None and args[0].numel() > widths[stats.scope]:
@@ -188,7 +194,7 @@ class BlockRunner:
                             stops[name] = None
                             paused.append((i, task, batch))
                     for name in stops:
-                        solve(name)
+                        solve_exact(name)
                         solved.add(name)
                     pending = paused
         finally:

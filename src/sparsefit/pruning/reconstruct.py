@@ -136,8 +136,9 @@ def _top_eigenpairs(C: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Ten
     if 2 * width >= n:
         eigvals, vectors = torch.linalg.eigh(C)
         return eigvals[n - rank :], vectors[:, n - rank :]
-    gen = torch.Generator(device=C.device).manual_seed(0)
-    Q = torch.randn(n, width, generator=gen, device=C.device, dtype=C.dtype)
+    # Drawn on the CPU whatever C's device: a CUDA generator gives other numbers for the same seed,
+    # and with a few CG steps the refit depends on the start (a GPU refit differed by 1e-3 before).
+    Q = torch.randn(n, width, generator=torch.Generator().manual_seed(0), dtype=C.dtype).to(C.device)
     for _ in range(POWER_STEPS):
         Q = torch.linalg.qr(C @ Q).Q
     eigvals, ritz = torch.linalg.eigh(Q.t() @ C @ Q)
