@@ -170,6 +170,18 @@ def test_shared_inputs_share_one_accumulator():
     assert set(stats.xtx) == {"b.self_attn.q_proj", "b.self_attn.o_proj", "b.mlp.gate_proj", "b.mlp.down_proj"}
 
 
+@pytest.mark.parametrize("d, leaf", [(7, 160), (160, 160), (161, 160), (577, 32), (1536, 160)])
+def test_accumulated_upper_triangle_is_x_transpose_x(d, leaf):
+    from sparsefit.pruning.stats import accumulate_upper
+
+    x = torch.randn(64, d, generator=torch.Generator().manual_seed(d))
+    xtx = torch.zeros(d, d)
+    accumulate_upper(xtx, x, leaf)
+    accumulate_upper(xtx, 2 * x, leaf)  # accumulates
+    expected = 5 * x.double().t() @ x.double()
+    torch.testing.assert_close(xtx.triu().double(), expected.triu(), rtol=1e-5, atol=1e-3)
+
+
 def test_an_input_moved_between_its_linears_stays_shared(tmp_path):
     """An input moved to a file (`offload_tensor_`) between the linears that take it is still one shared input."""
     model = tiny_model("llama")
