@@ -138,7 +138,7 @@ def main() -> None:
         "--device", default="cpu", help="cpu | cuda: where pruning, the yardstick and the evaluation compute"
     )
     parser.add_argument(
-        "--compute-dtype", default=None, help="prune with --compute-dtype (auto: bf16 where the device has it)"
+        "--compute-dtype", default=None, help="prune with --compute-dtype (auto: bf16 only on a CPU with native bf16)"
     )
     parser.add_argument("--out", default="benchmarks/results/oneshot.json")
     args = parser.parse_args()
