@@ -120,7 +120,7 @@ def use_bf16(compute_dtype: str, device: torch.device) -> bool:
     if compute_dtype != "auto":
         return compute_dtype == "bfloat16"
     # On an H100, bf16 block forwards pruned SmolLM2-135M no faster than float32 (the pruning is
-    # bound by kernel launches there) and SparseGPT 2:4 came out 5.6-5.9 ppl worse: GPUs keep float32.
+    # bound by kernel launches there) and two-pass SparseGPT 2:4 came out 5.6 ppl worse: GPUs keep float32.
     return device.type == "cpu" and cpu_has_bf16()
 
 
@@ -258,7 +258,8 @@ def oneshot(
         "phases": report.phases,
         "seconds": time.perf_counter() - start,
         "peak_rss_mb": peak_rss_mb(),
-        # On a GPU: the most the pruning held there at once (one block, its statistics, the batches in flight).
+        # On a GPU: the most the pruning held there at once (embeddings and head, one block, its
+        # statistics, the batches in flight).
         "peak_gpu_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
         "config": config.model_dump(),
     }
