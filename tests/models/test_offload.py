@@ -11,10 +11,12 @@ from torch import nn
 from sparsefit.errors import UsageError
 from sparsefit.models.layout import decoder_layout, params_outside_blocks
 from sparsefit.models.offload import (
+    HeapCeiling,
     offload_parameters,
     offload_tensor_,
     prepare_offload_dir,
     release_free_heap,
+    resident_mb,
 )
 from tests.conftest import tiny_model
 
@@ -62,6 +64,21 @@ def test_offloaded_tensor_keeps_its_values_in_place(tmp_path, dtype):
     assert torch.equal(t[0], expected[1]) and torch.equal(t[2], expected[2])
 
 
+def test_offloaded_tensor_releases_its_old_pages_unless_a_view_still_reads_them(tmp_path, monkeypatch):
+    released = []
+    monkeypatch.setattr("sparsefit.models.offload._release", lambda addr, size: released.append((addr, size)))
+    alone = torch.randn(4, 4096)
+    address = alone.data_ptr()
+    offload_tensor_(alone, tmp_path)
+    assert released == [(address, alone.numel() * 4)]
+
+    released.clear()
+    viewed = torch.randn(4, 4096)
+    view, expected = viewed[1:], viewed[1:].clone()
+    assert offload_tensor_(viewed, tmp_path) > 0
+    assert released == [] and torch.equal(view, expected)  # the view keeps the old bytes
+
+
 def test_tensors_that_share_their_storage_are_not_offloaded(tmp_path):
     base = torch.randn(4, 6)
     for t in (base[1:], base.t(), base.view(24)):  # a slice, non-contiguous, a view of the whole storage
@@ -85,3 +102,27 @@ def test_unwritable_offload_dir_is_a_usage_error(tmp_path):
     with pytest.raises(UsageError, match="not writable.*--offload-dir"):
         prepare_offload_dir(blocker / "sub")
     assert prepare_offload_dir(tmp_path / "a" / "b").is_dir()
+
+
+def test_heap_ceiling_learns_the_first_block_then_trims_only_above_it(monkeypatch):
+    resident, trims = [500.0], []
+    monkeypatch.setattr("sparsefit.models.offload.resident_mb", lambda: resident[0])
+    monkeypatch.setattr("sparsefit.models.offload.release_free_heap", lambda: trims.append(resident[0]))
+    heap = HeapCeiling(slack_mb=64)
+    for mb in (500, 900, 700):  # the first block: learned, never trimmed
+        resident[0] = mb
+        heap.check()
+    heap.end_block()
+    assert heap.ceiling_mb == 964 and trims == []
+    for mb in (950, 964, 980, 600):
+        resident[0] = mb
+        heap.check()
+    heap.end_block()  # the ceiling stays the first block's
+    assert trims == [980] and heap.trims == 1 and heap.ceiling_mb == 964
+
+
+def test_resident_mb_sees_memory_being_touched():
+    before = resident_mb()
+    block = torch.ones(64 * 2**20 // 4)  # 64 MiB, written
+    assert resident_mb() - before > 48
+    del block

@@ -16,6 +16,7 @@ import os
 import sys
 import uuid
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -97,12 +98,22 @@ def offload_tensor_(tensor: torch.Tensor, directory: Path) -> int:
         path.unlink(missing_ok=True)  # the mapping keeps the file's pages
     with torch.no_grad():
         tensor.set_(mapped, 0, tensor.size(), tensor.stride())
+    # Freed heap memory stays resident until reused, and a fragmented heap may grow past the hole
+    # instead: drop its pages now, unless another view still reads them.
+    if _use_count(storage) == 1:
+        _release(storage.data_ptr(), nbytes)
     return nbytes
 
 
 _LIBC = ctypes.CDLL(None) if sys.platform.startswith("linux") else None
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 _MADV_DONTNEED = 4
+
+
+def _use_count(storage: torch.UntypedStorage) -> int:
+    """Handles on `storage` (tensors and Python storage objects); 0 where torch cannot tell."""
+    count = getattr(torch._C, "_storage_Use_Count", None)
+    return count(storage._cdata) if count is not None else 0
 
 
 def _release(addr: int, size: int) -> None:
@@ -129,3 +140,42 @@ def release_free_heap() -> None:
 
 
 _TRIM = getattr(_LIBC, "malloc_trim", None)
+
+
+def resident_mb() -> float:
+    """This process's resident memory now, in MiB (Linux; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * _PAGE / 2**20
+    except OSError:
+        return 0.0
+
+
+@dataclass
+class HeapCeiling:
+    """Keep resident memory near what the first block of a layer-by-layer run needed.
+
+    Every block does the same work on tensors of the same sizes, so a later block holding more than
+    the first is holding freed heap: with many activations alive at once, the heap fragments and a
+    request no hole fits grows it while the holes stay resident (by 150 MB and more, differently from
+    one run to the next). `check` learns the first block's peak; after `end_block`, a check above
+    that peak plus `slack_mb` returns the free heap to the OS. Trims cost page faults when the heap
+    is reused, so they are done only when needed: a few per run.
+    """
+
+    slack_mb: float = 64.0
+    ceiling_mb: float | None = None
+    trims: int = 0
+    _peak_mb: float = 0.0
+
+    def check(self) -> None:
+        now = resident_mb()
+        if self.ceiling_mb is None:
+            self._peak_mb = max(self._peak_mb, now)
+        elif now > self.ceiling_mb:
+            release_free_heap()
+            self.trims += 1
+
+    def end_block(self) -> None:
+        if self.ceiling_mb is None and self._peak_mb:
+            self.ceiling_mb = self._peak_mb + self.slack_mb
