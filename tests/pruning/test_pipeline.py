@@ -472,9 +472,8 @@ def test_sequential_error_in_a_solve_surfaces_and_leaves_no_hooks():
 @pytest.mark.parametrize("offload", [False, True])
 def test_sequential_stops_only_where_a_linear_has_a_new_input(tmp_path, monkeypatch, offload):
     """k/v share q's input and up shares gate's: they are pruned as the first batch reaches them,
-    so no stop has every batch holding q's or gate's output. Low-memory mode moves the inputs of
-    o and down (not q's or gate's, which k/v and up read again) to files while their batches wait,
-    and the block inputs too from the MLP's stop on."""
+    so no stop has every batch holding q's or gate's output. Low-memory mode moves the inputs
+    wider than the block's, the MLP intermediates, to files while their batches wait."""
     moved = []
 
     def record(tensor, directory):
@@ -488,8 +487,7 @@ def test_sequential_stops_only_where_a_linear_has_a_new_input(tmp_path, monkeypa
     seen = {}  # name -> how many batches had run each linear when it was solved
     runner = BlockRunner(torch.device("cpu"), offload_dir=tmp_path if offload else None)
     with InputStats(layers, sq_sum=True) as stats:
-        shared = {"b.self_attn.q_proj", "b.mlp.gate_proj"}
-        runner.run_sequential(block, inputs, layers, stats, lambda name: seen.__setitem__(name, dict(ran)), shared)
+        runner.run_sequential(block, inputs, layers, stats, lambda name: seen.__setitem__(name, dict(ran)))
     for h in handles:
         h.remove()
     assert list(seen) == list(layers)
@@ -497,8 +495,7 @@ def test_sequential_stops_only_where_a_linear_has_a_new_input(tmp_path, monkeypa
     assert seen["b.self_attn.o_proj"]["b.self_attn.v_proj"] == 4 and seen["b.mlp.down_proj"]["b.mlp.up_proj"] == 4
     assert all(n == 4 for n in ran.values())
     hidden = inputs[0][0].shape
-    wide = (*hidden[:-1], block.mlp.down_proj.in_features)
-    assert moved == ([tuple(hidden)] * 4 + [wide, tuple(hidden)] * 4 if offload else [])
+    assert moved == ([(*hidden[:-1], block.mlp.down_proj.in_features)] * 4 if offload else [])
     # Low-memory mode learned the block's resident peak, the ceiling for the next blocks.
     assert (runner.heap is not None and runner.heap.ceiling_mb is not None) == offload
     assert list(tmp_path.iterdir()) == []

@@ -98,22 +98,12 @@ def offload_tensor_(tensor: torch.Tensor, directory: Path) -> int:
         path.unlink(missing_ok=True)  # the mapping keeps the file's pages
     with torch.no_grad():
         tensor.set_(mapped, 0, tensor.size(), tensor.stride())
-    # Freed heap memory stays resident until reused, and a fragmented heap may grow past the hole
-    # instead: drop its pages now, unless another view still reads them.
-    if _use_count(storage) == 1:
-        _release(storage.data_ptr(), nbytes)
     return nbytes
 
 
 _LIBC = ctypes.CDLL(None) if sys.platform.startswith("linux") else None
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 _MADV_DONTNEED = 4
-
-
-def _use_count(storage: torch.UntypedStorage) -> int:
-    """Handles on `storage` (tensors and Python storage objects); 0 where torch cannot tell."""
-    count = getattr(torch._C, "_storage_Use_Count", None)
-    return count(storage._cdata) if count is not None else 0
 
 
 def _release(addr: int, size: int) -> None:

@@ -12,7 +12,7 @@ linears of the block see the pruned outputs of earlier ones.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,10 +65,9 @@ class LayerwiseReport:
 class BlockRunner:
     """Runs one block over every calibration batch, on `device`, optionally under bf16 autocast.
 
-    With `offload_dir` (low-memory mode), the sequential order's paused forwards wait with their
-    stopped linear's input in a file there, mapped back as they resume (unless a later linear takes
-    the same input), and from the MLP's stop on with their block input there too; `heap` then keeps
-    the resident memory of later blocks near the first's.
+    With `offload_dir` (low-memory mode), the sequential order's paused forwards wait with an input
+    wider than the block's (the MLP's intermediate) in a file there, mapped back as they resume, and
+    `heap` keeps the resident memory of later blocks near the first's.
     """
 
     device: torch.device
@@ -144,7 +143,6 @@ class BlockRunner:
         layers: dict[str, nn.Module],
         stats: InputStats,
         solve: Callable[[str], None],
-        shared_inputs: Collection[str] = (),
     ) -> None:
         """One forward of `block` per batch that prunes the block on the way; outputs replace `inputs`.
 
@@ -154,8 +152,7 @@ class BlockRunner:
         `solve(name)` prunes it and the batches resume with the pruned weight. A linear that shares
         its input with an earlier one is pruned when the first batch reaches it. Activations of all
         batches are alive at a stop, about what one large batch of the whole calibration set would
-        hold between two linears. `shared_inputs` names the linears whose input a later linear
-        takes too (q's, gate's), as far as known before the block runs.
+        hold between two linears.
         """
         driver = greenlet.getcurrent()
         solved: set[str] = set()
@@ -179,30 +176,26 @@ class BlockRunner:
                     solve_exact(name)
                     solved.add(name)
                     return
-                if self.offload_dir is not None:
-                    # An input that a later linear reads again (q's by k and v) would come straight
-                    # back; moving it would save nothing.
-                    if name not in shared_inputs:
-                        offload_tensor_(args[0], self.offload_dir)
-                    hidden = inputs[stats.scope][0]
-                    if args[0].numel() > hidden.numel():
-                        # Wider than the block's input: the MLP's intermediate. By then pre-norm blocks
-                        # have added the block input to the residual; it waits for the output.
-                        offload_tensor_(hidden, self.offload_dir)
-                    self.check_heap()
+                if self.offload_dir is not None and args[0].numel() > widths[stats.scope]:
+                    # Wider than the block's input: the MLP's intermediate, the largest thing a paused
+                    # forward holds. A narrower input is read again before the next stop (q's by k
+                    # and v, gate's by up), so moving it would save nothing there.
+                    offload_tensor_(args[0], self.offload_dir)
+                self.check_heap()
                 driver.switch(name)
 
             return hook
 
         def forward(hidden: torch.Tensor, args: tuple, kwargs: dict) -> None:
             out = block(hidden.to(self.device), *args, **kwargs)
-            _replace_(hidden, out[0] if isinstance(out, tuple) else out)
+            hidden.copy_(out[0] if isinstance(out, tuple) else out)
             stats.end_forward()
             self.check_heap()
 
         # Registered after `stats`' hooks, so a batch stops only once its input is counted.
         handles = [module.register_forward_pre_hook(stop_before(name)) for name, module in layers.items()]
         pending = [(i, greenlet(forward), batch) for i, batch in enumerate(inputs)]
+        widths = [hidden.numel() for hidden, _, _ in inputs]
         try:
             with self.autocast():
                 while pending:
@@ -224,22 +217,6 @@ class BlockRunner:
             stats.scope = None
         if self.heap is not None:
             self.heap.end_block()
-
-
-def _replace_(hidden: torch.Tensor, out: torch.Tensor) -> None:
-    """Make `hidden` hold `out`'s values in place: by taking over `out`'s memory where it can, so an
-    offloaded `hidden` is not copied into (page by page, from its file) but dropped."""
-    if (
-        out.device == hidden.device
-        and out.dtype == hidden.dtype
-        and out.shape == hidden.shape
-        and out._base is None
-        and out.is_contiguous()
-        and out.untyped_storage().nbytes() == out.numel() * out.element_size()
-    ):
-        hidden.set_(out)
-    else:
-        hidden.copy_(out)
 
 
 @torch.no_grad()
@@ -408,8 +385,7 @@ def _prune_block(
     if sequential:
         before = report.solving_seconds()
         with stats:
-            shared = {prefix + rel for rel in shared_hint}
-            runner.run_sequential(block, inputs, layers, stats, lambda name: solve(name, solver), shared)
+            runner.run_sequential(block, inputs, layers, stats, lambda name: solve(name, solver))
         # One pruned forward is statistics and propagation at once; solving is counted apart.
         report.add_time("forward", time.perf_counter() - t - (report.solving_seconds() - before))
         _check_all_ran([name for name in layers if name not in report.per_layer])
