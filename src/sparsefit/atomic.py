@@ -1,57 +1,237 @@
-"""Atomic writes: a crash never leaves a half-written file or directory behind."""
+"""Durable, atomic writes: a kill at any instant leaves the old state or the new one, never neither.
+
+A file is written under a temporary name beside its target, flushed and fsync'ed, renamed over
+the target, and the parent directory is fsync'ed so the rename itself survives a power loss.
+A directory is built in a hidden staging sibling, fsync'ed file by file, and published in one
+step: an atomic exchange with the old directory (Linux `renameat2(RENAME_EXCHANGE)`), after which
+the old copy is deleted. Where the exchange is unavailable, the old directory is renamed aside
+first; `clean_stale` (run when a command claims its output) puts it back if a kill came between
+the two renames, and deletes staging folders that killed runs left behind.
+
+Every directory sparsefit publishes holds a `.sparsefit` marker. A non-empty directory without
+one is never replaced or deleted here: it holds files sparsefit did not write.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import os
 import shutil
+import signal
+import sys
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from sparsefit.errors import UsageError
 
-def write_json(path: str | os.PathLike, data: Any) -> Path:
-    """Write `data` as indented JSON to `path` through a temporary file and a rename."""
+MARKER = ".sparsefit"
+_STAGING = ".staging-"
+_OLD = ".old-"
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux reports it (else set and restored)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def crash_point(phase: str) -> None:
+    """Fault injection for the kill tests: `SPARSEFIT_CRASH_AT=PHASE[@N]` SIGKILLs this process the
+    N-th time (default 1st) it reaches `phase`. Costs one environment lookup otherwise."""
+    spec = os.environ.get("SPARSEFIT_CRASH_AT")
+    if not spec:
+        return
+    name, _, nth = spec.partition("@")
+    if name != phase:
+        return
+    count = _crash_counts.get(phase, 0) + 1
+    _crash_counts[phase] = count
+    if count == int(nth or 1):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+_crash_counts: dict[str, int] = {}
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Make the directory's entries (renames, new files) durable."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems refuse fsync on directories; their renames are as durable as they get
+        pass
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: str | os.PathLike) -> None:
+    """fsync every file below `root`, then every directory bottom-up."""
+    for dirpath, _, files in os.walk(root, topdown=False):
+        for name in files:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(dirpath)
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Replace `path` with `data` atomically and durably; the file gets the umask's permissions."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp creates 0600
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    fsync_dir(path.parent)
     return path
 
 
-@contextmanager
-def staging_dir(final: str | os.PathLike, merge: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling directory that replaces `final` only if the block succeeds.
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    return write_bytes(path, text.encode("utf-8"))
 
-    With `merge`, an existing `final` is kept and each staged file is renamed into it (each
-    file atomic; files of `final` that the block did not write stay).
+
+def write_json(path: str | os.PathLike, data: Any) -> Path:
+    """Write `data` as indented JSON to `path`, atomically and durably."""
+    return write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+def write_marker(directory: str | os.PathLike) -> None:
+    """Mark `directory` as written by sparsefit (what makes it replaceable with --overwrite)."""
+    from sparsefit import __version__
+
+    write_json(Path(directory) / MARKER, {"written_by": "sparsefit", "version": __version__})
+
+
+def is_ours(path: str | os.PathLike) -> bool:
+    return (Path(path) / MARKER).is_file()
+
+
+def is_empty_dir(path: str | os.PathLike) -> bool:
+    return Path(path).is_dir() and not any(Path(path).iterdir())
+
+
+def check_replaceable(path: str | os.PathLike) -> None:
+    """A UsageError unless `path` is absent, an empty directory, or a directory sparsefit wrote."""
+    path = Path(path)
+    if not path.exists() or is_empty_dir(path) or is_ours(path):
+        return
+    what = "a file" if not path.is_dir() else "a directory with files sparsefit did not write"
+    raise UsageError(f"refusing to replace '{path}': it is {what}; choose another output path")
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (22, 38, 95):  # EINVAL, ENOSYS, EOPNOTSUPP: this filesystem or kernel cannot exchange
+        return False
+    raise OSError(err, os.strerror(err), str(a))
+
+
+def publish_dir(stage: Path, final: Path, label: str = "dir") -> None:
+    """Put the complete, fsync'ed directory `stage` at `final` in one step; delete what was there.
+
+    `label` names the crash points (`LABEL:staged`, `LABEL:exchanged`, `LABEL:published`)."""
+    crash_point(f"{label}:staged")
+    if not final.exists():
+        os.replace(stage, final)
+        fsync_dir(final.parent)
+    elif _exchange(stage, final):
+        fsync_dir(final.parent)
+        crash_point(f"{label}:exchanged")
+        shutil.rmtree(stage)  # now the old directory
+    else:
+        old = Path(tempfile.mkdtemp(prefix=f".{final.name}{_OLD}", dir=final.parent))
+        os.replace(final, old / "d")  # a kill from here until the next fsync: clean_stale restores it
+        os.replace(stage, final)
+        fsync_dir(final.parent)
+        shutil.rmtree(old)
+    crash_point(f"{label}:published")
+
+
+def clean_stale(final: str | os.PathLike) -> None:
+    """Delete staging siblings of `final` that killed runs left; restore an old copy a killed
+    publish had moved aside (only when `final` itself is missing)."""
+    final = Path(final)
+    if not final.parent.is_dir():
+        return
+    for p in final.parent.glob(f".{final.name}{_STAGING}*"):
+        shutil.rmtree(p, ignore_errors=True)
+    for p in sorted(final.parent.glob(f".{final.name}{_OLD}*")):
+        if not final.exists() and (p / "d").is_dir():
+            os.replace(p / "d", final)
+            fsync_dir(final.parent)
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def make_dir(path: str | os.PathLike) -> Path:
+    """mkdir -p with the umask's permissions, durable (the new entries are fsync'ed)."""
+    path = Path(path)
+    missing = [p for p in [path, *path.parents] if not p.exists()]
+    path.mkdir(parents=True, exist_ok=True)
+    for p in reversed(missing):
+        fsync_dir(p.parent)
+    return path
+
+
+@contextlib.contextmanager
+def staging_dir(final: str | os.PathLike, carry: Iterable[str] = (), label: str = "dir") -> Iterator[Path]:
+    """Yield an empty staging directory that replaces `final` only if the block succeeds.
+
+    The staging directory gets the marker and the umask's permissions; `carry` names files of the
+    existing `final` to keep (hard-linked into the new directory, so the old one stays whole until
+    the exchange). A `final` holding files sparsefit did not write is refused before any work.
+    `label` names the crash points of the publish (see `publish_dir`).
     """
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    check_replaceable(final)
+    make_dir(final.parent)
+    stage = Path(tempfile.mkdtemp(prefix=f".{final.name}{_STAGING}", dir=final.parent))
     try:
-        yield tmp
-        if merge and final.is_dir():
-            for item in tmp.iterdir():
-                if item.is_dir():
-                    shutil.rmtree(final / item.name, ignore_errors=True)
-                os.replace(item, final / item.name)
-        elif final.exists():
-            old = final.with_name(f".{final.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
+        os.chmod(stage, 0o777 & ~current_umask())  # mkdtemp creates 0700
+        yield stage
+        for name in carry:
+            src = final / name
+            if src.is_file() and not (stage / name).exists():
+                try:
+                    os.link(src, stage / name)
+                except OSError:
+                    shutil.copy2(src, stage / name)
+        write_marker(stage)
+        fsync_tree(stage)
+        publish_dir(stage, final, label)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if stage.exists():
+            shutil.rmtree(stage, ignore_errors=True)

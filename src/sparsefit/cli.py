@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import math
 import os
 import sys
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 
 from sparsefit import __version__
-from sparsefit.errors import SparsefitError, UsageError
+from sparsefit.errors import SparsefitError, UsageError, first_line
 
 
 class _Parser(argparse.ArgumentParser):
@@ -49,12 +52,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from sparsefit.evaluation.recovery import load_baseline, recovery
     from sparsefit.evaluation.tasks import TASKS
     from sparsefit.models import load_model_and_tokenizer
+    from sparsefit.outputs import check_writable_file
 
     if args.limit is not None and args.limit < 1:
         raise UsageError(f"--limit must be at least 1 (got {args.limit})")
     if args.harness is None and args.task not in TASKS:
         raise UsageError(f"unknown task '{args.task}'; use one of: {', '.join(TASKS)} (or --harness TASK)")
     baseline = load_baseline(args.baseline) if args.baseline else None  # fail before loading a model
+    check_writable_file(args.json, "--json")
+    check_writable_file(args.samples, "--samples")
     model, tokenizer = load_model_and_tokenizer(args.model, args.dtype, args.device, args.trust_remote_code)
     result = _run_eval_task(args, model, tokenizer)
     result["model"] = args.model
@@ -145,17 +151,14 @@ def _profile_arg(value: str | None) -> str | dict | None:
     """`uniform`, `owl`, or a .json/.yaml file mapping layer-name regexes to sparsities."""
     if value is None or value in ("uniform", "owl"):
         return value
+    from sparsefit.config import load_yaml
+
     path = Path(value)
     if path.suffix not in (".json", ".yaml", ".yml") or not path.is_file():
         raise UsageError(f"--profile '{value}' is neither uniform, owl, nor an existing .json/.yaml mapping file")
-    import yaml
-
-    try:
-        mapping = yaml.safe_load(path.read_text())  # YAML is a superset of JSON
-    except yaml.YAMLError as err:
-        raise UsageError(f"--profile file '{value}' does not parse: {str(err).splitlines()[0]}") from None
-    if not isinstance(mapping, dict):
-        raise UsageError(f"--profile file '{value}' must map layer-name regexes to sparsities")
+    mapping = load_yaml(path, "--profile file")  # YAML is a superset of JSON
+    if not isinstance(mapping, dict) or not mapping:
+        raise UsageError(f"--profile file '{value}' must map layer-name regexes to sparsities, e.g. 'mlp': 0.6")
     return mapping
 
 
@@ -163,6 +166,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from sparsefit.config import validate
     from sparsefit.export import save_checkpoint
     from sparsefit.models import load_model_and_tokenizer, parse_device
+    from sparsefit.outputs import check_writable_file, claim_output
     from sparsefit.pruning import OneShotConfig, oneshot
     from sparsefit.pruning.oneshot import peak_rss_mb
 
@@ -195,11 +199,13 @@ def cmd_prune(args: argparse.Namespace) -> int:
         options["calib"] = None
     config = validate(OneShotConfig, options, "prune options")
     device = parse_device(args.device)
+    check_writable_file(args.json, "--json")
+    claim = claim_output(args.output, overwrite=args.overwrite, inputs=(args.model,))
     # Load on the CPU: the driver moves one block at a time to the compute device.
     model, tokenizer = load_model_and_tokenizer(args.model, args.dtype, "cpu", args.trust_remote_code)
     report = oneshot(model, tokenizer, config, device=device)
     report["model"] = args.model
-    save_checkpoint(model, tokenizer, args.output, {"pruning": report})
+    save_checkpoint(model, tokenizer, claim.path, {"pruning": report})
     # `peak_rss_mb` is the pruning's; the save reads every weight back, so the process's peak may be later.
     report["process_peak_rss_mb"] = peak_rss_mb()
     phases = ", ".join(f"{k} {v:.1f}s" for k, v in report["phases"].items())
@@ -215,9 +221,12 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 def _float_list(text: str, flag: str) -> list[float]:
     try:
-        return [float(x) for x in text.split(",") if x.strip()]
+        values = [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise UsageError(f"{flag} takes comma-separated numbers, e.g. 0.3,0.5,0.7 (got '{text}')") from None
+        values = [math.nan]
+    if not values or not all(math.isfinite(v) for v in values):
+        raise UsageError(f"{flag} takes comma-separated finite numbers, e.g. 0.3,0.5,0.7 (got '{text}')")
+    return values
 
 
 def finetune_options(args: argparse.Namespace) -> dict:
@@ -226,7 +235,7 @@ def finetune_options(args: argparse.Namespace) -> dict:
         "dataset split format text_field seq_len limit max_steps num_epochs max_tokens batch_size grad_accum lr "
         "weight_decay warmup_steps scheduler max_grad_norm bf16 gradient_checkpointing strategy seed masks targets "
         "ignore teacher ce_weight kl_weight square_head_weight temperature distill_layers teacher_dtype "
-        "checkpoint_every"
+        "checkpoint_every checkpoint_minutes keep_checkpoints"
     ).split()
     options = {f: getattr(args, f) for f in fields if getattr(args, f) is not None}
     if args.gmp is not None:
@@ -241,10 +250,21 @@ def finetune_options(args: argparse.Namespace) -> dict:
 def cmd_finetune(args: argparse.Namespace) -> int:
     from sparsefit.config import validate
     from sparsefit.models import load_model_and_tokenizer, parse_device
+    from sparsefit.outputs import check_writable_file, claim_output
     from sparsefit.training import FinetuneConfig, finetune, iterative_prune_finetune
+    from sparsefit.training.loop import finished_run
 
     config = validate(FinetuneConfig, finetune_options(args), "finetune options")
     device = parse_device(args.device)
+    check_writable_file(args.json, "--json")
+    if args.resume and args.cycles:
+        raise UsageError("--resume continues one fine-tune; iterative --cycles start over (drop --resume)")
+    # Checked and locked before the model loads: a second run into the same place fails at once.
+    claim = claim_output(args.output, overwrite=args.overwrite, reuse=args.resume, inputs=(args.model, args.teacher))
+    done = finished_run(claim.path) if args.resume else None
+    if done is not None and not (claim.path / "checkpoints").is_dir():
+        print(f"{args.output} already holds a finished fine-tune ({done['steps']} steps); nothing to resume")
+        return 0
     model, tokenizer = load_model_and_tokenizer(args.model, args.dtype, device, args.trust_remote_code)
     if args.cycles:
         from sparsefit.pruning import OneShotConfig
@@ -255,14 +275,23 @@ def cmd_finetune(args: argparse.Namespace) -> int:
             "prune options",
         )
         cycles = iterative_prune_finetune(
-            model, tokenizer, _float_list(args.cycles, "--cycles"), prune, config, args.output, device=device
+            model,
+            tokenizer,
+            _float_list(args.cycles, "--cycles"),
+            prune,
+            config,
+            claim.path,
+            device=device,
+            overwrite=args.overwrite,
         )
         for c in cycles:
             f = c["finetune"]
             print(f"cycle {c['sparsity']:.2f}: final loss {f['final_loss']:.4f}, sparsity {f['sparsity']:.4f}")
         _write_json({"cycles": cycles}, args.json)
         return 0
-    metrics = finetune(model, tokenizer, config, args.output, resume=args.resume, device=device)
+    metrics = finetune(
+        model, tokenizer, config, claim.path, resume=args.resume, device=device, overwrite=args.overwrite
+    )
     tps = metrics["tokens_per_second"]
     print(
         f"fine-tuned {args.model}: {metrics['steps']} steps, {metrics['tokens']} tokens"
@@ -286,10 +315,27 @@ def cmd_run(args: argparse.Namespace) -> int:
         for note in recipe.notes:
             print(f"  note: {note}")
         return 0
-    output = args.output or str(Path("runs") / recipe.name)
+    output = args.output or str(Path("runs") / recipe.name)  # the name is a plain folder name (validated)
     report = run_recipe(recipe, output, args.device)
     print(format_table(report["stages"], markdown=False))
     print(f"report: {Path(output) / 'report.md'}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from sparsefit.export import export_checkpoint
+    from sparsefit.models import load_model_and_tokenizer
+    from sparsefit.outputs import check_writable_file, claim_output
+
+    check_writable_file(args.json, "--json")
+    claim = claim_output(args.output, overwrite=args.overwrite, inputs=(args.model,))
+    model, tokenizer = load_model_and_tokenizer(args.model, args.dtype, "cpu", args.trust_remote_code)
+    info = export_checkpoint(model, tokenizer, claim.path, args.model, args.format)
+    print(
+        f"exported {args.model} as {info['format']}: {len(info['files'])} files, {info['bytes'] / 2**20:.1f} MiB, "
+        f"sparsity {info['sparsity']:.4f} -> {args.output}"
+    )
+    _write_json(info, args.json)
     return 0
 
 
@@ -323,12 +369,22 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+OVERWRITE_HELP = "replace an earlier sparsefit output in OUTPUT (other directories are never replaced)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="sparsefit", description="Prune, recover and export sparse causal language models.")
     parser.add_argument("--version", action="version", version=f"sparsefit {__version__}")
+    parser.add_argument("--debug", action="store_true", help="print the full trace of an unexpected error")
+    # --debug is also accepted after the command; SUPPRESS keeps the command's parser from resetting it
+    common = _Parser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    p = sub.add_parser("eval", help="evaluate a model: perplexity, GSM8K, lm-evaluation-harness tasks")
+    def command(name: str, help: str) -> argparse.ArgumentParser:  # noqa: A002 - argparse's own keyword
+        return sub.add_parser(name, help=help, parents=[common])
+
+    p = command("eval", help="evaluate a model: perplexity, GSM8K, lm-evaluation-harness tasks")
     _add_model_args(p)
     p.add_argument("--task", default="perplexity", help="perplexity (default) | gsm8k | gsm8k-answer-ppl")
     p.add_argument("--harness", default=None, help="lm-eval task names, comma-separated ('zeroshot' = the AST suite)")
@@ -348,7 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, help="write the result as JSON here")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("prune", help="one-shot pruning (magnitude, wanda, sparsegpt)")
+    p = command("prune", help="one-shot pruning (magnitude, wanda, sparsegpt)")
     _add_model_args(p)
     p.add_argument("--method", default=None, help="magnitude | wanda | sparsegpt (default sparsegpt)")
     p.add_argument("--sparsity", type=float, default=None, help="target fraction of zeros, in [0, 1) (default 0.5)")
@@ -392,14 +448,16 @@ def build_parser() -> argparse.ArgumentParser:
         "intermediates) to files here, mapped back lazily: memory holds about one block",
     )
     p.add_argument("--output", required=True, help="directory for the pruned HF checkpoint")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.add_argument("--json", default=None, help="write the report as JSON here")
     p.set_defaults(func=cmd_prune)
 
-    p = sub.add_parser("finetune", help="fine-tune (dense or sparse, optionally distilled from a teacher)")
+    p = command("finetune", help="fine-tune (dense or sparse, optionally distilled from a teacher)")
     _add_model_args(p)
     p.add_argument("--output", required=True, help="directory for the checkpoint, train_log.jsonl and metrics.json")
     p.add_argument("--json", default=None, help="also write the final metrics here")
-    p.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint if it exists")
+    p.add_argument("--resume", action="store_true", help="continue from the newest whole checkpoint in OUTPUT")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default=None, help="gsm8k (default) | file.jsonl (prompt/completion) | text dataset")
     g.add_argument("--split", default=None)
@@ -425,7 +483,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--strategy", default=None, help="with several processes: ddp (default, replicas) | fsdp (sharded, FSDP2)"
     )
     g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--checkpoint-every", type=int, default=None, help="steps between checkpoints (default: end only)")
+    g.add_argument("--checkpoint-every", type=int, default=None, help="steps between checkpoints (default: by time)")
+    g.add_argument(
+        "--checkpoint-minutes", type=float, default=None, help="also checkpoint after this many minutes (default 15)"
+    )
+    g.add_argument("--keep-checkpoints", type=int, default=None, help="newest checkpoints kept (default 2)")
     g = p.add_argument_group("sparsity")
     g.add_argument("--masks", default=None, help="auto (default) | zeros | none: hold the model's zeros at zero")
     g.add_argument("--targets", nargs="+", default=None, help="regexes of masked layers (default all block linears)")
@@ -444,7 +506,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--teacher-dtype", default=None, help="auto (default) | float32 | bfloat16")
     p.set_defaults(func=cmd_finetune)
 
-    p = sub.add_parser("run", help="run a recipe (builtin name or YAML, native or SparseML) into a run directory")
+    p = command("run", help="run a recipe (builtin name or YAML, native or SparseML) into a run directory")
     p.add_argument("recipe", help="builtin recipe name (see `sparsefit recipes`) or a YAML file")
     p.add_argument("--output", default=None, help="run directory (default runs/<recipe name>)")
     p.add_argument("--set", action="append", default=None, metavar="KEY=VALUE", help="variable or STAGE.FIELD override")
@@ -453,30 +515,60 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check", action="store_true", help="validate and print the stages, run nothing")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("report", help="print the report table of a run directory")
+    p = command("export", help="write a model as a plain HF checkpoint (safetensors) with sparsity.json")
+    _add_model_args(p)
+    p.add_argument("--format", default="hf", help="hf (default): a plain Hugging Face checkpoint")
+    p.add_argument("--output", required=True, help="directory for the exported checkpoint")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+    p.add_argument("--json", default=None, help="write what was exported (files, bytes, sparsity) here")
+    p.set_defaults(func=cmd_export)
+
+    p = command("report", help="print the report table of a run directory")
     p.add_argument("run_dir")
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("recipes", help="list builtin recipes")
+    p = command("recipes", help="list builtin recipes")
     p.set_defaults(func=cmd_recipes)
 
-    p = sub.add_parser("models", help="list builtin models")
+    p = command("models", help="list builtin models")
     p.set_defaults(func=cmd_models)
     return parser
 
 
+def _one_line(err: BaseException) -> tuple[str, int]:
+    """The message and exit code of an error that is not sparsefit's own."""
+    if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+        where = f" writing {err.filename}" if err.filename else ""
+        return f"no space left on the device{where}; free some space and rerun (a fine-tune: with --resume)", 1
+    if isinstance(err, PermissionError):
+        return f"permission denied: {err.filename or first_line(err)}; pass a path you may read and write", 2
+    if isinstance(err, MemoryError):
+        return "out of memory; lower --batch-size or --seq-len, or use a smaller model", 1
+    frames = traceback.extract_tb(err.__traceback__)
+    where = f" at {Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else ""
+    return f"unexpected {type(err).__name__}{where}: {first_line(err)} (rerun with --debug for the full trace)", 1
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv or os.environ.get("SPARSEFIT_DEBUG") == "1"
     try:
         args = build_parser().parse_args(argv)
         _quiet_libraries()
         func: Callable[[argparse.Namespace], int] = args.func
         return func(args)
     except SparsefitError as err:
-        print(f"sparsefit: error: {err}", file=sys.stderr)
+        print(f"sparsefit: error: {first_line(err, 1000)}", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:
-        print("sparsefit: interrupted", file=sys.stderr)
+        print("sparsefit: error: interrupted", file=sys.stderr)
         return 130
+    except Exception as err:  # noqa: BLE001 - the last line of defence: one line, never a stack trace
+        if debug:
+            traceback.print_exc()
+        message, code = _one_line(err)
+        print(f"sparsefit: error: {message}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

@@ -58,12 +58,12 @@ def test_resume_reproduces_the_uninterrupted_trajectory(tokenizer, data_dir, tmp
     model = sparse_tiny(tokenizer)
     with pytest.raises(KeyboardInterrupt):
         _interrupt_after(model, tokenizer, half, tmp_path / "resumed", steps=4)
-    assert (tmp_path / "resumed" / "checkpoint" / "trainer_state.json").is_file()
+    assert (tmp_path / "resumed" / "checkpoints" / "step-00000003" / "trainer_state.json").is_file()
     resumed = finetune(sparse_tiny(tokenizer, 0.3), tokenizer, cfg, tmp_path / "resumed", resume=True, progress=False)
     assert resumed["resumed_from"] == 3
     assert losses(tmp_path / "resumed") == pytest.approx(losses(tmp_path / "full"), abs=1e-6)
     assert resumed["tokens"] == full["tokens"] and resumed["revived_weights"] == 0
-    assert not (tmp_path / "resumed" / "checkpoint").exists()  # removed once the run completed
+    assert not (tmp_path / "resumed" / "checkpoints").exists()  # removed once the run completed
 
 
 def _interrupt_after(model, tokenizer, cfg, out, steps):
@@ -136,7 +136,8 @@ def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(tok
     model.model.norm.register_forward_hook(poison)
     with pytest.raises(SparsefitError, match=r"loss became nan at step 3.*last good checkpoint"):
         finetune(model, tokenizer, cfg, tmp_path / "n", progress=False)
-    state = json.loads((tmp_path / "n" / "checkpoint" / "trainer_state.json").read_text())
+    assert [p.name for p in (tmp_path / "n" / "checkpoints").iterdir()] == ["step-00000002"]
+    state = json.loads((tmp_path / "n" / "checkpoints" / "step-00000002" / "trainer_state.json").read_text())
     assert state["trainer"]["step"] == 2
 
 

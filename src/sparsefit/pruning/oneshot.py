@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 class OneShotConfig(BaseModel):
     """Every option of one-shot pruning, with its default; validated on construction."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # inf / nan in any float field is an error
 
     method: Literal["magnitude", "wanda", "sparsegpt"] = "sparsegpt"
     sparsity: float = Field(0.5, ge=0.0, lt=1.0)
@@ -81,8 +81,8 @@ class OneShotConfig(BaseModel):
     @classmethod
     def _profile(cls, v: str | dict[str, float]) -> str | dict[str, float]:
         if isinstance(v, dict):
+            check_regexes(list(v))
             for key, s in v.items():
-                re.compile(key)
                 if not 0.0 <= s < 1.0:
                     raise ValueError(f"sparsity {s} for '{key}' must be in [0, 1)")
         return v

@@ -22,7 +22,7 @@ from greenlet import greenlet
 from torch import nn
 from tqdm.auto import tqdm
 
-from sparsefit.errors import UsageError
+from sparsefit.errors import SparsefitError, UsageError
 from sparsefit.models.layout import (
     DecoderLayout,
     decoder_layout,
@@ -355,7 +355,10 @@ def _prune_block(
         weights = [weight_as_out_in(layers[n]) for n in group]
         targets = [sparsity_of(index, n) for n in group]
         preserves = [w != 0 if preserve_zeros else None for w in weights]
-        results = solver.solve_shared(name, weights, targets, preserves)
+        try:
+            results = solver.solve_shared(name, weights, targets, preserves)
+        except ValueError as err:  # the math's message, e.g. a Hessian that is not positive definite
+            raise SparsefitError(f"pruning {name} failed: {err}") from None
         report.add_time("solve", time.perf_counter() - t)
         if options.reconstruct_iters:
             t = time.perf_counter()

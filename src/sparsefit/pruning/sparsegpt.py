@@ -44,7 +44,8 @@ def inverse_hessian(hessian: torch.Tensor, damp: float = 0.01) -> tuple[torch.Te
     factor, info = torch.linalg.cholesky_ex(H.flip(0, 1))
     if info.item() != 0:
         raise ValueError(
-            f"Hessian is not positive definite with damp={damp}; raise damp (e.g. 0.1) or use more calibration data"
+            f"its Hessian is not positive definite with damp={damp}; raise damp (--damp 0.1) or use more "
+            "calibration data (--num-samples)"
         )
     return _lower_triangular_inverse(factor).flip(0, 1), dead
 

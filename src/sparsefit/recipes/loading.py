@@ -6,8 +6,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from sparsefit.config import load_yaml
 from sparsefit.errors import UsageError
 from sparsefit.recipes import sparseml
 from sparsefit.recipes.schema import Recipe, validate_recipe
@@ -29,11 +28,7 @@ def read_recipe_data(spec: str) -> tuple[dict, str]:
         if not path.is_file():
             names = ", ".join(sorted(builtins))
             raise UsageError(f"recipe '{spec}' is neither a builtin ({names}) nor an existing YAML file")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise UsageError(f"recipe '{spec}' does not parse as YAML: {str(err).splitlines()[0]}") from None
-    return data, path.name
+    return load_yaml(path, "recipe"), path.name
 
 
 def load_recipe(spec: str, sets: list[str] | dict[str, Any] | None = None, model: str | None = None) -> Recipe:

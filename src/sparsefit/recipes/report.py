@@ -3,12 +3,14 @@ baseline) and PNG plots (per-layer sparsity, training loss and learning rate, me
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sparsefit.atomic import write_json
+from sparsefit.atomic import write_bytes, write_json, write_text
 from sparsefit.errors import UsageError
+from sparsefit.training.log import read_log
 
 if TYPE_CHECKING:
     from sparsefit.recipes.schema import Recipe
@@ -34,8 +36,16 @@ def _stage_records(run_dir: Path) -> list[dict]:
     records = []
     for folder in sorted(p for p in run_dir.iterdir() if p.is_dir() and p.name[:2].isdigit()):
         path = folder / "stage.json"
-        if path.is_file():
-            records.append({**json.loads(path.read_text()), "folder": folder.name})
+        if not path.is_file():
+            continue
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+            valid = isinstance(record, dict) and {"name", "kind", "seconds", "result"} <= set(record)
+        except (OSError, ValueError):
+            valid = False
+        if not valid:
+            raise UsageError(f"'{path}' is damaged; rerun the recipe into '{run_dir}' to redo that stage")
+        records.append({**record, "folder": folder.name})
     return records
 
 
@@ -112,7 +122,7 @@ def write_report(run_dir: str | Path, recipe: Recipe | None = None) -> dict:
     md += [f"![{Path(p).stem}]({p})" for p in plots]
     if report["notes"]:
         md += ["", "## Notes", *[f"- {n}" for n in report["notes"]]]
-    (run_dir / "report.md").write_text("\n".join(md) + "\n")
+    write_text(run_dir / "report.md", "\n".join(md) + "\n")
     return report
 
 
@@ -156,7 +166,7 @@ def _plots(run_dir: Path, records: list[dict], rows: list[dict]) -> list[str]:
     if logs:
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.5))
         for name, path in logs:
-            entries = [json.loads(line) for line in path.read_text().splitlines() if line]
+            entries = read_log(path, warn=False)
             ax1.plot([e["step"] for e in entries], [e["loss"] for e in entries], label=name)
             ax2.plot([e["step"] for e in entries], [e["lr"] for e in entries], label=name)
         ax1.set(xlabel="step", ylabel="loss", title="training loss")
@@ -187,6 +197,8 @@ def _block(name: str) -> int:
 
 def _save(fig, path: Path, plt) -> str:  # noqa: ANN001
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=110)
     plt.close(fig)
+    write_bytes(path, png.getvalue())
     return path.name

@@ -18,7 +18,9 @@ from pathlib import Path
 import torch
 import yaml
 
-from sparsefit.atomic import write_json
+from sparsefit.atomic import is_empty_dir, is_ours, make_dir, write_json, write_marker, write_text
+from sparsefit.errors import UsageError
+from sparsefit.outputs import claim_output
 from sparsefit.recipes.report import write_report
 from sparsefit.recipes.schema import EvaluateStage, ExportStage, FinetuneStage, OneshotStage, Recipe
 
@@ -35,13 +37,23 @@ def _fingerprint(stage_config: dict, input_model: str, input_stamp: str) -> str:
 
 
 def run_recipe(recipe: Recipe, run_dir: str | Path, device: str | torch.device = "auto", progress: bool = True) -> dict:
-    """Run (or resume) every stage; returns the report dict (also written as report.json / report.md)."""
+    """Run (or resume) every stage; returns the report dict (also written as report.json / report.md).
+
+    `run_dir` must be new, empty, or a run directory sparsefit wrote (then finished stages are kept);
+    it is locked for the whole run.
+    """
     from sparsefit.models import parse_device
 
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     device = parse_device(device) if isinstance(device, str) else device
-    (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
+    with claim_output(run_dir, reuse=True, inputs=(recipe.model,)) as claim:
+        run_dir = claim.path
+        make_dir(run_dir)
+        write_marker(run_dir)
+        return _run_stages(recipe, run_dir, device, progress)
+
+
+def _run_stages(recipe: Recipe, run_dir: Path, device: torch.device, progress: bool) -> dict:
+    write_text(run_dir / "recipe.yaml", yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
     for note in recipe.notes:
         print(f"note: {note}", flush=True)
 
@@ -78,19 +90,32 @@ def run_recipe(recipe: Recipe, run_dir: str | Path, device: str | torch.device =
 
 def _claim(folder: Path, fingerprint: str) -> None:
     """Start a stage in `folder`: keep what an interrupted run of the same stage left (a fine-tune
-    checkpoint), discard anything made with another configuration or input."""
-    marker = folder / ".fingerprint"
-    if folder.exists() and (not marker.is_file() or marker.read_text() != fingerprint):
+    checkpoint), discard anything made with another configuration or input. The fingerprint of
+    the stage in flight sits beside its folder, which the stage may replace wholesale."""
+    claim = folder.with_name(f".{folder.name}.fingerprint")
+    same = claim.is_file() and claim.read_text() == fingerprint
+    if folder.exists() and not same:
+        if not (is_ours(folder) or is_empty_dir(folder)):
+            raise UsageError(f"'{folder}' holds files sparsefit did not write; move them out of the run directory")
         shutil.rmtree(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    marker.write_text(fingerprint)
+    write_text(claim, fingerprint)
+    make_dir(folder)
+    write_marker(folder)
 
 
 def _completed(folder: Path, fingerprint: str) -> dict | None:
+    """The record of a stage that finished with this fingerprint (None otherwise, or when unreadable)."""
     path = folder / STAGE_FILE
-    if not path.is_file():
+    try:
+        record = json.loads(path.read_text())
+    except FileNotFoundError:
         return None
-    record = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        print(f"warning: {path} is unreadable ({type(err).__name__}); the stage runs again", flush=True)
+        return None
+    if not isinstance(record, dict):
+        print(f"warning: {path} is not a stage record; the stage runs again", flush=True)
+        return None
     return record if record.get("fingerprint") == fingerprint else None
 
 
@@ -103,7 +128,7 @@ def _teacher_spec(teacher: str, recipe: Recipe, outputs: dict[str, str]) -> str:
 
 
 def _run_stage(stage, recipe: Recipe, current: str, outputs: dict, folder: Path, device, progress: bool) -> dict:  # noqa: ANN001
-    from sparsefit.export import read_sparsity, save_checkpoint, sparsity_summary
+    from sparsefit.export import export_checkpoint, read_sparsity, save_checkpoint, sparsity_summary
     from sparsefit.models import load_model_and_tokenizer
 
     if isinstance(stage, OneshotStage):
@@ -116,13 +141,17 @@ def _run_stage(stage, recipe: Recipe, current: str, outputs: dict, folder: Path,
         return {"sparsity": report["sparsity"]["overall"], "seconds": report["seconds"], "phases": report["phases"]}
     if isinstance(stage, FinetuneStage):
         from sparsefit.training import FinetuneConfig, finetune
+        from sparsefit.training.loop import CHECKPOINTS_DIR, finished_run
 
         fields = stage.model_dump(exclude={"kind", "name"})
         if fields.get("teacher"):
             fields["teacher"] = _teacher_spec(fields["teacher"], recipe, outputs)
+        keys = ("steps", "tokens", "tokens_per_second", "final_loss", "sparsity", "revived_weights", "train_seconds")
+        done = finished_run(folder)  # killed after the fine-tune published, before stage.json
+        if done is not None and not (folder / CHECKPOINTS_DIR).exists():
+            return {k: done[k] for k in keys}
         model, tok = load_model_and_tokenizer(current, "float32", device)
         metrics = finetune(model, tok, FinetuneConfig(**fields), folder, resume=True, progress=progress, device=device)
-        keys = ("steps", "tokens", "tokens_per_second", "final_loss", "sparsity", "revived_weights", "train_seconds")
         return {k: metrics[k] for k in keys}
     if isinstance(stage, EvaluateStage):
         model, tok = load_model_and_tokenizer(current, "float32", device)
@@ -134,17 +163,15 @@ def _run_stage(stage, recipe: Recipe, current: str, outputs: dict, folder: Path,
         return result
     if isinstance(stage, ExportStage):
         model, tok = load_model_and_tokenizer(current, "float32", "cpu")
-        save_checkpoint(model, tok, folder, {"exported_from": current, "format": stage.format})
-        files = sorted(p.name for p in folder.iterdir())
-        size = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
-        return {"format": stage.format, "files": files, "bytes": size, "sparsity": sparsity_summary(model)["overall"]}
+        return export_checkpoint(model, tok, folder, current, stage.format)
     raise TypeError(f"unknown stage {stage!r}")
 
 
 def _self_eval_tokens(run_dir: Path, reference: str, stage: EvaluateStage) -> torch.Tensor:
     """Held-out text sampled once from the recipe's input model (seed 1234, unlike any training seed), cached."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file, save
 
+    from sparsefit.atomic import write_bytes
     from sparsefit.data.self_generated import sample_from_model
     from sparsefit.models import load_model_and_tokenizer
 
@@ -153,7 +180,7 @@ def _self_eval_tokens(run_dir: Path, reference: str, stage: EvaluateStage) -> to
         return load_file(str(path))["input_ids"]
     model, tok = load_model_and_tokenizer(reference, "float32", "cpu")
     ids = sample_from_model(model, tok, stage.self_samples, stage.self_seq_len, seed=1234)
-    save_file({"input_ids": ids.contiguous()}, str(path))
+    write_bytes(path, save({"input_ids": ids.contiguous()}))
     return ids
 
 

@@ -29,10 +29,12 @@ from sparsefit.pruning import OneShotConfig
 from sparsefit.training import FinetuneConfig
 
 EVAL_TASKS = ("self-ppl", "perplexity", "gsm8k-answer-ppl", "gsm8k")
+# Recipe and stage names become folder names: no separators, no leading dot (so no '..'), bounded length.
+FOLDER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
 
 
 class _Stage(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     name: str | None = None  # default: the kind ("finetune", "finetune-2" for a second one)
 
 
@@ -70,7 +72,7 @@ STAGE_KINDS = ("oneshot", "finetune", "evaluate", "export")
 
 
 class Recipe(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     name: str = "recipe"
     description: str = ""
@@ -81,12 +83,16 @@ class Recipe(BaseModel):
 
     @model_validator(mode="after")
     def _names(self) -> Recipe:  # noqa: C901
+        if not FOLDER_NAME.fullmatch(self.name):
+            raise ValueError(
+                f"recipe name '{self.name}' must be letters, digits, '_', '.', '-' (it names the run folder runs/NAME)"
+            )
         seen: set[str] = set()
         for stage in self.stages:
             if stage.name is None:
                 count = sum(1 for s in self.stages if s.kind == stage.kind and s.name and s.name.startswith(stage.kind))
                 stage.name = stage.kind if count == 0 and stage.kind not in seen else f"{stage.kind}-{count + 1}"
-            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", stage.name):
+            if not FOLDER_NAME.fullmatch(stage.name):
                 raise ValueError(
                     f"stage name '{stage.name}' must be letters, digits, '_', '.', '-' (it names a folder)"
                 )

@@ -12,7 +12,7 @@ from sparsefit.config import check_regexes
 class GMPConfig(BaseModel):
     """Gradual magnitude pruning: cubic from `initial` to `final` sparsity over steps [start, end], every `every`."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     initial: float = Field(0.0, ge=0.0, lt=1.0)
     final: float = Field(0.5, ge=0.0, lt=1.0)
@@ -30,7 +30,7 @@ class GMPConfig(BaseModel):
 
 
 class FinetuneConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # inf / nan in any float field is an error
 
     # data
     dataset: str = "gsm8k"  # or "self": text sampled from the teacher (or the model itself), no dataset needed
@@ -72,8 +72,10 @@ class FinetuneConfig(BaseModel):
     temperature: float = Field(1.0, gt=0)
     distill_layers: list[int] | None = None  # decoder block indices for square_head; default all
     teacher_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    # bookkeeping
-    checkpoint_every: int = Field(0, ge=0)  # steps; 0 = only at the end
+    # bookkeeping (a resumed run may change these)
+    checkpoint_every: int = Field(0, ge=0)  # steps between checkpoints; 0: by time only
+    checkpoint_minutes: float = Field(15.0, ge=0)  # also checkpoint when this long has passed; 0: by steps only
+    keep_checkpoints: int = Field(2, ge=1)  # the newest ones kept; older ones go once a newer is published
     log_every: int = Field(1, ge=1)
 
     @field_validator("targets", "ignore")

@@ -10,7 +10,9 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from sparsefit.atomic import make_dir, write_marker
 from sparsefit.errors import UsageError
+from sparsefit.outputs import claim_output
 from sparsefit.pruning import OneShotConfig, oneshot
 from sparsefit.training.config import FinetuneConfig
 from sparsefit.training.loop import finetune
@@ -30,25 +32,34 @@ def iterative_prune_finetune(
     teacher: PreTrainedModel | None = None,
     device: torch.device | str | None = None,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> list[dict]:
-    """One (prune report, finetune metrics) record per cycle; the model ends at the last sparsity."""
+    """One (prune report, finetune metrics) record per cycle; the model ends at the last sparsity.
+
+    `overwrite` replaces the cycle folders of an earlier run in `output_dir`."""
     if sorted(sparsities) != list(sparsities) or not sparsities:
         raise ValueError(f"iterative sparsities must be a non-empty increasing list (got {sparsities})")
     if train.strategy == "fsdp" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # each cycle prunes the whole model between fine-tunes; FSDP leaves it sharded after the first
         raise UsageError("iterative cycles need the whole model on every process: use --strategy ddp with --cycles")
-    cycles = []
-    for k, sparsity in enumerate(sparsities):
-        cfg = prune.model_copy(update={"sparsity": sparsity, "preserve_mask": True})
-        report = oneshot(model, tokenizer, cfg, device=device, progress=progress)
-        metrics = finetune(
-            model,
-            tokenizer,
-            train.model_copy(update={"masks": "zeros"}),
-            Path(output_dir) / f"cycle-{k}",
-            teacher=teacher,
-            progress=progress,
-            device=device,
-        )
-        cycles.append({"sparsity": sparsity, "prune": report, "finetune": metrics})
-    return cycles
+    source = getattr(model.config, "name_or_path", None)
+    with claim_output(output_dir, overwrite=overwrite, inputs=(source,)) as claim:
+        if int(os.environ.get("RANK", "0")) == 0:
+            make_dir(claim.path)
+            write_marker(claim.path)
+        cycles = []
+        for k, sparsity in enumerate(sparsities):
+            cfg = prune.model_copy(update={"sparsity": sparsity, "preserve_mask": True})
+            report = oneshot(model, tokenizer, cfg, device=device, progress=progress)
+            metrics = finetune(
+                model,
+                tokenizer,
+                train.model_copy(update={"masks": "zeros"}),
+                claim.path / f"cycle-{k}",
+                teacher=teacher,
+                progress=progress,
+                device=device,
+                overwrite=overwrite,
+            )
+            cycles.append({"sparsity": sparsity, "prune": report, "finetune": metrics})
+        return cycles

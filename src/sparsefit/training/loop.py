@@ -2,8 +2,13 @@
 distillation from a dense teacher and gradual pruning, on one device or many (DDP or FSDP).
 
 Per step: (GMP mask update) -> micro-batches: forward, losses, backward -> zero pruned grads ->
-clip -> AdamW step -> re-apply masks. Masks, losses, schedules and checkpoints are library
-pieces; this file only orders them.
+gradient norm (clipped when max_grad_norm > 0) -> AdamW step -> re-apply masks -> log ->
+checkpoint when one is due or a stop signal arrived. Masks, losses, schedules and checkpoints
+are library pieces; this file only orders them.
+
+The output folder holds `train_log.jsonl` and `checkpoints/step-N/` while training; at the end
+one atomic exchange puts the final HF checkpoint (with `sparsity.json`, `metrics.json` and the
+log) in its place, and the checkpoints go with the old folder.
 """
 
 from __future__ import annotations
@@ -11,8 +16,10 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import signal
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,26 +28,31 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
-from sparsefit.atomic import write_json
-from sparsefit.errors import SparsefitError
+from sparsefit.atomic import make_dir, write_marker
+from sparsefit.errors import Interrupted, SparsefitError, UsageError
 from sparsefit.models.layout import decoder_layout
+from sparsefit.outputs import claim_output
 from sparsefit.pruning.magnitude import prune_magnitude
 from sparsefit.training.config import FinetuneConfig
 from sparsefit.training.data import collate, example_order, load_examples, self_examples
 from sparsefit.training.distributed import DistInfo, all_reduce_sum, barrier, init_distributed
+from sparsefit.training.log import TrainLog
 from sparsefit.training.losses import HeadPath, compute_losses
 from sparsefit.training.masks import SparsityMasks, decoder_linears
 from sparsefit.training.schedules import gmp_sparsity, lr_factor
-from sparsefit.training.sharding import full, model_state, shard_model
-from sparsefit.training.state import has_training_state, load_training_state, save_training_state
+from sparsefit.training.sharding import full, local, model_state, shard_model
+from sparsefit.training.signals import StopRequest
+from sparsefit.training.state import find_checkpoint, load_training_state, read_trainer_state, save_training_state
 from sparsefit.training.teacher import check_compatible, freeze, load_teacher
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-CHECKPOINT_DIR = "checkpoint"
+CHECKPOINTS_DIR = "checkpoints"
 LOG_FILE = "train_log.jsonl"
 METRICS_FILE = "metrics.json"
+# Options that change neither the trajectory nor the result: a resumed run may change them.
+_NOT_FINGERPRINTED = {"checkpoint_every", "checkpoint_minutes", "keep_checkpoints", "log_every"}
 
 
 def _bf16(config: FinetuneConfig, device: torch.device) -> bool:
@@ -85,22 +97,55 @@ def gmp_update(masks: SparsityMasks, sparsity: float, optimizer: torch.optim.Opt
     masks.apply_to_optimizer(optimizer)
 
 
-class _Log:
-    """The per-step JSONL log (main process only); a resumed run drops the lines of steps it redoes."""
+def run_fingerprint(model: PreTrainedModel, config: FinetuneConfig, world: int) -> dict:
+    """What a resumed run must share with the run that wrote the checkpoint: the model, the data,
+    the optimizer, the schedule, the masks and losses (every option but the bookkeeping ones)."""
+    fields = config.model_dump(mode="json", exclude=_NOT_FINGERPRINTED)
+    return {"model": str(model.config.name_or_path), "world_size": world, **fields}
 
-    def __init__(self, path: Path, enabled: bool, resume_step: int) -> None:
-        self.path, self.enabled = path, enabled
-        if not enabled:
-            return
-        kept = []
-        if resume_step > 0 and path.is_file():
-            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] < resume_step]
-        path.write_text("".join(line + "\n" for line in kept))
 
-    def write(self, record: dict) -> None:
-        if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+def fingerprint_changes(saved: dict | None, current: dict) -> list[str]:
+    """`field (old -> new)` for every difference; a checkpoint without a fingerprint differs in everything."""
+    if saved is None:
+        return ["(the checkpoint records no configuration)"]
+    keys = sorted(set(saved) | set(current))
+    return [f"{k} ({saved.get(k)!r} -> {current.get(k)!r})" for k in keys if saved.get(k) != current.get(k)]
+
+
+def finished_run(output_dir: str | Path) -> dict | None:
+    """The metrics of a fine-tune that completed in `output_dir` (None when it did not)."""
+    path = Path(output_dir) / METRICS_FILE
+    try:
+        metrics = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return metrics if isinstance(metrics, dict) and metrics.get("completed") else None
+
+
+@dataclass
+class _Run:
+    """What the loop needs, set up once (`_setup`)."""
+
+    info: DistInfo
+    device: torch.device
+    bf16: bool
+    fsdp: bool
+    masks: SparsityMasks | None
+    teacher: PreTrainedModel | None
+    examples: list
+    lengths: list[int]
+    steps: int
+    layers: list[int]
+    params: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    train_model: torch.nn.Module
+    student_path: HeadPath
+    teacher_path: HeadPath | None
+    pad_id: int
+    fingerprint: dict = field(default_factory=dict)
+    checkpoint_seconds: float = 0.0
+    checkpoints: int = 0
 
 
 def finetune(
@@ -112,16 +157,57 @@ def finetune(
     resume: bool = False,
     progress: bool = True,
     device: torch.device | str | None = None,
+    overwrite: bool = False,
 ) -> dict:
     """Train `model` in place as `config` says; write the final checkpoint, log and metrics into `output_dir`.
 
-    `teacher` (already loaded) overrides `config.teacher`. Returns the metrics dict.
+    `teacher` (already loaded) overrides `config.teacher`. `resume` continues from the newest whole
+    checkpoint in `output_dir` (the configuration must match the one that wrote it); `overwrite`
+    replaces an earlier sparsefit output there. SIGTERM / Ctrl-C end the current step, write a
+    checkpoint and raise `Interrupted`. Returns the metrics dict.
     """
-    from sparsefit.export import save_checkpoint
-
     info = init_distributed()
     output_dir = Path(output_dir)
-    ckpt_dir = output_dir / CHECKPOINT_DIR
+    with claim_output(output_dir, overwrite=overwrite, reuse=resume), StopRequest() as stop:
+        done = finished_run(output_dir)
+        if resume and done is not None and not find_checkpoint(output_dir / CHECKPOINTS_DIR)[0]:
+            raise UsageError(
+                f"'{output_dir}' holds a finished fine-tune ({done.get('steps')} steps); "
+                "nothing to resume (pass --overwrite to train again)"
+            )
+        barrier(info)  # every rank has checked the folder before the main one writes into it
+        if info.main:
+            _prepare_output(output_dir, fresh=not resume)
+        run = _setup(model, tokenizer, config, teacher, device, info)
+        start_step, tokens_seen, resumed_from = 0, 0, None
+        if resume:
+            restored = _restore(output_dir, model, config, run)
+            if restored is not None:
+                start_step, tokens_seen = restored["step"], restored["tokens"]
+                resumed_from = start_step
+            elif info.main:
+                print(f"no checkpoint in {output_dir / CHECKPOINTS_DIR}; starting from step 0", flush=True)
+        return _train(model, tokenizer, config, output_dir, run, stop, start_step, tokens_seen, resumed_from, progress)
+
+
+def _prepare_output(output_dir: Path, fresh: bool) -> None:
+    """Mark the folder as sparsefit's; a fresh run drops what an earlier run left to resume from."""
+    make_dir(output_dir)
+    write_marker(output_dir)
+    if fresh:
+        shutil.rmtree(output_dir / CHECKPOINTS_DIR, ignore_errors=True)
+        (output_dir / LOG_FILE).unlink(missing_ok=True)
+
+
+def _setup(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    config: FinetuneConfig,
+    teacher: PreTrainedModel | None,
+    device: torch.device | str | None,
+    info: DistInfo,
+) -> _Run:
+    """Device, masks, teacher, data, length, sharding, optimizer and schedule, in that order."""
     if device is None:
         device = torch.device(f"cuda:{info.local_rank}" if torch.cuda.is_available() else "cpu")
     device = torch.device(device)
@@ -153,13 +239,10 @@ def finetune(
             config.completion_field,
             config.limit,
         )
-    per_rank = config.batch_size * config.grad_accum
-    global_batch = per_rank * info.world
+    global_batch = config.batch_size * config.grad_accum * info.world
     lengths = [len(e.input_ids) for e in examples]
-    mean_tokens = sum(lengths) / len(lengths)
-    steps = total_steps(config, len(examples), mean_tokens, global_batch)
+    steps = total_steps(config, len(examples), sum(lengths) / len(lengths), global_batch)
     example_order(lengths, global_batch, config.seed, 0)  # fails early when one batch cannot be filled
-    warmup = config.warmup_steps if config.warmup_steps is not None else int(0.1 * steps)
 
     num_blocks = len(decoder_layout(model).blocks)
     if teacher is not None:
@@ -182,103 +265,126 @@ def finetune(
     optimizer = torch.optim.AdamW(
         params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay, fused=_fused_ok(device)
     )
+    warmup = config.warmup_steps if config.warmup_steps is not None else int(0.1 * steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, steps, warmup, config.scheduler))
 
-    start_step, tokens_seen, resumed_from = 0, 0, None
-    if resume and has_training_state(ckpt_dir):
-        trainer_state, saved_masks = load_training_state(ckpt_dir, model, optimizer, scheduler)
-        start_step, tokens_seen, resumed_from = trainer_state["step"], trainer_state["tokens"], trainer_state["step"]
-        if saved_masks is not None:
-            masks = SparsityMasks(decoder_linears(model), saved_masks)
-            if fsdp:
-                masks.shard()
-    elif resume and info.main:
-        print(f"no checkpoint in {ckpt_dir}; starting from step 0", flush=True)
-    initial_sparsity = masks.sparsity() if masks else 0.0
-
-    train_model = DistributedDataParallel(model) if info.enabled and not fsdp else model
-    if info.main:
-        output_dir.mkdir(parents=True, exist_ok=True)
-    log = _Log(output_dir / LOG_FILE, info.main, start_step)
-    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    probe = {k: v.to(device) for k, v in collate(examples[:1], pad_id).items()}
+    return _Run(
+        info=info,
+        device=device,
+        bf16=bf16,
+        fsdp=fsdp,
+        masks=masks,
+        teacher=teacher,
+        examples=examples,
+        lengths=lengths,
+        steps=steps,
+        layers=layers,
+        params=params,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        train_model=DistributedDataParallel(model) if info.enabled and not fsdp else model,
+        student_path=HeadPath.detect(model, probe),
+        teacher_path=HeadPath.detect(teacher, probe) if teacher is not None else None,
+        pad_id=pad_id,
+        fingerprint=run_fingerprint(model, config, info.world),
+    )
 
-    probe = collate(examples[:1], pad_id)
-    student_path = HeadPath.detect(model, {k: v.to(device) for k, v in probe.items()})
-    teacher_path = HeadPath.detect(teacher, {k: v.to(device) for k, v in probe.items()}) if teacher else None
+
+def _restore(output_dir: Path, model: PreTrainedModel, config: FinetuneConfig, run: _Run) -> dict | None:
+    """Load the newest whole checkpoint (chosen by the main process, which checks its manifest) into
+    the model, optimizer, schedule and masks; None when there is none."""
+    root = output_dir / CHECKPOINTS_DIR
+    folder, step = None, -1
+    if run.info.main:
+        folder, warnings = find_checkpoint(root)
+        for warning in warnings:
+            print(f"warning: {warning}", flush=True)
+        if folder is None and warnings:
+            raise SparsefitError(
+                f"no whole checkpoint in {root} ({len(warnings)} damaged, left in place); "
+                "pass --overwrite to start over"
+            )
+        step = read_trainer_state(folder)["step"] if folder is not None else -1
+    (chosen,) = all_reduce_sum([step + 1 if run.info.main else 0], run.info, run.device)
+    if chosen == 0:
+        return None
+    from sparsefit.training.state import checkpoint_dir
+
+    folder = checkpoint_dir(root, int(chosen) - 1)
+    changes = fingerprint_changes(read_trainer_state(folder).get("fingerprint"), run.fingerprint)
+    if changes:
+        raise UsageError(
+            f"cannot resume '{output_dir}': the configuration differs from the checkpoint's in "
+            f"{', '.join(changes)}; rerun with the original options, or --overwrite to start over"
+        )
+    trainer_state, saved_masks = load_training_state(folder, model, run.optimizer, run.scheduler)
+    if saved_masks is not None:
+        run.masks = SparsityMasks(decoder_linears(model), saved_masks)
+        if run.fsdp:
+            run.masks.shard()
+    if run.info.main:
+        print(f"resuming from {folder} (step {trainer_state['step']})", flush=True)
+    return trainer_state
+
+
+def _train(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    config: FinetuneConfig,
+    output_dir: Path,
+    run: _Run,
+    stop: StopRequest,
+    start_step: int,
+    tokens_seen: int,
+    resumed_from: int | None,
+    progress: bool,
+) -> dict:
+    info, steps = run.info, run.steps
+    initial_sparsity = run.masks.sparsity() if run.masks else 0.0
+    log = TrainLog(output_dir / LOG_FILE, info.main, start_step)
     bar = tqdm(total=steps, initial=start_step, desc="finetune", disable=not (progress and info.main))
     train_seconds, run_tokens, last_loss = 0.0, 0, float("nan")  # this invocation only (after a resume)
+    last_checkpoint = time.monotonic()
     for step in range(start_step, steps):
         t0 = time.perf_counter()
-        if config.gmp is not None:
-            target = gmp_sparsity(
-                step, config.gmp.initial, config.gmp.final, config.gmp.start, config.gmp.end, config.gmp.every
-            )
-            if target is not None:
-                gmp_update(masks, target, optimizer)
-        ids = example_order(lengths, global_batch, config.seed, step)[info.rank * per_rank : (info.rank + 1) * per_rank]
-        sums = {"loss": 0.0, "ce": 0.0, "kl": 0.0, "square_head": 0.0}
-        step_tokens = 0
-        for k in range(config.grad_accum):
-            batch = collate([examples[i] for i in ids[k * config.batch_size : (k + 1) * config.batch_size]], pad_id)
-            batch = {key: v.to(device) for key, v in batch.items()}
-            step_tokens += int(batch["attention_mask"].sum())
-            last_micro = k == config.grad_accum - 1
-            if fsdp:
-                model.set_requires_gradient_sync(last_micro)
-            sync = nullcontext() if (last_micro or not info.enabled or fsdp) else train_model.no_sync()
-            with sync:
-                with autocast():
-                    losses = compute_losses(train_model, teacher, batch, config, layers, student_path, teacher_path)
-                total = losses["loss"] / config.grad_accum
-                # every rank must agree before backward, or a rank that stops leaves the others waiting
-                (value,) = all_reduce_sum([float(losses["loss"].detach())], info, device)
-                if not math.isfinite(value):
-                    raise _non_finite(step, value, ckpt_dir)
-                total.backward()
-            for key, v in losses.items():
-                sums[key] += float(v.detach()) / config.grad_accum
-        if masks is not None:
-            masks.apply_to_grads()
-        grad_norm = (
-            float(full(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)))
-            if config.max_grad_norm > 0
-            else None
-        )
-        if grad_norm is not None and not math.isfinite(grad_norm):  # before the step: weights stay good
-            raise _non_finite(step, grad_norm, ckpt_dir, "gradient norm")
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        if masks is not None:
-            masks.apply_to_weights()
-        reduced = all_reduce_sum([*sums.values(), step_tokens], info, device)
-        sums = {key: v / info.world for key, v in zip(sums, reduced[:-1])}
-        step_tokens = int(reduced[-1])
+        record = _step(config, run, step, output_dir)
+        minutes = config.checkpoint_minutes
+        due_by_time = minutes > 0 and time.monotonic() - last_checkpoint >= 60 * minutes
+        # one collective for the step's figures and for whether any rank was signalled or is due
+        flags = [record.pop("tokens_step"), float(stop.requested), float(due_by_time and info.main)]
+        sums = [record[k] for k in ("loss", "ce", "kl", "square_head")]
+        reduced = all_reduce_sum([*sums, *flags], info, run.device)
+        for k, v in zip(("loss", "ce", "kl", "square_head"), reduced[:4]):
+            record[k] = round(v / info.world, 6)
+        step_tokens, signalled, due_by_time = int(reduced[4]), reduced[5] > 0, reduced[6] > 0
         tokens_seen += step_tokens
         run_tokens += step_tokens
         seconds = time.perf_counter() - t0
         train_seconds += seconds
-        last_loss = sums["loss"]
-        record = {"step": step, **{k: round(v, 6) for k, v in sums.items()}, "lr": lr, "tokens": tokens_seen}
-        record.update({"tokens_per_second": step_tokens / seconds, "grad_norm": grad_norm})
-        if masks is not None:
-            record["sparsity"] = masks.sparsity()
+        last_loss = record["loss"]
+        record.update({"tokens": tokens_seen, "tokens_per_second": step_tokens / seconds})
+        if run.masks is not None:
+            record["sparsity"] = run.masks.sparsity()
         if step % config.log_every == 0 or step == steps - 1:
             log.write(record)
-        bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{step_tokens / seconds:.0f}")
+        bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{step_tokens / seconds:.0f}")
         bar.update(1)
         done = step + 1
-        if config.checkpoint_every and done % config.checkpoint_every == 0 and done < steps:
-            _checkpoint(ckpt_dir, model, masks, optimizer, scheduler, done, tokens_seen, info)
+        due = (config.checkpoint_every and done % config.checkpoint_every == 0) or due_by_time or signalled
+        if due and done < steps:
+            _checkpoint(output_dir, model, config, run, done, tokens_seen)
+            last_checkpoint = time.monotonic()
+        if signalled and done < steps:
+            bar.close()
+            signum = stop.signum or signal.SIGTERM
+            raise Interrupted(
+                f"stopped by {signal.Signals(signum).name} after step {done} of {steps}; checkpoint written, "
+                "rerun the same command with --resume to continue",
+                signum,
+            )
     bar.close()
-
-    revived = masks.revived() if masks is not None else 0
-    if revived:
-        raise SparsefitError(
-            f"{revived} pruned weights became nonzero during training; this is a bug, please report it"
-        )
     metrics = {
         "completed": True,
         "steps": steps,
@@ -286,53 +392,149 @@ def finetune(
         "tokens": tokens_seen,
         "train_seconds": train_seconds,
         "tokens_per_second": run_tokens / train_seconds if train_seconds else None,
+        "checkpoint_seconds": run.checkpoint_seconds,
+        "checkpoints": run.checkpoints,
         "final_loss": last_loss,
-        "bf16": bf16,
+        "bf16": run.bf16,
         "world_size": info.world,
-        "strategy": "fsdp" if fsdp else "ddp" if info.enabled else "single process",
-        "examples": len(examples),
-        "mean_example_tokens": mean_tokens,
-        "masks": masks is not None,
+        "strategy": "fsdp" if run.fsdp else "ddp" if info.enabled else "single process",
+        "examples": len(run.examples),
+        "mean_example_tokens": sum(run.lengths) / len(run.lengths),
+        "masks": run.masks is not None,
         "initial_sparsity": initial_sparsity,
-        "sparsity": masks.sparsity() if masks is not None else 0.0,
-        "revived_weights": revived,
+        "sparsity": run.masks.sparsity() if run.masks is not None else 0.0,
+        "revived_weights": run.masks.revived() if run.masks is not None else 0,
         "config": config.model_dump(),
+        "fingerprint": run.fingerprint,
     }
+    _finish(model, tokenizer, config, output_dir, run, metrics)
+    return metrics
+
+
+def _step(config: FinetuneConfig, run: _Run, step: int, output_dir: Path) -> dict:
+    """One optimizer step: this rank's losses (averaged over micro-batches), tokens, lr and gradient norm."""
+    info = run.info
+    if config.gmp is not None:
+        gmp = config.gmp
+        target = gmp_sparsity(step, gmp.initial, gmp.final, gmp.start, gmp.end, gmp.every)
+        if target is not None:
+            gmp_update(run.masks, target, run.optimizer)
+    per_rank = config.batch_size * config.grad_accum
+    global_batch = per_rank * info.world
+    ids = example_order(run.lengths, global_batch, config.seed, step)[info.rank * per_rank : (info.rank + 1) * per_rank]
+    sums = {"loss": 0.0, "ce": 0.0, "kl": 0.0, "square_head": 0.0}
+    step_tokens = 0
+    autocast = (lambda: torch.autocast(run.device.type, dtype=torch.bfloat16)) if run.bf16 else nullcontext
+    for k in range(config.grad_accum):
+        batch = collate([run.examples[i] for i in ids[k * config.batch_size : (k + 1) * config.batch_size]], run.pad_id)
+        batch = {key: v.to(run.device) for key, v in batch.items()}
+        step_tokens += int(batch["attention_mask"].sum())
+        last_micro = k == config.grad_accum - 1
+        if run.fsdp:
+            run.train_model.set_requires_gradient_sync(last_micro)
+        sync = nullcontext() if (last_micro or not info.enabled or run.fsdp) else run.train_model.no_sync()
+        with sync:
+            with autocast():
+                losses = compute_losses(
+                    run.train_model, run.teacher, batch, config, run.layers, run.student_path, run.teacher_path
+                )
+            # every rank must agree before backward, or a rank that stops leaves the others waiting
+            (value,) = all_reduce_sum([float(losses["loss"].detach())], info, run.device)
+            if not math.isfinite(value):
+                raise _non_finite(step, value, output_dir)
+            (losses["loss"] / config.grad_accum).backward()
+        for key, v in losses.items():
+            sums[key] += float(v.detach()) / config.grad_accum
+    if run.masks is not None:
+        run.masks.apply_to_grads()
+    # the norm is checked even without clipping: a non-finite gradient must never reach the weights
+    if config.max_grad_norm > 0:
+        norm = torch.nn.utils.clip_grad_norm_(run.params, config.max_grad_norm)
+    else:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in run.params if p.grad is not None])
+    grad_norm = float(full(norm))
+    if not math.isfinite(grad_norm):  # before the step: weights stay good
+        raise _non_finite(step, grad_norm, output_dir, "gradient norm")
+    lr = run.scheduler.get_last_lr()[0]
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    if run.masks is not None:
+        run.masks.apply_to_weights()
+    return {"step": step, **sums, "lr": lr, "grad_norm": grad_norm, "tokens_step": step_tokens}
+
+
+def _params_finite(model: torch.nn.Module, run: _Run) -> bool:
+    bad = sum(0 if torch.isfinite(local(p.detach())).all() else 1 for p in model.parameters())
+    (total,) = all_reduce_sum([float(bad)], run.info, run.device)
+    return total == 0
+
+
+def _checkpoint(
+    output_dir: Path, model: PreTrainedModel, config: FinetuneConfig, run: _Run, step: int, tokens: int
+) -> None:
+    """Publish a checkpoint after `step` steps; a model with a non-finite parameter is never saved."""
+    if not _params_finite(model, run):
+        raise _non_finite(step - 1, float("nan"), output_dir, "a parameter")
+    t = time.perf_counter()
+    save_training_state(  # every rank: an FSDP model and its masks are gathered collectively
+        output_dir / CHECKPOINTS_DIR,
+        model,
+        run.masks.state_dict() if run.masks else None,
+        run.optimizer,
+        run.scheduler,
+        {"step": step, "tokens": tokens, "fingerprint": run.fingerprint},
+        write=run.info.main,
+        keep=config.keep_checkpoints,
+    )
+    barrier(run.info)
+    run.checkpoint_seconds += time.perf_counter() - t
+    run.checkpoints += 1
+
+
+def _finish(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    config: FinetuneConfig,
+    output_dir: Path,
+    run: _Run,
+    metrics: dict,
+) -> None:
+    """Check the result, then publish the final checkpoint in place of the training folder."""
+    from sparsefit.export import save_checkpoint
+
+    if metrics["revived_weights"]:
+        revived = metrics["revived_weights"]
+        raise SparsefitError(
+            f"{revived} pruned weights became nonzero during training; this is a bug, please report it"
+        )
+    if not _params_finite(model, run):
+        raise _non_finite(run.steps - 1, float("nan"), output_dir, "a parameter")
     model.train(False)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_disable()
     model.config.use_cache = True
-    weights = model_state(model) if fsdp else None  # gathered on rank 0; every rank takes part
-    if info.main:
-        save_checkpoint(model, tokenizer, output_dir, {"finetune": metrics}, into_existing=True, state_dict=weights)
-        write_json(output_dir / METRICS_FILE, metrics)
-        shutil.rmtree(ckpt_dir, ignore_errors=True)
-    barrier(info)
-    return metrics
+    weights = model_state(model) if run.fsdp else None  # gathered on rank 0; every rank takes part
+    if run.info.main:
+        save_checkpoint(
+            model,
+            tokenizer,
+            output_dir,
+            {"finetune": metrics},
+            extra_files={METRICS_FILE: json.dumps(metrics, indent=2) + "\n"},
+            carry=(LOG_FILE,),
+            state_dict=weights,
+            label="final",
+        )
+    barrier(run.info)
 
 
 def _fused_ok(device: torch.device) -> bool:
     return device.type in ("cpu", "cuda")
 
 
-def _non_finite(step: int, value: float, ckpt_dir: Path, what: str = "loss") -> SparsefitError:
-    where = (
-        f"the last good checkpoint is {ckpt_dir}; rerun with --resume"
-        if has_training_state(ckpt_dir)
-        else "no checkpoint was written yet"
-    )
+def _non_finite(step: int, value: float, output_dir: Path, what: str = "loss") -> SparsefitError:
+    folder, _ = find_checkpoint(output_dir / CHECKPOINTS_DIR)
+    where = f"the last good checkpoint is {folder}; rerun with --resume" if folder else "no checkpoint was written yet"
     fix = "lower --lr" if what != "loss" else "lower --lr or enable clipping"
-    return SparsefitError(f"{what} became {value} at step {step}; stopped ({where}), then {fix}")
-
-
-def _checkpoint(ckpt_dir, model, masks, optimizer, scheduler, step, tokens, info: DistInfo) -> None:  # noqa: ANN001
-    save_training_state(  # every rank: an FSDP model and its masks are gathered collectively
-        ckpt_dir,
-        model,
-        masks.state_dict() if masks else None,
-        optimizer,
-        scheduler,
-        {"step": step, "tokens": tokens},
-        write=info.main,
-    )
-    barrier(info)
+    return SparsefitError(f"{what} became {value} at step {step}; stopped without saving it ({where}), then {fix}")

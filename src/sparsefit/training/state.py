@@ -1,23 +1,33 @@
 """Training checkpoints in safetensors + JSON only (no pickle): weights, masks, optimizer, scheduler, RNG.
 
-Written into a staging directory and renamed into place, so a run killed mid-save keeps the
-previous checkpoint whole. An FSDP-sharded model is gathered to full tensors first (same files).
+Each checkpoint is its own folder, `checkpoints/step-00000040/`, built in a staging folder, fsync'ed
+and published by one rename, so a kill at any instant leaves every published checkpoint whole.
+`manifest.json` (size and sha256 of every file) is written after the data; resuming takes the
+newest checkpoint whose files match it and falls back to the one before with a warning. Older
+checkpoints are deleted only after a newer one is published, keeping the newest `keep`. An
+FSDP-sharded model is gathered to full tensors first (same files).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
+import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
-from sparsefit.atomic import staging_dir
+from sparsefit.atomic import crash_point, staging_dir
+from sparsefit.errors import SparsefitError
 from sparsefit.training import sharding
 
 TRAINER_FILE = "trainer_state.json"
+MANIFEST_FILE = "manifest.json"
+_STEP_DIR = re.compile(r"step-(\d{8})")
 
 
 def _optimizer_to_flat(sd: dict) -> tuple[dict[str, torch.Tensor], list[dict]]:
@@ -53,26 +63,96 @@ def _unshared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def checkpoint_dir(root: str | os.PathLike, step: int) -> Path:
+    return Path(root) / f"step-{step:08d}"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _write_manifest(folder: Path) -> None:
+    files = {
+        p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+        for p in sorted(folder.iterdir())
+        if p.is_file() and p.name != MANIFEST_FILE
+    }
+    (folder / MANIFEST_FILE).write_text(json.dumps({"files": files}, indent=2) + "\n")
+
+
+def damage(folder: str | os.PathLike) -> str | None:
+    """Why a checkpoint folder cannot be trusted (a missing or mismatched file), or None when it is whole."""
+    folder = Path(folder)
+    try:
+        files = json.loads((folder / MANIFEST_FILE).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "no readable manifest"
+    if TRAINER_FILE not in files or "model.safetensors" not in files:
+        return "manifest lists no trainer state or weights"
+    for name, entry in files.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != entry["bytes"]:
+            return f"{name} has {path.stat().st_size} bytes, expected {entry['bytes']}"
+        if _sha256(path) != entry["sha256"]:
+            return f"{name} does not match its checksum"
+    return None
+
+
+def published_steps(root: str | os.PathLike) -> list[int]:
+    """Steps of the checkpoint folders under `root`, newest first (whole or not)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    steps = [int(m[1]) for p in root.iterdir() if (m := _STEP_DIR.fullmatch(p.name)) and p.is_dir()]
+    return sorted(steps, reverse=True)
+
+
+def find_checkpoint(root: str | os.PathLike) -> tuple[Path | None, list[str]]:
+    """The newest whole checkpoint under `root` (None when there is none) and one warning per
+    newer checkpoint skipped as damaged. Damaged folders are left in place, never deleted here."""
+    warnings = []
+    for step in published_steps(root):
+        folder = checkpoint_dir(root, step)
+        why = damage(folder)
+        if why is None:
+            return folder, warnings
+        warnings.append(f"checkpoint {folder} is damaged ({why}); skipping it")
+    return None, warnings
+
+
 def save_training_state(
-    path: str | os.PathLike,
+    root: str | os.PathLike,
     model: nn.Module,
     masks: dict[str, torch.Tensor] | None,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     trainer: dict,
     write: bool = True,
+    keep: int = 2,
 ) -> Path:
-    """Every rank calls this (an FSDP model is gathered collectively); only the one with `write` saves."""
+    """Publish `root/step-NNNNNNNN` (the step is `trainer["step"]`), then keep only the newest `keep`.
+
+    Every rank calls this (an FSDP model is gathered collectively); only the one with `write` saves.
+    """
     sharded = sharding.is_sharded(model)
     weights = sharding.model_state(model) if sharded else None
     optim = sharding.optimizer_state(model, optimizer) if sharded else optimizer.state_dict()
+    final = checkpoint_dir(root, trainer["step"])
     if not write:
-        return Path(path)
-    with staging_dir(path) as stage:
+        return final
+    with staging_dir(final, label="checkpoint") as stage:
+        crash_point("checkpoint:begin")
         if sharded:
             save_file(_unshared(weights), str(stage / "model.safetensors"))
         else:
             save_model(model, str(stage / "model.safetensors"))  # handles tied embeddings
+        crash_point("checkpoint:mid-data")
         if masks:
             save_file(masks, str(stage / "masks.safetensors"))
         tensors, groups = _optimizer_to_flat(optim)
@@ -83,11 +163,17 @@ def save_training_state(
         save_file(rng, str(stage / "rng.safetensors"))
         meta = {"trainer": trainer, "optimizer_groups": groups, "scheduler": scheduler.state_dict()}
         (stage / TRAINER_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-    return Path(path)
+        _write_manifest(stage)  # last: a folder with a matching manifest holds every file whole
+    for step in published_steps(root)[keep:]:
+        if step < trainer["step"]:
+            shutil.rmtree(checkpoint_dir(root, step), ignore_errors=True)
+    crash_point("checkpoint:pruned")
+    return final
 
 
-def has_training_state(path: str | os.PathLike) -> bool:
-    return (Path(path) / TRAINER_FILE).is_file()
+def read_trainer_state(folder: str | os.PathLike) -> dict:
+    """The `trainer` record (step, tokens, fingerprint) of a whole checkpoint."""
+    return json.loads((Path(folder) / TRAINER_FILE).read_text())["trainer"]
 
 
 def load_training_state(
@@ -96,18 +182,23 @@ def load_training_state(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
 ) -> tuple[dict, dict[str, torch.Tensor] | None]:
-    """Restore model, optimizer, scheduler and RNG in place; returns (trainer state, masks or None)."""
+    """Restore model, optimizer, scheduler and RNG in place from one checkpoint folder (see
+    `find_checkpoint`); returns (trainer state, masks or None)."""
     path = Path(path)
     meta = json.loads((path / TRAINER_FILE).read_text())
     device = next(model.parameters()).device
-    if sharding.is_sharded(model):  # every rank reads the full tensors and keeps its shard
-        sharding.load_model_state(model, load_file(str(path / "model.safetensors"), device=str(device)))
-        tensors = load_file(str(path / "optimizer.safetensors"), device=str(device))
-        sharding.load_optimizer_state(model, optimizer, _optimizer_from_flat(tensors, meta["optimizer_groups"]))
-    else:
-        load_model(model, str(path / "model.safetensors"), device=str(device))
-        tensors = load_file(str(path / "optimizer.safetensors"), device=str(device))
-        optimizer.load_state_dict(_optimizer_from_flat(tensors, meta["optimizer_groups"]))
+    try:
+        if sharding.is_sharded(model):  # every rank reads the full tensors and keeps its shard
+            sharding.load_model_state(model, load_file(str(path / "model.safetensors"), device=str(device)))
+            tensors = load_file(str(path / "optimizer.safetensors"), device=str(device))
+            sharding.load_optimizer_state(model, optimizer, _optimizer_from_flat(tensors, meta["optimizer_groups"]))
+        else:
+            load_model(model, str(path / "model.safetensors"), device=str(device))
+            tensors = load_file(str(path / "optimizer.safetensors"), device=str(device))
+            optimizer.load_state_dict(_optimizer_from_flat(tensors, meta["optimizer_groups"]))
+    except (RuntimeError, ValueError, KeyError) as err:  # shapes or parameter groups of another model
+        first = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+        raise SparsefitError(f"checkpoint {path} does not fit this model and optimizer ({first})") from None
     scheduler.load_state_dict(meta["scheduler"])
     rng = load_file(str(path / "rng.safetensors"))
     torch.set_rng_state(rng["torch"])

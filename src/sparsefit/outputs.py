@@ -1,0 +1,126 @@
+"""Where a command may write, and the lock that keeps two runs out of one place.
+
+`claim_output` runs before any work: it resolves the path, refuses places a mistake would
+destroy (a file, `.`, `/`, the home directory, a directory holding the input model, a non-empty
+directory sparsefit did not write, an earlier sparsefit output without `--overwrite`), takes an
+exclusive lock on the path for the rest of the process, and cleans the staging folders a killed
+run left there. Locks are files under `$SPARSEFIT_CACHE/locks`, keyed by the resolved path, so
+directories can be exchanged wholesale while the lock stays put.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from filelock import FileLock, Timeout
+
+from sparsefit.atomic import clean_stale, is_empty_dir, is_ours, make_dir
+from sparsefit.errors import UsageError
+
+
+def resolve(path: str | os.PathLike) -> Path:
+    return Path(path).expanduser().resolve()
+
+
+def _lock_file(key: str) -> Path:
+    from sparsefit.models.builtin import cache_root
+
+    folder = make_dir(cache_root() / "locks")
+    return folder / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.lock"
+
+
+def acquire_lock(key: str, busy: str, wait: bool = False) -> FileLock:
+    """Take the exclusive lock named `key` (re-entrant within a process; `release()` it when done).
+
+    Another process holding it: a UsageError with `busy` at once, or, with `wait`, a wait for it.
+    """
+    lock = FileLock(_lock_file(key), timeout=0, is_singleton=True, thread_local=False)
+    try:
+        lock.acquire(timeout=-1 if wait else 0)
+    except Timeout:
+        raise UsageError(busy) from None
+    return lock
+
+
+def _is_main_process() -> bool:
+    """Under torchrun every rank runs the command; only rank 0 writes, so only it holds the lock."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+@dataclass
+class Claim:
+    """A checked, locked output path; a context manager that releases the lock on exit."""
+
+    path: Path
+    existed: bool  # held an earlier sparsefit output (continued or replaced)
+    lock: FileLock | None = None
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+    def __enter__(self) -> Claim:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def claim_output(
+    path: str | os.PathLike,
+    flag: str = "--output",
+    overwrite: bool = False,
+    reuse: bool = False,
+    inputs: tuple[str | os.PathLike | None, ...] = (),
+) -> Claim:
+    """Check that `path` may receive this command's output and lock it; a UsageError otherwise.
+
+    `reuse`: an earlier sparsefit output there is continued (a resumed fine-tune, a recipe rerun);
+    `overwrite`: it is replaced. `inputs` are model specs; a local one may not live inside `path`.
+    """
+    given = str(path)
+    path = resolve(path)
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{flag} '{given}' is an existing file; pass a directory path")
+    forbidden = {Path("/"): "the filesystem root", Path.home().resolve(): "your home directory"}
+    forbidden[Path.cwd().resolve()] = "the current directory"
+    if path in forbidden:
+        raise UsageError(f"{flag} '{given}' is {forbidden[path]}; pass a new directory, e.g. {flag} out/model")
+    for spec in inputs:
+        if spec is None or not Path(str(spec)).expanduser().exists():
+            continue  # a builtin name or a hub id lives in no user directory
+        source = resolve(spec)
+        if source == path or path in source.parents:
+            raise UsageError(f"{flag} '{given}' contains the input model '{spec}'; write the output elsewhere")
+    existed = path.is_dir() and not is_empty_dir(path)
+    if existed and not is_ours(path):
+        raise UsageError(
+            f"{flag} '{given}' is a non-empty directory sparsefit did not write; pass a new or empty directory"
+        )
+    if existed and not (overwrite or reuse):
+        raise UsageError(f"{flag} '{given}' holds an earlier sparsefit output; pass --overwrite to replace it")
+    lock = None
+    if _is_main_process():
+        busy = f"{flag} '{given}' is in use by another sparsefit run; wait for it or choose another output"
+        lock = acquire_lock(str(path), busy)
+        clean_stale(path)
+    return Claim(path, existed, lock)
+
+
+def check_writable_file(path: str | os.PathLike | None, flag: str) -> None:
+    """A file the command writes at its end (`--json`): fail now, not after the work."""
+    if path is None:
+        return
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise UsageError(f"{flag} '{path}' is a directory; pass a file path such as result.json")
+    parent = p.parent if str(p.parent) else Path(".")
+    probe = parent
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} '{path}': cannot write into '{probe}'; pass a writable location")
