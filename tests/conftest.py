@@ -119,9 +119,15 @@ def tiny_checkpoint(tmp_path, tokenizer):
 @pytest.fixture
 def data_dir(tmp_path, monkeypatch):
     """A SPARSEFIT_DATA_DIR with the shared layout and small contents."""
+    root = write_data_dir(tmp_path / "data")
+    monkeypatch.setenv("SPARSEFIT_DATA_DIR", str(root))
+    return root
+
+
+def write_data_dir(root):
+    """The shared data layout (wikitext-2-raw, gsm8k train/test) with small contents, under `root`."""
     import json
 
-    root = tmp_path / "data"
     (root / "wikitext-2-raw").mkdir(parents=True)
     (root / "gsm8k").mkdir()
     (root / "wikitext-2-raw" / "wiki.test.raw").write_text(
@@ -133,7 +139,6 @@ def data_dir(tmp_path, monkeypatch):
     ]
     for split in ("train", "test"):
         (root / "gsm8k" / f"{split}.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    monkeypatch.setenv("SPARSEFIT_DATA_DIR", str(root))
     return root
 
 

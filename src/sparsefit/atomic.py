@@ -77,15 +77,20 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
-def fsync_tree(root: str | os.PathLike) -> None:
-    """fsync every file below `root`, then every directory bottom-up."""
+def seal_tree(root: str | os.PathLike) -> None:
+    """Give every file and directory below `root` the umask's permissions (some writers create
+    0600 files) and fsync them: files first, then directories bottom-up."""
+    umask = current_umask()
     for dirpath, _, files in os.walk(root, topdown=False):
         for name in files:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            path = os.path.join(dirpath, name)
+            os.chmod(path, 0o666 & ~umask)
+            fd = os.open(path, os.O_RDONLY)
             try:
                 os.fsync(fd)
             finally:
                 os.close(fd)
+        os.chmod(dirpath, 0o777 & ~umask)
         fsync_dir(dirpath)
 
 
@@ -220,7 +225,6 @@ def staging_dir(final: str | os.PathLike, carry: Iterable[str] = (), label: str 
     make_dir(final.parent)
     stage = Path(tempfile.mkdtemp(prefix=f".{final.name}{_STAGING}", dir=final.parent))
     try:
-        os.chmod(stage, 0o777 & ~current_umask())  # mkdtemp creates 0700
         yield stage
         for name in carry:
             src = final / name
@@ -230,7 +234,7 @@ def staging_dir(final: str | os.PathLike, carry: Iterable[str] = (), label: str 
                 except OSError:
                     shutil.copy2(src, stage / name)
         write_marker(stage)
-        fsync_tree(stage)
+        seal_tree(stage)  # mkdtemp made the folder 0700: it gets the umask's permissions here
         publish_dir(stage, final, label)
     finally:
         if stage.exists():
