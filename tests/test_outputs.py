@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from sparsefit.atomic import write_marker
+from sparsefit.atomic import mark
 from sparsefit.errors import UsageError
 from sparsefit.outputs import check_writable_file, claim_output
 
@@ -45,7 +45,7 @@ def test_places_a_mistake_would_destroy_are_refused(tmp_path, monkeypatch):
 def test_a_directory_holding_the_input_model_is_refused(tmp_path):
     model = tmp_path / "models" / "dense"
     model.mkdir(parents=True)
-    write_marker(tmp_path / "models")  # even an earlier sparsefit output, even with --overwrite
+    mark(tmp_path / "models", "dense")  # even an earlier sparsefit output, even with --overwrite
     refused(tmp_path / "models", "contains the input model", overwrite=True, inputs=(str(model),))
     refused(model, "contains the input model", overwrite=True, inputs=(str(model),))
     with claim_output(tmp_path / "out", inputs=(str(model), "smollm2-135m", None)):
@@ -65,13 +65,22 @@ def test_user_files_are_refused_even_with_overwrite_and_through_a_symlink(tmp_pa
 def test_an_earlier_output_needs_overwrite_or_reuse(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    write_marker(out)
+    mark(out, "model.safetensors")
     (out / "model.safetensors").write_bytes(b"x")
     refused(out, "--overwrite")
     with claim_output(out, overwrite=True) as claim:
         assert claim.existed
     with claim_output(out, reuse=True):
         pass
+    (out / "NOTES.md").write_text("the user's notes in an earlier output")
+    refused(out, r"holds files sparsefit did not write \(NOTES.md\)", overwrite=True)
+    refused(out, "NOTES.md", reuse=True)  # a resumed fine-tune would replace the folder at its end
+    with claim_output(out, reuse=True, replaces=False):  # a recipe run only adds stage folders
+        pass
+
+
+def test_the_cache_holding_the_builtin_models_is_refused(tmp_path):
+    refused(tmp_path / "cache" / "models" / "smollm2-135m", "sparsefit's cache", overwrite=True)
 
 
 def test_a_second_process_cannot_claim_a_locked_output(tmp_path):

@@ -122,28 +122,53 @@ def write_json(path: str | os.PathLike, data: Any) -> Path:
     return write_text(path, json.dumps(data, indent=2) + "\n")
 
 
-def write_marker(directory: str | os.PathLike) -> None:
-    """Mark `directory` as written by sparsefit (what makes it replaceable with --overwrite)."""
+def read_marker(directory: str | os.PathLike) -> dict | None:
+    """The marker of a directory sparsefit wrote (None when there is none or it does not parse)."""
+    try:
+        marker = json.loads((Path(directory) / MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    return marker if isinstance(marker, dict) and isinstance(marker.get("entries"), list) else None
+
+
+def mark(directory: str | os.PathLike, *entries: str) -> None:
+    """Mark `directory` as sparsefit's and record `entries` (top-level names) as written by it,
+    beside those recorded before. Only recorded entries are ever replaced or deleted."""
     from sparsefit import __version__
 
-    write_json(Path(directory) / MARKER, {"written_by": "sparsefit", "version": __version__})
+    known = (read_marker(directory) or {}).get("entries", [])
+    names = sorted(set(known) | set(entries))
+    write_json(Path(directory) / MARKER, {"written_by": "sparsefit", "version": __version__, "entries": names})
 
 
 def is_ours(path: str | os.PathLike) -> bool:
-    return (Path(path) / MARKER).is_file()
+    return read_marker(path) is not None
 
 
 def is_empty_dir(path: str | os.PathLike) -> bool:
     return Path(path).is_dir() and not any(Path(path).iterdir())
 
 
+def foreign_entries(directory: str | os.PathLike) -> list[str]:
+    """Top-level names in `directory` that sparsefit did not record writing (all of them without a marker)."""
+    known = set((read_marker(directory) or {}).get("entries", [])) | {MARKER}
+    return sorted(p.name for p in Path(directory).iterdir() if p.name not in known)
+
+
 def check_replaceable(path: str | os.PathLike) -> None:
-    """A UsageError unless `path` is absent, an empty directory, or a directory sparsefit wrote."""
+    """A UsageError unless `path` is absent, an empty directory, or holds only what sparsefit wrote."""
     path = Path(path)
-    if not path.exists() or is_empty_dir(path) or is_ours(path):
+    if not path.exists() or is_empty_dir(path):
         return
-    what = "a file" if not path.is_dir() else "a directory with files sparsefit did not write"
-    raise UsageError(f"refusing to replace '{path}': it is {what}; choose another output path")
+    if not path.is_dir():
+        raise UsageError(f"refusing to replace '{path}': it is a file; choose another output path")
+    foreign = foreign_entries(path)
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise UsageError(
+            f"refusing to replace '{path}': it holds files sparsefit did not write ({shown}); "
+            "move them out or choose another output path"
+        )
 
 
 def _exchange(a: Path, b: Path) -> bool:
@@ -233,7 +258,7 @@ def staging_dir(final: str | os.PathLike, carry: Iterable[str] = (), label: str 
                     os.link(src, stage / name)
                 except OSError:
                     shutil.copy2(src, stage / name)
-        write_marker(stage)
+        mark(stage, *(p.name for p in stage.iterdir()))
         seal_tree(stage)  # mkdtemp made the folder 0700: it gets the umask's permissions here
         publish_dir(stage, final, label)
     finally:

@@ -59,8 +59,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.harness is None and args.task not in TASKS:
         raise UsageError(f"unknown task '{args.task}'; use one of: {', '.join(TASKS)} (or --harness TASK)")
     baseline = load_baseline(args.baseline) if args.baseline else None  # fail before loading a model
-    check_writable_file(args.json, "--json")
-    check_writable_file(args.samples, "--samples")
+    check_writable_file(args.json, "--json", inputs=(args.model,))
+    check_writable_file(args.samples, "--samples", inputs=(args.model,))
     model, tokenizer = load_model_and_tokenizer(args.model, args.dtype, args.device, args.trust_remote_code)
     result = _run_eval_task(args, model, tokenizer)
     result["model"] = args.model
@@ -199,7 +199,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         options["calib"] = None
     config = validate(OneShotConfig, options, "prune options")
     device = parse_device(args.device)
-    check_writable_file(args.json, "--json")
+    check_writable_file(args.json, "--json", args.output, (args.model,))
     claim = claim_output(args.output, overwrite=args.overwrite, inputs=(args.model,))
     # Load on the CPU: the driver moves one block at a time to the compute device.
     model, tokenizer = load_model_and_tokenizer(args.model, args.dtype, "cpu", args.trust_remote_code)
@@ -256,8 +256,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
     config = validate(FinetuneConfig, finetune_options(args), "finetune options")
     device = parse_device(args.device)
-    check_writable_file(args.json, "--json")
-    if args.resume and args.cycles:
+    check_writable_file(args.json, "--json", args.output, (args.model, args.teacher))
+    cycles = _float_list(args.cycles, "--cycles") if args.cycles else None
+    if args.resume and cycles:
         raise UsageError("--resume continues one fine-tune; iterative --cycles start over (drop --resume)")
     # Checked and locked before the model loads: a second run into the same place fails at once.
     claim = claim_output(args.output, overwrite=args.overwrite, reuse=args.resume, inputs=(args.model, args.teacher))
@@ -277,7 +278,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         cycles = iterative_prune_finetune(
             model,
             tokenizer,
-            _float_list(args.cycles, "--cycles"),
+            cycles,
             prune,
             config,
             claim.path,
@@ -327,7 +328,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from sparsefit.models import load_model_and_tokenizer
     from sparsefit.outputs import check_writable_file, claim_output
 
-    check_writable_file(args.json, "--json")
+    check_writable_file(args.json, "--json", args.output, (args.model,))
     claim = claim_output(args.output, overwrite=args.overwrite, inputs=(args.model,))
     model, tokenizer = load_model_and_tokenizer(args.model, args.dtype, "cpu", args.trust_remote_code)
     info = export_checkpoint(model, tokenizer, claim.path, args.model, args.format)
@@ -549,6 +550,15 @@ def _one_line(err: BaseException) -> tuple[str, int]:
     return f"unexpected {type(err).__name__}{where}: {first_line(err)} (rerun with --debug for the full trace)", 1
 
 
+def _error(message: str) -> None:
+    """Print the one error line on a line of its own: progress bars the error cut short end first."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+    print(f"sparsefit: error: {message}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv or os.environ.get("SPARSEFIT_DEBUG") == "1"
@@ -558,16 +568,16 @@ def main(argv: list[str] | None = None) -> int:
         func: Callable[[argparse.Namespace], int] = args.func
         return func(args)
     except SparsefitError as err:
-        print(f"sparsefit: error: {first_line(err, 1000)}", file=sys.stderr)
+        _error(first_line(err, 1000))
         return err.exit_code
     except KeyboardInterrupt:
-        print("sparsefit: error: interrupted", file=sys.stderr)
+        _error("interrupted")
         return 130
     except Exception as err:  # noqa: BLE001 - the last line of defence: one line, never a stack trace
         if debug:
             traceback.print_exc()
         message, code = _one_line(err)
-        print(f"sparsefit: error: {message}", file=sys.stderr)
+        _error(message)
         return code
 
 

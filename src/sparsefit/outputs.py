@@ -17,7 +17,7 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-from sparsefit.atomic import clean_stale, is_empty_dir, is_ours, make_dir
+from sparsefit.atomic import check_replaceable, clean_stale, is_empty_dir, is_ours, make_dir
 from sparsefit.errors import UsageError
 
 
@@ -75,12 +75,15 @@ def claim_output(
     flag: str = "--output",
     overwrite: bool = False,
     reuse: bool = False,
+    replaces: bool = True,
     inputs: tuple[str | os.PathLike | None, ...] = (),
 ) -> Claim:
     """Check that `path` may receive this command's output and lock it; a UsageError otherwise.
 
     `reuse`: an earlier sparsefit output there is continued (a resumed fine-tune, a recipe rerun);
-    `overwrite`: it is replaced. `inputs` are model specs; a local one may not live inside `path`.
+    `overwrite`: it is replaced. `replaces`: the command publishes `path` as a whole (all but a
+    recipe run), so it may hold nothing sparsefit did not write. `inputs` are model specs; a local
+    one may not live inside `path`, and `path` may not lie in sparsefit's cache (builtin models).
     """
     given = str(path)
     path = resolve(path)
@@ -90,9 +93,14 @@ def claim_output(
     forbidden[Path.cwd().resolve()] = "the current directory"
     if path in forbidden:
         raise UsageError(f"{flag} '{given}' is {forbidden[path]}; pass a new directory, e.g. {flag} out/model")
+    from sparsefit.models.builtin import cache_root
+
+    cache = resolve(cache_root())  # builtin models live here
+    if path == cache or cache in path.parents:
+        raise UsageError(f"{flag} '{given}' is inside sparsefit's cache ({cache}); write the output elsewhere")
     for spec in inputs:
         if spec is None or not Path(str(spec)).expanduser().exists():
-            continue  # a builtin name or a hub id lives in no user directory
+            continue  # a builtin name or a hub id: no local directory of the user's
         source = resolve(spec)
         if source == path or path in source.parents:
             raise UsageError(f"{flag} '{given}' contains the input model '{spec}'; write the output elsewhere")
@@ -103,6 +111,8 @@ def claim_output(
         )
     if existed and not (overwrite or reuse):
         raise UsageError(f"{flag} '{given}' holds an earlier sparsefit output; pass --overwrite to replace it")
+    if existed and replaces:
+        check_replaceable(path)  # files a user added to an earlier output are never deleted
     lock = None
     if _is_main_process():
         busy = f"{flag} '{given}' is in use by another sparsefit run; wait for it or choose another output"
@@ -111,13 +121,25 @@ def claim_output(
     return Claim(path, existed, lock)
 
 
-def check_writable_file(path: str | os.PathLike | None, flag: str) -> None:
-    """A file the command writes at its end (`--json`): fail now, not after the work."""
+def check_writable_file(
+    path: str | os.PathLike | None, flag: str, output: str | os.PathLike | None = None, inputs: tuple = ()
+) -> None:
+    """A file the command writes at its end (`--json`): fail now, not after the work. It may not
+    land inside the command's `output` directory or a local input model (it would replace their files)."""
     if path is None:
         return
     p = Path(path).expanduser()
     if p.is_dir():
         raise UsageError(f"{flag} '{path}' is a directory; pass a file path such as result.json")
+    target = resolve(p)
+    places = [(output, "the output directory")] if output is not None else []
+    places += [
+        (spec, "the input model") for spec in inputs if spec is not None and Path(str(spec)).expanduser().exists()
+    ]
+    for place, what in places:
+        root = resolve(place)
+        if target == root or root in target.parents:
+            raise UsageError(f"{flag} '{path}' lies inside {what} '{place}'; write it elsewhere")
     parent = p.parent if str(p.parent) else Path(".")
     probe = parent
     while not probe.exists():

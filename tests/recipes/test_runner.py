@@ -103,3 +103,49 @@ def test_cli_run_check_and_errors(tmp_path, capsys):
     assert "stage 1 (oneshot) field 'sparsity'" in err and err.count("\n") == 1
     assert main(["report", str(tmp_path / "nothing")]) == 2
     assert main(["recipes"]) == 0 and "gsm8k-50-owl" in capsys.readouterr().out
+
+
+def test_a_signalled_run_resumes_its_fine_tune_instead_of_restarting_it(tiny_checkpoint, data_dir, tmp_path, capsys):
+    import signal
+
+    import torch
+
+    from sparsefit.errors import Interrupted
+    from sparsefit.training.state import published_steps
+
+    data = tiny_recipe(tiny_checkpoint)
+    data["stages"] = data["stages"][:4]
+    data["stages"][3].update(max_steps=6, checkpoint_every=2)
+    calls = {"n": 0}
+
+    def sigterm_in_step_3(module, args):  # counts the student's training forwards (one per step)
+        if torch.is_grad_enabled() and type(module).__name__.endswith("ForCausalLM"):
+            calls["n"] += 1
+            if calls["n"] == 4:
+                signal.raise_signal(signal.SIGTERM)
+
+    from torch.nn.modules.module import register_module_forward_pre_hook
+
+    hook = register_module_forward_pre_hook(sigterm_in_step_3)  # the stage loads its own model
+    try:
+        with pytest.raises(Interrupted):
+            run_recipe(recipe_from_data(data), tmp_path / "run", "cpu", progress=False)
+    finally:
+        hook.remove()
+    assert published_steps(tmp_path / "run" / "04-recover" / "checkpoints") == [4, 2]
+    report = run_recipe(recipe_from_data(data), tmp_path / "run", "cpu", progress=False)
+    assert "resuming from" in capsys.readouterr().out
+    assert json.loads((tmp_path / "run" / "04-recover" / "metrics.json").read_text())["resumed_from"] == 4
+    assert report["stages"][3]["sparsity"] == pytest.approx(0.5, abs=0.01)
+
+
+def test_the_run_directory_and_the_recipe_name_are_guarded(tiny_checkpoint, data_dir, tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "data.csv").write_text("1,2")
+    with pytest.raises(UsageError, match="did not write"):
+        run_recipe(recipe_from_data(tiny_recipe(tiny_checkpoint)), mine, "cpu", progress=False)
+    assert (mine / "data.csv").read_text() == "1,2"
+    for name in ("../escape", "/abs", "a/b", ".hidden", ""):
+        with pytest.raises(UsageError, match="recipe name"):
+            recipe_from_data({**tiny_recipe(tiny_checkpoint), "name": name})

@@ -55,8 +55,18 @@ def load_rows(name: str, split: str = "test") -> list[dict]:
     if local is not None and local.is_file():
         if name == "wikitext2":
             return [{"text": line} for line in read_text(local).splitlines(keepends=True)]
-        return read_jsonl(local)
+        return _check_gsm8k(read_jsonl(local), local)
     return _hub_rows(name, split, local)
+
+
+def _check_gsm8k(rows: list[dict], path: Path) -> list[dict]:
+    """GSM8K rows: at least one, each with a `question` and an `answer` string."""
+    if not rows:
+        raise UsageError(f"{path} holds no rows; point SPARSEFIT_DATA_DIR at a complete GSM8K copy")
+    for i, row in enumerate(rows, 1):
+        if not (isinstance(row.get("question"), str) and isinstance(row.get("answer"), str)):
+            raise UsageError(f"{path}: row {i} lacks a 'question' or 'answer' string (fields: {', '.join(row)})")
+    return rows
 
 
 def wikitext_stream(split: str = "test") -> str:

@@ -55,12 +55,19 @@ def _rows(limit: int | None, split: str = "test") -> list[dict]:
     return rows[:limit] if limit else rows
 
 
+def _check_batch(batch_size: int) -> None:
+    if batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1 (got {batch_size})")
+
+
 def fewshot_examples(k: int) -> list[dict]:
     if k < 0:
         raise UsageError(f"--num-fewshot must be >= 0 (got {k})")
     if k == 0:
         return []
     train = load_rows("gsm8k", "train")
+    if k > len(train):
+        raise UsageError(f"--num-fewshot {k} is more than the {len(train)} GSM8K train rows; use fewer shots")
     return random.Random(FEWSHOT_SEED).sample(train, k)
 
 
@@ -76,6 +83,9 @@ def evaluate_gsm8k(
     progress: bool = True,
 ) -> dict:
     """Greedy GSM8K test accuracy with the harness's strict and flexible extraction."""
+    _check_batch(batch_size)
+    if max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens must be at least 1 (got {max_new_tokens})")
     rows = _rows(limit)
     shots = fewshot_examples(num_fewshot)
     prompts = [build_prompt(tokenizer, r["question"], shots, chat) for r in rows]
@@ -118,6 +128,7 @@ def evaluate_answer_ppl(
     Context and continuation are split as the harness's loglikelihood does: encode the whole
     text, take the continuation as the tokens after the encoded context.
     """
+    _check_batch(batch_size)
     rows = _rows(limit)
     device = next(model.parameters()).device
     pairs = []

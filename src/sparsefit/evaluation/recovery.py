@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from sparsefit.errors import UsageError
@@ -24,6 +25,9 @@ def load_baseline(path: str | Path) -> dict:
             f"baseline file '{path}' holds no evaluation result (no {', '.join(METRICS)} or 'results'); "
             "pass the --json of an earlier `sparsefit eval`"
         )
+    for key in METRICS:
+        if isinstance(data.get(key), float) and not math.isfinite(data[key]):
+            raise UsageError(f"baseline file '{path}' has {key} {data[key]}; evaluate the baseline model again")
     return data
 
 

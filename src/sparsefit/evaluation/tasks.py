@@ -34,6 +34,8 @@ def evaluate_perplexity(
     progress: bool = True,
 ) -> dict:
     """Perplexity of a loaded model on a dataset, as a JSON-ready dict."""
+    if batch_size < 1 or (max_windows is not None and max_windows < 1):
+        raise UsageError(f"--batch-size and --max-windows must be at least 1 (got {batch_size}, {max_windows})")
     check_seq_len(model, seq_len)  # fail before tokenizing a large corpus
     stream = tokenize_for_perplexity(tokenizer, dataset, split, text_field)
     result = perplexity(model, stream, seq_len, max_windows, batch_size, progress).to_dict()

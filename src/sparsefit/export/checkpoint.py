@@ -70,8 +70,12 @@ def save_checkpoint(
 
 
 def read_sparsity(checkpoint: str | os.PathLike) -> dict | None:
-    path = Path(checkpoint) / SPARSITY_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
+    """The checkpoint's `sparsity.json` (None when it is missing or does not parse: measure the weights)."""
+    try:
+        info = json.loads((Path(checkpoint) / SPARSITY_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return info if isinstance(info, dict) and isinstance(info.get("sparsity"), dict) else None
 
 
 def export_checkpoint(

@@ -48,7 +48,7 @@ class OneShotConfig(BaseModel):
     text_field: str = "text"
     num_samples: int = Field(64, ge=1)
     seq_len: int = Field(512, ge=2)
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**32)  # torch, random and numpy all take it
     batch_size: int = Field(4, ge=1)  # sequences per block forward: 4 x 512 keeps transients small
     block_size: int = Field(128, ge=1)
     damp: float = Field(0.01, gt=0)
@@ -181,6 +181,12 @@ def oneshot(
         _check_structure(per_block, structure)
     except ValueError as err:  # the math raises ValueError; at this boundary it is the user's input
         raise UsageError(str(err)) from None
+    names = [name for layers in per_block for name in layers]
+    for pattern in config.profile if isinstance(config.profile, dict) else {}:
+        if not any(re.search(pattern, name) for name in names):
+            raise UsageError(
+                f"profile pattern '{pattern}' matches no layer to prune (names look like '{names[0]}'); fix the pattern"
+            )
     report = LayerwiseReport()
     # Checked before any work: an unwritable directory should not cost the calibration pass.
     offload_dir = None if config.offload_dir is None else prepare_offload_dir(config.offload_dir)

@@ -42,10 +42,24 @@ def recipe_from_data(
 ) -> Recipe:
     if sparseml.is_sparseml(data):
         data = sparseml.convert(data, Path(label).stem)
-    if not isinstance(data, dict):
-        raise UsageError(f"{label}: a recipe is a mapping with 'stages' (got {type(data).__name__})")
+    _check_shape(data, label)
     overrides = parse_sets(sets) if isinstance(sets, list) else dict(sets or {})
     data = apply_overrides(data, overrides)
     if model is not None:
         data["model"] = model
     return validate_recipe(data, label)
+
+
+def _check_shape(data: Any, label: str) -> None:
+    """The recipe's skeleton (a mapping; `variables` a mapping; `stages` a list of mappings), checked
+    before variables and `--set` touch it, so a malformed file is one line, not a crash."""
+    if not isinstance(data, dict):
+        raise UsageError(f"{label}: a recipe is a mapping with 'stages' (got {type(data).__name__})")
+    if not isinstance(data.get("variables") or {}, dict):
+        raise UsageError(f"{label}: 'variables' must map names to values, e.g. variables: {{sparsity: 0.5}}")
+    stages = data.get("stages")
+    if stages is not None and not isinstance(stages, list):
+        raise UsageError(f"{label}: 'stages' must be a list of stages (got {type(stages).__name__})")
+    for i, stage in enumerate(stages or []):
+        if not isinstance(stage, dict):
+            raise UsageError(f"{label}: stage {i + 1} must be a mapping with a 'kind' (got {type(stage).__name__})")

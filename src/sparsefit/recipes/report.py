@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sparsefit.atomic import write_bytes, write_json, write_text
+from sparsefit.atomic import mark, write_bytes, write_json, write_text
 from sparsefit.errors import UsageError
 from sparsefit.training.log import read_log
 
@@ -112,6 +112,7 @@ def write_report(run_dir: str | Path, recipe: Recipe | None = None) -> dict:
     ]
     report["notes"] = [*report["notes"], *skipped]
     write_json(run_dir / "report.json", report)
+    mark(run_dir, "report.json", "report.md", *plots)
     md = [f"# sparsefit run: {report['recipe'] or run_dir.name}", "", format_table(rows), ""]
     if baseline:
         md += [
@@ -147,20 +148,17 @@ def _plots(run_dir: Path, records: list[dict], rows: list[dict]) -> list[str]:
     model_stages = [r for r in records if r["kind"] in ("oneshot", "finetune", "export")]
     if model_stages:
         info_path = run_dir / model_stages[-1]["folder"] / "sparsity.json"
-        if info_path.is_file():
-            per_layer = json.loads(info_path.read_text())["sparsity"]["per_layer"]
-            if per_layer:
-                fig, ax = plt.subplots(figsize=(10, 3.5))
-                kinds = sorted({name.rsplit(".", 1)[-1] for name in per_layer})
-                for kind in kinds:
-                    pts = [(_block(n), s) for n, s in per_layer.items() if n.rsplit(".", 1)[-1] == kind]
-                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, lw=1, label=kind)
-                ax.set(
-                    xlabel="decoder block", ylabel="sparsity", title=f"per-layer sparsity ({model_stages[-1]['name']})"
-                )
-                ax.set_ylim(0, 1)
-                ax.legend(fontsize=7, ncol=4)
-                written.append(_save(fig, run_dir / "sparsity.png", plt))
+        per_layer = _per_layer_sparsity(info_path)
+        if per_layer:
+            fig, ax = plt.subplots(figsize=(10, 3.5))
+            kinds = sorted({name.rsplit(".", 1)[-1] for name in per_layer})
+            for kind in kinds:
+                pts = [(_block(n), s) for n, s in per_layer.items() if n.rsplit(".", 1)[-1] == kind]
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, lw=1, label=kind)
+            ax.set(xlabel="decoder block", ylabel="sparsity", title=f"per-layer sparsity ({model_stages[-1]['name']})")
+            ax.set_ylim(0, 1)
+            ax.legend(fontsize=7, ncol=4)
+            written.append(_save(fig, run_dir / "sparsity.png", plt))
     logs = [(r["name"], run_dir / r["folder"] / "train_log.jsonl") for r in records if r["kind"] == "finetune"]
     logs = [(n, p) for n, p in logs if p.is_file()]
     if logs:
@@ -186,6 +184,16 @@ def _plots(run_dir: Path, records: list[dict], rows: list[dict]) -> list[str]:
             ax.tick_params(axis="x", rotation=30, labelsize=7)
         written.append(_save(fig, run_dir / "metrics.png", plt))
     return written
+
+
+def _per_layer_sparsity(path: Path) -> dict[str, float]:
+    """`sparsity.per_layer` of a checkpoint's sparsity.json; empty (no plot) when missing or damaged."""
+    try:
+        per_layer = json.loads(path.read_text())["sparsity"]["per_layer"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    ok = isinstance(per_layer, dict) and all(isinstance(v, (int, float)) for v in per_layer.values())
+    return per_layer if ok else {}
 
 
 def _block(name: str) -> int:

@@ -18,8 +18,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from sparsefit.atomic import is_empty_dir, is_ours, make_dir, write_json, write_marker, write_text
-from sparsefit.errors import UsageError
+from sparsefit.atomic import check_replaceable, make_dir, mark, write_json, write_text
 from sparsefit.outputs import claim_output
 from sparsefit.recipes.report import write_report
 from sparsefit.recipes.schema import EvaluateStage, ExportStage, FinetuneStage, OneshotStage, Recipe
@@ -45,10 +44,10 @@ def run_recipe(recipe: Recipe, run_dir: str | Path, device: str | torch.device =
     from sparsefit.models import parse_device
 
     device = parse_device(device) if isinstance(device, str) else device
-    with claim_output(run_dir, reuse=True, inputs=(recipe.model,)) as claim:
+    with claim_output(run_dir, reuse=True, replaces=False, inputs=(recipe.model,)) as claim:
         run_dir = claim.path
         make_dir(run_dir)
-        write_marker(run_dir)
+        mark(run_dir, "recipe.yaml")
         return _run_stages(recipe, run_dir, device, progress)
 
 
@@ -82,6 +81,7 @@ def _run_stages(recipe: Recipe, run_dir: Path, device: torch.device, progress: b
                 "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
             }
             write_json(folder / STAGE_FILE, record)
+            mark(folder, STAGE_FILE)
         if stage.kind in ("oneshot", "finetune", "export"):
             current, stamp = str(folder), record["fingerprint"]
         outputs[stage.name] = str(folder)
@@ -95,12 +95,12 @@ def _claim(folder: Path, fingerprint: str) -> None:
     claim = folder.with_name(f".{folder.name}.fingerprint")
     same = claim.is_file() and claim.read_text() == fingerprint
     if folder.exists() and not same:
-        if not (is_ours(folder) or is_empty_dir(folder)):
-            raise UsageError(f"'{folder}' holds files sparsefit did not write; move them out of the run directory")
+        check_replaceable(folder)  # only what sparsefit wrote there goes
         shutil.rmtree(folder)
+    mark(folder.parent, folder.name, claim.name)
     write_text(claim, fingerprint)
     make_dir(folder)
-    write_marker(folder)
+    mark(folder)
 
 
 def _completed(folder: Path, fingerprint: str) -> dict | None:
@@ -156,10 +156,11 @@ def _run_stage(stage, recipe: Recipe, current: str, outputs: dict, folder: Path,
     if isinstance(stage, EvaluateStage):
         model, tok = load_model_and_tokenizer(current, "float32", device)
         result = _evaluate(stage, model, tok, progress, lambda: _self_eval_tokens(folder.parent, recipe.model, stage))
-        info = read_sparsity(current) if Path(current).is_dir() else None
-        result["sparsity"] = info["sparsity"]["overall"] if info else sparsity_summary(model)["overall"]
+        recorded = (read_sparsity(current) or {}).get("sparsity", {}).get("overall") if Path(current).is_dir() else None
+        result["sparsity"] = recorded if isinstance(recorded, float) else sparsity_summary(model)["overall"]
         result["model"] = current
         write_json(folder / "eval.json", result)
+        mark(folder, "eval.json")
         return result
     if isinstance(stage, ExportStage):
         model, tok = load_model_and_tokenizer(current, "float32", "cpu")
@@ -171,7 +172,7 @@ def _self_eval_tokens(run_dir: Path, reference: str, stage: EvaluateStage) -> to
     """Held-out text sampled once from the recipe's input model (seed 1234, unlike any training seed), cached."""
     from safetensors.torch import load_file, save
 
-    from sparsefit.atomic import write_bytes
+    from sparsefit.atomic import mark, write_bytes
     from sparsefit.data.self_generated import sample_from_model
     from sparsefit.models import load_model_and_tokenizer
 
@@ -181,6 +182,7 @@ def _self_eval_tokens(run_dir: Path, reference: str, stage: EvaluateStage) -> to
     model, tok = load_model_and_tokenizer(reference, "float32", "cpu")
     ids = sample_from_model(model, tok, stage.self_samples, stage.self_seq_len, seed=1234)
     write_bytes(path, save({"input_ids": ids.contiguous()}))
+    mark(run_dir, path.name)
     return ids
 
 

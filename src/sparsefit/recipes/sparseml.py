@@ -54,6 +54,10 @@ def convert(data: dict, name: str = "sparseml-recipe") -> dict:
                 notes.append(f"{stage_name}.{group}: not a modifier group; ignored")
                 continue
             for mod_name, args in mods.items():
+                if not isinstance(args or {}, dict):
+                    raise UsageError(
+                        f"SparseML recipe: {stage_name}.{group}.{mod_name} must map argument names to values"
+                    )
                 modifiers[mod_name] = args or {}
         stages += _convert_stage(stage_name, modifiers, notes)
     if not stages:
@@ -74,9 +78,19 @@ def _convert_stage(stage_name: str, mods: dict[str, dict], notes: list[str]) -> 
     return out
 
 
+def _strings(value: Any, where: str) -> list[str]:
+    """A name or a list of names (SparseML accepts both)."""
+    if value is None:
+        return []
+    values = [value] if isinstance(value, str) else value
+    if not (isinstance(values, list) and all(isinstance(v, str) for v in values)):
+        raise UsageError(f"SparseML recipe: {where} must be a name or a list of names")
+    return values
+
+
 def _targets(value: Any, where: str, notes: list[str]) -> list[str] | None:
     """SparseML targets name decoder layers or weights; sparsefit targets regexes over linear names."""
-    targets = [value] if isinstance(value, str) else list(value or [])
+    targets = _strings(value, f"{where}.targets")
     if not targets or all(_LAYER_TARGET.match(t) for t in targets):
         return None  # every decoder layer: sparsefit's default
     regexes = []
@@ -119,7 +133,9 @@ def _oneshot(stage_name: str, mod_name: str, args: dict, notes: list[str]) -> di
             if targets:
                 stage["targets"] = targets
         elif key == "ignore":
-            stage["ignore"] = [t[3:] if t.startswith("re:") else re.escape(t) for t in value or []]
+            stage["ignore"] = [
+                t[3:] if t.startswith("re:") else re.escape(t) for t in _strings(value, f"{where}.ignore")
+            ]
         elif key in _IMPLIED:
             notes.append(f"{where}.{key}: no field needed ({_IMPLIED[key]})")
         else:

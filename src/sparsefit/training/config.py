@@ -58,7 +58,7 @@ class FinetuneConfig(BaseModel):
     bf16: Literal["auto", "true", "false"] = "auto"
     gradient_checkpointing: bool = False
     strategy: Literal["ddp", "fsdp"] = "ddp"  # with several processes: replicate (DDP) or shard (FSDP2)
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**32)  # torch, random and numpy all take it
     # sparsity
     masks: Literal["auto", "zeros", "none"] = "auto"  # auto: keep zeros pruned when the model is sparse
     targets: list[str] | None = None  # regexes over module names; default every decoder linear

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sparsefit.atomic import make_dir, write_marker
+from sparsefit.atomic import make_dir, mark
 from sparsefit.errors import UsageError
 from sparsefit.outputs import claim_output
 from sparsefit.pruning import OneShotConfig, oneshot
@@ -38,7 +38,7 @@ def iterative_prune_finetune(
 
     `overwrite` replaces the cycle folders of an earlier run in `output_dir`."""
     if sorted(sparsities) != list(sparsities) or not sparsities:
-        raise ValueError(f"iterative sparsities must be a non-empty increasing list (got {sparsities})")
+        raise UsageError(f"--cycles must be increasing sparsities, e.g. 0.3,0.5,0.7 (got {sparsities})")
     if train.strategy == "fsdp" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # each cycle prunes the whole model between fine-tunes; FSDP leaves it sharded after the first
         raise UsageError("iterative cycles need the whole model on every process: use --strategy ddp with --cycles")
@@ -46,7 +46,7 @@ def iterative_prune_finetune(
     with claim_output(output_dir, overwrite=overwrite, inputs=(source,)) as claim:
         if int(os.environ.get("RANK", "0")) == 0:
             make_dir(claim.path)
-            write_marker(claim.path)
+            mark(claim.path, *(f"cycle-{k}" for k in range(len(sparsities))))
         cycles = []
         for k, sparsity in enumerate(sparsities):
             cfg = prune.model_copy(update={"sparsity": sparsity, "preserve_mask": True})

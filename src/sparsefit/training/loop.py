@@ -28,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
-from sparsefit.atomic import make_dir, write_marker
+from sparsefit.atomic import make_dir, mark
 from sparsefit.errors import Interrupted, SparsefitError, UsageError
 from sparsefit.models.layout import decoder_layout
 from sparsefit.outputs import claim_output
@@ -193,7 +193,7 @@ def finetune(
 def _prepare_output(output_dir: Path, fresh: bool) -> None:
     """Mark the folder as sparsefit's; a fresh run drops what an earlier run left to resume from."""
     make_dir(output_dir)
-    write_marker(output_dir)
+    mark(output_dir, CHECKPOINTS_DIR, LOG_FILE)
     if fresh:
         shutil.rmtree(output_dir / CHECKPOINTS_DIR, ignore_errors=True)
         (output_dir / LOG_FILE).unlink(missing_ok=True)
