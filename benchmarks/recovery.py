@@ -31,6 +31,7 @@ from sparsefit.evaluation.tasks import evaluate_perplexity
 from sparsefit.models import load_model_and_tokenizer
 from sparsefit.pruning import OneShotConfig, oneshot
 from sparsefit.training import FinetuneConfig, finetune
+from sparsefit.training.loop import BOOKKEEPING
 
 
 def evaluate(model, tokenizer, args) -> dict:
@@ -67,6 +68,12 @@ def main() -> None:
     p.add_argument("--answer-rows", type=int, default=200)
     p.add_argument("--ab-rounds", type=int, default=3, help="alternating short runs of each loop (0 skips)")
     p.add_argument("--wiki-windows", type=int, default=8)
+    p.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=CHECKPOINT_EVERY,
+        help="steps between checkpoints of both fine-tunes (their cost: benchmarks/checkpoint_overhead.py)",
+    )
     p.add_argument("--work", default="runs/bench-recovery")
     p.add_argument(
         "--teacher-run",
@@ -85,12 +92,13 @@ def main() -> None:
         print(stage, json.dumps({k: v for k, v in data.items() if not isinstance(v, dict)}), flush=True)
 
     common = dict(dataset="gsm8k", format="plain", max_tokens=args.tokens, batch_size=args.batch_size, lr=args.lr)
+    common["checkpoint_every"] = args.checkpoint_every
     teacher_dir = Path(args.teacher_run) if args.teacher_run else work / "dense-ft"
     if args.teacher_run:  # checked before any work: it must be the fine-tune this run would train
         metrics = json.loads((teacher_dir / "metrics.json").read_text())
         expected = json.loads(FinetuneConfig(**common).model_dump_json())  # as metrics.json holds it
-        if metrics["config"] != expected:
-            differ = sorted(k for k in expected if metrics["config"].get(k) != expected[k])
+        differ = sorted(k for k in expected if k not in BOOKKEEPING and metrics["config"].get(k) != expected[k])
+        if differ:
             raise SystemExit(f"--teacher-run {teacher_dir} was trained with other settings: {', '.join(differ)}")
 
     model, tok = load_model_and_tokenizer(args.model, "float32", "cpu")
@@ -141,6 +149,7 @@ def main() -> None:
 
 
 AB_STEPS = 5  # steps per short run of the interleaved throughput measurement
+CHECKPOINT_EVERY = 25  # steps: a kill costs at most this much training
 
 
 def interleaved_throughput(work: Path, tok, common: dict, distill: dict, teacher, rounds: int) -> dict:  # noqa: ANN001
@@ -151,7 +160,7 @@ def interleaved_throughput(work: Path, tok, common: dict, distill: dict, teacher
     """
     dense, _ = load_model_and_tokenizer(distill["teacher"], "float32", "cpu")
     sparse, _ = load_model_and_tokenizer(str(work / "sparse-ft"), "float32", "cpu")
-    short = {**common, "max_tokens": None, "max_steps": AB_STEPS}
+    short = {**common, "max_tokens": None, "max_steps": AB_STEPS, "checkpoint_every": 0}
     seconds = {"dense": 0.0, "distilled": 0.0}
     tokens = {"dense": 0, "distilled": 0}
     for _ in range(rounds):
@@ -174,7 +183,7 @@ def interleaved_throughput(work: Path, tok, common: dict, distill: dict, teacher
 
 def _loop(m: dict) -> dict:
     keys = ("steps", "tokens", "train_seconds", "tokens_per_second", "final_loss", "bf16", "sparsity")
-    keys += ("revived_weights",)
+    keys += ("revived_weights", "checkpoints", "checkpoint_seconds")
     return {k: m[k] for k in keys}
 
 

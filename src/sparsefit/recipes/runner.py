@@ -141,14 +141,14 @@ def _run_stage(stage, recipe: Recipe, current: str, outputs: dict, folder: Path,
         return {"sparsity": report["sparsity"]["overall"], "seconds": report["seconds"], "phases": report["phases"]}
     if isinstance(stage, FinetuneStage):
         from sparsefit.training import FinetuneConfig, finetune
-        from sparsefit.training.loop import CHECKPOINTS_DIR, finished_run
+        from sparsefit.training.loop import finished_run
 
         fields = stage.model_dump(exclude={"kind", "name"})
         if fields.get("teacher"):
             fields["teacher"] = _teacher_spec(fields["teacher"], recipe, outputs)
         keys = ("steps", "tokens", "tokens_per_second", "final_loss", "sparsity", "revived_weights", "train_seconds")
         done = finished_run(folder)  # killed after the fine-tune published, before stage.json
-        if done is not None and not (folder / CHECKPOINTS_DIR).exists():
+        if done is not None:
             return {k: done[k] for k in keys}
         model, tok = load_model_and_tokenizer(current, "float32", device)
         metrics = finetune(model, tok, FinetuneConfig(**fields), folder, resume=True, progress=progress, device=device)

@@ -42,7 +42,13 @@ from sparsefit.training.masks import SparsityMasks, decoder_linears
 from sparsefit.training.schedules import gmp_sparsity, lr_factor
 from sparsefit.training.sharding import full, local, model_state, shard_model
 from sparsefit.training.signals import StopRequest
-from sparsefit.training.state import find_checkpoint, load_training_state, read_trainer_state, save_training_state
+from sparsefit.training.state import (
+    checkpoint_dir,
+    find_checkpoint,
+    load_training_state,
+    read_trainer_state,
+    save_training_state,
+)
 from sparsefit.training.teacher import check_compatible, freeze, load_teacher
 
 if TYPE_CHECKING:
@@ -52,7 +58,7 @@ CHECKPOINTS_DIR = "checkpoints"
 LOG_FILE = "train_log.jsonl"
 METRICS_FILE = "metrics.json"
 # Options that change neither the trajectory nor the result: a resumed run may change them.
-_NOT_FINGERPRINTED = {"checkpoint_every", "checkpoint_minutes", "keep_checkpoints", "log_every"}
+BOOKKEEPING = {"checkpoint_every", "checkpoint_minutes", "keep_checkpoints", "log_every"}
 
 
 def _bf16(config: FinetuneConfig, device: torch.device) -> bool:
@@ -97,11 +103,18 @@ def gmp_update(masks: SparsityMasks, sparsity: float, optimizer: torch.optim.Opt
     masks.apply_to_optimizer(optimizer)
 
 
-def run_fingerprint(model: PreTrainedModel, config: FinetuneConfig, world: int) -> dict:
-    """What a resumed run must share with the run that wrote the checkpoint: the model, the data,
-    the optimizer, the schedule, the masks and losses (every option but the bookkeeping ones)."""
-    fields = config.model_dump(mode="json", exclude=_NOT_FINGERPRINTED)
-    return {"model": str(model.config.name_or_path), "world_size": world, **fields}
+def run_fingerprint(model: PreTrainedModel, config: FinetuneConfig, world: int, masks: SparsityMasks | None) -> dict:
+    """What a resumed run must share with the run that wrote the checkpoint: the model (its name,
+    size and starting sparsity), the data, the optimizer, the schedule, the masks and losses (every
+    option but the bookkeeping ones) and the number of processes."""
+    fields = config.model_dump(mode="json", exclude=BOOKKEEPING)
+    return {
+        "model": str(model.config.name_or_path),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "initial_sparsity": round(masks.sparsity(), 6) if masks is not None else None,
+        "world_size": world,
+        **fields,
+    }
 
 
 def fingerprint_changes(saved: dict | None, current: dict) -> list[str]:
@@ -113,10 +126,11 @@ def fingerprint_changes(saved: dict | None, current: dict) -> list[str]:
 
 
 def finished_run(output_dir: str | Path) -> dict | None:
-    """The metrics of a fine-tune that completed in `output_dir` (None when it did not)."""
-    path = Path(output_dir) / METRICS_FILE
+    """The metrics of a fine-tune that completed in `output_dir` and left nothing to resume (None otherwise)."""
+    if (Path(output_dir) / CHECKPOINTS_DIR).exists():
+        return None
     try:
-        metrics = json.loads(path.read_text())
+        metrics = json.loads((Path(output_dir) / METRICS_FILE).read_text())
     except (OSError, ValueError):
         return None
     return metrics if isinstance(metrics, dict) and metrics.get("completed") else None
@@ -170,7 +184,7 @@ def finetune(
     output_dir = Path(output_dir)
     with claim_output(output_dir, overwrite=overwrite, reuse=resume), StopRequest() as stop:
         done = finished_run(output_dir)
-        if resume and done is not None and not find_checkpoint(output_dir / CHECKPOINTS_DIR)[0]:
+        if resume and done is not None:
             raise UsageError(
                 f"'{output_dir}' holds a finished fine-tune ({done.get('steps')} steps); "
                 "nothing to resume (pass --overwrite to train again)"
@@ -181,7 +195,7 @@ def finetune(
         run = _setup(model, tokenizer, config, teacher, device, info)
         start_step, tokens_seen, resumed_from = 0, 0, None
         if resume:
-            restored = _restore(output_dir, model, config, run)
+            restored = _restore(output_dir, model, run)
             if restored is not None:
                 start_step, tokens_seen = restored["step"], restored["tokens"]
                 resumed_from = start_step
@@ -191,12 +205,14 @@ def finetune(
 
 
 def _prepare_output(output_dir: Path, fresh: bool) -> None:
-    """Mark the folder as sparsefit's; a fresh run drops what an earlier run left to resume from."""
+    """Mark the folder as sparsefit's; a fresh run drops what an earlier run left to resume from
+    (an earlier final model stays until this run's replaces it)."""
     make_dir(output_dir)
-    mark(output_dir, CHECKPOINTS_DIR, LOG_FILE)
+    mark(output_dir, CHECKPOINTS_DIR, LOG_FILE, METRICS_FILE)
     if fresh:
         shutil.rmtree(output_dir / CHECKPOINTS_DIR, ignore_errors=True)
-        (output_dir / LOG_FILE).unlink(missing_ok=True)
+        for name in (LOG_FILE, METRICS_FILE):
+            (output_dir / name).unlink(missing_ok=True)
 
 
 def _setup(
@@ -216,6 +232,7 @@ def _setup(
     torch.manual_seed(config.seed)
 
     masks = resolve_masks(model, config)
+    fingerprint = run_fingerprint(model, config, info.world, masks)  # before any sharding
     teacher_tok = None
     if config.distilling and teacher is None:
         use_bf16 = config.teacher_dtype == "bfloat16" or (config.teacher_dtype == "auto" and bf16)
@@ -288,11 +305,11 @@ def _setup(
         student_path=HeadPath.detect(model, probe),
         teacher_path=HeadPath.detect(teacher, probe) if teacher is not None else None,
         pad_id=pad_id,
-        fingerprint=run_fingerprint(model, config, info.world),
+        fingerprint=fingerprint,
     )
 
 
-def _restore(output_dir: Path, model: PreTrainedModel, config: FinetuneConfig, run: _Run) -> dict | None:
+def _restore(output_dir: Path, model: PreTrainedModel, run: _Run) -> dict | None:
     """Load the newest whole checkpoint (chosen by the main process, which checks its manifest) into
     the model, optimizer, schedule and masks; None when there is none."""
     root = output_dir / CHECKPOINTS_DIR
@@ -307,11 +324,9 @@ def _restore(output_dir: Path, model: PreTrainedModel, config: FinetuneConfig, r
                 "pass --overwrite to start over"
             )
         step = read_trainer_state(folder)["step"] if folder is not None else -1
-    (chosen,) = all_reduce_sum([step + 1 if run.info.main else 0], run.info, run.device)
+    (chosen,) = all_reduce_sum([step + 1], run.info, run.device)  # the other ranks add 0
     if chosen == 0:
         return None
-    from sparsefit.training.state import checkpoint_dir
-
     folder = checkpoint_dir(root, int(chosen) - 1)
     changes = fingerprint_changes(read_trainer_state(folder).get("fingerprint"), run.fingerprint)
     if changes:
