@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import glob
 import json
 import os
 import shutil
@@ -217,13 +218,24 @@ def clean_stale(final: str | os.PathLike) -> None:
     final = Path(final)
     if not final.parent.is_dir():
         return
-    for p in final.parent.glob(f".{final.name}{_STAGING}*"):
+    for p in final.parent.glob(f".{glob.escape(final.name)}{_STAGING}*"):
         shutil.rmtree(p, ignore_errors=True)
-    for p in sorted(final.parent.glob(f".{final.name}{_OLD}*")):
+    for p in sorted(final.parent.glob(f".{glob.escape(final.name)}{_OLD}*")):
         if not final.exists() and (p / "d").is_dir():
             os.replace(p / "d", final)
             fsync_dir(final.parent)
         shutil.rmtree(p, ignore_errors=True)
+
+
+def clean_stale_in(directory: str | os.PathLike) -> None:
+    """`clean_stale` for every target in `directory` (e.g. the checkpoints of a killed fine-tune)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return
+    for p in directory.iterdir():
+        for marker in (_STAGING, _OLD):
+            if p.name.startswith(".") and marker in p.name:
+                clean_stale(directory / p.name[1:].split(marker)[0])
 
 
 def make_dir(path: str | os.PathLike) -> Path:

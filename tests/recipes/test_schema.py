@@ -61,3 +61,11 @@ def test_unknown_override_is_a_usage_error():
         load_recipe("gsm8k-50", ["nope.lr=1"])
     with pytest.raises(UsageError, match="neither a builtin"):
         load_recipe("no-such-recipe")
+
+
+def test_every_builtin_fine_tune_checkpoints_so_a_killed_run_resumes_it():
+    from sparsefit.recipes import builtin_recipes, load_recipe
+
+    for name in builtin_recipes():
+        stages = [s for s in load_recipe(name).stages if s.kind == "finetune"]
+        assert stages and all(s.checkpoint_every > 0 for s in stages), name

@@ -177,3 +177,27 @@ def test_a_full_disk_mid_checkpoint_keeps_the_previous_one(tokenizer, data_dir, 
         progress=False,
     )  # fmt: skip
     assert metrics["resumed_from"] == 2
+
+
+def test_a_checkpoint_a_kill_cut_short_is_cleaned_when_the_run_resumes(tokenizer, data_dir, tmp_path):
+    stopped_run(tokenizer, tmp_path / "run", step=3)
+    stale = tmp_path / "run" / CHECKPOINTS_DIR / ".step-00000006.staging-x1y2"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"half")
+    finetune(tiny_model("llama"), tokenizer, FinetuneConfig(**BASE), tmp_path / "run", resume=True, progress=False)
+    assert not stale.exists()
+
+
+def test_a_full_disk_is_one_line_from_the_cli(tiny_checkpoint, data_dir, tmp_path, monkeypatch, capsys):
+    from sparsefit.cli import main
+
+    def disk_full(tensors, path, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(state_module, "save_file", disk_full)
+    argv = ["finetune", "--model", str(tiny_checkpoint), "--output", str(tmp_path / "o"), "--max-steps", "4",
+            "--checkpoint-every", "2", "--batch-size", "2", "--seq-len", "64", "--format", "plain"]  # fmt: skip
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    (line,) = [x for x in err.splitlines() if x.startswith("sparsefit: error:")]
+    assert "no space left on the device writing" in line and "--resume" in line and "Traceback" not in err

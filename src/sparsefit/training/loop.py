@@ -28,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
-from sparsefit.atomic import make_dir, mark
+from sparsefit.atomic import clean_stale_in, make_dir, mark
 from sparsefit.errors import Interrupted, SparsefitError, UsageError
 from sparsefit.models.layout import decoder_layout
 from sparsefit.outputs import claim_output
@@ -209,6 +209,7 @@ def _prepare_output(output_dir: Path, fresh: bool) -> None:
     (an earlier final model stays until this run's replaces it)."""
     make_dir(output_dir)
     mark(output_dir, CHECKPOINTS_DIR, LOG_FILE, METRICS_FILE)
+    clean_stale_in(output_dir / CHECKPOINTS_DIR)  # a checkpoint a kill cut short
     if fresh:
         shutil.rmtree(output_dir / CHECKPOINTS_DIR, ignore_errors=True)
         for name in (LOG_FILE, METRICS_FILE):
