@@ -65,6 +65,28 @@ def damaged_model(area: Path, model: Path, what: str) -> None:
             p.unlink()
 
 
+def foreign_weights(area: Path, model: Path, how: str) -> None:
+    """A checkpoint whose weights do not fit its config: one tensor short, or another architecture."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(model, area / "bad")
+    if how == "missing-tensor":
+        weights = load_file(str(area / "bad" / "model.safetensors"))
+        del weights["model.layers.1.mlp.down_proj.weight"]
+        save_file(weights, str(area / "bad" / "model.safetensors"), metadata={"format": "pt"})
+    else:
+        config = json.loads((area / "bad" / "config.json").read_text())
+        config.update(model_type="bert", architectures=["BertLMHeadModel"], is_decoder=True)
+        (area / "bad" / "config.json").write_text(json.dumps(config))
+
+
+def finished_finetune(area: Path, model: Path) -> None:
+    argv = ["finetune", "--model", str(model), *FT.split(), "--max-steps", "1", "--output", str(area / "out")]
+    assert main(argv) == 0
+
+
 def run_dir_with_bad_stage(area: Path) -> None:
     (area / "run" / "01-oneshot").mkdir(parents=True)
     mark(area / "run", "01-oneshot")
@@ -88,6 +110,14 @@ CASES = [
     ("model-bad-config", "eval --model {a}/bad", "bad-config", 2, "could not load the model in .*damaged"),
     ("model-torn-weights", "eval --model {a}/bad", "bad-weights", 2, "could not load the model in .*damaged"),
     ("model-no-tokenizer", "eval --model {a}/bad", "bad-tokenizer", 2, "could not load the tokenizer"),
+    ("model-missing-tensor", "eval --model {a}/bad", "missing-tensor", 2, "lacks weights.*layers.1.mlp.down_proj"),
+    (
+        "model-other-architecture",
+        "prune --model {a}/bad --output {a}/o",
+        "other-architecture",
+        2,
+        "lacks weights the Bert",
+    ),
     ("dtype", "eval --model {m} --dtype half-ish", None, 2, "unknown dtype"),
     ("device", "eval --model {m} --device tpu", None, 2, "unknown device"),
     ("device-cuda", "eval --model {m} --device cuda", None, 2, "CUDA is not available"),
@@ -246,6 +276,14 @@ CASES = [
     ("gmp-nan", f"finetune --model {{m}} {FT} --gmp 0,nan,0,10,1 --output {{a}}/o", None, 2, "finite"),
     ("cycles-decreasing", f"finetune --model {{m}} {FT} --cycles 0.5,0.3 --output {{a}}/o", None, 2, "increasing"),
     ("cycles-inf", f"finetune --model {{m}} {FT} --cycles 0.3,inf --output {{a}}/o", None, 2, "finite"),
+    ("cycles-range", f"finetune --model {{m}} {FT} --cycles 0.5,1.5 --output {{a}}/o", None, 2, r"in \(0, 1\)"),
+    (
+        "resume-finished-other-options",
+        f"finetune --model {{m}} {FT} --max-steps 1 --lr 0.1 --resume --output {{a}}/out",
+        "finished",
+        2,
+        r"finished with other options \(lr \(5e-05 -> 0.1\)\)",
+    ),
     (
         "teacher-missing",
         f"finetune --model {{m}} {FT} --teacher ./no --kl-weight 1 --output {{a}}/o",
@@ -348,6 +386,9 @@ SETUPS = {
     "earlier-user-file": lambda a, m: earlier_output(a, user_file=True),
     "unfinished": lambda a, m: unfinished_finetune(a),
     "bad-stage": lambda a, m: run_dir_with_bad_stage(a),
+    "missing-tensor": lambda a, m: foreign_weights(a, m, "missing-tensor"),
+    "other-architecture": lambda a, m: foreign_weights(a, m, "bert"),
+    "finished": lambda a, m: finished_finetune(a, m),
     "model-in-models": lambda a, m: (mark(a / "models", "m"), __import__("shutil").copytree(m, a / "models" / "m")),
 }
 

@@ -252,18 +252,27 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from sparsefit.models import load_model_and_tokenizer, parse_device
     from sparsefit.outputs import check_writable_file, claim_output
     from sparsefit.training import FinetuneConfig, finetune, iterative_prune_finetune
-    from sparsefit.training.loop import finished_run
+    from sparsefit.training.loop import fingerprint_changes, finished_run, options_fingerprint
 
     config = validate(FinetuneConfig, finetune_options(args), "finetune options")
     device = parse_device(args.device)
     check_writable_file(args.json, "--json", args.output, (args.model, args.teacher))
     cycles = _float_list(args.cycles, "--cycles") if args.cycles else None
+    if cycles and not all(0 < c < 1 for c in cycles):
+        raise UsageError(f"--cycles takes sparsities in (0, 1), e.g. 0.3,0.5,0.7 (got '{args.cycles}')")
     if args.resume and cycles:
         raise UsageError("--resume continues one fine-tune; iterative --cycles start over (drop --resume)")
     # Checked and locked before the model loads: a second run into the same place fails at once.
     claim = claim_output(args.output, overwrite=args.overwrite, reuse=args.resume, inputs=(args.model, args.teacher))
     done = finished_run(claim.path) if args.resume else None
     if done is not None:
+        options = options_fingerprint(args.model, config, int(os.environ.get("WORLD_SIZE", "1")))
+        changes = fingerprint_changes({k: done.get("fingerprint", {}).get(k) for k in options}, options)
+        if changes:
+            raise UsageError(
+                f"{args.output} holds a fine-tune that finished with other options ({', '.join(changes)}); "
+                "pass --overwrite to train again with these"
+            )
         print(f"{args.output} already holds a finished fine-tune ({done['steps']} steps); nothing to resume")
         return 0
     model, tokenizer = load_model_and_tokenizer(args.model, args.dtype, device, args.trust_remote_code)

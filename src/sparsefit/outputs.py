@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -140,9 +141,12 @@ def check_writable_file(
         root = resolve(place)
         if target == root or root in target.parents:
             raise UsageError(f"{flag} '{path}' lies inside {what} '{place}'; write it elsewhere")
-    parent = p.parent if str(p.parent) else Path(".")
-    probe = parent
+    probe = p.parent
     while not probe.exists():
         probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-        raise UsageError(f"{flag} '{path}': cannot write into '{probe}'; pass a writable location")
+    try:  # a real file, not os.access: root passes every permission check but not a read-only mount
+        if not probe.is_dir():
+            raise NotADirectoryError(probe)
+        tempfile.TemporaryFile(dir=probe).close()
+    except OSError:
+        raise UsageError(f"{flag} '{path}': cannot write into '{probe}'; pass a writable location") from None

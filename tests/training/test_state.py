@@ -201,3 +201,15 @@ def test_a_full_disk_is_one_line_from_the_cli(tiny_checkpoint, data_dir, tmp_pat
     err = capsys.readouterr().err
     (line,) = [x for x in err.splitlines() if x.startswith("sparsefit: error:")]
     assert "no space left on the device writing" in line and "--resume" in line and "Traceback" not in err
+
+
+def test_the_fingerprint_names_a_local_model_one_way(tmp_path, monkeypatch):
+    from sparsefit.training.loop import options_fingerprint
+
+    (tmp_path / "m").mkdir()
+    monkeypatch.chdir(tmp_path)
+    config = FinetuneConfig(teacher="m", kl_weight=1.0)
+    relative = options_fingerprint("./m", config, 1)
+    assert relative == options_fingerprint(str(tmp_path / "m"), config, 1)
+    assert relative["teacher"] == relative["model"] == str(tmp_path / "m")
+    assert options_fingerprint("smollm2-135m", config, 1)["model"] == "smollm2-135m"

@@ -135,11 +135,25 @@ def load_model(
     torch_dtype = dtype if isinstance(dtype, torch.dtype) else parse_dtype(dtype, device)
     resolved = spec if isinstance(spec, ResolvedModel) else resolve_model(spec)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            resolved.path, dtype=torch_dtype, trust_remote_code=trust_remote_code, **resolved.kwargs()
+        model, info = AutoModelForCausalLM.from_pretrained(
+            resolved.path,
+            dtype=torch_dtype,
+            trust_remote_code=trust_remote_code,
+            output_loading_info=True,
+            **resolved.kwargs(),
+            **({} if resolved.gguf_file else {"use_safetensors": True}),  # never unpickle weights
         )
     except _load_errors() as err:
         raise _load_error(resolved, err) from None
+    # transformers fills weights the checkpoint lacks (or holds in another shape) with random values
+    # and only warns; a model with random layers must never be evaluated, pruned or saved.
+    absent = sorted(info.get("missing_keys") or []) + sorted(str(k) for k in info.get("mismatched_keys") or [])
+    if absent:
+        more = f" and {len(absent) - 2} more" if len(absent) > 2 else ""
+        raise UsageError(
+            f"the checkpoint '{resolved.spec}' lacks weights the {type(model).__name__} in its config needs "
+            f"({', '.join(absent[:2])}{more}); its config and weights do not belong together"
+        )
     if resolved.gguf_file:
         strip_gguf_quantization(model)
     model.config.name_or_path = resolved.spec

@@ -103,17 +103,25 @@ def gmp_update(masks: SparsityMasks, sparsity: float, optimizer: torch.optim.Opt
     masks.apply_to_optimizer(optimizer)
 
 
-def run_fingerprint(model: PreTrainedModel, config: FinetuneConfig, world: int, masks: SparsityMasks | None) -> dict:
-    """What a resumed run must share with the run that wrote the checkpoint: the model (its name,
-    size and starting sparsity), the data, the optimizer, the schedule, the masks and losses (every
-    option but the bookkeeping ones) and the number of processes."""
+def _spec(name: str | None) -> str | None:
+    """A model spec as one string for every spelling of a local path (./m and /abs/m are one model)."""
+    return str(Path(name).resolve()) if name and Path(name).exists() else name
+
+
+def options_fingerprint(model_name: str, config: FinetuneConfig, world: int) -> dict:
+    """The options a resumed run must share with the run that wrote the checkpoint: the model spec,
+    the data, the optimizer, the schedule, the masks and losses (all but the bookkeeping ones) and
+    the number of processes."""
     fields = config.model_dump(mode="json", exclude=BOOKKEEPING)
+    return {**fields, "model": _spec(model_name), "teacher": _spec(fields["teacher"]), "world_size": world}
+
+
+def run_fingerprint(model: PreTrainedModel, config: FinetuneConfig, world: int, masks: SparsityMasks | None) -> dict:
+    """`options_fingerprint` plus what the loaded model is: its size and its starting sparsity."""
     return {
-        "model": str(model.config.name_or_path),
+        **options_fingerprint(str(model.config.name_or_path), config, world),
         "parameters": sum(p.numel() for p in model.parameters()),
         "initial_sparsity": round(masks.sparsity(), 6) if masks is not None else None,
-        "world_size": world,
-        **fields,
     }
 
 
