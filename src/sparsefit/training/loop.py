@@ -404,8 +404,9 @@ def _train(
             bar.close()
             signum = stop.signum or signal.SIGTERM
             raise Interrupted(
-                f"stopped by {signal.Signals(signum).name} after step {done} of {steps}; checkpoint written, "
-                "rerun the same command with --resume to continue",
+                f"stopped by {signal.Signals(signum).name} after step {done} of {steps}; checkpoint "
+                f"{checkpoint_dir(output_dir / CHECKPOINTS_DIR, done)} written: continue with --resume "
+                "(a recipe: run it again)",
                 signum,
             )
     bar.close()
