@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import glob
+import hashlib
 import json
 import os
 import shutil
@@ -65,6 +66,15 @@ def crash_point(phase: str) -> None:
 
 
 _crash_counts: dict[str, int] = {}
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file, read in 16 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def fsync_dir(path: str | os.PathLike) -> None:

