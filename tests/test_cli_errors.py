@@ -294,6 +294,13 @@ CASES = [
     ("ft-data-missing", f"finetune --model {{m}} {FT} --dataset missing.jsonl --output {{a}}/o", None, 2, "not found"),
     ("strategy", f"finetune --model {{m}} {FT} --strategy zero3 --output {{a}}/o", None, 2, "strategy"),
     ("resume-cycles", f"finetune --model {{m}} {FT} --resume --cycles 0.3 --output {{a}}/o", None, 2, "--resume"),
+    (
+        "resume-a-pruned-model",
+        f"finetune --model {{m}} {FT} --resume --output {{a}}/out",
+        "earlier",
+        2,
+        "not a fine-tune",
+    ),
     ("unfinished-without-resume", f"finetune --model {{m}} {FT} --output {{a}}/out", "unfinished", 2, "--overwrite"),
     (
         "batch-too-large",

@@ -23,7 +23,7 @@ def refused(path, match, **kw):
 
 def test_a_new_or_empty_directory_is_claimed_and_nothing_is_created(tmp_path):
     with claim_output(tmp_path / "new") as claim:
-        assert claim.path == (tmp_path / "new").resolve() and not claim.existed
+        assert claim.path == (tmp_path / "new").resolve()
     assert not (tmp_path / "new").exists()
     (tmp_path / "empty").mkdir()
     with claim_output(tmp_path / "empty"):
@@ -68,8 +68,8 @@ def test_an_earlier_output_needs_overwrite_or_reuse(tmp_path):
     mark(out, "model.safetensors")
     (out / "model.safetensors").write_bytes(b"x")
     refused(out, "--overwrite")
-    with claim_output(out, overwrite=True) as claim:
-        assert claim.existed
+    with claim_output(out, overwrite=True):
+        pass
     with claim_output(out, reuse=True):
         pass
     (out / "NOTES.md").write_text("the user's notes in an earlier output")
@@ -114,3 +114,35 @@ def test_result_files_are_checked_before_the_work(tmp_path):
     (tmp_path / "f").write_text("x")
     with pytest.raises(UsageError, match="cannot write into"):
         check_writable_file(tmp_path / "f" / "r.json", "--json")  # a file where a folder should be
+
+
+def test_leftovers_of_a_killed_write_are_ours_and_cleaned(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    mark(out, "model.safetensors", "checkpoints")
+    (out / ".sparsefit.tmp-ab12cd34").write_text("{")  # a marker update cut short
+    (out / ".checkpoints.trash-99aa").mkdir()  # a deletion cut short
+    (out / ".model.safetensors.staging-x1").mkdir()
+    (tmp_path / ".out.staging-zz9").mkdir()  # a publish of the whole output cut short
+    with claim_output(out, overwrite=True):
+        pass
+    assert sorted(p.name for p in out.iterdir()) == [".sparsefit"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "out"]
+
+
+def test_a_second_run_is_told_the_output_is_busy_before_anything_else(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    mark(out, "x")
+    (out / "x").write_text("1")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import time; from sparsefit.outputs import claim_output\n"
+         f"c = claim_output({str(out)!r}, overwrite=True); print('held', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True, env=os.environ.copy(),
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        refused(out, "in use")  # not "pass --overwrite"
+    finally:
+        holder.kill()
+        holder.wait()

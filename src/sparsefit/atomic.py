@@ -20,6 +20,8 @@ import glob
 import hashlib
 import json
 import os
+import re
+import secrets
 import shutil
 import signal
 import sys
@@ -31,8 +33,10 @@ from typing import Any
 from sparsefit.errors import UsageError
 
 MARKER = ".sparsefit"
-_STAGING = ".staging-"
-_OLD = ".old-"
+# Every name sparsefit gives a file or folder on its way in or out is `.TARGET.KIND-RANDOM`:
+# a temporary file, a folder being built, an old copy moved aside, a folder being deleted.
+_STAGING, _OLD, _TRASH, _TMP = ".staging-", ".old-", ".trash-", ".tmp-"
+_TRANSIENT = re.compile(r"\.(?P<target>.+)\.(?P<kind>staging|old|trash|tmp)-[A-Za-z0-9_]+")
 
 
 def current_umask() -> int:
@@ -109,7 +113,7 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Replace `path` with `data` atomically and durably; the file gets the umask's permissions."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}{_TMP}", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -161,9 +165,15 @@ def is_empty_dir(path: str | os.PathLike) -> bool:
 
 
 def foreign_entries(directory: str | os.PathLike) -> list[str]:
-    """Top-level names in `directory` that sparsefit did not record writing (all of them without a marker)."""
+    """Top-level names in `directory` that sparsefit did not record writing (all of them without a
+    marker); a killed write's leftovers of a recorded entry are sparsefit's too."""
     known = set((read_marker(directory) or {}).get("entries", [])) | {MARKER}
-    return sorted(p.name for p in Path(directory).iterdir() if p.name not in known)
+
+    def ours(name: str) -> bool:
+        transient = _TRANSIENT.fullmatch(name)
+        return name in known or (transient is not None and transient["target"] in known)
+
+    return sorted(p.name for p in Path(directory).iterdir() if not ours(p.name))
 
 
 def check_replaceable(path: str | os.PathLike) -> None:
@@ -222,30 +232,46 @@ def publish_dir(stage: Path, final: Path, label: str = "dir") -> None:
     crash_point(f"{label}:published")
 
 
+def discard_dir(path: str | os.PathLike) -> None:
+    """Delete a folder sparsefit wrote: one rename takes it out of sight, then it is removed, so a
+    kill never leaves a half-deleted folder under its name (`clean_stale` finishes the removal)."""
+    path = Path(path)
+    if not path.exists():
+        return
+    trash = path.with_name(f".{path.name}{_TRASH}{secrets.token_hex(4)}")
+    os.replace(path, trash)
+    fsync_dir(path.parent)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
 def clean_stale(final: str | os.PathLike) -> None:
-    """Delete staging siblings of `final` that killed runs left; restore an old copy a killed
-    publish had moved aside (only when `final` itself is missing)."""
+    """Finish what killed runs left around `final`: delete its temporary files, staging folders and
+    folders being deleted; put back an old copy a killed publish had moved aside (only when `final`
+    itself is missing), else delete that copy."""
     final = Path(final)
     if not final.parent.is_dir():
         return
-    for p in final.parent.glob(f".{glob.escape(final.name)}{_STAGING}*"):
-        shutil.rmtree(p, ignore_errors=True)
-    for p in sorted(final.parent.glob(f".{glob.escape(final.name)}{_OLD}*")):
-        if not final.exists() and (p / "d").is_dir():
+    for p in sorted(final.parent.glob(f".{glob.escape(final.name)}.*-*")):
+        transient = _TRANSIENT.fullmatch(p.name)
+        if transient is None or transient["target"] != final.name:
+            continue
+        if transient["kind"] == "old" and not final.exists() and (p / "d").is_dir():
             os.replace(p / "d", final)
             fsync_dir(final.parent)
-        shutil.rmtree(p, ignore_errors=True)
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
 
 
 def clean_stale_in(directory: str | os.PathLike) -> None:
-    """`clean_stale` for every target in `directory` (e.g. the checkpoints of a killed fine-tune)."""
+    """`clean_stale` for every target in `directory` (a run directory, a fine-tune's checkpoints)."""
     directory = Path(directory)
     if not directory.is_dir():
         return
-    for p in directory.iterdir():
-        for marker in (_STAGING, _OLD):
-            if p.name.startswith(".") and marker in p.name:
-                clean_stale(directory / p.name[1:].split(marker)[0])
+    targets = {m["target"] for p in directory.iterdir() if (m := _TRANSIENT.fullmatch(p.name))}
+    for target in sorted(targets):
+        clean_stale(directory / target)
 
 
 def make_dir(path: str | os.PathLike) -> Path:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-from sparsefit.atomic import check_replaceable, clean_stale, is_empty_dir, is_ours, make_dir
+from sparsefit.atomic import check_replaceable, clean_stale, clean_stale_in, is_empty_dir, is_ours, make_dir
 from sparsefit.errors import UsageError
 
 
@@ -29,7 +29,13 @@ def resolve(path: str | os.PathLike) -> Path:
 def _lock_file(key: str) -> Path:
     from sparsefit.models.builtin import cache_root
 
-    folder = make_dir(cache_root() / "locks")
+    try:
+        folder = make_dir(cache_root() / "locks")
+    except OSError as err:
+        raise UsageError(
+            f"cannot create the lock folder {cache_root() / 'locks'} ({err.strerror}); "
+            "set SPARSEFIT_CACHE to a writable folder"
+        ) from None
     return folder / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.lock"
 
 
@@ -46,8 +52,9 @@ def acquire_lock(key: str, busy: str, wait: bool = False) -> FileLock:
     return lock
 
 
-def _is_main_process() -> bool:
-    """Under torchrun every rank runs the command; only rank 0 writes, so only it holds the lock."""
+def is_main_process() -> bool:
+    """Under torchrun every rank runs the command; only rank 0 writes, so only it checks and locks
+    the output (the others would race its writes; if it refuses, torchrun stops them)."""
     return int(os.environ.get("RANK", "0")) == 0
 
 
@@ -56,7 +63,6 @@ class Claim:
     """A checked, locked output path; a context manager that releases the lock on exit."""
 
     path: Path
-    existed: bool  # held an earlier sparsefit output (continued or replaced)
     lock: FileLock | None = None
 
     def release(self) -> None:
@@ -85,9 +91,12 @@ def claim_output(
     `overwrite`: it is replaced. `replaces`: the command publishes `path` as a whole (all but a
     recipe run), so it may hold nothing sparsefit did not write. `inputs` are model specs; a local
     one may not live inside `path`, and `path` may not lie in sparsefit's cache (builtin models).
+    The lock comes before the checks of what `path` holds: a second run is told the output is busy.
     """
     given = str(path)
     path = resolve(path)
+    if not is_main_process():
+        return Claim(path)
     if path.exists() and not path.is_dir():
         raise UsageError(f"{flag} '{given}' is an existing file; pass a directory path")
     forbidden = {Path("/"): "the filesystem root", Path.home().resolve(): "your home directory"}
@@ -105,21 +114,26 @@ def claim_output(
         source = resolve(spec)
         if source == path or path in source.parents:
             raise UsageError(f"{flag} '{given}' contains the input model '{spec}'; write the output elsewhere")
-    existed = path.is_dir() and not is_empty_dir(path)
-    if existed and not is_ours(path):
-        raise UsageError(
-            f"{flag} '{given}' is a non-empty directory sparsefit did not write; pass a new or empty directory"
-        )
-    if existed and not (overwrite or reuse):
-        raise UsageError(f"{flag} '{given}' holds an earlier sparsefit output; pass --overwrite to replace it")
-    if existed and replaces:
-        check_replaceable(path)  # files a user added to an earlier output are never deleted
-    lock = None
-    if _is_main_process():
-        busy = f"{flag} '{given}' is in use by another sparsefit run; wait for it or choose another output"
-        lock = acquire_lock(str(path), busy)
-        clean_stale(path)
-    return Claim(path, existed, lock)
+    busy = f"{flag} '{given}' is in use by another sparsefit run; wait for it or choose another output"
+    claim = Claim(path, acquire_lock(str(path), busy))
+    try:
+        clean_stale(path)  # what a killed run left beside the output, and inside it
+        if is_ours(path):
+            clean_stale_in(path)
+        if path.is_dir() and not is_empty_dir(path):
+            if not is_ours(path):
+                raise UsageError(
+                    f"{flag} '{given}' is a non-empty directory sparsefit did not write (or an older sparsefit "
+                    "wrote before outputs were marked); pass a new or empty directory"
+                )
+            if not (overwrite or reuse):
+                raise UsageError(f"{flag} '{given}' holds an earlier sparsefit output; pass --overwrite to replace it")
+            if replaces:
+                check_replaceable(path)  # files a user added to an earlier output are never deleted
+    except BaseException:
+        claim.release()
+        raise
+    return claim
 
 
 def check_writable_file(

@@ -213,3 +213,31 @@ def test_the_fingerprint_names_a_local_model_one_way(tmp_path, monkeypatch):
     assert relative == options_fingerprint(str(tmp_path / "m"), config, 1)
     assert relative["teacher"] == relative["model"] == str(tmp_path / "m")
     assert options_fingerprint("smollm2-135m", config, 1)["model"] == "smollm2-135m"
+
+
+def test_a_signal_in_the_last_step_stops_the_caller_after_the_final_model(tokenizer, data_dir, tmp_path):
+    model = tiny_model("llama")
+    signal_at_step(model, BASE["max_steps"] - 1)
+    with pytest.raises(Interrupted, match="after the final model was written") as info:
+        finetune(model, tokenizer, FinetuneConfig(**BASE), tmp_path / "run", progress=False)
+    assert info.value.exit_code == 143
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["completed"]
+
+
+def test_a_file_added_to_the_output_during_training_keeps_the_work(tokenizer, data_dir, tmp_path):
+    model = tiny_model("llama")
+    out = tmp_path / "run"
+    calls = {"n": 0}
+
+    def user_drops_a_file(module, args):
+        calls["n"] += torch.is_grad_enabled()
+        if calls["n"] == 3:
+            (out / "notes.txt").write_text("mine")
+
+    model.register_forward_pre_hook(user_drops_a_file)
+    with pytest.raises(UsageError, match=r"notes\.txt.*step-00000008.*--resume"):
+        finetune(model, tokenizer, FinetuneConfig(**BASE), out, progress=False)
+    assert (out / "notes.txt").read_text() == "mine" and published_steps(out / CHECKPOINTS_DIR) == [8]
+    (out / "notes.txt").rename(tmp_path / "notes.txt")
+    metrics = finetune(tiny_model("llama"), tokenizer, FinetuneConfig(**BASE), out, resume=True, progress=False)
+    assert metrics["resumed_from"] == 8 and (out / "model.safetensors").is_file()

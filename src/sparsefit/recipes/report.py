@@ -15,6 +15,7 @@ from sparsefit.training.log import read_log
 if TYPE_CHECKING:
     from sparsefit.recipes.schema import Recipe
 
+PLOTS = ("sparsity.png", "training.png", "metrics.png")
 METRICS = ("self_ppl", "ppl", "answer_ppl", "strict_match", "flexible_match")
 COLUMNS = ("stage", "kind", "sparsity", *METRICS, "recovery", "seconds", "tokens_per_second")
 HEADERS = {
@@ -98,6 +99,7 @@ def format_table(rows: list[dict], markdown: bool = True) -> str:
 def write_report(run_dir: str | Path, recipe: Recipe | None = None) -> dict:
     run_dir = Path(run_dir)
     records = _stage_records(run_dir)
+    mark(run_dir, "report.json", "report.md", *PLOTS)  # recorded before they are written
     rows, baseline = build_rows(records)
     plots = _plots(run_dir, records, rows)
     report = {
@@ -112,7 +114,6 @@ def write_report(run_dir: str | Path, recipe: Recipe | None = None) -> dict:
     ]
     report["notes"] = [*report["notes"], *skipped]
     write_json(run_dir / "report.json", report)
-    mark(run_dir, "report.json", "report.md", *plots)
     md = [f"# sparsefit run: {report['recipe'] or run_dir.name}", "", format_table(rows), ""]
     if baseline:
         md += [

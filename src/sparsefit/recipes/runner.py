@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import time
 from pathlib import Path
 
 import torch
 import yaml
 
-from sparsefit.atomic import check_replaceable, make_dir, mark, write_json, write_text
+from sparsefit.atomic import check_replaceable, discard_dir, make_dir, mark, write_json, write_text
 from sparsefit.outputs import claim_output
 from sparsefit.recipes.report import write_report
 from sparsefit.recipes.schema import EvaluateStage, ExportStage, FinetuneStage, OneshotStage, Recipe
@@ -80,8 +79,8 @@ def _run_stages(recipe: Recipe, run_dir: Path, device: torch.device, progress: b
                 "result": result,
                 "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
             }
+            mark(folder, STAGE_FILE)  # recorded first: a kill mid-write leaves only what is ours
             write_json(folder / STAGE_FILE, record)
-            mark(folder, STAGE_FILE)
         if stage.kind in ("oneshot", "finetune", "export"):
             current, stamp = str(folder), record["fingerprint"]
         outputs[stage.name] = str(folder)
@@ -96,7 +95,7 @@ def _claim(folder: Path, fingerprint: str) -> None:
     same = claim.is_file() and claim.read_text() == fingerprint
     if folder.exists() and not same:
         check_replaceable(folder)  # only what sparsefit wrote there goes
-        shutil.rmtree(folder)
+        discard_dir(folder)
     mark(folder.parent, folder.name, claim.name)
     write_text(claim, fingerprint)
     make_dir(folder)
@@ -159,8 +158,8 @@ def _run_stage(stage, recipe: Recipe, current: str, outputs: dict, folder: Path,
         recorded = (read_sparsity(current) or {}).get("sparsity", {}).get("overall") if Path(current).is_dir() else None
         result["sparsity"] = recorded if isinstance(recorded, float) else sparsity_summary(model)["overall"]
         result["model"] = current
-        write_json(folder / "eval.json", result)
         mark(folder, "eval.json")
+        write_json(folder / "eval.json", result)
         return result
     if isinstance(stage, ExportStage):
         model, tok = load_model_and_tokenizer(current, "float32", "cpu")
@@ -181,8 +180,8 @@ def _self_eval_tokens(run_dir: Path, reference: str, stage: EvaluateStage) -> to
         return load_file(str(path))["input_ids"]
     model, tok = load_model_and_tokenizer(reference, "float32", "cpu")
     ids = sample_from_model(model, tok, stage.self_samples, stage.self_seq_len, seed=1234)
-    write_bytes(path, save({"input_ids": ids.contiguous()}))
     mark(run_dir, path.name)
+    write_bytes(path, save({"input_ids": ids.contiguous()}))
     return ids
 
 

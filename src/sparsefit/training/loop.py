@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import signal
 import time
 from contextlib import nullcontext
@@ -28,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
-from sparsefit.atomic import clean_stale_in, make_dir, mark
+from sparsefit.atomic import clean_stale_in, discard_dir, foreign_entries, is_empty_dir, make_dir, mark, read_marker
 from sparsefit.errors import Interrupted, SparsefitError, UsageError
 from sparsefit.models.layout import decoder_layout
 from sparsefit.outputs import claim_output
@@ -46,6 +45,7 @@ from sparsefit.training.state import (
     checkpoint_dir,
     find_checkpoint,
     load_training_state,
+    published_steps,
     read_trainer_state,
     save_training_state,
 )
@@ -191,14 +191,8 @@ def finetune(
     info = init_distributed()
     output_dir = Path(output_dir)
     with claim_output(output_dir, overwrite=overwrite, reuse=resume), StopRequest() as stop:
-        done = finished_run(output_dir)
-        if resume and done is not None:
-            raise UsageError(
-                f"'{output_dir}' holds a finished fine-tune ({done.get('steps')} steps); "
-                "nothing to resume (pass --overwrite to train again)"
-            )
-        barrier(info)  # every rank has checked the folder before the main one writes into it
-        if info.main:
+        if info.main:  # the others wait at the first collective; if this raises, torchrun stops them
+            _check_resumable(output_dir, resume, overwrite)
             _prepare_output(output_dir, fresh=not resume)
         run = _setup(model, tokenizer, config, teacher, device, info)
         start_step, tokens_seen, resumed_from = 0, 0, None
@@ -212,6 +206,24 @@ def finetune(
         return _train(model, tokenizer, config, output_dir, run, stop, start_step, tokens_seen, resumed_from, progress)
 
 
+def _check_resumable(output_dir: Path, resume: bool, overwrite: bool) -> None:
+    """`--resume` continues a fine-tune: not a finished one, and not another kind of output."""
+    if not resume or overwrite or not output_dir.is_dir() or is_empty_dir(output_dir):
+        return
+    done = finished_run(output_dir)
+    if done is not None:
+        raise UsageError(
+            f"'{output_dir}' holds a finished fine-tune ({done.get('steps')} steps); "
+            "nothing to resume (pass --overwrite to train again)"
+        )
+    entries = (read_marker(output_dir) or {}).get("entries", [])
+    if CHECKPOINTS_DIR not in entries and LOG_FILE not in entries:
+        raise UsageError(
+            f"'{output_dir}' holds a sparsefit output that is not a fine-tune; nothing to resume "
+            "(pass --overwrite to replace it)"
+        )
+
+
 def _prepare_output(output_dir: Path, fresh: bool) -> None:
     """Mark the folder as sparsefit's; a fresh run drops what an earlier run left to resume from
     (an earlier final model stays until this run's replaces it)."""
@@ -219,7 +231,7 @@ def _prepare_output(output_dir: Path, fresh: bool) -> None:
     mark(output_dir, CHECKPOINTS_DIR, LOG_FILE, METRICS_FILE)
     clean_stale_in(output_dir / CHECKPOINTS_DIR)  # a checkpoint a kill cut short
     if fresh:
-        shutil.rmtree(output_dir / CHECKPOINTS_DIR, ignore_errors=True)
+        discard_dir(output_dir / CHECKPOINTS_DIR)
         for name in (LOG_FILE, METRICS_FILE):
             (output_dir / name).unlink(missing_ok=True)
 
@@ -322,18 +334,18 @@ def _restore(output_dir: Path, model: PreTrainedModel, run: _Run) -> dict | None
     """Load the newest whole checkpoint (chosen by the main process, which checks its manifest) into
     the model, optimizer, schedule and masks; None when there is none."""
     root = output_dir / CHECKPOINTS_DIR
-    folder, step = None, -1
+    step, damaged = -1, 0  # the main process checks the manifests; every rank learns its verdict
     if run.info.main:
         folder, warnings = find_checkpoint(root)
         for warning in warnings:
             print(f"warning: {warning}", flush=True)
-        if folder is None and warnings:
-            raise SparsefitError(
-                f"no whole checkpoint in {root} ({len(warnings)} damaged, left in place); "
-                "pass --overwrite to start over"
-            )
         step = read_trainer_state(folder)["step"] if folder is not None else -1
-    (chosen,) = all_reduce_sum([step + 1], run.info, run.device)  # the other ranks add 0
+        damaged = len(warnings)
+    chosen, damaged = all_reduce_sum([step + 1, damaged], run.info, run.device)  # the other ranks add 0
+    if chosen == 0 and damaged:
+        raise SparsefitError(
+            f"no whole checkpoint in {root} ({int(damaged)} damaged, left in place); pass --overwrite to start over"
+        )
     if chosen == 0:
         return None
     folder = checkpoint_dir(root, int(chosen) - 1)
@@ -432,7 +444,11 @@ def _train(
         "config": config.model_dump(),
         "fingerprint": run.fingerprint,
     }
-    _finish(model, tokenizer, config, output_dir, run, metrics)
+    _finish(model, tokenizer, config, output_dir, run, metrics, tokens_seen)
+    (signalled,) = all_reduce_sum([float(stop.requested)], info, run.device)
+    if signalled:  # during the last step or the final save: the run is complete, the caller stops
+        signum = stop.signum or signal.SIGTERM
+        raise Interrupted(f"stopped by {signal.Signals(signum).name} after the final model was written", signum)
     return metrics
 
 
@@ -524,6 +540,7 @@ def _finish(
     output_dir: Path,
     run: _Run,
     metrics: dict,
+    tokens: int,
 ) -> None:
     """Check the result, then publish the final checkpoint in place of the training folder."""
     from sparsefit.export import save_checkpoint
@@ -535,6 +552,15 @@ def _finish(
         )
     if not _params_finite(model, run):
         raise _non_finite(run.steps - 1, float("nan"), output_dir, "a parameter")
+    foreign = foreign_entries(output_dir) if run.info.main else []
+    (blocked,) = all_reduce_sum([float(len(foreign))], run.info, run.device)
+    if blocked:  # keep the trained state, then ask for the folder to be cleared
+        _checkpoint(output_dir, model, config, run, run.steps, tokens)
+        raise UsageError(
+            f"'{output_dir}' now holds files sparsefit did not write ({', '.join(foreign[:3])}); the trained "
+            f"state is in {checkpoint_dir(output_dir / CHECKPOINTS_DIR, run.steps)}: move those files out and "
+            "rerun with --resume to write the final model"
+        )
     model.train(False)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_disable()
@@ -559,7 +585,8 @@ def _fused_ok(device: torch.device) -> bool:
 
 
 def _non_finite(step: int, value: float, output_dir: Path, what: str = "loss") -> SparsefitError:
-    folder, _ = find_checkpoint(output_dir / CHECKPOINTS_DIR)
+    steps = published_steps(output_dir / CHECKPOINTS_DIR)  # each was checked finite before it was saved
+    folder = checkpoint_dir(output_dir / CHECKPOINTS_DIR, steps[0]) if steps else None
     where = f"the last good checkpoint is {folder}; rerun with --resume" if folder else "no checkpoint was written yet"
     fix = "lower --lr" if what != "loss" else "lower --lr or enable clipping"
     return SparsefitError(f"{what} became {value} at step {step}; stopped without saving it ({where}), then {fix}")

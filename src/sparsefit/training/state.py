@@ -13,15 +13,14 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
-from sparsefit.atomic import crash_point, sha256_file, staging_dir
-from sparsefit.errors import SparsefitError
+from sparsefit.atomic import crash_point, discard_dir, sha256_file, staging_dir
+from sparsefit.errors import SparsefitError, first_line
 from sparsefit.training import sharding
 
 TRAINER_FILE = "trainer_state.json"
@@ -157,7 +156,7 @@ def save_training_state(
         _write_manifest(stage)  # last: a folder with a matching manifest holds every file whole
     for step in published_steps(root)[keep:]:
         if step < trainer["step"]:
-            shutil.rmtree(checkpoint_dir(root, step), ignore_errors=True)
+            discard_dir(checkpoint_dir(root, step))
     crash_point("checkpoint:pruned")
     return final
 
@@ -188,8 +187,9 @@ def load_training_state(
             tensors = load_file(str(path / "optimizer.safetensors"), device=str(device))
             optimizer.load_state_dict(_optimizer_from_flat(tensors, meta["optimizer_groups"]))
     except (RuntimeError, ValueError, KeyError) as err:  # shapes or parameter groups of another model
-        first = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
-        raise SparsefitError(f"checkpoint {path} does not fit this model and optimizer ({first})") from None
+        raise SparsefitError(
+            f"checkpoint {path} does not fit this model and optimizer ({first_line(err, 160)})"
+        ) from None
     scheduler.load_state_dict(meta["scheduler"])
     rng = load_file(str(path / "rng.safetensors"))
     torch.set_rng_state(rng["torch"])
