@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from sparsefit.atomic import make_dir, mark
 from sparsefit.errors import UsageError
-from sparsefit.outputs import claim_output
+from sparsefit.outputs import claim_output, is_main_process
 from sparsefit.pruning import OneShotConfig, oneshot
 from sparsefit.training.config import FinetuneConfig
 from sparsefit.training.loop import finetune
@@ -44,7 +44,7 @@ def iterative_prune_finetune(
         raise UsageError("iterative cycles need the whole model on every process: use --strategy ddp with --cycles")
     source = getattr(model.config, "name_or_path", None)
     with claim_output(output_dir, overwrite=overwrite, inputs=(source,)) as claim:
-        if int(os.environ.get("RANK", "0")) == 0:
+        if is_main_process():
             make_dir(claim.path)
             mark(claim.path, *(f"cycle-{k}" for k in range(len(sparsities))))
         cycles = []
