@@ -217,7 +217,7 @@ def _check_resumable(output_dir: Path, resume: bool, overwrite: bool) -> None:
             "nothing to resume (pass --overwrite to train again)"
         )
     entries = (read_marker(output_dir) or {}).get("entries", [])
-    if CHECKPOINTS_DIR not in entries and LOG_FILE not in entries:
+    if entries and CHECKPOINTS_DIR not in entries and LOG_FILE not in entries:  # none yet: a folder claimed empty
         raise UsageError(
             f"'{output_dir}' holds a sparsefit output that is not a fine-tune; nothing to resume "
             "(pass --overwrite to replace it)"
