@@ -1,5 +1,6 @@
 """Output claims: the places a command refuses to write, --overwrite, and the lock between runs."""
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -83,18 +84,25 @@ def test_the_cache_holding_the_builtin_models_is_refused(tmp_path):
     refused(tmp_path / "cache" / "models" / "smollm2-135m", "sparsefit's cache", overwrite=True)
 
 
-def test_a_second_process_cannot_claim_a_locked_output(tmp_path):
+@contextlib.contextmanager
+def held_by_another_process(path, **kw):
+    """Another process that has claimed `path` (and holds its lock) until the block ends."""
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from sparsefit.outputs import claim_output\n"
-         f"c = claim_output({str(tmp_path / 'out')!r}); print('held', flush=True); time.sleep(60)"],
+        [sys.executable, "-c", "import time; from sparsefit.outputs import claim_output\n"
+         f"c = claim_output({str(path)!r}, **{kw!r}); print('held', flush=True); time.sleep(60)"],
         stdout=subprocess.PIPE, text=True, env=os.environ.copy(),
     )  # fmt: skip
     try:
         assert holder.stdout.readline().strip() == "held"
-        refused(tmp_path / "out", "in use by another sparsefit run")
+        yield
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_a_second_process_cannot_claim_a_locked_output(tmp_path):
+    with held_by_another_process(tmp_path / "out"):
+        refused(tmp_path / "out", "in use by another sparsefit run")
     with claim_output(tmp_path / "out"):  # the lock died with its process
         pass
 
@@ -135,14 +143,5 @@ def test_a_second_run_is_told_the_output_is_busy_before_anything_else(tmp_path):
     out.mkdir()
     mark(out, "x")
     (out / "x").write_text("1")
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import time; from sparsefit.outputs import claim_output\n"
-         f"c = claim_output({str(out)!r}, overwrite=True); print('held', flush=True); time.sleep(60)"],
-        stdout=subprocess.PIPE, text=True, env=os.environ.copy(),
-    )  # fmt: skip
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with held_by_another_process(out, overwrite=True):
         refused(out, "in use")  # not "pass --overwrite"
-    finally:
-        holder.kill()
-        holder.wait()
