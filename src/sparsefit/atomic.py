@@ -6,10 +6,11 @@ A directory is built in a hidden staging sibling, fsync'ed file by file, and pub
 step: an atomic exchange with the old directory (Linux `renameat2(RENAME_EXCHANGE)`), after which
 the old copy is deleted. Where the exchange is unavailable, the old directory is renamed aside
 first; `clean_stale` (run when a command claims its output) puts it back if a kill came between
-the two renames, and deletes staging folders that killed runs left behind.
+the two renames, and deletes what killed runs left behind (temporary files, staging folders,
+folders half deleted: a folder is deleted by renaming it out of sight first).
 
-Every directory sparsefit publishes holds a `.sparsefit` marker. A non-empty directory without
-one is never replaced or deleted here: it holds files sparsefit did not write.
+Every directory sparsefit writes holds a `.sparsefit` marker listing the entries it wrote there.
+A directory holding anything else is never replaced or deleted here: those are the user's files.
 """
 
 from __future__ import annotations
