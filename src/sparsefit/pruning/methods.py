@@ -80,8 +80,7 @@ class BlockSolver:
         """Several linears fed `name`'s input (q/k/v, gate/up), or just one, each as `solve` would prune it alone.
 
         SparseGPT solves them stacked by rows in one pass: its per-column steps are mostly dispatch
-        (a 576-column 2:4 solve took 18 ms for 192 rows, 23 ms for 576), so one pass instead of
-        three saves most of that overhead.
+        (the cost hardly grows with the rows), so one pass instead of three saves most of that overhead.
         """
         if self.options.name != "sparsegpt" or len(weights) == 1:
             return [self.solve(name, w, s, p) for w, s, p in zip(weights, sparsities, preserves)]

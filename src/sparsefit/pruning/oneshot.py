@@ -119,8 +119,8 @@ def cpu_has_bf16() -> bool:
 def use_bf16(compute_dtype: str, device: torch.device) -> bool:
     if compute_dtype != "auto":
         return compute_dtype == "bfloat16"
-    # On an H100, bf16 block forwards pruned SmolLM2-135M no faster than float32 (the pruning is
-    # bound by kernel launches there) and two-pass SparseGPT 2:4 came out 5.6 ppl worse: GPUs keep float32.
+    # On GPUs bf16 block forwards gained nothing for small models (the pruning is bound by kernel
+    # launches) and cost two-pass SparseGPT 2:4 perplexity: GPUs keep float32 (benchmarks/oneshot.py).
     return device.type == "cpu" and cpu_has_bf16()
 
 

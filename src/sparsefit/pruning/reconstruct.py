@@ -18,8 +18,8 @@ The preconditioner. Activations of LLMs have a few outlier directions, so H = D^
 conditioned. We approximate C ~ I + U S U^T from its top `rank` eigenpairs (S = lambda - 1) and
 invert, for each row, the restriction of that approximation to the row's kept inputs exactly, by
 the Woodbury identity: a (rank x rank) system per row. On SmolLM2's Hessians at 2:4, 5 steps then
-reach what 10 steps of the diagonal preconditioner did; each step costs about an eighth more,
-and the setup about one step (per block of SmolLM2: 0.30 s for 5 steps against 0.42 s for 10).
+reach what 10 steps of the diagonal preconditioner did, for a slightly dearer step and a setup of
+about one step (benchmarks/reconstruct_error.py).
 """
 
 from __future__ import annotations

@@ -44,7 +44,7 @@ class _FusedKL(torch.autograd.Function):
 
     Autograd's version keeps both log-softmaxes and the elementwise KL, each n x V (over 100 MB for
     600 tokens of a 49k vocabulary), and walks them again in backward; chunks of rows stay in cache
-    and only the gradient is kept. Measured ~2x faster than the autograd composition on CPU.
+    and only the gradient is kept, which saves both memory and time against the autograd composition.
     """
 
     CHUNK = 32  # rows
