@@ -271,6 +271,13 @@ CASES = [
     ("lr-negative", f"finetune --model {{m}} {FT} --lr -1 --output {{a}}/o", None, 2, "lr"),
     ("temperature-nan", f"finetune --model {{m}} {FT} --temperature nan --output {{a}}/o", None, 2, "finite"),
     ("kl-without-teacher", f"finetune --model {{m}} {FT} --kl-weight 1 --output {{a}}/o", None, 2, "need a teacher"),
+    (
+        "teacher-zero-weights",
+        f"finetune --model {{m}} {FT} --teacher {{m}} --kl-weight 0 --output {{a}}/o",
+        None,
+        2,
+        "every distillation weight is 0",
+    ),
     ("two-lengths", f"finetune --model {{m}} {FT} --num-epochs 1 --output {{a}}/o", None, 2, "only one of"),
     ("gmp-short", f"finetune --model {{m}} {FT} --gmp 0,0.5,10 --output {{a}}/o", None, 2, "--gmp takes"),
     ("gmp-nan", f"finetune --model {{m}} {FT} --gmp 0,nan,0,10,1 --output {{a}}/o", None, 2, "finite"),

@@ -35,7 +35,12 @@ def _quiet_libraries() -> None:
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m", help="builtin name, checkpoint dir, .gguf file or hub id")
-    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 | auto (default float32)")
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        help="weights as loaded: float32 (default) | bfloat16 | float16 | auto (bfloat16 on a GPU that has it, "
+        "else float32)",
+    )
     p.add_argument("--device", default="auto", help="cpu | cuda | auto (default auto)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (off by default)")
 
@@ -437,7 +442,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="refit the kept weights after each mask: this many least-squares CG steps (e.g. 4; default 0: off)",
     )
-    p.add_argument("--compute-dtype", default=None, help="auto | float32 | bfloat16: block forwards (default auto)")
+    p.add_argument(
+        "--compute-dtype",
+        default=None,
+        help="dtype of the calibration forwards (statistics stay float32): auto (default: bfloat16 on a CPU "
+        "with native bf16, else float32; float32 on GPUs) | float32 | bfloat16",
+    )
     p.add_argument(
         "--sequential",
         action="store_true",
@@ -480,7 +490,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--warmup-steps", type=int, default=None, help="default 10%% of the steps")
     g.add_argument("--scheduler", default=None, help="linear (default) | cosine | constant")
     g.add_argument("--max-grad-norm", type=float, default=None, help="clipping (default 1.0; 0 disables)")
-    g.add_argument("--bf16", default=None, help="auto (default) | true | false: bf16 autocast")
+    g.add_argument(
+        "--bf16",
+        default=None,
+        help="bf16 autocast of training: auto (default: on where the CPU or GPU computes bf16 natively) | true | false",
+    )
     g.add_argument("--gradient-checkpointing", action="store_true", default=None)
     g.add_argument(
         "--strategy", default=None, help="with several processes: ddp (default, replicas) | fsdp (sharded, FSDP2)"
@@ -502,11 +516,15 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("distillation")
     g.add_argument("--teacher", default=None, help="dense teacher model (any --model spec)")
     g.add_argument("--ce-weight", type=float, default=None, help="task cross-entropy weight (default 1)")
-    g.add_argument("--kl-weight", type=float, default=None, help="logit KL weight (default 0)")
+    g.add_argument("--kl-weight", type=float, default=None, help="logit KL weight (default 0; 1 with --teacher alone)")
     g.add_argument("--square-head-weight", type=float, default=None, help="per-layer square-head weight (default 0)")
     g.add_argument("--temperature", type=float, default=None, help="KL temperature (default 1)")
     g.add_argument("--distill-layers", type=int, nargs="+", default=None, help="block indices (default all)")
-    g.add_argument("--teacher-dtype", default=None, help="auto (default) | float32 | bfloat16")
+    g.add_argument(
+        "--teacher-dtype",
+        default=None,
+        help="teacher weights: auto (default: bfloat16 when --bf16 is on) | float32 | bfloat16",
+    )
     p.set_defaults(func=cmd_finetune)
 
     p = command("run", help="run a recipe (builtin name or YAML, native or SparseML) into a run directory")

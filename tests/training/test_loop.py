@@ -170,6 +170,11 @@ def test_bad_options_are_reported_by_field():
         validate(FinetuneConfig, {"lr": -1}, "finetune options")
     with pytest.raises(UsageError, match="gmp"):
         validate(FinetuneConfig, {"gmp": {"start": 5, "end": 2}}, "finetune options")
+    with pytest.raises(UsageError, match="teacher is given but every distillation weight is 0"):
+        validate(FinetuneConfig, {"teacher": "dense", "kl_weight": 0.0}, "finetune options")
+    # a teacher alone is never ignored: it distills the logits
+    assert validate(FinetuneConfig, {"teacher": "dense"}, "finetune options").kl_weight == 1.0
+    assert validate(FinetuneConfig, {"teacher": "d", "square_head_weight": 2.0}, "").kl_weight == 0.0
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "opt", "gpt2"])

@@ -64,7 +64,7 @@ class FinetuneConfig(BaseModel):
     targets: list[str] | None = None  # regexes over module names; default every decoder linear
     ignore: list[str] = []
     gmp: GMPConfig | None = None
-    # distillation (needs a teacher)
+    # distillation (needs a teacher; a teacher with neither weight set distills with kl_weight 1)
     teacher: str | None = None
     ce_weight: float = Field(1.0, ge=0)
     kl_weight: float = Field(0.0, ge=0)
@@ -89,6 +89,12 @@ class FinetuneConfig(BaseModel):
         if len(given) > 1:
             raise ValueError(f"give only one of max_steps, num_epochs, max_tokens (got {', '.join(given)})")
         distilling = self.kl_weight > 0 or self.square_head_weight > 0
+        if self.teacher is not None and not distilling:
+            if {"kl_weight", "square_head_weight"} & self.model_fields_set:
+                raise ValueError(
+                    "a teacher is given but every distillation weight is 0: set kl_weight or square_head_weight"
+                )
+            self.kl_weight = distilling = 1.0  # a teacher alone means logit distillation
         if distilling and self.teacher is None:
             raise ValueError("kl_weight / square_head_weight need a teacher: set teacher to a model")
         if self.ce_weight == 0 and not distilling:
