@@ -61,7 +61,7 @@ def test_two_four_pattern_in_every_layer(arch, method):
     oneshot(model, None, cfg(method=method, structure="2:4", block_size=6), calib=calib(), progress=False)
     for name, module in linears(model).items():
         groups = (weight_as_out_in(module) != 0).reshape(-1, 4).sum(1)
-        assert (groups <= 2).all(), name
+        assert (groups == 2).all(), name  # exactly N of every M kept
 
 
 def test_later_blocks_see_pruned_outputs_of_earlier_blocks():
@@ -132,7 +132,7 @@ def test_sequential_sparsegpt_every_family(arch, structure):
         w = weight_as_out_in(module)
         assert (w == 0).float().mean().item() == pytest.approx(0.5, abs=0.01), name
         if structure == "2:4":
-            assert ((w != 0).reshape(-1, 4).sum(1) <= 2).all(), name
+            assert ((w != 0).reshape(-1, 4).sum(1) == 2).all(), name
     # The first linear of block 0 sees the embeddings either way: both orders prune it alike.
     oneshot(reference, None, config.model_copy(update={"sequential": False}), calib=calib(), progress=False)
     first = next(iter(linears(model)))
@@ -273,7 +273,7 @@ def test_bf16_block_forwards_stay_close_to_float32():
         oneshot(model, None, cfg(method="sparsegpt", compute_dtype=dtype), calib=x, progress=False)
         results[dtype] = torch.cat([m.weight.flatten() for m in linears(model).values()])
     agree = ((results["float32"] == 0) == (results["bfloat16"] == 0)).float().mean().item()
-    assert agree > 0.9
+    assert agree > 0.995  # a near-tie may flip in bf16; measured 0.998
 
 
 @pytest.mark.parametrize("sequential", [False, True])

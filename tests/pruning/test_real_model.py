@@ -14,11 +14,15 @@ def test_wanda_two_four_on_the_embedded_model(shared_data):
 
     model, tok = load_model_and_tokenizer("smollm2-135m")
     report = oneshot(
-        model, tok, OneShotConfig(method="wanda", structure="2:4", num_samples=8, seq_len=256), progress=False
+        model,
+        tok,
+        OneShotConfig(method="wanda", structure="2:4", num_samples=8, seq_len=256, compute_dtype="float32"),
+        progress=False,
     )
     measured = sparsity_summary(model)
     assert report["sparsity"]["overall"] == pytest.approx(0.5, abs=1e-6)
     assert len(measured["per_layer"]) == 30 * 7
     assert all(s == pytest.approx(0.5, abs=1e-3) for s in measured["per_layer"].values())
     ppl = evaluate_perplexity(model, tok, "wikitext2", seq_len=2048, max_windows=2, progress=False)["ppl"]
-    assert 19.27 < ppl < 1000  # pruned, but still a language model (2:4 Wanda is ~170 on 8 windows)
+    # float32 forwards make the run the same on every CPU; measured 187.19 (dense: 19.27 on 8 windows)
+    assert ppl == pytest.approx(187.19, rel=0.02)
