@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm.auto import tqdm
 
+from sparsefit.models.decoding import SlotCache, with_cache
+
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -23,32 +25,36 @@ def sample_from_model(
     seq_len: int,
     seed: int = 0,
     temperature: float = 1.0,
-    batch_size: int = 16,
+    batch_size: int = 64,
     progress: bool = True,
 ) -> torch.Tensor:
-    """`num_samples` sequences of exactly `seq_len` tokens (BOS included) sampled from `model`: (N, L)."""
+    """`num_samples` sequences of exactly `seq_len` tokens (BOS included) sampled from `model`: (N, L).
+
+    Every row draws from its own generator, seeded from `seed`, so a row's text does not depend on
+    the batch it shares; the caller's RNG is left alone. Rows decode together over a preallocated
+    cache (`SlotCache`): all have the same length, so there is no padding and no mask.
+    """
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     device = next(model.parameters()).device
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    # One seed per batch keeps the result independent of how batches are scheduled.
-    seeds = torch.randint(0, 2**31 - 1, (num_samples,), generator=gen).tolist()
+    seeds = torch.randint(0, 2**31 - 1, (num_samples,), generator=torch.Generator().manual_seed(seed)).tolist()
     rows = []
-    for b in tqdm(range(0, num_samples, batch_size), desc="self-generate", disable=not progress):
-        n = min(batch_size, num_samples - b)
-        ids = torch.full((n, 1), start, dtype=torch.long, device=device)
-        # generate() samples from the global RNG; fork it so the caller's RNG state is untouched.
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(seeds[b])
-            out = model.generate(
-                input_ids=ids,
-                attention_mask=torch.ones_like(ids),
-                do_sample=True,
-                temperature=temperature,
-                top_k=0,
-                top_p=1.0,
-                min_new_tokens=seq_len - 1,  # no early stop at EOS: every row has the full length
-                max_new_tokens=seq_len - 1,
-                pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else start,
+    bar = tqdm(total=num_samples * (seq_len - 1), desc="self-generate", unit="tok", disable=not progress)
+    for b in range(0, num_samples, batch_size):
+        gens = [torch.Generator(device=device).manual_seed(s) for s in seeds[b : b + batch_size]]
+        cache = SlotCache(model.config.num_hidden_layers, len(gens), seq_len)
+        ids = torch.full((len(gens), seq_len), start, dtype=torch.long, device=device)
+        for t in range(seq_len - 1):
+            out = model(
+                input_ids=ids[:, t : t + 1],
+                position_ids=torch.full((len(gens), 1), t, device=device),
+                use_cache=True,
+                **with_cache(model, cache),
             )
-        rows.append(out.cpu())
+            cache.column = t + 1
+            probs = torch.softmax(out.logits[:, -1].float() / temperature, dim=-1)
+            for i, gen in enumerate(gens):
+                ids[i, t + 1] = torch.multinomial(probs[i], 1, generator=gen)
+            bar.update(len(gens))
+        rows.append(ids.cpu())
+    bar.close()
     return torch.cat(rows)

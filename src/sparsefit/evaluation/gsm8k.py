@@ -77,7 +77,7 @@ def evaluate_gsm8k(
     limit: int | None = None,
     num_fewshot: int = 0,
     chat: bool = False,
-    batch_size: int = 16,
+    batch_size: int = 32,  # decoding slots of continuous batching
     max_new_tokens: int = 256,
     samples_path: str | Path | None = None,
     progress: bool = True,

@@ -1,0 +1,36 @@
+"""Self-generated text: seeded per row, whatever the batch; drawn from the model's own distribution."""
+
+import torch
+
+from sparsefit.data.self_generated import sample_from_model
+from tests.conftest import tiny_model
+
+
+def test_rows_do_not_depend_on_the_batch_they_share(tokenizer):
+    model = tiny_model("llama")
+    a = sample_from_model(model, tokenizer, 5, 14, seed=3, batch_size=2, progress=False)
+    b = sample_from_model(model, tokenizer, 5, 14, seed=3, batch_size=5, progress=False)
+    assert a.shape == (5, 14) and torch.equal(a, b)
+    assert not torch.equal(a, sample_from_model(model, tokenizer, 5, 14, seed=4, progress=False))
+
+
+def test_a_cold_temperature_gives_the_greedy_continuation(tokenizer):
+    model = tiny_model("qwen2")
+    cold = sample_from_model(model, tokenizer, 2, 10, seed=0, temperature=1e-4, progress=False)
+    start = torch.full((1, 1), tokenizer.bos_token_id)
+    greedy = model.generate(start, attention_mask=torch.ones_like(start), do_sample=False, max_new_tokens=9,
+                            min_new_tokens=9, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    assert torch.equal(cold[0], greedy[0]) and torch.equal(cold[1], greedy[0])
+
+
+def test_samples_follow_the_model_distribution(tokenizer):
+    """First tokens after BOS over many rows: their frequencies match softmax(logits / T), T sharp enough
+    to tell from uniform."""
+    model = tiny_model("llama")
+    rows = sample_from_model(model, tokenizer, 2000, 2, seed=1, temperature=0.05, progress=False)
+    with torch.no_grad():
+        probs = torch.softmax(model(torch.tensor([[tokenizer.bos_token_id]])).logits[0, -1] / 0.05, -1)
+    freq = torch.bincount(rows[:, 1], minlength=probs.numel()).float() / 2000
+    uniform = torch.full_like(probs, 1 / probs.numel())
+    distance = (freq - probs).abs().sum() / 2  # total variation
+    assert distance < 0.1 < (probs - uniform).abs().sum() / 2
