@@ -1,19 +1,19 @@
 """One-shot pruning benchmark on the embedded model: time, peak RSS, sparsity, WikiText-2 ppl.
 
 Every run is a fresh `sparsefit prune` process (so its peak RSS is its own), followed by
-`sparsefit eval` on the output. The yardstick, measured in the same invocation before and again
-after the runs, is one plain dense float32 forward over the same calibration set (64 x 512 from
-GSM8K train, batches of 8); the ratios are to the mean of the two.
+`sparsefit eval` on the output. A run without `--preset` measures the defaults; `-paper` runs
+the paper-faithful preset, `-lowmem` the low-memory mode. The yardstick, measured in the same
+invocation before and again after the runs, is one plain dense float32 forward over the same
+calibration set (64 x 512 from GSM8K train, batches of 8); the ratios are to the mean of the two.
 Run it with nothing else on the machine:
 
-    SPARSEFIT_DATA_DIR=../shared/data python benchmarks/oneshot.py --out benchmarks/results/oneshot.json
+    SPARSEFIT_DATA_DIR=../shared/data python benchmarks/oneshot.py --seeds 0 1 2
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -21,12 +21,19 @@ import tempfile
 import time
 from pathlib import Path
 
+from environment import environment
+from sparsefit.atomic import write_json
+
 RUNS = {
     "magnitude-50": ["--method", "magnitude", "--sparsity", "0.5"],
     "wanda-50": ["--method", "wanda", "--sparsity", "0.5"],
+    "wanda-50-paper": ["--method", "wanda", "--sparsity", "0.5", "--preset", "paper"],
     "sparsegpt-50": ["--method", "sparsegpt", "--sparsity", "0.5"],
+    "sparsegpt-50-paper": ["--method", "sparsegpt", "--sparsity", "0.5", "--preset", "paper"],
+    "sparsegpt-50-lowmem": ["--method", "sparsegpt", "--sparsity", "0.5", "--offload-dir", "{work}/offload"],
     "wanda-2:4": ["--method", "wanda", "--structure", "2:4"],
     "sparsegpt-2:4": ["--method", "sparsegpt", "--structure", "2:4"],
+    "sparsegpt-2:4-paper": ["--method", "sparsegpt", "--structure", "2:4", "--preset", "paper"],
     "wanda-50-owl": ["--method", "wanda", "--sparsity", "0.5", "--profile", "owl"],
     "sparsegpt-50-owl": ["--method", "sparsegpt", "--sparsity", "0.5", "--profile", "owl"],
     "wanda-70": ["--method", "wanda", "--sparsity", "0.7"],
@@ -86,9 +93,7 @@ def prune_and_evaluate(args: argparse.Namespace, name: str, seed: int, work: Pat
     out, report_path = work / name.replace(":", "_"), work / "report.json"
     start = time.perf_counter()
     sparsefit(
-        "prune", "--model", args.model, *RUNS[name], *(["--sequential"] if args.sequential else []),
-        *(["--reconstruct-iters", str(args.reconstruct_iters)] if args.reconstruct_iters else []),
-        *(["--offload-dir", str(work / "offload")] if args.offload else []),
+        "prune", "--model", args.model, *(flag.format(work=work) for flag in RUNS[name]),
         *(["--compute-dtype", args.compute_dtype] if args.compute_dtype else []),
         "--calib", "gsm8k", "--num-samples", str(args.num_samples),
         "--seq-len", str(args.seq_len), "--seed", str(seed), "--device", args.device, "--output", str(out),
@@ -108,6 +113,8 @@ def prune_and_evaluate(args: argparse.Namespace, name: str, seed: int, work: Pat
         "per_block_sparsity": report["sparsity"]["per_block"],
         "structure": report["structure"],
         "phases": report["phases"],
+        "sequential": report["config"]["sequential"],
+        "reconstruct_iters": report["config"]["reconstruct_iters"],
         "compute_dtype": report["compute_dtype"],
         "peak_gpu_mb": report.get("peak_gpu_mb"),
     }
@@ -119,20 +126,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
+    parser.add_argument("--one-seed", nargs="*", default=[], help="runs measured on the first seed only")
     parser.add_argument("--num-samples", type=int, default=64)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--windows", type=int, default=8)
     parser.add_argument(
         "--seeds", type=int, nargs="+", default=[0], help="calibration draws; several give each one and the mean"
-    )
-    parser.add_argument(
-        "--sequential", action="store_true", help="prune with --sequential (one forward per block instead of two)"
-    )
-    parser.add_argument(
-        "--reconstruct-iters", type=int, default=0, help="prune with --reconstruct-iters N (least-squares refit)"
-    )
-    parser.add_argument(
-        "--offload", action="store_true", help="prune with --offload-dir (low-memory mode) in the work directory"
     )
     parser.add_argument(
         "--device", default="cpu", help="cpu | cuda: where pruning, the yardstick and the evaluation compute"
@@ -143,15 +142,12 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/oneshot.json")
     args = parser.parse_args()
     result = {
+        "benchmark": "oneshot",
+        "environment": environment(args.device),
         "model": args.model,
-        "sequential": args.sequential,
-        "reconstruct_iters": args.reconstruct_iters,
-        "offload": args.offload,
         "calibration": f"gsm8k train {args.num_samples} x {args.seq_len}",
         "eval": f"wikitext2 test, {args.windows} windows of 2048",
-        "cpu_count": os.cpu_count(),
-        "device": args.device,
-        "device_name": device_name(args.device),
+        "seeds": args.seeds,
         "compute_dtype": args.compute_dtype or "auto",
         "runs": {},
     }
@@ -165,7 +161,8 @@ def main() -> None:
         result["dense"] = {"ppl": evaluate(args.model, work, args.windows, args.device)["ppl"]}
         print(f"dense ppl {result['dense']['ppl']:.3f}", flush=True)
         for name in args.runs:
-            rows = [prune_and_evaluate(args, name, seed, work, yard) for seed in args.seeds]
+            seeds = args.seeds[:1] if name in args.one_seed else args.seeds
+            rows = [prune_and_evaluate(args, name, seed, work, yard) for seed in seeds]
             row = dict(rows[0])
             if len(rows) > 1:  # the headline figures become means; each draw stays in `per_seed`
                 for key in ("ppl", "seconds", "ratio_to_dense_forward", "process_wall_seconds"):
@@ -175,16 +172,15 @@ def main() -> None:
                 row["ppl_stdev"] = statistics.stdev(r["ppl"] for r in rows)
                 keep = ("ppl", "seconds", "ratio_to_dense_forward", "peak_rss_mb", "process_peak_rss_mb")
                 row["per_seed"] = {str(r["seed"]): {k: r[k] for k in keep} for r in rows}
-                row["seed"] = args.seeds
+                row["seed"] = seeds
             result["runs"][name] = row
             print(
                 f"{name:18s} ppl {row['ppl']:8.2f}  {row['seconds']:6.1f} s ({row['ratio_to_dense_forward']:.2f}x)  "
                 f"rss {row['peak_rss_mb']:.0f} MB  sparsity {row['sparsity']:.4f}"
-                + (f"  (mean of seeds {args.seeds}, stdev {row['ppl_stdev']:.2f})" if len(rows) > 1 else ""),
+                + (f"  (mean of seeds {seeds}, stdev {row['ppl_stdev']:.2f})" if len(rows) > 1 else ""),
                 flush=True,
             )
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+            write_json(args.out, result)  # each finished run is kept if a later one fails
     # The machine's speed drifts over a long benchmark: the ratios are to the mean of a yardstick
     # measured before and one measured after the runs.
     after = yardstick(args)
@@ -195,7 +191,7 @@ def main() -> None:
         for r in [row, *row.get("per_seed", {}).values()]:
             r["ratio_to_dense_forward"] = r["seconds"] / mean
         print(f"{name:18s} {row['seconds']:6.1f} s ({row['ratio_to_dense_forward']:.2f}x)", flush=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.out, result)
 
 
 def yardstick(args: argparse.Namespace) -> dict:
@@ -207,12 +203,6 @@ def yardstick(args: argparse.Namespace) -> dict:
         text=True,
     )
     return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def device_name(device: str) -> str:
-    import torch
-
-    return torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu"
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from transformers import (
     OPTConfig,
     PreTrainedTokenizerFast,
     Qwen2Config,
+    Qwen3Config,
 )
 
 VOCAB = 256
@@ -47,6 +48,17 @@ def tiny_config(arch: str, vocab: int = VOCAB):
             max_position_embeddings=256,
             **common,
         )
+    if arch == "qwen3":  # q/k norms inside attention
+        return Qwen3Config(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            max_position_embeddings=256,
+            **common,
+        )
     if arch == "mistral":
         return MistralConfig(
             hidden_size=64,
@@ -72,7 +84,7 @@ def tiny_config(arch: str, vocab: int = VOCAB):
     raise ValueError(arch)
 
 
-ARCHS = ["llama", "qwen2", "mistral", "opt", "gpt2"]
+ARCHS = ["llama", "qwen2", "qwen3", "mistral", "opt", "gpt2"]
 
 
 def tiny_model(arch: str = "llama", seed: int = 0):

@@ -176,6 +176,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from sparsefit.pruning.oneshot import peak_rss_mb
 
     options = {
+        "preset": args.preset,
         "method": args.method,
         "sparsity": args.sparsity,
         "structure": args.structure,
@@ -419,6 +420,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("prune", help="one-shot pruning (magnitude, wanda, sparsegpt)")
     _add_model_args(p)
+    p.add_argument(
+        "--preset",
+        default=None,
+        help="best (default: the sequential order, and a 4-step refit with sparsegpt; the settings that "
+        "measured best) | paper (each paper's own procedure); explicit flags win",
+    )
     p.add_argument("--method", default=None, help="magnitude | wanda | sparsegpt (default sparsegpt)")
     p.add_argument("--sparsity", type=float, default=None, help="target fraction of zeros, in [0, 1) (default 0.5)")
     p.add_argument("--structure", default=None, help="unstructured (default) or N:M, e.g. 2:4")
@@ -445,7 +452,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--reconstruct-iters",
         type=int,
         default=None,
-        help="refit the kept weights after each mask: this many least-squares CG steps (e.g. 4; default 0: off)",
+        help="refit the kept weights after each mask: this many least-squares CG steps (default: the "
+        "preset's, 4 with sparsegpt; 0: off)",
     )
     p.add_argument(
         "--compute-dtype",
@@ -455,9 +463,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--sequential",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
         default=None,
-        help="prune each linear with the earlier linears of its block already pruned: one forward per block, not two",
+        help="prune each linear with the earlier linears of its block already pruned: one forward per block, "
+        "not two (default: the preset's, on)",
     )
     p.add_argument(
         "--offload-dir",

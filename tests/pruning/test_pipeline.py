@@ -4,7 +4,6 @@ import json
 
 import pytest
 import torch
-from torch import nn
 from transformers import AutoModelForCausalLM
 
 from sparsefit.cli import main
@@ -26,7 +25,7 @@ def calib(n=8, length=32, seed=0):
 
 
 def cfg(**kw):
-    base = {"calib": "unused", "batch_size": 4, "compute_dtype": "float32"}
+    base = {"calib": "unused", "batch_size": 4, "compute_dtype": "float32", "preset": "paper"}
     return OneShotConfig(**{**base, **kw})
 
 
@@ -160,7 +159,8 @@ def test_shared_inputs_share_one_accumulator():
     model = tiny_model("llama")
     block = model.model.layers[0]
     layers = select_linears(block, "b", None, None)
-    with InputStats(layers, hessian=True) as stats, torch.no_grad():
+    groups = decoder_layout(model).input_groups(layers, "b")
+    with InputStats(layers, groups, hessian=True) as stats, torch.no_grad():
         model(calib(2, 16))
         stats.end_forward()
     assert stats.root("b.self_attn.k_proj") == stats.root("b.self_attn.v_proj") == "b.self_attn.q_proj"
@@ -180,39 +180,6 @@ def test_accumulated_upper_triangle_is_x_transpose_x(d, leaf):
     accumulate_upper(xtx, 2 * x, leaf)  # accumulates
     expected = 5 * x.double().t() @ x.double()
     torch.testing.assert_close(xtx.triu().double(), expected.triu(), rtol=1e-5, atol=1e-3)
-
-
-def test_an_input_moved_between_its_linears_stays_shared(tmp_path):
-    """An input moved to a file (`offload_tensor_`) between the linears that take it is still one shared input."""
-    model = tiny_model("llama")
-    block = model.model.layers[0]
-    layers = select_linears(block, "b", None, None)
-    moved = []
-
-    def move(module, args):
-        moved.append(offload_tensor_(args[0], tmp_path))
-
-    with InputStats(layers, hessian=True) as stats, torch.no_grad():
-        q = block.self_attn.q_proj.register_forward_pre_hook(move)  # after `stats`' hooks, as the runner's stops
-        model(calib(2, 16))
-        q.remove()
-    assert moved[0] > 0
-    assert stats.root("b.self_attn.k_proj") == stats.root("b.self_attn.v_proj") == "b.self_attn.q_proj"
-    assert set(stats.xtx) == {"b.self_attn.q_proj", "b.self_attn.o_proj", "b.mlp.gate_proj", "b.mlp.down_proj"}
-
-
-def test_a_new_tensor_at_a_moved_inputs_old_address_is_not_shared(tmp_path):
-    a, b = nn.Linear(6, 6), nn.Linear(6, 6)
-    with InputStats({"a": a, "b": b}, hessian=True) as stats, torch.no_grad():
-        x = torch.randn(2, 6)
-        a(x)
-        old = x.untyped_storage()
-        offload_tensor_(x, tmp_path)  # x is alive, elsewhere now
-        y = torch.empty(0).set_(old, 0, x.shape, x.stride())  # another tensor where x was
-        y.normal_()
-        b(y)
-    assert stats.root("b") == "b"
-    assert torch.allclose(stats.hessian("b"), 2 * y.t() @ y / 2)
 
 
 def test_owl_profile_mean_equals_target():
@@ -320,6 +287,29 @@ def test_targets_matching_nothing():
         oneshot(tiny_model("llama"), None, cfg(method="magnitude", targets=["nothing_like_this"]), progress=False)
 
 
+@pytest.mark.parametrize(
+    "given, sequential, iters",
+    [
+        ({}, True, 4),
+        ({"method": "wanda"}, True, 0),
+        ({"method": "magnitude"}, True, 0),
+        ({"preset": "paper"}, False, 0),
+        ({"preset": "paper", "method": "wanda"}, False, 0),
+        ({"preset": "paper", "reconstruct_iters": 2}, False, 2),
+        ({"sequential": False}, False, 4),
+        ({"method": "wanda", "reconstruct_iters": 3}, True, 3),
+    ],
+)
+def test_presets_fill_only_what_is_not_given(given, sequential, iters):
+    config = OneShotConfig(**given)
+    assert (config.sequential, config.reconstruct_iters) == (sequential, iters)
+
+
+def test_an_unknown_preset_names_the_field():
+    with pytest.raises(UsageError, match="preset"):
+        validate(OneShotConfig, {"preset": "fast"}, "prune options")
+
+
 def test_nm_that_does_not_divide():
     with pytest.raises(UsageError, match="3:5"):
         oneshot(tiny_model("llama"), None, cfg(method="magnitude", structure="3:5"), progress=False)
@@ -334,7 +324,7 @@ def test_cli_prune_writes_a_loadable_checkpoint(tiny_checkpoint, data_dir, tmp_p
             *(
                 ["--sequential", "--reconstruct-iters", "5", "--offload-dir", str(tmp_path / "off")]
                 if sequential
-                else []
+                else ["--no-sequential"]
             ),
             "--model",
             str(tiny_checkpoint),
@@ -448,22 +438,23 @@ def test_magnitude_with_owl_profile():
 
 
 def first_block_with_inputs(batch_size):
-    """Block 0 of a tiny Llama, its linears, and its captured calibration inputs."""
+    """Block 0 of a tiny Llama, its linears, their input groups and its captured calibration inputs."""
     model = tiny_model("llama")
     layout = decoder_layout(model)
     block = layout.blocks[0]
     inputs = capture_block_inputs(model, layout, calib(), batch_size, torch.device("cpu"))
-    return block, select_linears(block, "b", None, None), inputs
+    layers = select_linears(block, "b", None, None)
+    return block, layers, layout.input_groups(layers, "b"), inputs
 
 
 def test_sequential_error_in_a_solve_surfaces_and_leaves_no_hooks():
-    block, layers, inputs = first_block_with_inputs(batch_size=4)
+    block, layers, groups, inputs = first_block_with_inputs(batch_size=4)
 
     def solve(name):
         if name.endswith("o_proj"):
             raise ValueError("no solution for o_proj")
 
-    with InputStats(layers, sq_sum=True) as stats, pytest.raises(ValueError, match="o_proj"):
+    with InputStats(layers, groups, sq_sum=True) as stats, pytest.raises(ValueError, match="o_proj"):
         BlockRunner(torch.device("cpu")).run_sequential(block, inputs, layers, stats, solve)
     assert all(not m._forward_pre_hooks for m in layers.values())
     assert stats.scope is None
@@ -471,9 +462,9 @@ def test_sequential_error_in_a_solve_surfaces_and_leaves_no_hooks():
 
 @pytest.mark.parametrize("offload", [False, True])
 def test_sequential_stops_only_where_a_linear_has_a_new_input(tmp_path, monkeypatch, offload):
-    """k/v share q's input and up shares gate's: they are pruned as the first batch reaches them,
-    so no stop has every batch holding q's or gate's output. Low-memory mode moves the inputs
-    wider than the block's, the MLP intermediates, to files while their batches wait."""
+    """k/v share q's input and up shares gate's: they are pruned with it, so no stop has every
+    batch holding q's or gate's output. Low-memory mode moves the inputs wider than the block's,
+    the MLP intermediates, to files while their batches wait."""
     moved = []
 
     def record(tensor, directory):
@@ -481,17 +472,17 @@ def test_sequential_stops_only_where_a_linear_has_a_new_input(tmp_path, monkeypa
         return offload_tensor_(tensor, directory)
 
     monkeypatch.setattr("sparsefit.pruning.pipeline.offload_tensor_", record)
-    block, layers, inputs = first_block_with_inputs(batch_size=2)  # 4 batches
+    block, layers, groups, inputs = first_block_with_inputs(batch_size=2)  # 4 batches
     ran = {name: 0 for name in layers}
     handles = [m.register_forward_hook(lambda m, a, o, n=n: ran.__setitem__(n, ran[n] + 1)) for n, m in layers.items()]
     seen = {}  # name -> how many batches had run each linear when it was solved
     runner = BlockRunner(torch.device("cpu"), offload_dir=tmp_path if offload else None)
-    with InputStats(layers, sq_sum=True) as stats:
-        runner.run_sequential(block, inputs, layers, stats, lambda name: seen.__setitem__(name, dict(ran)))
+    with InputStats(layers, groups, sq_sum=True) as stats:
+        runner.run_sequential(block, inputs, layers, stats, lambda first: seen.__setitem__(first, dict(ran)))
     for h in handles:
         h.remove()
-    assert list(seen) == list(layers)
-    assert seen["b.self_attn.k_proj"]["b.self_attn.q_proj"] == 1 and seen["b.mlp.up_proj"]["b.mlp.gate_proj"] == 1
+    assert list(seen) == ["b.self_attn.q_proj", "b.self_attn.o_proj", "b.mlp.gate_proj", "b.mlp.down_proj"]
+    assert seen["b.self_attn.q_proj"]["b.self_attn.q_proj"] == 0 and seen["b.mlp.gate_proj"]["b.mlp.gate_proj"] == 0
     assert seen["b.self_attn.o_proj"]["b.self_attn.v_proj"] == 4 and seen["b.mlp.down_proj"]["b.mlp.up_proj"] == 4
     assert all(n == 4 for n in ran.values())
     hidden = inputs[0][0].shape
@@ -502,13 +493,13 @@ def test_sequential_stops_only_where_a_linear_has_a_new_input(tmp_path, monkeypa
 
 
 def test_statistics_pass_stops_at_the_last_linear_with_the_same_statistics():
-    block, layers, inputs = first_block_with_inputs(batch_size=2)
+    block, layers, groups, inputs = first_block_with_inputs(batch_size=2)
     runs = []
     handle = block.mlp.down_proj.register_forward_hook(lambda *a: runs.append(1))
-    with InputStats(layers, sq_sum=True, hessian=True) as short:
+    with InputStats(layers, groups, sq_sum=True, hessian=True) as short:
         BlockRunner(torch.device("cpu")).run_statistics(block, inputs, short)
     assert len(runs) == 1  # only the first of 4 batches ran the down projection
-    with InputStats(layers, sq_sum=True, hessian=True) as full:
+    with InputStats(layers, groups, sq_sum=True, hessian=True) as full:
         BlockRunner(torch.device("cpu")).run(block, inputs, full.end_forward)
     handle.remove()
     for name in layers:
@@ -527,8 +518,8 @@ def test_a_linear_that_never_runs_is_an_error(sequential):
 @pytest.mark.parametrize("sequential", [False, True])
 @pytest.mark.parametrize("structure", ["unstructured", "2:4"])
 def test_linears_sharing_an_input_are_solved_together_as_if_alone(monkeypatch, sequential, structure):
-    """q/k/v and gate/up go through one stacked SparseGPT solve and refit (the sequential order
-    from block 1 on, by the previous block's sharing); the model equals one solved layer by layer."""
+    """q/k/v and gate/up go through one stacked SparseGPT solve and refit; the model equals one
+    solved layer by layer."""
     from sparsefit.pruning.methods import BlockSolver
 
     x, config = calib(), cfg(method="sparsegpt", structure=structure, sequential=sequential, reconstruct_iters=3)
@@ -541,12 +532,9 @@ def test_linears_sharing_an_input_are_solved_together_as_if_alone(monkeypatch, s
         lambda self, name, ws, *a: (len(ws) > 1 and groups.append((name, len(ws)))) or real(self, name, ws, *a),
     )
     oneshot(stacked, None, config, calib=x, progress=False)
-    first_block = 1 if sequential else 0
     blocks = len(decoder_layout(stacked).blocks)
     expected = [
-        (f"model.layers.{i}.{n}", k)
-        for i in range(first_block, blocks)
-        for n, k in (("self_attn.q_proj", 3), ("mlp.gate_proj", 2))
+        (f"model.layers.{i}.{n}", k) for i in range(blocks) for n, k in (("self_attn.q_proj", 3), ("mlp.gate_proj", 2))
     ]
     assert groups == expected
     monkeypatch.setattr(
@@ -556,26 +544,3 @@ def test_linears_sharing_an_input_are_solved_together_as_if_alone(monkeypatch, s
     for (name, a), b in zip(linears(stacked).items(), linears(alone).values()):
         assert torch.equal(a.weight != 0, b.weight != 0), name
         assert torch.allclose(a.weight, b.weight, atol=1e-5), name
-
-
-def test_a_wrong_sharing_hint_falls_back_to_solving_alone():
-    """A predicted partner that turns out to take another input is solved from its own statistics."""
-    from sparsefit.pruning.methods import MethodOptions
-    from sparsefit.pruning.pipeline import LayerwiseReport, _prune_block
-
-    results = []
-    for hint in ({}, {"self_attn.o_proj": ["mlp.up_proj"]}):
-        block, layers, inputs = first_block_with_inputs(batch_size=4)
-        layers = {f"m.0.{k[2:]}": v for k, v in layers.items()}
-        report = LayerwiseReport()
-        shared = _prune_block(
-            0, block, layers, inputs, MethodOptions("sparsegpt", reconstruct_iters=2), lambda i, n: 0.5,
-            BlockRunner(torch.device("cpu")), False, True, True, report, "m.0.", hint,
-        )  # fmt: skip
-        assert shared == {
-            "self_attn.q_proj": ["self_attn.k_proj", "self_attn.v_proj"],
-            "mlp.gate_proj": ["mlp.up_proj"],
-        }
-        results.append({n: weight_as_out_in(m).clone() for n, m in layers.items()})
-    for name in results[0]:
-        assert torch.equal(results[0][name], results[1][name]), name

@@ -1,13 +1,15 @@
-"""Where the decoder blocks of a causal LM are, and which of their modules are prunable linears.
+"""Where the decoder blocks of a causal LM are, which of their modules are prunable linears, and
+which of those share an input.
 
-One generic rule instead of a per-architecture table: the blocks are the longest
-`nn.ModuleList` in the model, and prunable layers are `nn.Linear` and GPT-2's `Conv1D`
-(whose weight is stored transposed, (in, out)).
+The blocks and the input groups come from the family's row in `architectures.ARCHITECTURES`;
+prunable layers are `nn.Linear` and GPT-2's `Conv1D` (whose weight is stored transposed, (in, out)).
 """
 
 from __future__ import annotations
 
+import functools
 import re
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -15,16 +17,36 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from sparsefit.errors import UsageError
+from sparsefit.models.architectures import ARCHITECTURES
 
 
 @dataclass
 class DecoderLayout:
     prefix: str  # module name of the block list, e.g. "model.layers"
     blocks: nn.ModuleList
+    groups: tuple[tuple[str, ...], ...] = ()  # linears of a block that share an input (names inside the block)
+
+    def input_groups(self, layers: dict[str, nn.Module], block_name: str) -> list[list[str]]:
+        """`layers` (full names, all in block `block_name`) as groups fed one input, in forward order.
+
+        A group keeps the members that are in `layers`; a linear no group names stands alone.
+        """
+        grouped, placed = [], set()
+        for group in self.groups:
+            members = [f"{block_name}.{rel}" for rel in group if f"{block_name}.{rel}" in layers]
+            if members:
+                grouped.append(members)
+                placed.update(members)
+        return grouped + [[name] for name in layers if name not in placed]
 
 
 def decoder_layout(model: nn.Module) -> DecoderLayout:
-    """The model's list of decoder blocks (Llama `model.layers`, GPT-2 `transformer.h`, OPT `model.decoder.layers`)."""
+    """The model's decoder blocks and input groups, from its family's row in `ARCHITECTURES`."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    arch = ARCHITECTURES.get(model_type)
+    if arch is not None:
+        blocks = model.get_submodule(arch.blocks)
+        return DecoderLayout(arch.blocks, blocks, arch.groups)
     best: tuple[str, nn.ModuleList] | None = None
     for name, module in model.named_modules():
         if isinstance(module, nn.ModuleList) and len(module) > 0 and (best is None or len(module) > len(best[1])):
@@ -33,7 +55,19 @@ def decoder_layout(model: nn.Module) -> DecoderLayout:
         raise UsageError(
             f"{type(model).__name__} has no list of decoder blocks; only decoder-only causal LMs are supported"
         )
+    _warn_generic(str(model_type), best[0])
     return DecoderLayout(best[0], best[1])
+
+
+@functools.cache
+def _warn_generic(model_type: str, prefix: str) -> None:
+    """Once per family and process: the generic rule is a guess, and slower where inputs are shared."""
+    print(
+        f"warning: model type '{model_type}' has no row in sparsefit's architecture table; "
+        f"using '{prefix}' (the longest module list) as its blocks and pruning each linear alone",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def is_prunable(module: nn.Module) -> bool:

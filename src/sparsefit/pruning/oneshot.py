@@ -30,11 +30,25 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
+def preset_settings(preset: str, method: str) -> dict:
+    """The fields a preset sets, unless they are given explicitly.
+
+    "best": what measured best on perplexity and time (benchmarks/README.md): the sequential order
+    and, for SparseGPT, a 4-step least-squares refit of the kept weights. "paper": each paper's own
+    procedure (SparseGPT, Wanda: every linear of a block from the dense block's statistics, no refit).
+    """
+    if preset == "paper":
+        return {"sequential": False, "reconstruct_iters": 0}
+    return {"sequential": True, "reconstruct_iters": 4 if method == "sparsegpt" else 0}
+
+
 class OneShotConfig(BaseModel):
     """Every option of one-shot pruning, with its default; validated on construction."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # inf / nan in any float field is an error
 
+    # Fills `sequential` and `reconstruct_iters` where they are not given (`preset_settings`).
+    preset: Literal["best", "paper"] = "best"
     method: Literal["magnitude", "wanda", "sparsegpt"] = "sparsegpt"
     sparsity: float = Field(0.5, ge=0.0, lt=1.0)
     structure: str = "unstructured"  # "unstructured" or "N:M" (keep N of every M)
@@ -55,17 +69,30 @@ class OneShotConfig(BaseModel):
     magnitude_scope: Literal["layer", "row"] = "layer"
     # After each mask is chosen, this many conjugate-gradient steps refit the kept weights to the
     # dense layer's outputs (least squares on the calibration inputs); 0 keeps the method's own weights.
-    reconstruct_iters: int = Field(0, ge=0)
+    # Default: the preset's (4 with SparseGPT under "best", else 0).
+    reconstruct_iters: int = Field(4, ge=0)
     preserve_mask: bool = False  # keep existing zeros pruned (iterative pruning)
     # Prune each linear from the block with its earlier linears already pruned, in one forward per
-    # block instead of two (the GPTQ reference code's --true-sequential); off: every linear sees the dense block.
-    sequential: bool = False
+    # block instead of two (the GPTQ reference code's --true-sequential); off: every linear sees the
+    # dense block. Default: the preset's (on under "best").
+    sequential: bool = True
     compute_dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # block forwards; statistics stay float32
     # Low-memory mode: each pruned block's weights move to a file here, mapped back lazily, as do the
     # MLP intermediates that paused sequential forwards wait with; freed heap goes back to the OS
     # after each block. Resident memory then holds about one block's weights plus the activations.
     # None keeps everything in memory.
     offload_dir: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _preset(cls, data: object) -> object:
+        if not isinstance(data, dict) or data.get("preset", "best") not in ("best", "paper"):
+            return data  # the field validators name what is wrong
+        method = data.get("method", "sparsegpt")
+        settings = preset_settings(data.get("preset", "best"), method)
+        if method == "magnitude":
+            settings["reconstruct_iters"] = 0  # it has no calibration statistics to refit with
+        return {**settings, **data}
 
     @field_validator("structure")
     @classmethod

@@ -147,34 +147,21 @@ class BlockRunner:
         """One forward of `block` per batch that prunes the block on the way; outputs replace `inputs`.
 
         Each batch's forward is a coroutine (a greenlet, so everything stays on this thread and its
-        torch state) that stops before the first call of every linear in `layers` with a new input.
-        When all batches have stopped at a linear, `stats` holds its statistics over every batch:
-        `solve(name)` prunes it and the batches resume with the pruned weight. A linear that shares
-        its input with an earlier one is pruned when the first batch reaches it. Activations of all
-        batches are alive at a stop, about what one large batch of the whole calibration set would
-        hold between two linears.
+        torch state) that stops before the first linear of every input group of `stats` it reaches.
+        When all batches have stopped there, `stats` holds the group's statistics over every batch:
+        `solve(first)` prunes the whole group (named by its first member) and the batches resume with
+        the pruned weights, so the group's other linears (k/v after q, up after gate) run pruned with
+        no stop of their own. Activations of all batches are alive at a stop, about what one large
+        batch of the whole calibration set would hold between two linears.
         """
         driver = greenlet.getcurrent()
         solved: set[str] = set()
 
-        def solve_exact(name: str) -> None:
-            # Solves run inside the forwards' bf16 autocast: outside an in-place product, every
-            # matrix product of the solver (SparseGPT's inverse, the refit) would drop to bf16.
-            self.check_heap()
-            with torch.autocast(device_type=self.device.type, enabled=False):
-                solve(name)
-            self.check_heap()
-
         def stop_before(name: str):  # noqa: ANN202
+            group = stats.root(name)
+
             def hook(module: nn.Module, args: tuple) -> None:
-                if name in solved:
-                    return
-                if stats.root(name) in solved:
-                    # Its input is one an earlier linear already took from every batch (k/v after q, up
-                    # after gate; known once `stats`' hook saw it): its statistics are complete, so it
-                    # is pruned now, with no stop where every batch would hold that linear's output.
-                    solve_exact(name)
-                    solved.add(name)
+                if group in solved:
                     return
                 if self.offload_dir is not None and args[0].numel() > widths[stats.scope]:
                     # Wider than the block's input: the MLP's intermediate, the largest thing a paused
@@ -182,7 +169,7 @@ class BlockRunner:
                     # and v, gate's by up), so moving it would save nothing there.
                     offload_tensor_(args[0], self.offload_dir)
                 self.check_heap()
-                driver.switch(name)
+                driver.switch(group)
 
             return hook
 
@@ -207,9 +194,14 @@ class BlockRunner:
                         if not task.dead:
                             stops[name] = None
                             paused.append((i, task, batch))
-                    for name in stops:
-                        solve_exact(name)
-                        solved.add(name)
+                    for group in stops:
+                        self.check_heap()
+                        # Solves run inside the forwards' bf16 autocast: outside an in-place product,
+                        # every matrix product of the solver (SparseGPT's inverse, the refit) would drop to bf16.
+                        with torch.autocast(device_type=self.device.type, enabled=False):
+                            solve(group)
+                        solved.add(group)
+                        self.check_heap()
                     pending = paused
         finally:
             for h in handles:
@@ -283,7 +275,7 @@ def owl_outlier_ratios(
     for block, layers in tqdm(list(zip(layout.blocks, per_block)), desc="owl ratios", disable=not progress):
         home = next(block.parameters()).device
         block.to(runner.device)
-        with InputStats(layers, sq_sum=True) as stats:
+        with InputStats(layers, sq_sum=True) as stats:  # one sum per linear: no groups needed
             runner.run(block, inputs, stats.end_forward, replace=True)  # dense outputs feed the next block
         scores = [wanda_scores(weight_as_out_in(mod), stats.sq_sum(name)) for name, mod in layers.items()]
         ratios.append(outlier_ratio(scores, m) if scores else 0.0)
@@ -291,121 +283,90 @@ def owl_outlier_ratios(
     return ratios
 
 
-def _check_all_ran(unused: list[str]) -> None:
-    if unused:
-        raise UsageError(f"{unused[0]} never runs in its block's forward, so it has no statistics; --ignore it")
+@dataclass
+class _BlockPruner:
+    """Prunes the selected linears of one block at a time, group by group (linears fed one input
+    are solved together: `BlockSolver.solve_shared`)."""
 
+    options: MethodOptions
+    sparsity_of: Callable[[int, str], float]  # (block index, name) -> target sparsity
+    runner: BlockRunner
+    preserve_zeros: bool
+    sequential: bool
+    report: LayerwiseReport
 
-def _prune_block(
-    index: int,
-    block: nn.Module,
-    layers: dict[str, nn.Module],
-    inputs: list[BlockInput] | None,
-    options: MethodOptions,
-    sparsity_of: Callable[[int, str], float],
-    runner: BlockRunner,
-    preserve_zeros: bool,
-    sequential: bool,
-    propagate: bool,
-    report: LayerwiseReport,
-    prefix: str,
-    shared_hint: dict[str, list[str]],
-) -> dict[str, list[str]]:
-    """Prune the `layers` of one block (already on the compute device); with `propagate`, leave
-    the block's pruned outputs in `inputs`.
+    def prune(
+        self,
+        index: int,
+        block: nn.Module,
+        groups: list[list[str]],
+        layers: dict[str, nn.Module],
+        inputs: list[BlockInput] | None,
+        propagate: bool,
+    ) -> None:
+        """Prune `layers` of `block` (already on the compute device); with `propagate`, leave the
+        block's pruned outputs in `inputs`."""
+        if not (self.options.needs_data and layers):
+            solver = BlockSolver(self.options, None)
+            for group in groups:
+                self.solve(index, group, layers, solver)
+            return
+        stats = InputStats(layers, groups, sq_sum=self.options.needs_sq_sum, hessian=self.options.needs_hessian)
+        solver = BlockSolver(self.options, stats)
+        by_first = {group[0]: group for group in groups}
+        t = time.perf_counter()
+        if self.sequential:
+            before = self.report.solving_seconds()
+            with stats:
+                self.runner.run_sequential(
+                    block, inputs, layers, stats, lambda first: self.solve(index, by_first[first], layers, solver)
+                )
+            # One pruned forward is statistics and propagation at once; solving is counted apart.
+            self.report.add_time("forward", time.perf_counter() - t - (self.report.solving_seconds() - before))
+            self._check_all_ran([name for name in layers if name not in self.report.per_layer])
+            return
+        with stats:
+            self.runner.run_statistics(block, inputs, stats)
+        self.report.add_time("statistics", time.perf_counter() - t)
+        self._check_all_ran([group[0] for group in groups if group[0] not in stats.count])
+        for group in groups:
+            self.solve(index, group, layers, solver)
+        solver = stats = None  # free the block's statistics before the second forward
+        if propagate:
+            t = time.perf_counter()
+            self.runner.run(block, inputs, replace=True)
+            self.report.add_time("propagate", time.perf_counter() - t)
 
-    Linears that share an input are solved together (`BlockSolver.solve_shared`) when the first of
-    them is. Which ones share is known from the statistics in the two-pass order; in the sequential
-    order the first is solved before the others have run, so `shared_hint` (from the previous block:
-    first linear's name -> its partners', without the block's `prefix`) predicts them. A partner's result is
-    applied only once its own forward shows it did take that input; otherwise it is solved alone.
-    Returns this block's sharing, as the hint for the next.
-    """
-    prepared: dict[str, tuple[str, torch.Tensor, torch.Tensor]] = {}  # partner -> (first's name, weight, mask)
-
-    def apply(name: str, pruned: torch.Tensor, mask: torch.Tensor) -> None:
-        set_weight_out_in(layers[name], pruned)
-        report.per_layer[name] = {
-            "target": sparsity_of(index, name),
-            "sparsity": 1.0 - mask.sum().item() / mask.numel(),
-            "shape": list(pruned.shape),
-        }
-
-    def partners(name: str, stats: InputStats | None) -> list[str]:
-        if stats is None or not options.needs_hessian:
-            return []
-        hinted = {prefix + rel for rel in shared_hint.get(name[len(prefix) :], [])}
-        return [
-            other
-            for other in layers
-            if other != name and other not in report.per_layer and (stats.owner.get(other) == name or other in hinted)
-        ]
-
-    def solve(name: str, solver: BlockSolver) -> None:
-        lead = name if solver.stats is None else solver.stats.root(name)
-        if lead != name and lead not in report.per_layer and name not in prepared and options.needs_hessian:
-            solve(lead, solver)  # two-pass order, a partner listed before its input's first taker (OPT's k)
-        if name in prepared:
-            first, pruned, mask = prepared.pop(name)
-            if solver.stats.root(name) == first:  # it did take that input: the joint solve holds
-                apply(name, pruned, mask)
-                return
-        group = [name, *partners(name, solver.stats)]
+    def solve(self, index: int, group: list[str], layers: dict[str, nn.Module], solver: BlockSolver) -> None:
+        """Prune the linears of one input group, then (with `reconstruct_iters`) refit their kept weights."""
         t = time.perf_counter()
         weights = [weight_as_out_in(layers[n]) for n in group]
-        targets = [sparsity_of(index, n) for n in group]
-        preserves = [w != 0 if preserve_zeros else None for w in weights]
+        targets = [self.sparsity_of(index, n) for n in group]
+        preserves = [w != 0 if self.preserve_zeros else None for w in weights]
         try:
-            results = solver.solve_shared(name, weights, targets, preserves)
+            results = solver.solve_shared(group[0], weights, targets, preserves)
         except ValueError as err:  # the math's message, e.g. a Hessian that is not positive definite
-            raise SparsefitError(f"pruning {name} failed: {err}") from None
-        report.add_time("solve", time.perf_counter() - t)
-        if options.reconstruct_iters:
+            raise SparsefitError(f"pruning {group[0]} failed: {err}") from None
+        self.report.add_time("solve", time.perf_counter() - t)
+        if self.options.reconstruct_iters:
             t = time.perf_counter()
             # Rows are independent: one stacked refit for the whole group.
             stacked = [torch.cat(parts) for parts in (weights, *zip(*results))]
-            refit = solver.reconstruct(name, *stacked).split([w.shape[0] for w in weights])
+            refit = solver.reconstruct(group[0], *stacked).split([w.shape[0] for w in weights])
             results = [(r, mask) for r, (_, mask) in zip(refit, results)]
-            report.add_time("reconstruct", time.perf_counter() - t)
-        apply(name, *results[0])
-        for other, result in zip(group[1:], results[1:]):
-            prepared[other] = (solver.stats.root(name), *result)
+            self.report.add_time("reconstruct", time.perf_counter() - t)
+        for name, (pruned, mask) in zip(group, results):
+            set_weight_out_in(layers[name], pruned)
+            self.report.per_layer[name] = {
+                "target": self.sparsity_of(index, name),
+                "sparsity": 1.0 - mask.sum().item() / mask.numel(),
+                "shape": list(pruned.shape),
+            }
 
-    def sharing(stats: InputStats) -> dict[str, list[str]]:
-        hint: dict[str, list[str]] = {}
-        for alias, first in stats.owner.items():
-            hint.setdefault(first[len(prefix) :], []).append(alias[len(prefix) :])
-        return hint
-
-    if not (options.needs_data and layers):
-        solver = BlockSolver(options, None)
-        for name in layers:
-            solve(name, solver)
-        return {}
-    stats = InputStats(layers, sq_sum=options.needs_sq_sum, hessian=options.needs_hessian)
-    solver = BlockSolver(options, stats)
-    t = time.perf_counter()
-    if sequential:
-        before = report.solving_seconds()
-        with stats:
-            runner.run_sequential(block, inputs, layers, stats, lambda name: solve(name, solver))
-        # One pruned forward is statistics and propagation at once; solving is counted apart.
-        report.add_time("forward", time.perf_counter() - t - (report.solving_seconds() - before))
-        _check_all_ran([name for name in layers if name not in report.per_layer])
-        return sharing(stats)
-    with stats:
-        runner.run_statistics(block, inputs, stats)
-    report.add_time("statistics", time.perf_counter() - t)
-    _check_all_ran([name for name in layers if stats.root(name) not in stats.count])
-    for name in layers:
-        solve(name, solver)
-    hint = sharing(stats)
-    solver = stats = None  # free the block's statistics before the second forward
-    if propagate:
-        t = time.perf_counter()
-        runner.run(block, inputs, replace=True)
-        report.add_time("propagate", time.perf_counter() - t)
-    return hint
+    @staticmethod
+    def _check_all_ran(unused: list[str]) -> None:
+        if unused:
+            raise UsageError(f"{unused[0]} never runs in its block's forward, so it has no statistics; --ignore it")
 
 
 def prune_layerwise(
@@ -435,16 +396,14 @@ def prune_layerwise(
     if options.needs_data and inputs is None:
         raise UsageError(f"{options.name} needs calibration data; pass --calib DATASET or --calib self")
     last = max(i for i, layers in enumerate(per_block) if layers)
-    shared_hint: dict[str, list[str]] = {}
+    pruner = _BlockPruner(options, sparsity_of, runner, preserve_zeros, sequential, report)
     for i, (block, layers) in enumerate(
         tqdm(list(zip(layout.blocks, per_block))[: last + 1], desc=options.name, unit="block", disable=not progress)
     ):
         home = next(block.parameters()).device
         block.to(runner.device)
-        shared_hint = _prune_block(
-            i, block, layers, inputs, options, sparsity_of, runner, preserve_zeros, sequential, i < last, report,
-            f"{layout.prefix}.{i}.", shared_hint,
-        )  # fmt: skip
+        groups = layout.input_groups(layers, f"{layout.prefix}.{i}")
+        pruner.prune(i, block, groups, layers, inputs, propagate=i < last)
         block.to(home)
         if offload_dir is not None and layers:
             t = time.perf_counter()

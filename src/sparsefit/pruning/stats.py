@@ -1,14 +1,13 @@
 """Input statistics of the linears of one block, collected by forward hooks.
 
-Wanda needs the squared norm of every input feature; SparseGPT needs X^T X. Linears fed by
-the very same tensor (q/k/v, gate/up) share one accumulator: the first of them owns it, the
-others are recorded as aliases, so each distinct input costs one X^T X. The hooks run before
-each linear, so the statistics are complete before a linear that is pruned mid-forward runs.
+Wanda needs the squared norm of every input feature; SparseGPT needs X^T X. Linears fed one
+input (q/k/v, gate/up: the groups of the architecture table) share one accumulator, owned by the
+group's first member, so each distinct input costs one X^T X. The hooks run before each linear,
+so the statistics are complete before a linear that is pruned mid-forward runs.
 """
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Hashable
 
 import torch
@@ -16,17 +15,28 @@ from torch import nn
 
 
 class InputStats:
-    """Accumulate float32 input statistics of `layers` while the block runs forwards."""
+    """Accumulate float32 input statistics of `layers` while the block runs forwards.
 
-    def __init__(self, layers: dict[str, nn.Module], sq_sum: bool = False, hessian: bool = False) -> None:
+    `groups` lists names of `layers` that take one input (default: each alone); a group's
+    statistics come from whichever member runs first in each forward.
+    """
+
+    def __init__(
+        self,
+        layers: dict[str, nn.Module],
+        groups: list[list[str]] | None = None,
+        sq_sum: bool = False,
+        hessian: bool = False,
+    ) -> None:
         self.layers = layers
+        self.groups = groups if groups is not None else [[name] for name in layers]
         self.want_sq, self.want_hessian = sq_sum, hessian
         self.count: dict[str, int] = {}
         self.sq: dict[str, torch.Tensor] = {}
         self.xtx: dict[str, torch.Tensor] = {}
-        self.owner: dict[str, str] = {}  # alias name -> name that owns the shared statistics
-        # Inputs seen in the current forward, per scope (a forward that may be paused beside others).
-        self._seen: dict[Hashable, dict[tuple, tuple[weakref.ref, str]]] = {}
+        self.owner = {name: group[0] for group in self.groups for name in group}  # member -> group's first
+        # Groups already fed in the current forward, per scope (a forward that may be paused beside others).
+        self._seen: dict[Hashable, set[str]] = {}
         self.scope: Hashable = None
         self._handles: list = []
 
@@ -46,24 +56,15 @@ class InputStats:
         self._seen.pop(self.scope, None)
 
     def _hook(self, name: str):  # noqa: ANN202
+        root = self.root(name)
+
         def hook(module: nn.Module, args: tuple) -> None:
-            x = args[0]
-            seen = self._seen.setdefault(self.scope, {})
-            key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()))
-            # The same tensor object (its bytes may have moved since: `offload_tensor_`), or another
-            # view of the same bytes: a tensor still alive at that address, so it was not reused.
-            same = next((owner for ref, owner in seen.values() if ref() is x), None)
-            if same is None and key in seen:
-                first = seen[key][0]()
-                if first is not None and first.data_ptr() == key[0]:
-                    same = seen[key][1]
-            if same is not None:
-                self.owner[name] = same
+            seen = self._seen.setdefault(self.scope, set())
+            if root in seen:
                 return
-            seen[key] = (weakref.ref(x), name)
-            if name in self.owner:
-                raise RuntimeError(f"{name} shared its input in one forward but not in another")
-            self._accumulate(name, x.detach().reshape(-1, x.shape[-1]).float())  # (n, in)
+            seen.add(root)
+            x = args[0]
+            self._accumulate(root, x.detach().reshape(-1, x.shape[-1]).float())  # (n, in)
 
         return hook
 
