@@ -227,7 +227,7 @@ CASES = [
     ("targets-bad-regex", "prune --model {m} --targets [ --output {a}/o", None, 2, "bad regex"),
     ("seed-negative", "prune --model {m} --seed -1 --output {a}/o", None, 2, "seed"),
     ("seed-huge", "prune --model {m} --seed 1180591620717411303424 --output {a}/o", None, 2, "seed"),
-    ("num-samples-0", "prune --model {m} --num-samples 0 --output {a}/o", None, 2, "num_samples"),
+    ("num-samples-0", "prune --model {m} --num-samples 0 --output {a}/o", None, 2, "--num-samples"),
     (
         "offload-dir-file",
         f"prune --model {{m}} {SMALL} --offload-dir {{a}}/f --output {{a}}/o",
@@ -316,7 +316,7 @@ CASES = [
         2,
         "cannot fill one batch",
     ),
-    ("ft-seq-len-1", f"finetune --model {{m}} {FT} --seq-len 1 --output {{a}}/o", None, 2, "seq_len"),
+    ("ft-seq-len-1", f"finetune --model {{m}} {FT} --seq-len 1 --output {{a}}/o", None, 2, "--seq-len"),
     (
         "ft-rows-not-objects",
         f"finetune --model {{m}} {FT} --dataset {{a}}/d.jsonl --output {{a}}/o",

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from sparsefit import __version__
+from sparsefit.config import add_flags, flag_values
 from sparsefit.errors import SparsefitError, UsageError, first_line
 
 
@@ -175,53 +176,30 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from sparsefit.pruning import OneShotConfig, oneshot
     from sparsefit.pruning.oneshot import peak_rss_mb
 
-    options = {
-        "preset": args.preset,
-        "method": args.method,
-        "sparsity": args.sparsity,
-        "structure": args.structure,
-        "profile": _profile_arg(args.profile),
-        "owl_m": args.owl_m,
-        "owl_lambda": args.owl_lambda,
-        "targets": args.targets,
-        "ignore": args.ignore or [],
-        "calib": args.calib,
-        "calib_split": args.calib_split,
-        "text_field": args.text_field,
-        "num_samples": args.num_samples,
-        "seq_len": args.seq_len,
-        "seed": args.seed,
-        "batch_size": args.batch_size,
-        "block_size": args.block_size,
-        "damp": args.damp,
-        "preserve_mask": args.preserve_mask,
-        "compute_dtype": args.compute_dtype,
-        "sequential": args.sequential,
-        "reconstruct_iters": args.reconstruct_iters,
-        "offload_dir": args.offload_dir,
-    }
-    options = {k: v for k, v in options.items() if v is not None}  # unset flags keep the config's defaults
+    options = flag_values(args, PRUNE_FIELDS)  # unset flags keep the config's defaults
+    if args.profile is not None:
+        options["profile"] = _profile_arg(args.profile)
     if args.calib == "none":
         options["calib"] = None
-    config = validate(OneShotConfig, options, "prune options")
+    config = validate(OneShotConfig, options, "prune options", as_flags=True)
     device = parse_device(args.device)
     check_writable_file(args.json, "--json", args.output, (args.model,))
     claim = claim_output(args.output, overwrite=args.overwrite, inputs=(args.model,))
     # Load on the CPU: the driver moves one block at a time to the compute device.
     model, tokenizer = load_model_and_tokenizer(args.model, args.dtype, "cpu", args.trust_remote_code)
     report = oneshot(model, tokenizer, config, device=device)
-    report["model"] = args.model
-    save_checkpoint(model, tokenizer, claim.path, {"pruning": report})
+    report.model = args.model
+    save_checkpoint(model, tokenizer, claim.path, {"pruning": report.to_json()})
     # `peak_rss_mb` is the pruning's; the save reads every weight back, so the process's peak may be later.
-    report["process_peak_rss_mb"] = peak_rss_mb()
-    phases = ", ".join(f"{k} {v:.1f}s" for k, v in report["phases"].items())
+    report.process_peak_rss_mb = peak_rss_mb()
+    phases = ", ".join(f"{k} {v:.1f}s" for k, v in report.phases.items())
     profile = config.profile if isinstance(config.profile, str) else "explicit"
     print(
-        f"pruned {args.model} with {config.method} ({report['structure']}, {profile}): "
-        f"sparsity {report['sparsity']['overall']:.4f} in {report['seconds']:.1f} s ({phases}); "
-        f"peak RSS {report['peak_rss_mb']:.0f} MB -> {args.output}"
+        f"pruned {args.model} with {config.method} ({report.structure}, {profile}): "
+        f"sparsity {report.sparsity.overall:.4f} in {report.seconds:.1f} s ({phases}); "
+        f"peak RSS {report.peak_rss_mb:.0f} MB -> {args.output}"
     )
-    _write_json(report, args.json)
+    _write_json(report.to_json(), args.json)
     return 0
 
 
@@ -237,13 +215,7 @@ def _float_list(text: str, flag: str) -> list[float]:
 
 def finetune_options(args: argparse.Namespace) -> dict:
     """The finetune flags the user set, as FinetuneConfig fields (unset flags keep the config's defaults)."""
-    fields = (
-        "dataset split format text_field seq_len limit max_steps num_epochs max_tokens batch_size grad_accum lr "
-        "weight_decay warmup_steps scheduler max_grad_norm bf16 gradient_checkpointing strategy seed masks targets "
-        "ignore teacher ce_weight kl_weight square_head_weight temperature distill_layers teacher_dtype "
-        "checkpoint_every checkpoint_minutes keep_checkpoints"
-    ).split()
-    options = {f: getattr(args, f) for f in fields if getattr(args, f) is not None}
+    options = flag_values(args, [name for names in FINETUNE_GROUPS.values() for name in names])
     if args.gmp is not None:
         values = _float_list(args.gmp, "--gmp")
         if len(values) != 5:
@@ -260,7 +232,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from sparsefit.training import FinetuneConfig, finetune, iterative_prune_finetune
     from sparsefit.training.loop import fingerprint_changes, finished_run, options_fingerprint
 
-    config = validate(FinetuneConfig, finetune_options(args), "finetune options")
+    config = validate(FinetuneConfig, finetune_options(args), "finetune options", as_flags=True)
     device = parse_device(args.device)
     check_writable_file(args.json, "--json", args.output, (args.model, args.teacher))
     cycles = _float_list(args.cycles, "--cycles") if args.cycles else None
@@ -378,10 +350,47 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+# The config fields that are flags, in --help order (each flag's type, default and help come from its field).
+PRUNE_FIELDS = [
+    "preset", "method", "sparsity", "structure", "owl_m", "owl_lambda", "targets", "ignore", "calib", "calib_split",
+    "text_field", "num_samples", "seq_len", "seed", "batch_size", "block_size", "damp", "magnitude_scope",
+    "preserve_mask", "reconstruct_iters", "sequential", "compute_dtype", "offload_dir",
+]  # fmt: skip
+FINETUNE_GROUPS = {
+    "data": ["dataset", "self_samples", "split", "format", "text_field", "seq_len", "limit"],
+    "length (one of)": ["max_steps", "num_epochs", "max_tokens"],
+    "optimization": [
+        "batch_size",
+        "grad_accum",
+        "lr",
+        "weight_decay",
+        "warmup_steps",
+        "scheduler",
+        "max_grad_norm",
+        "bf16",
+        "gradient_checkpointing",
+        "strategy",
+        "seed",
+    ],  # fmt: skip
+    "checkpoints": ["checkpoint_every", "checkpoint_minutes", "keep_checkpoints"],
+    "sparsity": ["masks", "targets", "ignore"],
+    "distillation": [
+        "teacher",
+        "ce_weight",
+        "kl_weight",
+        "square_head_weight",
+        "temperature",
+        "distill_layers",
+        "teacher_dtype",
+    ],  # fmt: skip
+}
+
 OVERWRITE_HELP = "replace an earlier sparsefit output in OUTPUT (other directories are never replaced)"
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The whole command line; with `only`, the flags derived from config classes are added for that
+    command alone (those classes come with torch, which `sparsefit --help` need not load)."""
     parser = _Parser(prog="sparsefit", description="Prune, recover and export sparse causal language models.")
     parser.add_argument("--version", action="version", version=f"sparsefit {__version__}")
     parser.add_argument("--debug", action="store_true", help="print the full trace of an unexpected error")
@@ -420,60 +429,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("prune", help="one-shot pruning (magnitude, wanda, sparsegpt)")
     _add_model_args(p)
-    p.add_argument(
-        "--preset",
-        default=None,
-        help="best (default: the sequential order, and a 4-step refit with sparsegpt; the settings that "
-        "measured best) | paper (each paper's own procedure); explicit flags win",
-    )
-    p.add_argument("--method", default=None, help="magnitude | wanda | sparsegpt (default sparsegpt)")
-    p.add_argument("--sparsity", type=float, default=None, help="target fraction of zeros, in [0, 1) (default 0.5)")
-    p.add_argument("--structure", default=None, help="unstructured (default) or N:M, e.g. 2:4")
-    p.add_argument(
-        "--profile", default=None, help="uniform (default) | owl | file.yaml mapping layer regexes to sparsities"
-    )
-    p.add_argument("--owl-m", type=float, default=None, help="OWL outlier threshold M (default 5)")
-    p.add_argument("--owl-lambda", type=float, default=None, help="OWL sparsity spread lambda (default 0.08)")
-    p.add_argument(
-        "--targets", nargs="+", default=None, help="regexes of layer names to prune (default: all block linears)"
-    )
-    p.add_argument("--ignore", nargs="+", default=None, help="regexes of layer names to leave dense")
-    p.add_argument("--calib", default=None, help="calibration: gsm8k (default) | wikitext2 | file | self | none")
-    p.add_argument("--calib-split", default=None, help="split of the calibration dataset (default train)")
-    p.add_argument("--text-field", default=None)
-    p.add_argument("--num-samples", type=int, default=None, help="calibration sequences (default 64)")
-    p.add_argument("--seq-len", type=int, default=None, help="tokens per calibration sequence (default 512)")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=None, help="calibration sequences per forward (default 4)")
-    p.add_argument("--block-size", type=int, default=None, help="SparseGPT column block (default 128)")
-    p.add_argument("--damp", type=float, default=None, help="SparseGPT dampening (default 0.01)")
-    p.add_argument("--preserve-mask", action="store_true", default=None, help="keep existing zeros pruned")
-    p.add_argument(
-        "--reconstruct-iters",
-        type=int,
-        default=None,
-        help="refit the kept weights after each mask: this many least-squares CG steps (default: the "
-        "preset's, 4 with sparsegpt; 0: off)",
-    )
-    p.add_argument(
-        "--compute-dtype",
-        default=None,
-        help="dtype of the calibration forwards (statistics stay float32): auto (default: bfloat16 on a CPU "
-        "with native bf16, else float32; float32 on GPUs) | float32 | bfloat16",
-    )
-    p.add_argument(
-        "--sequential",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="prune each linear with the earlier linears of its block already pruned: one forward per block, "
-        "not two (default: the preset's, on)",
-    )
-    p.add_argument(
-        "--offload-dir",
-        default=None,
-        help="low-memory mode: move each pruned block's weights (and, with --sequential, the paused MLP "
-        "intermediates) to files here, mapped back lazily: memory holds about one block",
-    )
+    if only in (None, "prune"):
+        from sparsefit.pruning import OneShotConfig
+
+        add_flags(p, OneShotConfig, PRUNE_FIELDS[:4])
+        p.add_argument("--profile", default=None, help=OneShotConfig.model_fields["profile"].description)
+        add_flags(p, OneShotConfig, PRUNE_FIELDS[4:])
     p.add_argument("--output", required=True, help="directory for the pruned HF checkpoint")
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.add_argument("--json", default=None, help="write the report as JSON here")
@@ -485,60 +446,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, help="also write the final metrics here")
     p.add_argument("--resume", action="store_true", help="continue from the newest whole checkpoint in OUTPUT")
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
-    g = p.add_argument_group("data")
-    g.add_argument("--dataset", default=None, help="gsm8k (default) | file.jsonl (prompt/completion) | text dataset")
-    g.add_argument("--split", default=None)
-    g.add_argument("--format", default=None, help="auto (default: chat template if any) | chat | plain")
-    g.add_argument("--text-field", default=None)
-    g.add_argument("--seq-len", type=int, default=None, help="longest sequence (default 512)")
-    g.add_argument("--limit", type=int, default=None, help="use only the first N examples")
-    g = p.add_argument_group("length (one of)")
-    g.add_argument("--max-steps", type=int, default=None)
-    g.add_argument("--num-epochs", type=float, default=None, help="default 1 when no length is given")
-    g.add_argument("--max-tokens", type=int, default=None, help="token budget, converted to steps")
-    g = p.add_argument_group("optimization")
-    g.add_argument("--batch-size", type=int, default=None, help="sequences per micro-batch per process (default 4)")
-    g.add_argument("--grad-accum", type=int, default=None)
-    g.add_argument("--lr", type=float, default=None, help="peak learning rate (default 5e-5)")
-    g.add_argument("--weight-decay", type=float, default=None)
-    g.add_argument("--warmup-steps", type=int, default=None, help="default 10%% of the steps")
-    g.add_argument("--scheduler", default=None, help="linear (default) | cosine | constant")
-    g.add_argument("--max-grad-norm", type=float, default=None, help="clipping (default 1.0; 0 disables)")
-    g.add_argument(
-        "--bf16",
-        default=None,
-        help="bf16 autocast of training: auto (default: on where the CPU or GPU computes bf16 natively) | true | false",
-    )
-    g.add_argument("--gradient-checkpointing", action="store_true", default=None)
-    g.add_argument(
-        "--strategy", default=None, help="with several processes: ddp (default, replicas) | fsdp (sharded, FSDP2)"
-    )
-    g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--checkpoint-every", type=int, default=None, help="steps between checkpoints (default: by time)")
-    g.add_argument(
-        "--checkpoint-minutes", type=float, default=None, help="also checkpoint after this many minutes (default 15)"
-    )
-    g.add_argument("--keep-checkpoints", type=int, default=None, help="newest checkpoints kept (default 2)")
-    g = p.add_argument_group("sparsity")
-    g.add_argument("--masks", default=None, help="auto (default) | zeros | none: hold the model's zeros at zero")
-    g.add_argument("--targets", nargs="+", default=None, help="regexes of masked layers (default all block linears)")
-    g.add_argument("--ignore", nargs="+", default=None)
-    g.add_argument("--gmp", default=None, help="gradual magnitude pruning INITIAL,FINAL,START,END,EVERY")
-    g.add_argument("--cycles", default=None, help="iterative prune/fine-tune cycles, e.g. 0.3,0.5,0.7")
-    g.add_argument("--cycle-method", default=None, help="one-shot method of each cycle (default sparsegpt)")
-    g.add_argument("--calib", default=None, help="calibration of each cycle (default gsm8k)")
-    g = p.add_argument_group("distillation")
-    g.add_argument("--teacher", default=None, help="dense teacher model (any --model spec)")
-    g.add_argument("--ce-weight", type=float, default=None, help="task cross-entropy weight (default 1)")
-    g.add_argument("--kl-weight", type=float, default=None, help="logit KL weight (default 0; 1 with --teacher alone)")
-    g.add_argument("--square-head-weight", type=float, default=None, help="per-layer square-head weight (default 0)")
-    g.add_argument("--temperature", type=float, default=None, help="KL temperature (default 1)")
-    g.add_argument("--distill-layers", type=int, nargs="+", default=None, help="block indices (default all)")
-    g.add_argument(
-        "--teacher-dtype",
-        default=None,
-        help="teacher weights: auto (default: bfloat16 when --bf16 is on) | float32 | bfloat16",
-    )
+    for title, names in FINETUNE_GROUPS.items() if only in (None, "finetune") else ():
+        from sparsefit.training import FinetuneConfig
+
+        g = p.add_argument_group(title)
+        add_flags(g, FinetuneConfig, names)
+        if title == "sparsity":
+            g.add_argument("--gmp", default=None, help="gradual magnitude pruning INITIAL,FINAL,START,END,EVERY")
+            g.add_argument("--cycles", default=None, help="iterative prune/fine-tune cycles, e.g. 0.3,0.5,0.7")
+            g.add_argument("--cycle-method", default=None, help="one-shot method of each cycle (default sparsegpt)")
+            g.add_argument("--calib", default=None, help="calibration of each cycle (default gsm8k)")
     p.set_defaults(func=cmd_finetune)
 
     p = command("run", help="run a recipe (builtin name or YAML, native or SparseML) into a run directory")
@@ -597,7 +514,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv or os.environ.get("SPARSEFIT_DEBUG") == "1"
     try:
-        args = build_parser().parse_args(argv)
+        args = build_parser(only=next((a for a in argv if not a.startswith("-")), "")).parse_args(argv)
         _quiet_libraries()
         func: Callable[[argparse.Namespace], int] = args.func
         return func(args)

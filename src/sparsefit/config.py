@@ -1,10 +1,14 @@
-"""Validation of typed options: pydantic errors become one line that names the field."""
+"""Typed options: validation whose errors name the field, and command-line flags derived from the
+fields (name, type, default, help), so that each default lives in the config class alone."""
 
 from __future__ import annotations
 
+import argparse
 import re
+import types
+import typing
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
@@ -13,10 +17,13 @@ from sparsefit.errors import UsageError
 M = TypeVar("M", bound=BaseModel)
 
 
-def describe_validation_error(err: ValidationError, where: str) -> str:
+def describe_validation_error(err: ValidationError, where: str, as_flags: bool = False) -> str:
+    """One line naming each bad field; with `as_flags`, a top-level field as its flag (`--seq-len`)."""
     parts = []
     for e in err.errors():
         loc = ".".join(str(x) for x in e["loc"]) or "(root)"
+        if as_flags and e["loc"]:
+            loc = "--" + str(e["loc"][0]).replace("_", "-") + "".join(f".{x}" for x in e["loc"][1:])
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown field; check its spelling"
@@ -24,12 +31,59 @@ def describe_validation_error(err: ValidationError, where: str) -> str:
     return f"invalid {where}: " + "; ".join(parts)
 
 
-def validate(model_cls: type[M], data: dict, where: str) -> M:
-    """`model_cls(**data)`, or a UsageError naming `where` and each bad field."""
+def validate(model_cls: type[M], data: dict, where: str, as_flags: bool = False) -> M:
+    """`model_cls(**data)`, or a UsageError naming `where` and each bad field (as a flag with `as_flags`)."""
     try:
         return model_cls.model_validate(data)
     except ValidationError as err:
-        raise UsageError(describe_validation_error(err, where)) from None
+        raise UsageError(describe_validation_error(err, where, as_flags)) from None
+
+
+def add_flags(parser: Any, model_cls: type[BaseModel], names: list[str]) -> None:
+    """One `--flag` per field in `names` of `model_cls` (an argparse parser or group).
+
+    The flag's type, choices and help come from the field; its default is None, so an unset flag
+    leaves the field's own default in force (`flag_values`). The help quotes that default unless
+    the field's description already says what it is.
+    """
+    for name in names:
+        field = model_cls.model_fields[name]
+        kwargs: dict[str, Any] = {"default": None, "dest": name}
+        annotation = _strip_none(field.annotation)
+        origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+        if annotation is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif origin is Literal:
+            kwargs["choices"] = list(args)
+        elif origin is list:
+            kwargs["nargs"] = "+"
+            kwargs["type"] = args[0]
+        elif annotation in (int, float, str):
+            kwargs["type"] = annotation
+        else:
+            raise TypeError(f"{model_cls.__name__}.{name} has no flag form ({annotation}); add it by hand")
+        if kwargs.get("type") in (int, float):
+            kwargs["metavar"] = "N" if kwargs["type"] is int else "X"
+        description = field.description or ""
+        default = field.get_default()
+        if "default" not in description and not (default is None or default is False or default == []):
+            description = f"{description} (default {default})" if description else f"default {default}"
+        kwargs["help"] = description.replace("%", "%%")
+        parser.add_argument("--" + name.replace("_", "-"), **kwargs)
+
+
+def flag_values(args: argparse.Namespace, names: list[str]) -> dict:
+    """The fields among `names` whose flags were given."""
+    return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
+
+
+def _strip_none(annotation: Any) -> Any:
+    """`X | None` -> X."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        rest = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(rest) == 1:
+            return rest[0]
+    return annotation
 
 
 def check_regexes(patterns: list[str] | None) -> list[str] | None:

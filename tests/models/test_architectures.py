@@ -91,5 +91,5 @@ def test_an_unknown_family_prunes_each_linear_alone(sequential):
         method="sparsegpt", calib="unused", batch_size=4, compute_dtype="float32", sequential=sequential
     )
     report = oneshot(model, None, config, calib=calib, progress=False)
-    assert report["sparsity"]["overall"] == pytest.approx(0.5, abs=0.005)
-    assert len(report["sparsity"]["per_layer"]) == 8
+    assert report.sparsity.overall == pytest.approx(0.5, abs=0.005)
+    assert len(report.sparsity.per_layer) == 8

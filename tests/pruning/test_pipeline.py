@@ -43,11 +43,11 @@ def test_every_family_and_method_hits_the_target(arch, method):
     model = tiny_model(arch)
     report = oneshot(model, None, cfg(method=method, sparsity=0.5), calib=calib(), progress=False)
     layers = linears(model)
-    assert set(report["sparsity"]["per_layer"]) == set(layers)
+    assert set(report.sparsity.per_layer) == set(layers)
     for name, module in layers.items():
         w = module.weight
         assert (w == 0).float().mean().item() == pytest.approx(0.5, abs=0.01), name
-    assert report["sparsity"]["overall"] == pytest.approx(0.5, abs=0.005)
+    assert report.sparsity.overall == pytest.approx(0.5, abs=0.005)
     with torch.no_grad():
         assert torch.isfinite(model(calib(2, 16)).logits).all()
 
@@ -108,8 +108,8 @@ def test_reconstruction_refits_weights_under_the_same_masks(arch, method, struct
     options = {"method": method, "structure": structure, "sparsity": 0.5}
     r0 = oneshot(plain, None, cfg(**options), calib=x, progress=False)
     r1 = oneshot(refit, None, cfg(**options, reconstruct_iters=30), calib=x, progress=False)
-    assert "reconstruct" in r1["phases"] and "reconstruct" not in r0["phases"]
-    assert r1["sparsity"]["per_layer"] == r0["sparsity"]["per_layer"]
+    assert "reconstruct" in r1.phases and "reconstruct" not in r0.phases
+    assert r1.sparsity.per_layer == r0.sparsity.per_layer
     weights = [{n: weight_as_out_in(m) for n, m in linears(model).items()} for model in (dense, plain, refit)]
     for name in block0:
         w, p, r = (ws[name] for ws in weights)
@@ -126,7 +126,7 @@ def test_sequential_sparsegpt_every_family(arch, structure):
     reference = tiny_model(arch)
     config = cfg(method="sparsegpt", structure=structure, block_size=4, sequential=True)
     report = oneshot(model, None, config, calib=calib(), progress=False)
-    assert set(report["phases"]) >= {"forward", "solve"} and "propagate" not in report["phases"]
+    assert set(report.phases) >= {"forward", "solve"} and "propagate" not in report.phases
     for name, module in linears(model).items():
         w = weight_as_out_in(module)
         assert (w == 0).float().mean().item() == pytest.approx(0.5, abs=0.01), name
@@ -146,7 +146,7 @@ def test_pruning_with_offload_gives_the_same_model(tmp_path, arch):
     oneshot(plain, None, cfg(method="sparsegpt", sequential=True), calib=x, progress=False)
     config = cfg(method="sparsegpt", sequential=True, offload_dir=str(tmp_path / "off"))
     report = oneshot(offloaded, None, config, calib=x, progress=False)
-    assert "offload" in report["phases"]
+    assert "offload" in report.phases
     assert list((tmp_path / "off").iterdir()) == []
     for (name, p), q in zip(plain.named_parameters(), offloaded.parameters()):
         assert torch.equal(p, q), name
@@ -187,11 +187,11 @@ def test_owl_profile_mean_equals_target():
     report = oneshot(
         model, None, cfg(method="wanda", sparsity=0.6, profile="owl", owl_lambda=0.1), calib=calib(), progress=False
     )
-    per_block = report["sparsity"]["per_block"]
+    per_block = report.sparsity.per_block
     assert sum(per_block) / len(per_block) == pytest.approx(0.6, abs=1e-9)
     assert len(set(round(s, 6) for s in per_block)) > 1
     assert max(per_block) - min(per_block) == pytest.approx(0.2)  # the spread is 2 * lambda
-    for name, s in report["sparsity"]["per_layer"].items():
+    for name, s in report.sparsity.per_layer.items():
         block = int(name.split(".")[2])
         assert s == pytest.approx(per_block[block], abs=0.01)
 
@@ -204,7 +204,7 @@ def test_explicit_profile_and_ignore():
         cfg(method="magnitude", profile={r"mlp\.down_proj": 0.7}, ignore=[r"layers\.0\."], sparsity=0.4),
         progress=False,
     )
-    per_layer = report["sparsity"]["per_layer"]
+    per_layer = report.sparsity.per_layer
     assert not any(".layers.0." in n for n in per_layer)
     assert per_layer["model.layers.1.mlp.down_proj"] == pytest.approx(0.7, abs=0.01)
     assert per_layer["model.layers.1.mlp.up_proj"] == pytest.approx(0.4, abs=0.01)
@@ -426,15 +426,15 @@ def test_variable_length_calibration_batches():
     model = tiny_model("llama")
     batches = [calib(1, 20, seed=1), calib(2, 33, seed=2), calib(1, 7, seed=3)]
     report = oneshot(model, None, cfg(method="sparsegpt"), calib=batches, progress=False)
-    assert report["calibration"]["sequences"] == 4 and report["calibration"]["tokens"] == 20 + 66 + 7
-    assert report["sparsity"]["overall"] == pytest.approx(0.5, abs=0.005)
+    assert report.calibration.sequences == 4 and report.calibration.tokens == 20 + 66 + 7
+    assert report.sparsity.overall == pytest.approx(0.5, abs=0.005)
 
 
 def test_magnitude_with_owl_profile():
     model = tiny_model("llama")
     report = oneshot(model, None, cfg(method="magnitude", sparsity=0.5, profile="owl"), calib=calib(), progress=False)
-    assert sum(report["sparsity"]["per_block"]) / 3 == pytest.approx(0.5, abs=1e-9)
-    assert "statistics" not in report["phases"]  # magnitude itself needs no block forwards
+    assert sum(report.sparsity.per_block) / 3 == pytest.approx(0.5, abs=1e-9)
+    assert "statistics" not in report.phases  # magnitude itself needs no block forwards
 
 
 def first_block_with_inputs(batch_size):

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from pydantic import BaseModel
 from torch import nn
 
 from sparsefit.atomic import staging_dir
@@ -50,7 +51,8 @@ def save_checkpoint(
     """Save model + tokenizer as safetensors, plus `sparsity.json`, as one atomic replacement of `out_dir`.
 
     `metadata` (method, recipe, ...) is stored beside the measured sparsity so the format of the
-    checkpoint is written down, never inferred from names. `extra_files` (name -> text) are written
+    checkpoint is written down, never inferred from names (a pydantic value, such as a
+    `OneShotReport`, is stored as its JSON). `extra_files` (name -> text) are written
     with it; `carry` names files of the existing `out_dir` to keep (a training log). `state_dict`
     replaces the model's own tensors (the gathered weights of an FSDP-sharded model). An `out_dir`
     holding files sparsefit did not write is refused. `label` names the publish's crash points.
@@ -63,7 +65,8 @@ def save_checkpoint(
         model.save_pretrained(stage, safe_serialization=True, state_dict=given)
         if tokenizer is not None:
             tokenizer.save_pretrained(stage)
-        (stage / SPARSITY_FILE).write_text(json.dumps(info, indent=2) + "\n")
+        as_json = {k: v.model_dump(mode="json") if isinstance(v, BaseModel) else v for k, v in info.items()}
+        (stage / SPARSITY_FILE).write_text(json.dumps(as_json, indent=2) + "\n")
         for name, text in (extra_files or {}).items():
             (stage / name).write_text(text)
     return out_dir

@@ -1,19 +1,19 @@
-"""One-shot pruning as one call: options in, pruned model and report out."""
+"""One-shot pruning as one call: options (`OneShotConfig`) in, pruned model and report out."""
 
 from __future__ import annotations
 
 import re
 import resource
 import time
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel
 
-from sparsefit.config import check_regexes
 from sparsefit.errors import UsageError
 from sparsefit.models.layout import decoder_layout, params_outside_blocks, weight_as_out_in
 from sparsefit.models.offload import offload_parameters, prepare_offload_dir
+from sparsefit.pruning.config import OneShotConfig
 from sparsefit.pruning.methods import MethodOptions
 from sparsefit.pruning.owl import owl_sparsities
 from sparsefit.pruning.pipeline import (
@@ -30,107 +30,41 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
-def preset_settings(preset: str, method: str) -> dict:
-    """The fields a preset sets, unless they are given explicitly.
-
-    "best": what measured best on perplexity and time (benchmarks/README.md): the sequential order
-    and, for SparseGPT, a 4-step least-squares refit of the kept weights. "paper": each paper's own
-    procedure (SparseGPT, Wanda: every linear of a block from the dense block's statistics, no refit).
-    """
-    if preset == "paper":
-        return {"sequential": False, "reconstruct_iters": 0}
-    return {"sequential": True, "reconstruct_iters": 4 if method == "sparsegpt" else 0}
+class SparsityReport(BaseModel):
+    overall: float  # zeros / weights over every pruned linear
+    per_layer: dict[str, float]
+    per_block: list[float]  # each block's target
 
 
-class OneShotConfig(BaseModel):
-    """Every option of one-shot pruning, with its default; validated on construction."""
+class CalibrationReport(BaseModel):
+    source: str | None  # the config's `calib`, or None for batches passed in
+    sequences: int
+    tokens: int
 
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # inf / nan in any float field is an error
 
-    # Fills `sequential` and `reconstruct_iters` where they are not given (`preset_settings`).
-    preset: Literal["best", "paper"] = "best"
-    method: Literal["magnitude", "wanda", "sparsegpt"] = "sparsegpt"
-    sparsity: float = Field(0.5, ge=0.0, lt=1.0)
-    structure: str = "unstructured"  # "unstructured" or "N:M" (keep N of every M)
-    profile: Literal["uniform", "owl"] | dict[str, float] = "uniform"  # dict: layer regex -> sparsity
-    owl_m: float = Field(5.0, gt=0)
-    owl_lambda: float = Field(0.08, ge=0, lt=1)
-    targets: list[str] | None = None  # regexes over module names; default: every linear in the blocks
-    ignore: list[str] = []
-    calib: str | None = "gsm8k"  # dataset spec, "self" (sampled from the model), or None (magnitude only)
-    calib_split: str = "train"
-    text_field: str = "text"
-    num_samples: int = Field(64, ge=1)
-    seq_len: int = Field(512, ge=2)
-    seed: int = Field(0, ge=0, lt=2**32)  # torch, random and numpy all take it
-    batch_size: int = Field(4, ge=1)  # sequences per block forward: 4 x 512 keeps transients small
-    block_size: int = Field(128, ge=1)
-    damp: float = Field(0.01, gt=0)
-    magnitude_scope: Literal["layer", "row"] = "layer"
-    # After each mask is chosen, this many conjugate-gradient steps refit the kept weights to the
-    # dense layer's outputs (least squares on the calibration inputs); 0 keeps the method's own weights.
-    # Default: the preset's (4 with SparseGPT under "best", else 0).
-    reconstruct_iters: int = Field(4, ge=0)
-    preserve_mask: bool = False  # keep existing zeros pruned (iterative pruning)
-    # Prune each linear from the block with its earlier linears already pruned, in one forward per
-    # block instead of two (the GPTQ reference code's --true-sequential); off: every linear sees the
-    # dense block. Default: the preset's (on under "best").
-    sequential: bool = True
-    compute_dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # block forwards; statistics stay float32
-    # Low-memory mode: each pruned block's weights move to a file here, mapped back lazily, as do the
-    # MLP intermediates that paused sequential forwards wait with; freed heap goes back to the OS
-    # after each block. Resident memory then holds about one block's weights plus the activations.
-    # None keeps everything in memory.
-    offload_dir: str | None = None
+class OneShotReport(BaseModel):
+    """What one-shot pruning did, for the checkpoint's sparsity.json and `--json`."""
 
-    @model_validator(mode="before")
-    @classmethod
-    def _preset(cls, data: object) -> object:
-        if not isinstance(data, dict) or data.get("preset", "best") not in ("best", "paper"):
-            return data  # the field validators name what is wrong
-        method = data.get("method", "sparsegpt")
-        settings = preset_settings(data.get("preset", "best"), method)
-        if method == "magnitude":
-            settings["reconstruct_iters"] = 0  # it has no calibration statistics to refit with
-        return {**settings, **data}
+    method: str
+    structure: str
+    profile: str | dict[str, float]
+    target: float
+    sparsity: SparsityReport
+    owl_outlier_ratios: list[float] | None
+    calibration: CalibrationReport | None
+    compute_dtype: str  # of the block forwards: "bfloat16" or "float32"
+    phases: dict[str, float]  # seconds per phase
+    seconds: float
+    peak_rss_mb: float  # of the process during pruning
+    # On a GPU: the most the pruning held there at once (embeddings and head, one block, its
+    # statistics, the batches in flight).
+    peak_gpu_mb: float | None
+    config: OneShotConfig
+    model: str | None = None  # the model spec, set by the caller that loaded it
+    process_peak_rss_mb: float | None = None  # with loading and the save, set by the command line
 
-    @field_validator("structure")
-    @classmethod
-    def _structure(cls, v: str) -> str:
-        return str(Structure.parse(v))
-
-    @field_validator("targets", "ignore")
-    @classmethod
-    def _regexes(cls, v: list[str] | None) -> list[str] | None:
-        return check_regexes(v)
-
-    @field_validator("profile")
-    @classmethod
-    def _profile(cls, v: str | dict[str, float]) -> str | dict[str, float]:
-        if isinstance(v, dict):
-            check_regexes(list(v))
-            for key, s in v.items():
-                if not 0.0 <= s < 1.0:
-                    raise ValueError(f"sparsity {s} for '{key}' must be in [0, 1)")
-        return v
-
-    @model_validator(mode="after")
-    def _consistent(self) -> OneShotConfig:
-        nm = Structure.parse(self.structure)
-        if nm.is_nm and self.profile != "uniform":
-            raise ValueError("N:M structure fixes the sparsity of every layer; use profile 'uniform'")
-        if self.method != "magnitude" and self.calib is None:
-            raise ValueError(f"method '{self.method}' needs calibration data: set calib to a dataset or 'self'")
-        if self.reconstruct_iters and self.method == "magnitude":
-            raise ValueError("reconstruct_iters needs calibration statistics: use method 'wanda' or 'sparsegpt'")
-        if self.profile == "owl" and self.calib is None:
-            raise ValueError("profile 'owl' needs calibration data (Wanda scores): set calib")
-        return self
-
-    @property
-    def target_sparsity(self) -> float:
-        nm = Structure.parse(self.structure)
-        return nm.sparsity if nm.is_nm else self.sparsity
+    def to_json(self) -> dict:
+        return self.model_dump(mode="json")
 
 
 def cpu_has_bf16() -> bool:
@@ -172,9 +106,11 @@ def calibration_batch(
     return sample_calibration(tokenizer, texts, config.num_samples, config.seq_len, config.seed)
 
 
-def _describe(calib: torch.Tensor | list[torch.Tensor], source: str | None) -> dict:
+def _describe(calib: torch.Tensor | list[torch.Tensor], source: str | None) -> CalibrationReport:
     batches = [calib] if isinstance(calib, torch.Tensor) else calib
-    return {"source": source, "sequences": sum(b.shape[0] for b in batches), "tokens": sum(b.numel() for b in batches)}
+    return CalibrationReport(
+        source=source, sequences=sum(b.shape[0] for b in batches), tokens=sum(b.numel() for b in batches)
+    )
 
 
 def _check_structure(per_block: list[dict], structure: Structure) -> None:
@@ -192,7 +128,7 @@ def oneshot(
     device: torch.device | str | None = None,
     calib: torch.Tensor | list[torch.Tensor] | None = None,
     progress: bool = True,
-) -> dict:
+) -> OneShotReport:
     """Prune `model` in place as `config` says; returns the report (sparsity per layer, phase times).
 
     `calib` (N, L), or a list of ready batches, overrides the calibration data the config names.
@@ -275,24 +211,22 @@ def oneshot(
         torch.cuda.synchronize(device)  # queued kernels belong to this call's time
     zeros = sum(r["sparsity"] * r["shape"][0] * r["shape"][1] for r in report.per_layer.values())
     numel = sum(r["shape"][0] * r["shape"][1] for r in report.per_layer.values())
-    return {
-        "method": config.method,
-        "structure": str(structure),
-        "profile": config.profile,
-        "target": config.target_sparsity,
-        "sparsity": {
-            "overall": zeros / numel,
-            "per_layer": {name: r["sparsity"] for name, r in report.per_layer.items()},
-            "per_block": block_sparsity,
-        },
-        "owl_outlier_ratios": owl_ratios,
-        "calibration": None if calib is None else _describe(calib, config.calib),
-        "compute_dtype": "bfloat16" if runner.bf16 else "float32",
-        "phases": report.phases,
-        "seconds": time.perf_counter() - start,
-        "peak_rss_mb": peak_rss_mb(),
-        # On a GPU: the most the pruning held there at once (embeddings and head, one block, its
-        # statistics, the batches in flight).
-        "peak_gpu_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
-        "config": config.model_dump(),
-    }
+    return OneShotReport(
+        method=config.method,
+        structure=str(structure),
+        profile=config.profile,
+        target=config.target_sparsity,
+        sparsity=SparsityReport(
+            overall=zeros / numel,
+            per_layer={name: r["sparsity"] for name, r in report.per_layer.items()},
+            per_block=block_sparsity,
+        ),
+        owl_outlier_ratios=owl_ratios,
+        calibration=None if calib is None else _describe(calib, config.calib),
+        compute_dtype="bfloat16" if runner.bf16 else "float32",
+        phases=report.phases,
+        seconds=time.perf_counter() - start,
+        peak_rss_mb=peak_rss_mb(),
+        peak_gpu_mb=torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
+        config=config,
+    )

@@ -137,7 +137,7 @@ def _run_stage(stage, recipe: Recipe, current: str, outputs: dict, folder: Path,
         config = OneShotConfig(**stage.model_dump(exclude={"kind", "name"}))
         report = oneshot(model, tok, config, device=device, progress=progress)
         save_checkpoint(model, tok, folder, {"pruning": report})
-        return {"sparsity": report["sparsity"]["overall"], "seconds": report["seconds"], "phases": report["phases"]}
+        return {"sparsity": report.sparsity.overall, "seconds": report.seconds, "phases": report.phases}
     if isinstance(stage, FinetuneStage):
         from sparsefit.training import FinetuneConfig, finetune
         from sparsefit.training.loop import finished_run

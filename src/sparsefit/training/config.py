@@ -33,49 +33,67 @@ class FinetuneConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # inf / nan in any float field is an error
 
     # data
-    dataset: str = "gsm8k"  # or "self": text sampled from the teacher (or the model itself), no dataset needed
-    self_samples: int = Field(64, ge=1)  # sequences of seq_len tokens when dataset is "self"
-    split: str = "train"
-    format: Literal["auto", "chat", "plain"] = "auto"  # supervised data: the chat template when the model has one
-    text_field: str = "text"
+    dataset: str = Field(
+        "gsm8k",
+        description="gsm8k | file.jsonl (prompt/completion) | text dataset | self (text sampled from the teacher, "
+        "or the model itself)",
+    )
+    self_samples: int = Field(64, ge=1, description="sequences of seq_len tokens when dataset is self")
+    split: str = Field("train", description="dataset split")
+    format: Literal["auto", "chat", "plain"] = Field(
+        "auto", description="supervised data: auto (default: the chat template when the model has one) | chat | plain"
+    )
+    text_field: str = Field("text", description="field of .jsonl / hub rows holding the text")
     prompt_field: str = "prompt"
     completion_field: str = "completion"
-    seq_len: int = Field(512, ge=2)
-    limit: int | None = Field(None, ge=1)  # use only the first N examples
+    seq_len: int = Field(512, ge=2, description="longest sequence")
+    limit: int | None = Field(None, ge=1, description="use only the first N examples")
     # length: exactly one of these; max_tokens converts to steps with the data's mean example length
-    max_steps: int | None = Field(None, ge=1)
-    num_epochs: float | None = Field(None, gt=0)
-    max_tokens: int | None = Field(None, ge=1)
+    max_steps: int | None = Field(None, ge=1, description="optimizer steps")
+    num_epochs: float | None = Field(None, gt=0, description="passes over the data (default 1 when no length is given)")
+    max_tokens: int | None = Field(None, ge=1, description="token budget, converted to steps")
     # optimization
-    batch_size: int = Field(4, ge=1)  # sequences per micro-batch per process
-    grad_accum: int = Field(1, ge=1)
-    lr: float = Field(5e-5, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
+    batch_size: int = Field(4, ge=1, description="sequences per micro-batch per process")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    lr: float = Field(5e-5, gt=0, description="peak learning rate")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     betas: tuple[float, float] = (0.9, 0.999)
-    warmup_steps: int | None = Field(None, ge=0)  # default: 10% of the steps
-    scheduler: Literal["linear", "cosine", "constant"] = "linear"
-    max_grad_norm: float = Field(1.0, ge=0)  # 0 disables clipping
-    bf16: Literal["auto", "true", "false"] = "auto"
-    gradient_checkpointing: bool = False
-    strategy: Literal["ddp", "fsdp"] = "ddp"  # with several processes: replicate (DDP) or shard (FSDP2)
-    seed: int = Field(0, ge=0, lt=2**32)  # torch, random and numpy all take it
+    warmup_steps: int | None = Field(None, ge=0, description="linear warm-up steps (default 10% of the steps)")
+    scheduler: Literal["linear", "cosine", "constant"] = Field("linear", description="learning-rate schedule")
+    max_grad_norm: float = Field(1.0, ge=0, description="gradient clipping norm (0 disables)")
+    bf16: Literal["auto", "true", "false"] = Field(
+        "auto",
+        description="bf16 autocast of training (default auto: on where the CPU or GPU computes bf16 natively)",
+    )
+    gradient_checkpointing: bool = Field(False, description="recompute activations in the backward pass")
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="with several processes: ddp (replicas) | fsdp (sharded, FSDP2)"
+    )
+    seed: int = Field(0, ge=0, lt=2**32, description="data order and init (torch, random and numpy all take it)")
     # sparsity
-    masks: Literal["auto", "zeros", "none"] = "auto"  # auto: keep zeros pruned when the model is sparse
-    targets: list[str] | None = None  # regexes over module names; default every decoder linear
-    ignore: list[str] = []
+    masks: Literal["auto", "zeros", "none"] = Field(
+        "auto",
+        description="hold the model's zeros at zero: auto (default: when the model is sparse) | zeros | none",
+    )
+    targets: list[str] | None = Field(None, description="regexes of masked layers (default: every decoder linear)")
+    ignore: list[str] = Field([], description="regexes of layers left unmasked")
     gmp: GMPConfig | None = None
     # distillation (needs a teacher; a teacher with neither weight set distills with kl_weight 1)
-    teacher: str | None = None
-    ce_weight: float = Field(1.0, ge=0)
-    kl_weight: float = Field(0.0, ge=0)
-    square_head_weight: float = Field(0.0, ge=0)
-    temperature: float = Field(1.0, gt=0)
-    distill_layers: list[int] | None = None  # decoder block indices for square_head; default all
-    teacher_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    teacher: str | None = Field(None, description="dense teacher model (any --model spec)")
+    ce_weight: float = Field(1.0, ge=0, description="task cross-entropy weight")
+    kl_weight: float = Field(0.0, ge=0, description="logit KL weight (default 0; 1 with a teacher alone)")
+    square_head_weight: float = Field(0.0, ge=0, description="per-layer square-head weight")
+    temperature: float = Field(1.0, gt=0, description="KL temperature")
+    distill_layers: list[int] | None = Field(None, description="decoder blocks for square-head (default all)")
+    teacher_dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="teacher weights (default auto: bfloat16 when bf16 training is on)"
+    )
     # bookkeeping (a resumed run may change these)
-    checkpoint_every: int = Field(0, ge=0)  # steps between checkpoints; 0: by time only
-    checkpoint_minutes: float = Field(15.0, ge=0)  # also checkpoint when this long has passed; 0: by steps only
-    keep_checkpoints: int = Field(2, ge=1)  # the newest ones kept; older ones go once a newer is published
+    checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints (default 0: by time only)")
+    checkpoint_minutes: float = Field(
+        15.0, ge=0, description="also checkpoint after this many minutes; 0: by steps only"
+    )
+    keep_checkpoints: int = Field(2, ge=1, description="newest checkpoints kept")
     log_every: int = Field(1, ge=1)
 
     @field_validator("targets", "ignore")

@@ -61,5 +61,5 @@ def iterative_prune_finetune(
                 device=device,
                 overwrite=overwrite,
             )
-            cycles.append({"sparsity": sparsity, "prune": report, "finetune": metrics})
+            cycles.append({"sparsity": sparsity, "prune": report.to_json(), "finetune": metrics})
         return cycles

@@ -1,0 +1,263 @@
+"""Writes benchmarks/README.md from benchmarks/results/: one section per result file, each with
+the run's environment (commit, date, CPU, versions, device) and its numbers as tables.
+
+    python benchmarks/report.py            # rewrite benchmarks/README.md
+    python benchmarks/report.py --check    # exit 1 if the README is not what the results give
+
+Times are quoted as ratios to a yardstick measured in the same run wherever the benchmark has one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+README = HERE / "README.md"
+
+# result file stem -> the script that writes it
+SCRIPTS = {
+    "oneshot": "oneshot.py",
+    "generation": "generation.py",
+    "checkpoint_overhead": "checkpoint_overhead.py",
+    "recovery": "recovery.py",
+    "gsm8k": "gsm8k_agreement.py",
+    "reconstruct_error": "reconstruct_error.py",
+    "reference_llmcompressor": "reference_llmcompressor.py",
+}
+
+
+def table(header: list[str], rows: list[list[object]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def f(x: float | None, digits: int = 2) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def environment_line(result: dict) -> str:
+    env = result.get("environment")
+    if env is None:
+        return "_Environment not recorded: measured before the benchmarks recorded it; rerun to refresh._"
+    cpu = env["cpu"]
+    bf16 = "native bf16" if cpu["native_bf16"] else ("AVX-512, no native bf16" if cpu["avx512"] else "no AVX-512")
+    versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v and k != "sparsefit")
+    return (
+        f"_Commit {env['commit'][:12]}, {env['date']}; {cpu['model']}, {cpu['cores']} cores ({bf16}), "
+        f"{env['torch_threads']} torch threads; device {env['device']}; {versions}._"
+    )
+
+
+def docstring_summary(script: str) -> str:
+    """The first paragraph of the benchmark script's docstring."""
+    source = (HERE / script).read_text()
+    doc = ast.get_docstring(ast.parse(source)) or ""
+    return " ".join(doc.split("\n\n")[0].split())
+
+
+def oneshot(r: dict) -> str:
+    yard = r["yardstick_dense_forward"]
+    out = [
+        f"{r['model']}, calibration {r['calibration']}, evaluation {r['eval']}, block-forward dtype "
+        f"{r['compute_dtype']}. Dense WikiText-2 perplexity {f(r['dense']['ppl'])}. Yardstick: one dense "
+        f"float32 forward over the calibration set, {f(yard['seconds'], 1)} s (mean of before and after the runs).",
+        "",
+    ]
+    rows = []
+    for name, run in r["runs"].items():
+        seeds = run.get("per_seed")
+        spread = ", ".join(f(s["ppl"]) for s in seeds.values()) if seeds else "-"
+        order = "sequential" if run.get("sequential") else "two-pass"
+        rows.append(
+            [
+                name, order, run.get("reconstruct_iters", 0), f(run["ppl"]), spread, f(run["sparsity"], 4),
+                f(run["ratio_to_dense_forward"]) + "x", f(run["peak_rss_mb"], 0), f(run["process_peak_rss_mb"], 0),
+            ]
+        )  # fmt: skip
+    header = [
+        "run", "order", "refit steps", "ppl (mean)", "ppl per seed", "sparsity", "time / yardstick",
+        "peak RSS MB (pruning)", "peak RSS MB (process)",
+    ]  # fmt: skip
+    out.append(table(header, rows))
+    out.append("")
+    out.append(
+        "Runs without `-paper` use the defaults (`--preset best`); `-paper` adds `--preset paper`; "
+        "`-lowmem` adds `--offload-dir`. Seeds are calibration draws."
+    )
+    return "\n".join(out)
+
+
+def generation(r: dict) -> str:
+    g, s = r["greedy"], r["sampling"]
+    a = r["args"]
+    yard = g["generate-batch16"]["tokens_per_second"]
+    rows = [["transformers `generate`, batch 16 (yardstick)", f(yard, 1), "1.00x", "-"]]
+    for name, row in g.items():
+        if name != "generate-batch16":
+            rows.append([f"sparsefit, {name.split('-')[1]}", f(row["tokens_per_second"], 1),
+                         f(row["speedup"]) + "x", f"{row['identical']}/{a['questions']}"])  # fmt: skip
+    sampled = [
+        ["transformers `generate(do_sample=True)`, batch 16", f(s["generate-batch16"]["tokens_per_second"], 1),
+         f(s["generate-batch16"]["tokens_per_second"] / yard) + "x"],
+        ["sparsefit `sample_from_model`", f(s["sparsefit"]["tokens_per_second"], 1),
+         f(s["speedup_vs_greedy_yardstick"]) + "x"],
+    ]  # fmt: skip
+    return "\n".join(
+        [
+            f"Greedy: the first {a['questions']} GSM8K test questions, up to {a['max_new_tokens']} new tokens.",
+            "",
+            table(["generator", "tokens/s", "vs yardstick", "outputs identical to generate's"], rows),
+            "",
+            f"Sampling: {a['samples']} self-generated sequences of {a['sample_len']} tokens (the `quick` recipe's "
+            "training text), temperature 1.",
+            "",
+            table(["generator", "tokens/s", "vs greedy yardstick"], sampled),
+        ]
+    )
+
+
+def checkpoint_overhead(r: dict) -> str:
+    return table(
+        ["steps", "checkpoints", "training s", "checkpointing s", "overhead", "checkpoint size MB"],
+        [[r["steps"], r["checkpoints"], f(r["train_seconds"], 1), f(r["checkpoint_seconds"], 1),
+          f(100 * r["overhead"]) + "%", f(r["checkpoint_bytes"] / 2**20, 0)]],
+    )  # fmt: skip
+
+
+def recovery(r: dict) -> str:
+    rows = []
+    for name, stage in r["stages"].items():
+        rows.append([name, f(stage["gsm8k_answer_ppl"], 3), f(stage["wikitext2_ppl"])])
+    a, s = r["args"], r["summary"]
+    return "\n".join(
+        [
+            f"{a['model']}, {a['tokens']} training tokens per fine-tune, lr {a['lr']}, batch {a['batch_size']}, "
+            f"sparsity {a['sparsity']}, distillation weights CE {a['ce_weight']}, KL {a['kl_weight']}, "
+            f"square-head {a['square_head_weight']}.",
+            "",
+            table(["stage", "GSM8K answer ppl", "WikiText-2 ppl"], rows),
+            "",
+            f"Sparse distilled loop vs dense loop, tokens/s: {f(s['throughput_ratio_sparse_vs_dense'])} "
+            f"(interleaved short runs: {f(s['interleaved_throughput_ratio'])}). "
+            f"Weights revived: {s['revived_weights']}.",
+        ]
+    )
+
+
+def gsm8k(r: dict) -> str:
+    s, h, a, g = r["sparsefit"], r["harness"], r["answer_ppl"], r["agreement"]
+    return "\n".join(
+        [
+            f"{r['model']}, first {r['rows']} test rows, {r['num_fewshot']}-shot, chat template {r['chat']}.",
+            "",
+            table(
+                ["scorer", "strict match", "flexible match"],
+                [
+                    [
+                        "sparsefit",
+                        f"{f(s['strict_match'], 3)} ± {f(s['strict_match_stderr'], 3)}",
+                        f"{f(s['flexible_match'], 3)} ± {f(s['flexible_match_stderr'], 3)}",
+                    ],
+                    ["lm-evaluation-harness", f(h["strict_match"], 3), f(h["flexible_match"], 3)],
+                ],
+            ),  # fmt: skip
+            "",
+            f"Per-row agreement: {g['same_generation']}/{g['rows']} identical generations, "
+            f"{g['same_strict_verdict']}/{g['rows']} strict and {g['same_flexible_verdict']}/{g['rows']} "
+            f"flexible verdicts. Answer perplexity (teacher-forced): {f(a['ppl'], 3)}.",
+        ]
+    )
+
+
+def reconstruct_error(r: dict) -> str:
+    summary = r["summary_loss_ratio"]
+    columns = list(next(iter(summary.values())))
+    rows = [[name, *(f(v[c], 3) for c in columns)] for name, v in summary.items()]
+    return "\n".join(
+        [
+            f"{r['model']}, calibration {r['calibration']}, blocks {r['blocks']}. Layer loss after the refit "
+            "relative to the method's own weights (lower is better); `cgN`: N conjugate-gradient steps, "
+            "`-r0` without the warm start, `exact`: the per-row solve.",
+            "",
+            table(["method", *columns], rows),
+        ]
+    )
+
+
+def reference_llmcompressor(r: dict) -> str:
+    rows = []
+    for name, run in r["runs"].items():
+        for tool in ("llmcompressor", "sparsefit"):
+            t = run[tool]
+            rows.append([name, tool, f(t["ppl"]), f(t["seconds"], 0), f(t["peak_rss_mb"], 0)])
+    return "\n".join(
+        [
+            f"{r['model']}, seed {r['seed']}, {r['calibration']}; sparsefit with the settings of the time "
+            "(two-pass order, no refit).",
+            "",
+            table(["run", "tool", "WikiText-2 ppl", "seconds", "peak RSS MB"], rows),
+        ]
+    )
+
+
+RENDER: dict[str, Callable[[dict], str]] = {
+    "oneshot": oneshot,
+    "generation": generation,
+    "checkpoint_overhead": checkpoint_overhead,
+    "recovery": recovery,
+    "gsm8k": gsm8k,
+    "reconstruct_error": reconstruct_error,
+    "reference_llmcompressor": reference_llmcompressor,
+}
+
+
+def render() -> str:
+    parts = [
+        "# Benchmarks",
+        "",
+        "Generated by `python benchmarks/report.py` from `benchmarks/results/` (one current JSON per "
+        "benchmark; git history keeps the earlier ones). Each script's docstring says how to run it; run "
+        "benchmarks alone on the machine. Times are ratios to a yardstick measured in the same run.",
+    ]
+    stems = sorted(p.stem for p in RESULTS.glob("*.json"))
+    unknown = [s for s in stems if s not in RENDER]
+    if unknown:
+        raise SystemExit(f"no renderer for {', '.join(unknown)}: add one to benchmarks/report.py or delete the file")
+    for stem in sorted(stems, key=list(RENDER).index):
+        result = json.loads((RESULTS / f"{stem}.json").read_text())
+        script = SCRIPTS[stem]
+        parts += [
+            "",
+            f"## {stem} (`benchmarks/{script}`)",
+            "",
+            docstring_summary(script),
+            "",
+            environment_line(result),
+            "",
+            RENDER[stem](result),
+        ]
+    return "\n".join(parts) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="exit 1 if benchmarks/README.md is out of date")
+    args = parser.parse_args()
+    text = render()
+    if args.check:
+        if not README.exists() or README.read_text() != text:
+            sys.exit("benchmarks/README.md is out of date: run python benchmarks/report.py")
+        return
+    README.write_text(text)
+    print(f"wrote {README}")
+
+
+if __name__ == "__main__":
+    main()

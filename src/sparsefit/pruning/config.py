@@ -1,0 +1,144 @@
+"""Every option of one-shot pruning, with its default and help; validated on construction.
+
+Kept free of torch so that the command line can build its flags from it quickly.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from sparsefit.config import check_regexes
+
+
+def preset_settings(preset: str, method: str) -> dict:
+    """The fields a preset sets, unless they are given explicitly.
+
+    "best": what measured best on perplexity and time (benchmarks/README.md): the sequential order
+    and, for SparseGPT, a 4-step least-squares refit of the kept weights. "paper": each paper's own
+    procedure (SparseGPT, Wanda: every linear of a block from the dense block's statistics, no refit).
+    """
+    if preset == "paper":
+        return {"sequential": False, "reconstruct_iters": 0}
+    return {"sequential": True, "reconstruct_iters": 4 if method == "sparsegpt" else 0}
+
+
+class OneShotConfig(BaseModel):
+    """Every option of one-shot pruning, with its default; validated on construction."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # inf / nan in any float field is an error
+
+    preset: Literal["best", "paper"] = Field(
+        "best",
+        description="best: the settings that measured best (sequential order; a 4-step refit with sparsegpt) | "
+        "paper: each paper's own procedure (two-pass order, no refit); explicit options win",
+    )
+    method: Literal["magnitude", "wanda", "sparsegpt"] = "sparsegpt"
+    sparsity: float = Field(0.5, ge=0.0, lt=1.0, description="target fraction of zeros, in [0, 1)")
+    structure: str = Field("unstructured", description="unstructured or N:M (keep N of every M), e.g. 2:4")
+    profile: Literal["uniform", "owl"] | dict[str, float] = Field(
+        "uniform", description="uniform (default) | owl | file.yaml mapping layer regexes to sparsities"
+    )
+    owl_m: float = Field(5.0, gt=0, description="OWL outlier threshold M")
+    owl_lambda: float = Field(0.08, ge=0, lt=1, description="OWL sparsity spread lambda")
+    targets: list[str] | None = Field(
+        None, description="regexes of layer names to prune (default: every linear in the decoder blocks)"
+    )
+    ignore: list[str] = Field([], description="regexes of layer names to leave dense")
+    calib: str | None = Field(
+        "gsm8k",
+        description="calibration data: gsm8k | wikitext2 | file | hub id | self (sampled from the model) | none",
+    )
+    calib_split: str = Field("train", description="split of the calibration dataset")
+    text_field: str = Field("text", description="field of .jsonl / hub rows holding the text")
+    num_samples: int = Field(64, ge=1, description="calibration sequences")
+    seq_len: int = Field(512, ge=2, description="tokens per calibration sequence")
+    seed: int = Field(0, ge=0, lt=2**32, description="calibration draw (torch, random and numpy all take it)")
+    # 4 x 512 tokens per forward keeps the transients of a block small.
+    batch_size: int = Field(4, ge=1, description="calibration sequences per block forward")
+    block_size: int = Field(128, ge=1, description="SparseGPT column block")
+    damp: float = Field(0.01, gt=0, description="SparseGPT dampening, a fraction of the Hessian's mean diagonal")
+    magnitude_scope: Literal["layer", "row"] = Field(
+        "layer", description="magnitude: rank weights per layer or per row"
+    )
+    # A least-squares refit (conjugate gradient on the calibration inputs) of the kept weights to the
+    # dense layer's outputs, after each mask is chosen.
+    reconstruct_iters: int = Field(
+        4, ge=0, description="refit steps of the kept weights after each mask (default: the preset's, 4 with "
+        "sparsegpt, else 0; 0: the method's own weights)"
+    )  # fmt: skip
+    preserve_mask: bool = Field(False, description="keep existing zeros pruned (iterative pruning)")
+    # The GPTQ reference code's --true-sequential.
+    sequential: bool = Field(
+        True,
+        description="prune each linear with the earlier linears of its block already pruned, one forward per block "
+        "instead of two (default: the preset's, on); off: every linear sees the dense block",
+    )
+    compute_dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto",
+        description="dtype of the block forwards, statistics stay float32 (default auto: bfloat16 on a CPU with "
+        "native bf16, else float32; float32 on GPUs)",
+    )
+    # Resident memory then holds about one block's weights plus the activations; freed heap goes
+    # back to the OS after each block.
+    offload_dir: str | None = Field(
+        None,
+        description="low-memory mode: move each pruned block's weights (and the paused sequential forwards' "
+        "MLP intermediates) to files here, mapped back lazily",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _preset(cls, data: object) -> object:
+        if not isinstance(data, dict) or data.get("preset", "best") not in ("best", "paper"):
+            return data  # the field validators name what is wrong
+        method = data.get("method", "sparsegpt")
+        settings = preset_settings(data.get("preset", "best"), method)
+        if method == "magnitude":
+            settings["reconstruct_iters"] = 0  # it has no calibration statistics to refit with
+        return {**settings, **data}
+
+    @field_validator("structure")
+    @classmethod
+    def _structure(cls, v: str) -> str:
+        return str(_parse_structure(v))
+
+    @field_validator("targets", "ignore")
+    @classmethod
+    def _regexes(cls, v: list[str] | None) -> list[str] | None:
+        return check_regexes(v)
+
+    @field_validator("profile")
+    @classmethod
+    def _profile(cls, v: str | dict[str, float]) -> str | dict[str, float]:
+        if isinstance(v, dict):
+            check_regexes(list(v))
+            for key, s in v.items():
+                if not 0.0 <= s < 1.0:
+                    raise ValueError(f"sparsity {s} for '{key}' must be in [0, 1)")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> OneShotConfig:
+        nm = _parse_structure(self.structure)
+        if nm.is_nm and self.profile != "uniform":
+            raise ValueError("N:M structure fixes the sparsity of every layer; use profile 'uniform'")
+        if self.method != "magnitude" and self.calib is None:
+            raise ValueError(f"method '{self.method}' needs calibration data: set calib to a dataset or 'self'")
+        if self.reconstruct_iters and self.method == "magnitude":
+            raise ValueError("reconstruct_iters needs calibration statistics: use method 'wanda' or 'sparsegpt'")
+        if self.profile == "owl" and self.calib is None:
+            raise ValueError("profile 'owl' needs calibration data (Wanda scores): set calib")
+        return self
+
+    @property
+    def target_sparsity(self) -> float:
+        nm = _parse_structure(self.structure)
+        return nm.sparsity if nm.is_nm else self.sparsity
+
+
+def _parse_structure(text: str):  # noqa: ANN202 - a Structure; imported here because it brings torch
+    from sparsefit.pruning.structure import Structure
+
+    return Structure.parse(text)
