@@ -97,7 +97,7 @@ def prune_and_evaluate(args: argparse.Namespace, name: str, seed: int, work: Pat
         *(["--compute-dtype", args.compute_dtype] if args.compute_dtype else []),
         "--calib", "gsm8k", "--num-samples", str(args.num_samples),
         "--seq-len", str(args.seq_len), "--seed", str(seed), "--device", args.device, "--output", str(out),
-        "--json", str(report_path),
+        "--json", str(report_path), "--overwrite",  # each seed replaces the last one's output
     )  # fmt: skip
     wall = time.perf_counter() - start
     report = json.loads(report_path.read_text())

@@ -77,7 +77,7 @@ def save_calibration(model: str, seed: int, num_samples: int, seq_len: int, path
 
     m, tok = load_model_and_tokenizer(model, "float32", "cpu")
     config = OneShotConfig(method="wanda", sparsity=0.5, num_samples=num_samples, seq_len=seq_len, seed=seed)
-    save_file({"input_ids": calibration_batch(m, tok, config).contiguous()}, str(path))
+    save_file({"input_ids": calibration_batch(m, tok, config)[0].contiguous()}, str(path))
 
 
 def main() -> None:

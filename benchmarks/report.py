@@ -22,6 +22,7 @@ README = HERE / "README.md"
 
 # result file stem -> the script that writes it
 SCRIPTS = {
+    "quick": "quick.py",
     "oneshot": "oneshot.py",
     "generation": "generation.py",
     "checkpoint_overhead": "checkpoint_overhead.py",
@@ -92,6 +93,24 @@ def oneshot(r: dict) -> str:
         "`-lowmem` adds `--offload-dir`. Seeds are calibration draws."
     )
     return "\n".join(out)
+
+
+def quick(r: dict) -> str:
+    rows = [
+        [name, f(s["seconds"], 0), f(s["sparsity"], 3), f(s["self_ppl"]), f(s["ppl"]), f(s["answer_ppl"], 3)]
+        for name, s in r["stages"].items()
+    ]
+    p = r["self_ppl"]
+    overrides = f" with `--set {' --set '.join(r['overrides'])}`" if r["overrides"] else ""
+    return "\n".join(
+        [
+            f"`sparsefit run quick`{overrides}: {f(r['wall_seconds'] / 60, 1)} min from start to exit. Self-text "
+            f"perplexity dense {f(p['dense'])}, one-shot {f(p['oneshot'])}, recovered {f(p['recovered'])}: "
+            f"{f(100 * r['recovered_fraction_of_loss'], 0)}% of the one-shot loss won back.",
+            "",
+            table(["stage", "seconds", "sparsity", "self-text ppl", "WikiText-2 ppl", "GSM8K answer ppl"], rows),
+        ]
+    )
 
 
 def generation(r: dict) -> str:
@@ -208,6 +227,7 @@ def reference_llmcompressor(r: dict) -> str:
 
 
 RENDER: dict[str, Callable[[dict], str]] = {
+    "quick": quick,
     "oneshot": oneshot,
     "generation": generation,
     "checkpoint_overhead": checkpoint_overhead,

@@ -27,48 +27,24 @@ CORPUS = [
 
 def tiny_config(arch: str, vocab: int = VOCAB):
     common = dict(vocab_size=vocab, bos_token_id=1, eos_token_id=2, pad_token_id=2)
-    if arch == "llama":  # grouped-query attention: 4 heads, 2 KV heads
-        return LlamaConfig(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=256,
-            tie_word_embeddings=True,
-            **common,
-        )
+    # Llama-like families: grouped-query attention, 4 heads and 2 KV heads
+    llama_like = dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        **common,
+    )
+    if arch == "llama":
+        return LlamaConfig(**{**llama_like, "num_hidden_layers": 3}, tie_word_embeddings=True)
     if arch == "qwen2":
-        return Qwen2Config(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=256,
-            **common,
-        )
+        return Qwen2Config(**llama_like)
     if arch == "qwen3":  # q/k norms inside attention
-        return Qwen3Config(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=16,
-            max_position_embeddings=256,
-            **common,
-        )
+        return Qwen3Config(**llama_like, head_dim=16)
     if arch == "mistral":
-        return MistralConfig(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=256,
-            **common,
-        )
+        return MistralConfig(**llama_like)
     if arch == "opt":
         return OPTConfig(
             hidden_size=64,

@@ -413,10 +413,11 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=None, help="generation bound for gsm8k (default 256)")
     p.add_argument("--samples", default=None, help="per-sample JSONL for gsm8k (default: beside --json)")
     p.add_argument("--baseline", default=None, help="result JSON of the dense model: report recovery against it")
-    p.add_argument("--dataset", default="wikitext2", help="wikitext2 | gsm8k | file.txt | file.jsonl | hub id")
-    p.add_argument("--split", default="test")
-    p.add_argument("--text-field", default="text", help="field of .jsonl / hub rows holding the text")
-    p.add_argument("--seq-len", type=int, default=2048)
+    # Unset (None) flags leave the evaluation functions' own defaults in force.
+    p.add_argument("--dataset", default=None, help="wikitext2 (default) | gsm8k | file.txt | file.jsonl | hub id")
+    p.add_argument("--split", default=None, help="default test")
+    p.add_argument("--text-field", default=None, help="field of .jsonl / hub rows holding the text (default text)")
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per perplexity window (default 2048)")
     p.add_argument("--max-windows", type=int, default=None, help="evaluate at most this many windows")
     p.add_argument(
         "--batch-size",

@@ -30,6 +30,10 @@ def test_hub_id_is_passed_to_from_pretrained():
 
 
 def test_unreachable_hub_id_is_one_line_error(monkeypatch):
+    import huggingface_hub.constants
+
+    # The library reads the variable once, at import: an earlier test may have imported it already.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(UsageError, match="could not load 'nobody/no-such-model'"):
         load_model("nobody/no-such-model")

@@ -544,3 +544,25 @@ def test_linears_sharing_an_input_are_solved_together_as_if_alone(monkeypatch, s
     for (name, a), b in zip(linears(stacked).items(), linears(alone).values()):
         assert torch.equal(a.weight != 0, b.weight != 0), name
         assert torch.allclose(a.weight, b.weight, atol=1e-5), name
+
+
+def unreachable(spec, split="test", text_field="text"):
+    raise UsageError(
+        f"dataset '{spec}' split '{split}' not found: not in SPARSEFIT_DATA_DIR (unset), and the hub failed"
+    )
+
+
+def test_default_calibration_out_of_reach_falls_back_to_self(tokenizer, monkeypatch, capsys):
+    monkeypatch.setattr("sparsefit.data.sources.load_texts", unreachable)
+    config = OneShotConfig(method="wanda", num_samples=2, seq_len=16, compute_dtype="float32")
+    report = oneshot(tiny_model("llama"), tokenizer, config, progress=False)
+    assert report.calibration.source == "self" and report.calibration.tokens == 32
+    assert "notice: the default calibration data (gsm8k) is out of reach" in capsys.readouterr().err
+    assert report.sparsity.overall == pytest.approx(0.5, abs=0.005)
+
+
+def test_a_named_calibration_out_of_reach_is_an_error_with_the_fix(tokenizer, monkeypatch):
+    monkeypatch.setattr("sparsefit.data.sources.load_texts", unreachable)
+    config = OneShotConfig(method="wanda", calib="gsm8k", num_samples=2, seq_len=16)
+    with pytest.raises(UsageError, match=r"not found.*or calibrate on text the model writes: --calib self"):
+        oneshot(tiny_model("llama"), tokenizer, config, progress=False)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import resource
+import sys
 import time
 from typing import TYPE_CHECKING
 
@@ -92,18 +93,36 @@ def peak_rss_mb() -> float:
 
 def calibration_batch(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: OneShotConfig, progress: bool = True
-) -> torch.Tensor | None:
-    """The (N, L) token ids the config asks for, or None when the method needs none."""
+) -> tuple[torch.Tensor | None, str | None]:
+    """The (N, L) token ids the config asks for (None when the method needs none) and their source.
+
+    When the default dataset is out of reach (no SPARSEFIT_DATA_DIR copy, no hub), the text comes
+    from the model itself (`self`), with a notice; a dataset the user named fails instead, with a
+    one-line fix.
+    """
     from sparsefit.data.calibration import sample_calibration
     from sparsefit.data.self_generated import sample_from_model
     from sparsefit.data.sources import load_texts
 
     if config.calib is None or (config.method == "magnitude" and config.profile != "owl"):
-        return None
-    if config.calib == "self":
-        return sample_from_model(model, tokenizer, config.num_samples, config.seq_len, config.seed, progress=progress)
-    texts = load_texts(config.calib, config.calib_split, config.text_field)
-    return sample_calibration(tokenizer, texts, config.num_samples, config.seq_len, config.seed)
+        return None, None
+    source = config.calib
+    if source != "self":
+        try:
+            texts = load_texts(source, config.calib_split, config.text_field)
+            return sample_calibration(tokenizer, texts, config.num_samples, config.seq_len, config.seed), source
+        except UsageError as err:
+            if "calib" in config.model_fields_set:
+                raise UsageError(f"{err}; or calibrate on text the model writes: --calib self") from None
+            print(
+                f"notice: the default calibration data ({source}) is out of reach, so the calibration text is "
+                f"sampled from the model (--calib self); set SPARSEFIT_DATA_DIR or --calib to use a dataset",
+                file=sys.stderr,
+                flush=True,
+            )
+            source = "self"
+    calib = sample_from_model(model, tokenizer, config.num_samples, config.seq_len, config.seed, progress=progress)
+    return calib, source
 
 
 def _describe(calib: torch.Tensor | list[torch.Tensor], source: str | None) -> CalibrationReport:
@@ -155,8 +174,9 @@ def oneshot(
     offload_dir = None if config.offload_dir is None else prepare_offload_dir(config.offload_dir)
 
     t = time.perf_counter()
+    source = None  # batches passed in
     if calib is None:
-        calib = calibration_batch(model, tokenizer, config, progress)
+        calib, source = calibration_batch(model, tokenizer, config, progress)
     report.add_time("calibration_data", time.perf_counter() - t)
     # N:M groups must not straddle SparseGPT's column blocks: round the block down to a multiple of M.
     block_size = (
@@ -222,7 +242,7 @@ def oneshot(
             per_block=block_sparsity,
         ),
         owl_outlier_ratios=owl_ratios,
-        calibration=None if calib is None else _describe(calib, config.calib),
+        calibration=None if calib is None else _describe(calib, source),
         compute_dtype="bfloat16" if runner.bf16 else "float32",
         phases=report.phases,
         seconds=time.perf_counter() - start,

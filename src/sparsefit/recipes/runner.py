@@ -134,7 +134,9 @@ def _run_stage(stage, recipe: Recipe, current: str, outputs: dict, folder: Path,
         from sparsefit.pruning import OneShotConfig, oneshot
 
         model, tok = load_model_and_tokenizer(current, "float32", "cpu")
-        config = OneShotConfig(**stage.model_dump(exclude={"kind", "name"}))
+        # Only the fields the recipe gave: the others keep their defaults, and the defaults' fallbacks
+        # (calibration on self-generated text when the default dataset is out of reach).
+        config = OneShotConfig(**stage.model_dump(exclude={"kind", "name"}, exclude_unset=True))
         report = oneshot(model, tok, config, device=device, progress=progress)
         save_checkpoint(model, tok, folder, {"pruning": report})
         return {"sparsity": report.sparsity.overall, "seconds": report.seconds, "phases": report.phases}
