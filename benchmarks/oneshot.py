@@ -140,7 +140,13 @@ def main() -> None:
         "--compute-dtype", default=None, help="prune with --compute-dtype (auto: bf16 only on a CPU with native bf16)"
     )
     parser.add_argument("--out", default="benchmarks/results/oneshot.json")
+    parser.add_argument(
+        "--append",
+        action="store_true",
+        help="add the runs to --out (same settings); their ratios are to this invocation's own yardstick",
+    )
     args = parser.parse_args()
+    earlier = json.loads(Path(args.out).read_text()) if args.append else None
     result = {
         "benchmark": "oneshot",
         "environment": environment(args.device),
@@ -152,14 +158,23 @@ def main() -> None:
         "runs": {},
     }
 
+    if earlier is not None:
+        mean = earlier["yardstick_dense_forward"]["seconds"]
+        for row in earlier["runs"].values():
+            row.setdefault("yardstick_seconds", mean)
+        appended = {"environment": result["environment"], "runs": args.runs}
+        result = {**earlier, "appended": [*earlier.get("appended", []), appended]}
+        result["runs"] = dict(earlier["runs"])
     before = yardstick(args)
-    result["yardstick_dense_forward"] = before
+    if earlier is None:
+        result["yardstick_dense_forward"] = before
     yard = before["seconds"]
     print(f"yardstick: dense fp32 forward over calibration set on {args.device} {yard:.3g} s", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        result["dense"] = {"ppl": evaluate(args.model, work, args.windows, args.device)["ppl"]}
-        print(f"dense ppl {result['dense']['ppl']:.3f}", flush=True)
+        if earlier is None:
+            result["dense"] = {"ppl": evaluate(args.model, work, args.windows, args.device)["ppl"]}
+            print(f"dense ppl {result['dense']['ppl']:.3f}", flush=True)
         for name in args.runs:
             seeds = args.seeds[:1] if name in args.one_seed else args.seeds
             rows = [prune_and_evaluate(args, name, seed, work, yard) for seed in seeds]
@@ -185,9 +200,15 @@ def main() -> None:
     # measured before and one measured after the runs.
     after = yardstick(args)
     mean = (before["seconds"] + after["seconds"]) / 2
-    result["yardstick_dense_forward"] = {**before, "seconds": mean, "before": before, "after": after}
+    yard = {**before, "seconds": mean, "before": before, "after": after}
+    if earlier is None:
+        result["yardstick_dense_forward"] = yard
+    else:
+        result["appended"][-1]["yardstick_dense_forward"] = yard
     print(f"yardstick after the runs {after['seconds']:.1f} s; ratios below are to the mean {mean:.1f} s", flush=True)
-    for name, row in result["runs"].items():
+    for name in args.runs:
+        row = result["runs"][name]
+        row["yardstick_seconds"] = mean
         for r in [row, *row.get("per_seed", {}).values()]:
             r["ratio_to_dense_forward"] = r["seconds"] / mean
         print(f"{name:18s} {row['seconds']:6.1f} s ({row['ratio_to_dense_forward']:.2f}x)", flush=True)

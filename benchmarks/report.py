@@ -92,6 +92,12 @@ def oneshot(r: dict) -> str:
         "Runs without `-paper` use the defaults (`--preset best`); `-paper` adds `--preset paper`; "
         "`-lowmem` adds `--offload-dir`. Seeds are calibration draws."
     )
+    for added in r.get("appended", []):
+        env = added["environment"]
+        out.append(
+            f"Added later (commit {env['commit'][:12]}, {env['date']}): {', '.join(added['runs'])}, with their "
+            f"own yardstick of {f(added['yardstick_dense_forward']['seconds'], 1)} s."
+        )
     return "\n".join(out)
 
 
