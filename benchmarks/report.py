@@ -96,7 +96,9 @@ def oneshot(r: dict) -> str:
         env = added["environment"]
         out.append(
             f"Added later (commit {env['commit'][:12]}, {env['date']}): {', '.join(added['runs'])}, with their "
-            f"own yardstick of {f(added['yardstick_dense_forward']['seconds'], 1)} s."
+            f"own yardstick: {f(added['yardstick_dense_forward']['seconds'], 1)} s, the mean of "
+            f"{f(added['yardstick_dense_forward']['before']['seconds'], 1)} s before and "
+            f"{f(added['yardstick_dense_forward']['after']['seconds'], 1)} s after them."
         )
     return "\n".join(out)
 

@@ -1,6 +1,7 @@
 """The layer-by-layer driver on tiny random models of every supported family."""
 
 import json
+import sys
 
 import pytest
 import torch
@@ -566,3 +567,17 @@ def test_a_named_calibration_out_of_reach_is_an_error_with_the_fix(tokenizer, mo
     config = OneShotConfig(method="wanda", calib="gsm8k", num_samples=2, seq_len=16)
     with pytest.raises(UsageError, match=r"not found.*or calibrate on text the model writes: --calib self"):
         oneshot(tiny_model("llama"), tokenizer, config, progress=False)
+
+
+@pytest.mark.parametrize("available, engaged", [(10**12, False), (10**4, True)])
+def test_low_memory_mode_engages_when_memory_would_not_suffice(monkeypatch, capsys, available, engaged):
+    monkeypatch.setattr(sys.modules["sparsefit.pruning.oneshot"], "available_memory_bytes", lambda: available)
+    x = calib()
+    plain, pruned = tiny_model("llama"), tiny_model("llama")
+    oneshot(plain, None, cfg(method="sparsegpt", offload_dir=None), calib=x, progress=False)
+    report = oneshot(pruned, None, cfg(method="sparsegpt"), calib=x, progress=False)
+    err = capsys.readouterr().err
+    assert report.low_memory == engaged and ("offload" in report.phases) == engaged
+    assert ("notice: pruning needs about" in err) == engaged
+    for a, b in zip(linears(plain).values(), linears(pruned).values()):
+        assert torch.equal(a.weight, b.weight)  # the same model either way

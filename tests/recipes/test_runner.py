@@ -102,7 +102,7 @@ def test_cli_run_check_and_errors(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "stage 1 (oneshot) field 'sparsity'" in err and err.count("\n") == 1
     assert main(["report", str(tmp_path / "nothing")]) == 2
-    assert main(["recipes"]) == 0 and "gsm8k-70-owl" in capsys.readouterr().out
+    assert main(["recipes"]) == 0 and "2of4" in capsys.readouterr().out
 
 
 def test_a_signalled_run_resumes_its_fine_tune_instead_of_restarting_it(tiny_checkpoint, data_dir, tmp_path, capsys):

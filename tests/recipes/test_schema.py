@@ -6,19 +6,16 @@ from sparsefit.recipes.schema import FinetuneStage, OneshotStage
 
 
 def test_builtin_recipes_exist_and_validate():
-    assert {"quick", "gsm8k-50", "gsm8k-70-owl", "2of4"} <= set(builtin_recipes())
+    assert {"quick", "gsm8k-50", "2of4"} <= set(builtin_recipes())
     for name in builtin_recipes():
         recipe = load_recipe(name)
         assert recipe.stages and recipe.model == "smollm2-135m"
-    owl = load_recipe("gsm8k-70-owl")
-    pruning = next(s for s in owl.stages if isinstance(s, OneshotStage))
-    assert pruning.profile == "owl" and pruning.owl_lambda == 0.08 and pruning.sparsity == 0.7  # where OWL helps
     two_four = next(s for s in load_recipe("2of4").stages if isinstance(s, OneshotStage))
     assert two_four.structure == "2:4"
     sparse_ft = next(s for s in load_recipe("gsm8k-50").stages if s.name == "sparse-ft")
     assert sparse_ft.teacher == "stage:dense-ft" and sparse_ft.square_head_weight == 10.0
     assert (sparse_ft.lr, sparse_ft.kl_weight, sparse_ft.batch_size) == (2e-4, 3.0, 4)  # the measured settings
-    for name in ("2of4", "gsm8k-70-owl"):  # the same fine-tuning as gsm8k-50
+    for name in ["2of4"]:  # the same fine-tuning as gsm8k-50
         stages = {s.name: s for s in load_recipe(name).stages if isinstance(s, FinetuneStage)}
         ours = {s.name: s for s in load_recipe("gsm8k-50").stages if isinstance(s, FinetuneStage)}
         assert stages.keys() == ours.keys() and all(stages[k] == ours[k] for k in ours), name

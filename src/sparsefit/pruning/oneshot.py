@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import re
 import resource
+import shutil
 import sys
+import tempfile
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -54,6 +57,7 @@ class OneShotReport(BaseModel):
     owl_outlier_ratios: list[float] | None
     calibration: CalibrationReport | None
     compute_dtype: str  # of the block forwards: "bfloat16" or "float32"
+    low_memory: bool  # offloading (--offload-dir, or engaged by itself when memory would not suffice)
     phases: dict[str, float]  # seconds per phase
     seconds: float
     peak_rss_mb: float  # of the process during pruning
@@ -132,6 +136,44 @@ def _describe(calib: torch.Tensor | list[torch.Tensor], source: str | None) -> C
     )
 
 
+def available_memory_bytes() -> int | None:
+    """MemAvailable of /proc/meminfo: what the kernel can give without swapping (None if unknown)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _low_memory_dir(calib: torch.Tensor | list[torch.Tensor], per_block: list[dict], sequential: bool) -> Path | None:
+    """A temporary offload directory when pruning would not fit in memory otherwise, else None.
+
+    Beyond the loaded model, pruning holds the calibration activations in float32 (with the
+    sequential order, every batch's widest linear input at a stop, twice over for its transients)
+    and a few copies of one block's weights. When that exceeds 80% of the available memory, low-memory
+    mode (as `--offload-dir`) engages, with a notice.
+    """
+    available = available_memory_bytes()
+    layers = next(layers for layers in per_block if layers)
+    tokens = sum(b.numel() for b in ([calib] if isinstance(calib, torch.Tensor) else calib))
+    hidden = min(weight_as_out_in(m).shape[1] for m in layers.values())
+    widest = max(weight_as_out_in(m).shape[1] for m in layers.values())
+    need = tokens * (hidden + (2 * widest if sequential else 0)) * 4
+    need += 3 * sum(m.weight.numel() * 4 for m in layers.values())
+    if available is None or need <= 0.8 * available:
+        return None
+    directory = Path(tempfile.mkdtemp(prefix="sparsefit-offload-"))
+    print(
+        f"notice: pruning needs about {need / 2**30:.1f} GiB beyond the model and {available / 2**30:.1f} GiB is "
+        f"available: low-memory mode engages (as --offload-dir {directory})",
+        file=sys.stderr,
+        flush=True,
+    )
+    return directory
+
+
 def _check_structure(per_block: list[dict], structure: Structure) -> None:
     if not structure.is_nm:
         return
@@ -178,6 +220,9 @@ def oneshot(
     if calib is None:
         calib, source = calibration_batch(model, tokenizer, config, progress)
     report.add_time("calibration_data", time.perf_counter() - t)
+    auto_offload = None
+    if offload_dir is None and calib is not None:
+        auto_offload = offload_dir = _low_memory_dir(calib, per_block, config.sequential)
     # N:M groups must not straddle SparseGPT's column blocks: round the block down to a multiple of M.
     block_size = (
         max(structure.m, config.block_size - config.block_size % structure.m) if structure.is_nm else config.block_size
@@ -227,6 +272,8 @@ def oneshot(
         sequential=config.sequential, offload_dir=offload_dir,
     )  # fmt: skip
 
+    if auto_offload is not None:
+        shutil.rmtree(auto_offload, ignore_errors=True)  # empty: each file is unlinked once mapped
     if device.type == "cuda":
         torch.cuda.synchronize(device)  # queued kernels belong to this call's time
     zeros = sum(r["sparsity"] * r["shape"][0] * r["shape"][1] for r in report.per_layer.values())
@@ -244,6 +291,7 @@ def oneshot(
         owl_outlier_ratios=owl_ratios,
         calibration=None if calib is None else _describe(calib, source),
         compute_dtype="bfloat16" if runner.bf16 else "float32",
+        low_memory=offload_dir is not None,
         phases=report.phases,
         seconds=time.perf_counter() - start,
         peak_rss_mb=peak_rss_mb(),
