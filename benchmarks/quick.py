@@ -26,9 +26,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="passed to sparsefit run")
     parser.add_argument("--out", default="benchmarks/results/quick.json")
+    parser.add_argument("--keep", default=None, metavar="DIR", help="run into DIR (a new folder) and keep it")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        run_dir = Path(tmp) / "q"
+        run_dir = Path(args.keep) if args.keep else Path(tmp) / "q"
         command = [sys.executable, "-m", "sparsefit.cli", "run", "quick", "--output", str(run_dir)]
         command += [x for pair in args.set for x in ("--set", pair)]
         start = time.perf_counter()

@@ -75,7 +75,7 @@ def oneshot(r: dict) -> str:
     for name, run in r["runs"].items():
         seeds = run.get("per_seed")
         spread = ", ".join(f(s["ppl"]) for s in seeds.values()) if seeds else "-"
-        order = "sequential" if run.get("sequential") else "two-pass"
+        order = "-" if name.startswith("magnitude") else "sequential" if run.get("sequential") else "two-pass"
         rows.append(
             [
                 name, order, run.get("reconstruct_iters", 0), f(run["ppl"]), spread, f(run["sparsity"], 4),
@@ -94,6 +94,7 @@ def oneshot(r: dict) -> str:
     )
     for added in r.get("appended", []):
         env = added["environment"]
+        out.append("")
         out.append(
             f"Added later (commit {env['commit'][:12]}, {env['date']}): {', '.join(added['runs'])}, with their "
             f"own yardstick: {f(added['yardstick_dense_forward']['seconds'], 1)} s, the mean of "
