@@ -158,3 +158,17 @@ def run_cli(argv, capsys):
     code = main(argv)
     out = capsys.readouterr()
     return code, out.out, out.err
+
+
+@pytest.fixture
+def default_signals():
+    """SIGINT and SIGTERM at Python's defaults for the test (a shell's background job starts with
+    SIGINT ignored, which sparsefit rightly leaves alone), restored afterwards."""
+    import signal
+
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    yield
+    for s, handler in previous.items():
+        signal.signal(s, handler)

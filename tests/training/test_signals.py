@@ -6,7 +6,11 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 from sparsefit.training.signals import StopRequest
+
+pytestmark = pytest.mark.usefixtures("default_signals")  # SIGINT may start ignored
 
 
 def test_a_signal_is_a_request_and_a_quick_repeat_is_the_same_one():

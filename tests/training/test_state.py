@@ -15,6 +15,8 @@ from sparsefit.training.loop import CHECKPOINTS_DIR, LOG_FILE
 from sparsefit.training.state import damage, find_checkpoint, published_steps
 from tests.conftest import tiny_model
 
+pytestmark = pytest.mark.usefixtures("default_signals")  # SIGINT may start ignored
+
 BASE = dict(dataset="gsm8k", format="plain", seq_len=64, batch_size=2, lr=5e-3, bf16="false", seed=3, max_steps=8)
 
 
