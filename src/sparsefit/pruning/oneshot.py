@@ -157,7 +157,7 @@ def _low_memory_dir(calib: torch.Tensor | list[torch.Tensor], per_block: list[di
     """
     available = available_memory_bytes()
     layers = next(layers for layers in per_block if layers)
-    tokens = sum(b.numel() for b in ([calib] if isinstance(calib, torch.Tensor) else calib))
+    tokens = _describe(calib, None).tokens
     hidden = min(weight_as_out_in(m).shape[1] for m in layers.values())
     widest = max(weight_as_out_in(m).shape[1] for m in layers.values())
     need = tokens * (hidden + (2 * widest if sequential else 0)) * 4
