@@ -24,6 +24,8 @@ README = HERE / "README.md"
 SCRIPTS = {
     "quick": "quick.py",
     "oneshot": "oneshot.py",
+    # `--compute-dtype float32`: the block forwards a CPU without native bf16 runs (auto picks float32 there)
+    "oneshot_float32": "oneshot.py",
     "generation": "generation.py",
     "checkpoint_overhead": "checkpoint_overhead.py",
     "recovery": "recovery.py",
@@ -238,6 +240,7 @@ def reference_llmcompressor(r: dict) -> str:
 RENDER: dict[str, Callable[[dict], str]] = {
     "quick": quick,
     "oneshot": oneshot,
+    "oneshot_float32": oneshot,
     "generation": generation,
     "checkpoint_overhead": checkpoint_overhead,
     "recovery": recovery,

@@ -65,19 +65,15 @@ class LayerwiseReport:
 class BlockRunner:
     """Runs one block over every calibration batch, on `device`, optionally under bf16 autocast.
 
-    With `offload_dir` (low-memory mode), the sequential order's paused forwards wait with an input
-    wider than the block's (the MLP's intermediate) in a file there, mapped back as they resume, and
-    `heap` keeps the resident memory of later blocks near the first's.
+    `heap` keeps the resident memory of later blocks near the first's (see `HeapCeiling`). With
+    `offload_dir` (low-memory mode), the sequential order's paused forwards wait with an input wider
+    than the block's (the MLP's intermediate) in a file there, mapped back as they resume.
     """
 
     device: torch.device
     bf16: bool = False
     offload_dir: Path | None = None
-    heap: HeapCeiling | None = None
-
-    def __post_init__(self) -> None:
-        if self.offload_dir is not None and self.heap is None:
-            self.heap = HeapCeiling()
+    heap: HeapCeiling | None = field(default_factory=HeapCeiling)
 
     def check_heap(self) -> None:
         if self.heap is not None:
