@@ -26,6 +26,7 @@ SCRIPTS = {
     "oneshot": "oneshot.py",
     # `--compute-dtype float32`: the block forwards a CPU without native bf16 runs (auto picks float32 there)
     "oneshot_float32": "oneshot.py",
+    "quantize": "quantize.py",
     "generation": "generation.py",
     "checkpoint_overhead": "checkpoint_overhead.py",
     "recovery": "recovery.py",
@@ -104,6 +105,26 @@ def oneshot(r: dict) -> str:
             f"{f(added['yardstick_dense_forward']['after']['seconds'], 1)} s after them."
         )
     return "\n".join(out)
+
+
+def quantize(r: dict) -> str:
+    rows = [
+        [name, run["source"], run["format"], f(run["ppl"]), f(run["ratio_to_dense_forward"]) + "x",
+         f(run["peak_rss_mb"], 0), run["revived_weights"], f(run["sparsity_after"], 4),
+         f(run["weight_bytes"] / 2**20, 1), f(run["ratio_to_dense_bf16"])]
+        for name, run in r["runs"].items()
+    ]  # fmt: skip
+    header = ["run", "quantized", "format", "ppl", "time / yardstick", "peak RSS MB", "revived", "sparsity",
+              "weights MiB", "vs dense bf16"]  # fmt: skip
+    return "\n".join(
+        [
+            f"{r['model']} pruned with {r['pruning']}; quantization calibration {r['calibration']}; evaluation "
+            f"{r['eval']}. Dense ppl {f(r['dense']['ppl'])}, pruned {f(r['pruned']['ppl'])}. Yardstick: "
+            f"{f(r['yardstick_dense_forward']['seconds'], 1)} s.",
+            "",
+            table(header, rows),
+        ]
+    )
 
 
 def quick(r: dict) -> str:
@@ -241,6 +262,7 @@ RENDER: dict[str, Callable[[dict], str]] = {
     "quick": quick,
     "oneshot": oneshot,
     "oneshot_float32": oneshot,
+    "quantize": quantize,
     "generation": generation,
     "checkpoint_overhead": checkpoint_overhead,
     "recovery": recovery,

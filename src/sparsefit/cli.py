@@ -203,6 +203,37 @@ def cmd_prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from sparsefit.config import validate
+    from sparsefit.export.compressed import FORMATS, save_quantized
+    from sparsefit.models import load_model_and_tokenizer, parse_device
+    from sparsefit.outputs import check_writable_file, claim_output
+    from sparsefit.pruning.oneshot import peak_rss_mb
+    from sparsefit.quantization import QuantizeConfig, quantize
+
+    options = flag_values(args, QUANTIZE_FIELDS)
+    if args.calib == "none":
+        options["calib"] = None
+    config = validate(QuantizeConfig, options, "quantize options", as_flags=True)
+    device = parse_device(args.device)
+    check_writable_file(args.json, "--json", args.output, (args.model,))
+    claim = claim_output(args.output, overwrite=args.overwrite, inputs=(args.model,))
+    model, tokenizer = load_model_and_tokenizer(args.model, args.dtype, "cpu", args.trust_remote_code)
+    result = quantize(model, tokenizer, config, device=device)
+    result.report.model = args.model
+    info = save_quantized(model, tokenizer, claim.path, result)
+    result.report.process_peak_rss_mb = peak_rss_mb()
+    r = result.report
+    print(
+        f"quantized {args.model} to {config.scheme} with {config.method} in {r.seconds:.1f} s: {r.layers} layers, "
+        f"sparsity {r.sparsity_before:.4f} -> {r.sparsity_after:.4f}, {r.revived_weights} pruned weights revived; "
+        f"{FORMATS[config.scheme]}, {info['weight_bytes'] / 2**20:.1f} MiB of weights "
+        f"({info['ratio_to_dense_bf16']:.2f}x dense bf16) -> {args.output}"
+    )
+    _write_json({**r.to_json(), "export": info}, args.json)
+    return 0
+
+
 def _float_list(text: str, flag: str) -> list[float]:
     try:
         values = [float(x) for x in text.split(",") if x.strip()]
@@ -356,6 +387,10 @@ PRUNE_FIELDS = [
     "text_field", "num_samples", "seq_len", "seed", "batch_size", "block_size", "damp", "magnitude_scope",
     "preserve_mask", "reconstruct_iters", "sequential", "compute_dtype", "offload_dir",
 ]  # fmt: skip
+QUANTIZE_FIELDS = [
+    "scheme", "method", "group_size", "targets", "ignore", "calib", "calib_split", "text_field", "num_samples",
+    "seq_len", "seed", "batch_size", "block_size", "damp", "sequential", "compute_dtype",
+]  # fmt: skip
 FINETUNE_GROUPS = {
     "data": ["dataset", "self_samples", "split", "format", "text_field", "seq_len", "limit"],
     "length (one of)": ["max_steps", "num_epochs", "max_tokens"],
@@ -440,6 +475,17 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.add_argument("--json", default=None, help="write the report as JSON here")
     p.set_defaults(func=cmd_prune)
+
+    p = command("quantize", help="quantize (GPTQ or round-to-nearest), pruned weights kept zero; compressed export")
+    _add_model_args(p)
+    if only in (None, "quantize"):
+        from sparsefit.quantization.config import QuantizeConfig
+
+        add_flags(p, QuantizeConfig, QUANTIZE_FIELDS)
+    p.add_argument("--output", required=True, help="directory for the compressed-tensors checkpoint")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+    p.add_argument("--json", default=None, help="write the report (with the export's files and sizes) as JSON here")
+    p.set_defaults(func=cmd_quantize)
 
     p = command("finetune", help="fine-tune (dense or sparse, optionally distilled from a teacher)")
     _add_model_args(p)

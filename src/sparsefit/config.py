@@ -10,7 +10,7 @@ import typing
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from sparsefit.errors import UsageError
 
@@ -94,6 +94,39 @@ def check_regexes(patterns: list[str] | None) -> list[str] | None:
         except re.error as err:
             raise ValueError(f"bad regex '{pattern}': {err}") from None
     return patterns
+
+
+class LayerwiseOptions(BaseModel):
+    """Options shared by the layer-by-layer commands (pruning, quantization): which linears change,
+    the calibration data, and how the block forwards run."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # inf / nan in any float field is an error
+
+    targets: list[str] | None = Field(
+        None, description="regexes of layer names to change (default: every linear in the decoder blocks)"
+    )
+    ignore: list[str] = Field([], description="regexes of layer names to leave as they are")
+    calib: str | None = Field(
+        "gsm8k",
+        description="calibration data: gsm8k | wikitext2 | file | hub id | self (sampled from the model) | none",
+    )
+    calib_split: str = Field("train", description="split of the calibration dataset")
+    text_field: str = Field("text", description="field of .jsonl / hub rows holding the text")
+    num_samples: int = Field(64, ge=1, description="calibration sequences")
+    seq_len: int = Field(512, ge=2, description="tokens per calibration sequence")
+    seed: int = Field(0, ge=0, lt=2**32, description="calibration draw (torch, random and numpy all take it)")
+    # 4 x 512 tokens per forward keeps the transients of a block small.
+    batch_size: int = Field(4, ge=1, description="calibration sequences per block forward")
+    compute_dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto",
+        description="dtype of the block forwards, statistics stay float32 (default auto: bfloat16 on a CPU with "
+        "native bf16, else float32; float32 on GPUs)",
+    )
+
+    @field_validator("targets", "ignore")
+    @classmethod
+    def _regexes(cls, v: list[str] | None) -> list[str] | None:
+        return check_regexes(v)
 
 
 MAX_YAML_BYTES = 1 << 20  # recipes and profile files are a few KB; anything this large is a mistake

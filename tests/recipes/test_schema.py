@@ -15,7 +15,7 @@ def test_builtin_recipes_exist_and_validate():
     sparse_ft = next(s for s in load_recipe("gsm8k-50").stages if s.name == "sparse-ft")
     assert sparse_ft.teacher == "stage:dense-ft" and sparse_ft.square_head_weight == 10.0
     assert (sparse_ft.lr, sparse_ft.kl_weight, sparse_ft.batch_size) == (2e-4, 3.0, 4)  # the measured settings
-    for name in ["2of4"]:  # the same fine-tuning as gsm8k-50
+    for name in ["2of4", "gsm8k-50-w4a16"]:  # the same fine-tuning as gsm8k-50
         stages = {s.name: s for s in load_recipe(name).stages if isinstance(s, FinetuneStage)}
         ours = {s.name: s for s in load_recipe("gsm8k-50").stages if isinstance(s, FinetuneStage)}
         assert stages.keys() == ours.keys() and all(stages[k] == ours[k] for k in ours), name

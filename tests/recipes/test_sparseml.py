@@ -1,7 +1,9 @@
 """The seed guide's SparseML recipes map onto sparsefit stages with the same parameters."""
 
+import pytest
 import yaml
 
+from sparsefit.errors import UsageError
 from sparsefit.recipes import recipe_from_data
 from sparsefit.recipes.schema import FinetuneStage, OneshotStage
 
@@ -81,8 +83,51 @@ def test_constant_pruning_with_square_head_distillation():
 def test_whole_guide_recipe_and_unmapped_fields_are_reported():
     data = {**yaml.safe_load(PRUNING), **yaml.safe_load(FINETUNE)}
     data["pruning_stage"]["obcq_modifiers"]["SparseGPTModifier"]["weird_knob"] = 3
-    data["quant_stage"] = {"quantization_modifiers": {"GPTQModifier": {"scheme": "W8A8"}}}
+    data["quant_stage"] = {"quantization_modifiers": {"GPTQModifier": {"scheme": "W8A8"}, "SmoothQuantModifier": {}}}
     recipe = recipe_from_data(data)
-    assert [s.kind for s in recipe.stages] == ["oneshot", "finetune"]
+    assert [s.kind for s in recipe.stages] == ["oneshot", "finetune", "quantize"]
+    assert recipe.stages[2].scheme == "w8a8-int8" and recipe.stages[2].method == "gptq"
     assert any("weird_knob" in n for n in recipe.notes)
-    assert any("GPTQModifier" in n and "not run" in n for n in recipe.notes)
+    assert any("SmoothQuantModifier" in n and "not run" in n for n in recipe.notes)
+
+
+GPTQ_GROUPS = """
+quant_stage:
+  quant_modifiers:
+    GPTQModifier:
+      sequential_update: true
+      dampening_frac: 0.05
+      ignore: [lm_head]
+      actorder: static
+      config_groups:
+        group_0:
+          targets: [Linear]
+          weights: {num_bits: 4, type: int, symmetric: true, strategy: group, group_size: 64}
+"""
+
+
+def test_gptq_with_config_groups_maps_to_a_quantize_stage():
+    recipe = recipe_from_data(yaml.safe_load(GPTQ_GROUPS))
+    (stage,) = recipe.stages
+    assert (stage.kind, stage.method, stage.scheme, stage.group_size, stage.damp) == (
+        "quantize",
+        "gptq",
+        "w4a16",
+        64,
+        0.05,
+    )
+    assert stage.targets is None and stage.ignore == []
+    assert any("actorder" in n for n in recipe.notes)
+
+
+@pytest.mark.parametrize("scheme, expected", [("W4A16", "w4a16"), ("FP8_DYNAMIC", "w8a8-fp8"), ("int8", "w8a8-int8")])
+def test_quantization_modifier_presets_map_to_rtn(scheme, expected):
+    data = {"quant_stage": {"quant_modifiers": {"QuantizationModifier": {"scheme": scheme, "targets": "Linear"}}}}
+    (stage,) = recipe_from_data(data).stages
+    assert (stage.method, stage.scheme) == ("rtn", expected)
+
+
+def test_unknown_quantization_scheme_is_a_usage_error():
+    data = {"quant_stage": {"quant_modifiers": {"GPTQModifier": {"scheme": "W2A2"}}}}
+    with pytest.raises(UsageError, match="scheme 'W2A2'"):
+        recipe_from_data(data)

@@ -47,6 +47,7 @@ def save_checkpoint(
     carry: tuple[str, ...] = (),
     state_dict: dict[str, torch.Tensor] | None = None,
     label: str = "checkpoint",
+    sparsity: dict | None = None,
 ) -> Path:
     """Save model + tokenizer as safetensors, plus `sparsity.json`, as one atomic replacement of `out_dir`.
 
@@ -56,11 +57,12 @@ def save_checkpoint(
     with it; `carry` names files of the existing `out_dir` to keep (a training log). `state_dict`
     replaces the model's own tensors (the gathered weights of an FSDP-sharded model). An `out_dir`
     holding files sparsefit did not write is refused. `label` names the publish's crash points.
+    `sparsity` replaces the summary measured on the weights (when `state_dict` holds packed ones).
     """
     strip_gguf_quantization(model)
     out_dir = Path(out_dir)
     with staging_dir(out_dir, carry=carry, label=label) as stage:
-        info = {"sparsity": sparsity_summary(model, state_dict), **(metadata or {})}
+        info = {"sparsity": sparsity or sparsity_summary(model, state_dict), **(metadata or {})}
         given = None if state_dict is None else dict(state_dict)  # a copy: save_pretrained empties its dict
         model.save_pretrained(stage, safe_serialization=True, state_dict=given)
         if tokenizer is not None:

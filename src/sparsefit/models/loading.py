@@ -156,6 +156,11 @@ def load_model(
         )
     if resolved.gguf_file:
         strip_gguf_quantization(model)
+    # A compressed-tensors checkpoint loads packed, to be unpacked by a hook on the first forward;
+    # unpacked now, every weight is there to be read (sparsity, export) before any forward.
+    compressor = getattr(getattr(model, "hf_quantizer", None), "compressor", None)
+    if compressor is not None and hasattr(model, "ct_decompress_hook"):
+        compressor.decompress_model(model)
     model.config.name_or_path = resolved.spec
     return model.to(device).eval()
 

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from sparsefit.config import check_regexes
+from sparsefit.config import LayerwiseOptions, check_regexes
 
 
 def preset_settings(preset: str, method: str) -> dict:
@@ -24,10 +24,8 @@ def preset_settings(preset: str, method: str) -> dict:
     return {"sequential": True, "reconstruct_iters": 4 if method == "sparsegpt" else 0}
 
 
-class OneShotConfig(BaseModel):
+class OneShotConfig(LayerwiseOptions):
     """Every option of one-shot pruning, with its default; validated on construction."""
-
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # inf / nan in any float field is an error
 
     preset: Literal["best", "paper"] = Field(
         "best",
@@ -42,21 +40,6 @@ class OneShotConfig(BaseModel):
     )
     owl_m: float = Field(5.0, gt=0, description="OWL outlier threshold M")
     owl_lambda: float = Field(0.08, ge=0, lt=1, description="OWL sparsity spread lambda")
-    targets: list[str] | None = Field(
-        None, description="regexes of layer names to prune (default: every linear in the decoder blocks)"
-    )
-    ignore: list[str] = Field([], description="regexes of layer names to leave dense")
-    calib: str | None = Field(
-        "gsm8k",
-        description="calibration data: gsm8k | wikitext2 | file | hub id | self (sampled from the model) | none",
-    )
-    calib_split: str = Field("train", description="split of the calibration dataset")
-    text_field: str = Field("text", description="field of .jsonl / hub rows holding the text")
-    num_samples: int = Field(64, ge=1, description="calibration sequences")
-    seq_len: int = Field(512, ge=2, description="tokens per calibration sequence")
-    seed: int = Field(0, ge=0, lt=2**32, description="calibration draw (torch, random and numpy all take it)")
-    # 4 x 512 tokens per forward keeps the transients of a block small.
-    batch_size: int = Field(4, ge=1, description="calibration sequences per block forward")
     block_size: int = Field(128, ge=1, description="SparseGPT column block")
     damp: float = Field(0.01, gt=0, description="SparseGPT dampening, a fraction of the Hessian's mean diagonal")
     magnitude_scope: Literal["layer", "row"] = Field(
@@ -74,11 +57,6 @@ class OneShotConfig(BaseModel):
         True,
         description="prune each linear with the earlier linears of its block already pruned, one forward per block "
         "instead of two (default: the preset's, on); off: every linear sees the dense block",
-    )
-    compute_dtype: Literal["auto", "float32", "bfloat16"] = Field(
-        "auto",
-        description="dtype of the block forwards, statistics stay float32 (default auto: bfloat16 on a CPU with "
-        "native bf16, else float32; float32 on GPUs)",
     )
     # Resident memory then holds about one block's weights plus the activations; freed heap goes
     # back to the OS after each block.
@@ -103,11 +81,6 @@ class OneShotConfig(BaseModel):
     @classmethod
     def _structure(cls, v: str) -> str:
         return str(_parse_structure(v))
-
-    @field_validator("targets", "ignore")
-    @classmethod
-    def _regexes(cls, v: list[str] | None) -> list[str] | None:
-        return check_regexes(v)
 
     @field_validator("profile")
     @classmethod

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -14,6 +15,39 @@ from sparsefit.pruning.structure import Structure
 from sparsefit.pruning.wanda import prune_wanda
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
+
+
+class GroupSolver(Protocol):
+    def solve_shared(
+        self,
+        names: list[str],
+        weights: list[torch.Tensor],
+        sparsities: list[float],
+        preserves: list[torch.Tensor | None],
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]: ...
+
+    def reconstruct(
+        self, name: str, weight: torch.Tensor, pruned: torch.Tensor, keep: torch.Tensor
+    ) -> torch.Tensor: ...
+
+
+class LayerMethod(Protocol):
+    """What the layer-by-layer driver asks of a method: the statistics it needs, and a solver of one
+    block's input groups from them (`MethodOptions` for pruning; quantization has its own)."""
+
+    name: str
+    reconstruct_iters: int
+
+    @property
+    def needs_sq_sum(self) -> bool: ...
+
+    @property
+    def needs_hessian(self) -> bool: ...
+
+    @property
+    def needs_data(self) -> bool: ...
+
+    def solver(self, stats: InputStats | None) -> GroupSolver: ...
 
 
 @dataclass(frozen=True)
@@ -36,6 +70,9 @@ class MethodOptions:
     @property
     def needs_data(self) -> bool:
         return self.name != "magnitude"
+
+    def solver(self, stats: InputStats | None) -> BlockSolver:
+        return BlockSolver(self, stats)
 
 
 class BlockSolver:
@@ -72,20 +109,20 @@ class BlockSolver:
 
     def solve_shared(
         self,
-        name: str,
+        names: list[str],
         weights: list[torch.Tensor],
         sparsities: list[float],
         preserves: list[torch.Tensor | None],
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Several linears fed `name`'s input (q/k/v, gate/up), or just one, each as `solve` would prune it alone.
+        """Several linears fed one input (q/k/v, gate/up), or just one, each as `solve` would prune it alone.
 
         SparseGPT solves them stacked by rows in one pass: its per-column steps are mostly dispatch
         (the cost hardly grows with the rows), so one pass instead of three saves most of that overhead.
         """
         if self.options.name != "sparsegpt" or len(weights) == 1:
-            return [self.solve(name, w, s, p) for w, s, p in zip(weights, sparsities, preserves)]
+            return [self.solve(*args) for args in zip(names, weights, sparsities, preserves)]
         o = self.options
-        hinv, dead = self._inverse(name, weights[0].device)
+        hinv, dead = self._inverse(names[0], weights[0].device)
         preserve = None
         if any(p is not None for p in preserves):
             preserve = torch.cat(

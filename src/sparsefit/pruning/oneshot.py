@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 from pydantic import BaseModel
 
+from sparsefit.config import LayerwiseOptions
 from sparsefit.errors import UsageError
 from sparsefit.models.layout import decoder_layout, params_outside_blocks, weight_as_out_in
 from sparsefit.models.offload import offload_parameters, prepare_offload_dir
@@ -96,9 +97,9 @@ def peak_rss_mb() -> float:
 
 
 def calibration_batch(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: OneShotConfig, progress: bool = True
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: LayerwiseOptions, progress: bool = True
 ) -> tuple[torch.Tensor | None, str | None]:
-    """The (N, L) token ids the config asks for (None when the method needs none) and their source.
+    """The (N, L) token ids the config asks for (None when it names none) and their source.
 
     When the default dataset is out of reach (no SPARSEFIT_DATA_DIR copy, no hub), the text comes
     from the model itself (`self`), with a notice; a dataset the user named fails instead, with a
@@ -108,7 +109,7 @@ def calibration_batch(
     from sparsefit.data.self_generated import sample_from_model
     from sparsefit.data.sources import load_texts
 
-    if config.calib is None or (config.method == "magnitude" and config.profile != "owl"):
+    if config.calib is None:
         return None, None
     source = config.calib
     if source != "self":
@@ -129,7 +130,7 @@ def calibration_batch(
     return calib, source
 
 
-def _describe(calib: torch.Tensor | list[torch.Tensor], source: str | None) -> CalibrationReport:
+def describe_calibration(calib: torch.Tensor | list[torch.Tensor], source: str | None) -> CalibrationReport:
     batches = [calib] if isinstance(calib, torch.Tensor) else calib
     return CalibrationReport(
         source=source, sequences=sum(b.shape[0] for b in batches), tokens=sum(b.numel() for b in batches)
@@ -157,7 +158,7 @@ def _low_memory_dir(calib: torch.Tensor | list[torch.Tensor], per_block: list[di
     """
     available = available_memory_bytes()
     layers = next(layers for layers in per_block if layers)
-    tokens = _describe(calib, None).tokens
+    tokens = describe_calibration(calib, None).tokens
     hidden = min(weight_as_out_in(m).shape[1] for m in layers.values())
     widest = max(weight_as_out_in(m).shape[1] for m in layers.values())
     need = tokens * (hidden + (2 * widest if sequential else 0)) * 4
@@ -217,7 +218,7 @@ def oneshot(
 
     t = time.perf_counter()
     source = None  # batches passed in
-    if calib is None:
+    if calib is None and (config.method != "magnitude" or config.profile == "owl"):
         calib, source = calibration_batch(model, tokenizer, config, progress)
     report.add_time("calibration_data", time.perf_counter() - t)
     auto_offload = None
@@ -289,7 +290,7 @@ def oneshot(
             per_block=block_sparsity,
         ),
         owl_outlier_ratios=owl_ratios,
-        calibration=None if calib is None else _describe(calib, source),
+        calibration=None if calib is None else describe_calibration(calib, source),
         compute_dtype="bfloat16" if runner.bf16 else "float32",
         low_memory=offload_dir is not None,
         phases=report.phases,

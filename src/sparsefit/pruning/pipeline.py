@@ -32,7 +32,7 @@ from sparsefit.models.layout import (
     weight_as_out_in,
 )
 from sparsefit.models.offload import HeapCeiling, offload_parameters, offload_tensor_, release_free_heap
-from sparsefit.pruning.methods import BlockSolver, MethodOptions
+from sparsefit.pruning.methods import GroupSolver, LayerMethod
 from sparsefit.pruning.owl import outlier_ratio
 from sparsefit.pruning.stats import InputStats
 from sparsefit.pruning.wanda import wanda_scores
@@ -65,15 +65,21 @@ class LayerwiseReport:
 class BlockRunner:
     """Runs one block over every calibration batch, on `device`, optionally under bf16 autocast.
 
-    `heap` keeps the resident memory of later blocks near the first's (see `HeapCeiling`). With
-    `offload_dir` (low-memory mode), the sequential order's paused forwards wait with an input wider
-    than the block's (the MLP's intermediate) in a file there, mapped back as they resume.
+    With `offload_dir` (low-memory mode), the sequential order's paused forwards wait with an input
+    wider than the block's (the MLP's intermediate) in a file there, mapped back as they resume, and
+    `heap` keeps the resident memory of later blocks near the first's (see `HeapCeiling`). Without
+    offloading, each finished block's weights stay resident (a model mapped from its file is read in
+    block by block), so a ceiling learned on the first block would trim in vain on every later one.
     """
 
     device: torch.device
     bf16: bool = False
     offload_dir: Path | None = None
-    heap: HeapCeiling | None = field(default_factory=HeapCeiling)
+    heap: HeapCeiling | None = None
+
+    def __post_init__(self) -> None:
+        if self.offload_dir is not None and self.heap is None:
+            self.heap = HeapCeiling()
 
     def check_heap(self) -> None:
         if self.heap is not None:
@@ -282,9 +288,9 @@ def owl_outlier_ratios(
 @dataclass
 class _BlockPruner:
     """Prunes the selected linears of one block at a time, group by group (linears fed one input
-    are solved together: `BlockSolver.solve_shared`)."""
+    are solved together: `GroupSolver.solve_shared`)."""
 
-    options: MethodOptions
+    options: LayerMethod
     sparsity_of: Callable[[int, str], float]  # (block index, name) -> target sparsity
     runner: BlockRunner
     preserve_zeros: bool
@@ -303,12 +309,12 @@ class _BlockPruner:
         """Prune `layers` of `block` (already on the compute device); with `propagate`, leave the
         block's pruned outputs in `inputs`."""
         if not (self.options.needs_data and layers):
-            solver = BlockSolver(self.options, None)
+            solver = self.options.solver(None)
             for group in groups:
                 self.solve(index, group, layers, solver)
             return
         stats = InputStats(layers, groups, sq_sum=self.options.needs_sq_sum, hessian=self.options.needs_hessian)
-        solver = BlockSolver(self.options, stats)
+        solver = self.options.solver(stats)
         by_first = {group[0]: group for group in groups}
         t = time.perf_counter()
         if self.sequential:
@@ -333,14 +339,14 @@ class _BlockPruner:
             self.runner.run(block, inputs, replace=True)
             self.report.add_time("propagate", time.perf_counter() - t)
 
-    def solve(self, index: int, group: list[str], layers: dict[str, nn.Module], solver: BlockSolver) -> None:
+    def solve(self, index: int, group: list[str], layers: dict[str, nn.Module], solver: GroupSolver) -> None:
         """Prune the linears of one input group, then (with `reconstruct_iters`) refit their kept weights."""
         t = time.perf_counter()
         weights = [weight_as_out_in(layers[n]) for n in group]
         targets = [self.sparsity_of(index, n) for n in group]
         preserves = [w != 0 if self.preserve_zeros else None for w in weights]
         try:
-            results = solver.solve_shared(group[0], weights, targets, preserves)
+            results = solver.solve_shared(group, weights, targets, preserves)
         except ValueError as err:  # the math's message, e.g. a Hessian that is not positive definite
             raise SparsefitError(f"pruning {group[0]} failed: {err}") from None
         self.report.add_time("solve", time.perf_counter() - t)
@@ -367,7 +373,7 @@ class _BlockPruner:
 
 def prune_layerwise(
     model: nn.Module,
-    options: MethodOptions,
+    options: LayerMethod,
     sparsity_of: Callable[[int, str], float],
     inputs: list[BlockInput] | None,
     per_block: list[dict[str, nn.Module]],

@@ -20,7 +20,7 @@ import yaml
 from sparsefit.atomic import check_replaceable, discard_dir, make_dir, mark, write_json, write_text
 from sparsefit.outputs import claim_output
 from sparsefit.recipes.report import write_report
-from sparsefit.recipes.schema import EvaluateStage, ExportStage, FinetuneStage, OneshotStage, Recipe
+from sparsefit.recipes.schema import EvaluateStage, ExportStage, FinetuneStage, OneshotStage, QuantizeStage, Recipe
 
 STAGE_FILE = "stage.json"
 
@@ -81,7 +81,7 @@ def _run_stages(recipe: Recipe, run_dir: Path, device: torch.device, progress: b
             }
             mark(folder, STAGE_FILE)  # recorded first: a kill mid-write leaves only what is ours
             write_json(folder / STAGE_FILE, record)
-        if stage.kind in ("oneshot", "finetune", "export"):
+        if stage.kind in ("oneshot", "finetune", "quantize", "export"):
             current, stamp = str(folder), record["fingerprint"]
         outputs[stage.name] = str(folder)
     return write_report(run_dir, recipe)
@@ -154,6 +154,16 @@ def _run_stage(stage, recipe: Recipe, current: str, outputs: dict, folder: Path,
         model, tok = load_model_and_tokenizer(current, "float32", device)
         metrics = finetune(model, tok, FinetuneConfig(**fields), folder, resume=True, progress=progress, device=device)
         return {k: metrics[k] for k in keys}
+    if isinstance(stage, QuantizeStage):
+        from sparsefit.export.compressed import save_quantized
+        from sparsefit.quantization import QuantizeConfig, quantize
+
+        model, tok = load_model_and_tokenizer(current, "float32", "cpu")
+        config = QuantizeConfig(**stage.model_dump(exclude={"kind", "name"}, exclude_unset=True))
+        result = quantize(model, tok, config, device=device, progress=progress)
+        info = save_quantized(model, tok, folder, result)
+        r = result.report
+        return {**info, "revived_weights": r.revived_weights, "seconds": r.seconds, "phases": r.phases}
     if isinstance(stage, EvaluateStage):
         model, tok = load_model_and_tokenizer(current, "float32", device)
         result = _evaluate(stage, model, tok, progress, lambda: _self_eval_tokens(folder.parent, recipe.model, stage))

@@ -13,7 +13,7 @@
       - kind: evaluate
         tasks: [perplexity, gsm8k-answer-ppl]
 
-Each stage's fields are those of the Python API (`OneShotConfig`, `FinetuneConfig`), so the
+Each stage's fields are those of the Python API (`OneShotConfig`, `FinetuneConfig`, `QuantizeConfig`), so the
 same names work everywhere; unknown fields are errors that name the stage and the field.
 """
 
@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 
 from sparsefit.errors import UsageError
 from sparsefit.pruning import OneShotConfig
+from sparsefit.quantization.config import QuantizeConfig
 from sparsefit.training import FinetuneConfig
 
 EVAL_TASKS = ("self-ppl", "perplexity", "gsm8k-answer-ppl", "gsm8k")
@@ -45,6 +46,12 @@ class OneshotStage(_Stage, OneShotConfig):
 class FinetuneStage(_Stage, FinetuneConfig):
     kind: Literal["finetune"]
     # a teacher reference: "input" (the recipe's model), "stage:NAME" (a stage's output) or a model spec
+
+
+class QuantizeStage(_Stage, QuantizeConfig):
+    """Mask-preserving quantization; the stage's folder is the compressed-tensors checkpoint."""
+
+    kind: Literal["quantize"]
 
 
 class EvaluateStage(_Stage):
@@ -67,8 +74,10 @@ class ExportStage(_Stage):
     format: Literal["hf"] = "hf"  # a plain Hugging Face checkpoint (safetensors) with sparsity.json
 
 
-Stage = Annotated[OneshotStage | FinetuneStage | EvaluateStage | ExportStage, Field(discriminator="kind")]
-STAGE_KINDS = ("oneshot", "finetune", "evaluate", "export")
+Stage = Annotated[
+    OneshotStage | FinetuneStage | QuantizeStage | EvaluateStage | ExportStage, Field(discriminator="kind")
+]
+STAGE_KINDS = ("oneshot", "finetune", "quantize", "evaluate", "export")
 
 
 class Recipe(BaseModel):

@@ -61,7 +61,10 @@ def convert(data: dict, name: str = "sparseml-recipe") -> dict:
                 modifiers[mod_name] = args or {}
         stages += _convert_stage(stage_name, modifiers, notes)
     if not stages:
-        raise UsageError("SparseML recipe has no modifier sparsefit can run (SparseGPT/Wanda/Constant/Distillation)")
+        raise UsageError(
+            "SparseML recipe has no modifier sparsefit can run "
+            "(SparseGPT/Wanda/Constant/Distillation/GPTQ/Quantization)"
+        )
     return {"name": name, "description": "converted from a SparseML recipe", "stages": stages, "notes": notes}
 
 
@@ -73,6 +76,9 @@ def _convert_stage(stage_name: str, mods: dict[str, dict], notes: list[str]) -> 
     train_mods = {k: mods.pop(k) for k in list(mods) if k in ("ConstantPruningModifier", "OutputDistillationModifier")}
     if train_mods:
         out.append(_finetune(stage_name, train_mods, notes))
+    for mod_name in list(mods):
+        if mod_name in ("GPTQModifier", "QuantizationModifier"):
+            out.append(_quantize(stage_name, mod_name, mods.pop(mod_name), notes))
     for mod_name in mods:
         notes.append(f"{stage_name}.{mod_name}: no sparsefit equivalent; not run")
     return out
@@ -136,6 +142,72 @@ def _oneshot(stage_name: str, mod_name: str, args: dict, notes: list[str]) -> di
             stage["ignore"] = [
                 t[3:] if t.startswith("re:") else re.escape(t) for t in _strings(value, f"{where}.ignore")
             ]
+        elif key in _IMPLIED:
+            notes.append(f"{where}.{key}: no field needed ({_IMPLIED[key]})")
+        else:
+            notes.append(f"{where}.{key}: no sparsefit equivalent; ignored")
+    return stage
+
+
+# SparseML / llm-compressor preset scheme names -> sparsefit schemes
+_SCHEMES = {"W4A16": "w4a16", "W8A16": "w8a16", "W8A8": "w8a8-int8", "INT8": "w8a8-int8",
+            "FP8_DYNAMIC": "w8a8-fp8", "FP8": "w8a8-fp8"}  # fmt: skip
+
+
+def _scheme_of_group(group: Any, where: str, notes: list[str]) -> tuple[str, int | None]:
+    """(scheme, group size) of a `config_groups` entry: its weights' bits and type, quantized inputs or not."""
+    if not isinstance(group, dict) or not isinstance(group.get("weights"), dict):
+        raise UsageError(f"SparseML recipe: {where} must give 'weights' (num_bits, type, strategy, ...)")
+    weights, inputs = group["weights"], group.get("input_activations")
+    bits, kind = weights.get("num_bits", 8), weights.get("type", "int")
+    if weights.get("symmetric") is False:
+        notes.append(f"{where}.weights.symmetric: false is not mapped; symmetric (zero stays exact) is used")
+    if inputs:
+        scheme = "w8a8-fp8" if kind == "float" else "w8a8-int8"
+        if bits != 8 or inputs.get("num_bits", 8) != 8:
+            raise UsageError(f"SparseML recipe: {where}: only 8-bit weights with 8-bit activations are supported")
+        return scheme, None
+    if kind != "int" or bits not in (4, 8):
+        raise UsageError(f"SparseML recipe: {where}: weight-only schemes are 4- or 8-bit integers here")
+    return ("w4a16" if bits == 4 else "w8a16"), (weights.get("group_size") if weights.get("strategy") == "group" else 0)
+
+
+def _quantize(stage_name: str, mod_name: str, args: dict, notes: list[str]) -> dict:
+    where = f"{stage_name}.{mod_name}"
+    stage: dict[str, Any] = {"kind": "quantize", "name": f"{stage_name}-quantize",
+                             "method": "gptq" if mod_name == "GPTQModifier" else "rtn"}  # fmt: skip
+    for key, value in args.items():
+        if key == "scheme":
+            if isinstance(value, str) and value.upper() in _SCHEMES:
+                stage["scheme"] = _SCHEMES[value.upper()]
+                if value.upper() == "FP8":
+                    notes.append(f"{where}.scheme: FP8 with static activation scales maps to dynamic ones (w8a8-fp8)")
+            else:
+                raise UsageError(f"SparseML recipe: {where}.scheme '{value}' is not one of {', '.join(_SCHEMES)}")
+        elif key == "config_groups":
+            groups = list((value or {}).values()) if isinstance(value, dict) else []
+            if len(groups) != 1:
+                raise UsageError(f"SparseML recipe: {where}.config_groups must hold exactly one group here")
+            stage["scheme"], group_size = _scheme_of_group(groups[0], f"{where}.config_groups", notes)
+            if group_size is not None:
+                stage["group_size"] = group_size
+            targets = _targets(groups[0].get("targets"), f"{where}.config_groups", notes) if groups[0] else None
+            if targets and targets != ["Linear"]:
+                stage["targets"] = targets
+        elif key in ("percdamp", "dampening_frac"):
+            stage["damp"] = value
+        elif key == "block_size":
+            stage["block_size"] = value
+        elif key == "ignore":
+            ignore = [t[3:] if t.startswith("re:") else re.escape(t) for t in _strings(value, f"{where}.ignore")]
+            ignore = [t for t in ignore if t not in ("lm_head", "re:.*lm_head")]  # never quantized here
+            if ignore:
+                stage["ignore"] = ignore
+        elif key == "targets":
+            targets = [t for t in _strings(value, f"{where}.targets") if t != "Linear"]
+            mapped = _targets(targets, where, notes) if targets else None
+            if mapped:
+                stage["targets"] = mapped
         elif key in _IMPLIED:
             notes.append(f"{where}.{key}: no field needed ({_IMPLIED[key]})")
         else:

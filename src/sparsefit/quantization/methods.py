@@ -1,0 +1,89 @@
+"""GPTQ and round-to-nearest as methods of the layer-by-layer driver (`sparsefit.pruning.pipeline`).
+
+The driver hands each input group's weights with their keep masks (`preserve_zeros`: the nonzero
+weights); the solver returns the dequantized weights, zero wherever the mask is, and records each
+layer's scales and the weights it revived (none, checked here on every layer) in `QuantizeSink`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from sparsefit.pruning.sparsegpt import inverse_hessian
+from sparsefit.pruning.stats import InputStats
+from sparsefit.quantization.gptq import quantize_gptq
+from sparsefit.quantization.scheme import Grid, quantize_rtn
+
+
+@dataclass
+class QuantizeSink:
+    """What quantizing each layer produced, by layer name."""
+
+    scales: dict[str, torch.Tensor] = field(default_factory=dict)  # (out, groups)
+    revived: dict[str, int] = field(default_factory=dict)  # zeros before that are nonzero after
+
+
+@dataclass(frozen=True)
+class QuantOptions:
+    name: str  # "gptq" | "rtn"
+    grid: Grid
+    sink: QuantizeSink
+    block_size: int = 128
+    damp: float = 0.01
+    scale_dtype: torch.dtype = torch.float32  # the dtype the scales are stored in
+    reconstruct_iters: int = 0  # the driver's refit: not for quantized weights
+
+    @property
+    def needs_sq_sum(self) -> bool:
+        return False
+
+    @property
+    def needs_hessian(self) -> bool:
+        return self.name == "gptq"
+
+    @property
+    def needs_data(self) -> bool:
+        return self.name == "gptq"
+
+    def solver(self, stats: InputStats | None) -> QuantSolver:
+        return QuantSolver(self, stats)
+
+
+class QuantSolver:
+    """Quantizes the linears of one input group; GPTQ inverts their shared Hessian once and solves
+    them stacked by rows (rows are independent, and each row has its own scales)."""
+
+    def __init__(self, options: QuantOptions, stats: InputStats | None) -> None:
+        self.options, self.stats = options, stats
+
+    def solve_shared(
+        self,
+        names: list[str],
+        weights: list[torch.Tensor],
+        sparsities: list[float],
+        preserves: list[torch.Tensor | None],
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        o = self.options
+        keep = torch.cat([w != 0 if p is None else p for w, p in zip(weights, preserves)])
+        stacked = torch.cat(weights)
+        if o.name == "rtn":
+            quantized, scale = quantize_rtn(stacked * keep, o.grid, o.scale_dtype)
+        else:
+            hessian = self.stats.hessian(names[0]).to(stacked.device)
+            hinv, dead = inverse_hessian(hessian, o.damp)
+            quantized, scale = quantize_gptq(stacked, hinv, dead, o.grid, keep, o.block_size, o.scale_dtype)
+        rows = [w.shape[0] for w in weights]
+        revived = ((quantized != 0) & ~keep).sum().item()
+        if revived:  # the math guarantees none; a revived weight here is a bug, never a silent result
+            raise RuntimeError(f"quantizing {names[0]} revived {revived} pruned weights")
+        results = []
+        for name, q, s, k in zip(names, quantized.split(rows), scale.split(rows), keep.split(rows)):
+            o.sink.scales[name] = s
+            o.sink.revived[name] = 0
+            results.append((q.to(weights[0].dtype), k))
+        return results
+
+    def reconstruct(self, name: str, weight: torch.Tensor, pruned: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError("quantized weights are not refit")

@@ -1,0 +1,94 @@
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from sparsefit.errors import UsageError
+from sparsefit.export.compressed import save_quantized
+from sparsefit.pruning import OneShotConfig, oneshot
+from sparsefit.quantization import QuantizeConfig, quantize
+from sparsefit.quantization.config import SCHEMES
+from sparsefit.quantization.scheme import Grid, fake_quantize_per_token
+from tests.conftest import run_cli, tiny_model
+
+pytest.importorskip("compressed_tensors", reason="quantized exports need compressed-tensors (sparsefit[export])")
+
+
+def quantized(scheme, method="rtn", arch="llama"):
+    model = tiny_model(arch)
+    oneshot(model, None, OneShotConfig(method="magnitude", sparsity=0.5), progress=False)
+    torch.manual_seed(0)
+    x = torch.randint(3, 250, (8, 32))
+    config = QuantizeConfig(method=method, scheme=scheme, group_size=32, compute_dtype="float32")
+    return model, quantize(model, None, config, calib=x, progress=False)
+
+
+def own_logits(model, result, ids):
+    """sparsefit's dequantized model; with w8a8, inputs of the quantized linears quantized per token."""
+    handles = []
+    kind, _, _, quantized_inputs = SCHEMES[result.report.scheme]
+    if quantized_inputs:
+        grid = Grid(kind, 8)
+        modules = dict(model.named_modules())
+        handles = [
+            modules[name].register_forward_pre_hook(lambda m, a: (fake_quantize_per_token(a[0], grid),))
+            for name in result.scales
+        ]
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    for h in handles:
+        h.remove()
+    return logits
+
+
+@pytest.mark.parametrize("scheme, method", [("w4a16", "gptq"), ("w4a16", "rtn"), ("w8a16", "rtn"),
+                                            ("w8a8-int8", "rtn"), ("w8a8-fp8", "gptq")])  # fmt: skip
+def test_export_loads_in_transformers_with_the_same_logits_and_zeros(tmp_path, tokenizer, scheme, method):
+    model, result = quantized(scheme, method)
+    info = save_quantized(model, tokenizer, tmp_path / "out", result)
+    qc = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "compressed-tensors" and qc["format"] == info["format"]
+    assert qc["sparsity_config"] == {} and qc["ignore"] == ["lm_head"]
+    meta = json.loads((tmp_path / "out" / "sparsity.json").read_text())
+    assert meta["quantization"]["revived_weights"] == 0 and meta["sparsity"]["overall"] >= 0.5
+    assert info["ratio_to_dense_bf16"] < 1.0 and info["revived_weights"] == 0
+
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    ids = torch.randint(3, 250, (2, 24))
+    with torch.no_grad():
+        theirs = loaded(input_ids=ids).logits  # the first forward decompresses the weights
+    assert torch.allclose(theirs, own_logits(model, result, ids), atol=1e-4, rtol=1e-4)
+    mine = dict(model.named_modules())
+    for name in result.scales:
+        w = dict(loaded.named_modules())[name].weight
+        assert torch.equal(w == 0, mine[name].weight == 0), name
+        assert torch.allclose(w.float(), mine[name].weight, atol=1e-6), name
+
+
+def test_packed_weights_are_smaller_than_dense_bf16(tmp_path, tokenizer):
+    model, result = quantized("w4a16")
+    info = save_quantized(model, tokenizer, tmp_path / "out", result)
+    linear_params = sum(s.shape[0] * s.shape[1] * 32 for s in result.scales.values())
+    assert info["weight_bytes"] < info["dense_bf16_bytes"] - linear_params  # 4 of 16 bits per linear weight
+
+
+def test_conv1d_models_are_refused_with_the_fix(tmp_path, tokenizer):
+    model, result = quantized("w4a16", arch="gpt2")
+    with pytest.raises(UsageError, match="not a torch Linear"):
+        save_quantized(model, tokenizer, tmp_path / "out", result)
+    assert not (tmp_path / "out").exists()
+
+
+def test_quantize_command(tmp_path, tiny_checkpoint, data_dir, capsys):
+    out, report = tmp_path / "q", tmp_path / "q.json"
+    argv = ["quantize", "--model", str(tiny_checkpoint), "--scheme", "w4a16", "--group-size", "32",
+            "--num-samples", "4", "--seq-len", "32", "--output", str(out), "--json", str(report)]  # fmt: skip
+    code, stdout, stderr = run_cli(argv, capsys)
+    assert code == 0, stderr
+    assert "0 pruned weights revived" in stdout
+    data = json.loads(report.read_text())
+    assert data["method"] == "gptq" and data["export"]["format"] == "pack-quantized"
+    assert AutoModelForCausalLM.from_pretrained(out) is not None
+    code, _, stderr = run_cli([*argv[:-4], "--output", str(tmp_path / "q48"), "--group-size", "48"], capsys)
+    assert code == 2 and "multiple of --group-size 48" in stderr

@@ -1,0 +1,92 @@
+import pytest
+import torch
+
+from sparsefit.errors import UsageError
+from sparsefit.models.layout import weight_as_out_in
+from sparsefit.pruning import OneShotConfig, oneshot
+from sparsefit.quantization import QuantizeConfig, quantize
+from sparsefit.quantization.scheme import group_view
+from tests.conftest import ARCHS, tiny_model
+
+
+def calib(n=8, length=32, seed=0):
+    torch.manual_seed(seed)
+    return torch.randint(3, 250, (n, length))
+
+
+def pruned(arch="llama", sparsity=0.5):
+    model = tiny_model(arch)
+    oneshot(model, None, OneShotConfig(method="magnitude", sparsity=sparsity), progress=False)
+    return model
+
+
+def decoder_weights(model, result):
+    modules = dict(model.named_modules())
+    return {name: weight_as_out_in(modules[name]) for name in result.scales}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("method", ["gptq", "rtn"])
+def test_quantizing_a_pruned_model_keeps_every_zero_and_puts_weights_on_the_grid(arch, method):
+    model = pruned(arch)
+    zeros = {n: (w == 0).clone() for n, w in decoder_weights(model, quantize_dry(model)).items()}
+    config = QuantizeConfig(method=method, scheme="w4a16", group_size=16, compute_dtype="float32")
+    result = quantize(model, None, config, calib=calib(), progress=False)
+    assert result.report.revived_weights == 0 and result.report.layers == len(zeros)
+    assert result.report.sparsity_after >= result.report.sparsity_before >= 0.49
+    for name, w in decoder_weights(model, result).items():
+        assert (w[zeros[name]] == 0).all(), name
+        codes = group_view(w, 16) / result.scales[name].unsqueeze(-1)
+        assert (
+            torch.allclose(codes, codes.round(), atol=1e-4) and -8 <= codes.round().min() <= codes.round().max() <= 7
+        ), name
+
+
+def quantize_dry(model):
+    """The layer names quantize would change (a result with their scales), without changing them."""
+    import copy
+
+    return quantize(copy.deepcopy(model), None, QuantizeConfig(method="rtn", group_size=0), progress=False)
+
+
+def test_gptq_keeps_the_model_closer_than_round_to_nearest():
+    x = calib(n=16, length=48)
+    reference = pruned()
+    with torch.no_grad():
+        target = reference(input_ids=x).logits
+
+    def error(method):
+        model = pruned()
+        config = QuantizeConfig(method=method, scheme="w4a16", group_size=16, compute_dtype="float32")
+        quantize(model, None, config, calib=x, progress=False)
+        with torch.no_grad():
+            return (model(input_ids=x).logits - target).square().mean().item()
+
+    assert error("gptq") < 0.8 * error("rtn")
+
+
+def test_w8a8_schemes_scale_per_channel_whatever_the_group_size():
+    model = pruned()
+    result = quantize(model, None, QuantizeConfig(method="rtn", scheme="w8a8-fp8", group_size=16), progress=False)
+    assert result.grid.group_size is None and result.grid.kind == "float"
+    assert all(s.shape[1] == 1 for s in result.scales.values())
+
+
+def test_config_checks_name_the_field():
+    with pytest.raises(ValueError, match="gptq' needs calibration data"):
+        QuantizeConfig(method="gptq", calib=None)
+    assert QuantizeConfig(group_size=0).group_size is None
+    with pytest.raises(ValueError, match="scheme"):
+        QuantizeConfig(scheme="w3a16")
+
+
+def test_chosen_group_size_that_does_not_divide_the_columns_is_a_usage_error():
+    with pytest.raises(UsageError, match="multiple of --group-size 48"):
+        quantize(tiny_model("llama"), None, QuantizeConfig(method="rtn", group_size=48), progress=False)
+
+
+def test_default_group_size_that_does_not_divide_falls_back_with_a_notice(capsys):
+    """The default 128 does not divide 64 columns: 64 is used, and said."""
+    result = quantize(tiny_model("llama"), None, QuantizeConfig(method="rtn"), progress=False)
+    assert result.grid.group_size == 64 and result.report.group_size == 64
+    assert "groups of 64 instead" in capsys.readouterr().err
