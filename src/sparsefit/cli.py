@@ -514,9 +514,14 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--check", action="store_true", help="validate and print the stages, run nothing")
     p.set_defaults(func=cmd_run)
 
-    p = command("export", help="write a model as a plain HF checkpoint (safetensors) with sparsity.json")
+    p = command("export", help="write a model as a plain HF checkpoint (or compact sparse storage) with sparsity.json")
     _add_model_args(p)
-    p.add_argument("--format", default="hf", help="hf (default): a plain Hugging Face checkpoint")
+    p.add_argument(
+        "--format",
+        default="hf",
+        help="hf (default): a plain Hugging Face checkpoint | sparse-bitmask | sparse-24-bitmask: compact "
+        "sparse storage in the layouts of compressed-tensors <= 0.14 (sparsefit reads them back)",
+    )
     p.add_argument("--output", required=True, help="directory for the exported checkpoint")
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.add_argument("--json", default=None, help="write what was exported (files, bytes, sparsity) here")

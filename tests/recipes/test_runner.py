@@ -149,3 +149,29 @@ def test_the_run_directory_and_the_recipe_name_are_guarded(tiny_checkpoint, data
     for name in ("../escape", "/abs", "a/b", ".hidden", ""):
         with pytest.raises(UsageError, match="recipe name"):
             recipe_from_data({**tiny_recipe(tiny_checkpoint), "name": name})
+
+
+def test_quantize_stage_keeps_the_zeros_and_ends_the_chain(tiny_checkpoint, data_dir, tmp_path):
+    """prune 2:4 -> quantize (its folder is the compressed-tensors export) -> evaluate it as loaded."""
+    pytest.importorskip("compressed_tensors", reason="quantize stages need compressed-tensors (sparsefit[export])")
+    recipe = recipe_from_data(
+        {
+            "name": "tiny-quant",
+            "model": str(tiny_checkpoint),
+            "stages": [
+                {"kind": "oneshot", "method": "wanda", "structure": "2:4", "num_samples": 4, "seq_len": 32},
+                {"kind": "quantize", "scheme": "w8a16", "group_size": 32, "num_samples": 4, "seq_len": 32},
+                {**EVAL, "name": "quantized", "tasks": ["perplexity"]},
+            ],
+        }
+    )
+    report = run_recipe(recipe, tmp_path / "run", "cpu", progress=False)
+    rows = {r["stage"]: r for r in report["stages"]}
+    assert rows["quantized"]["sparsity"] == pytest.approx(0.5, abs=0.01) and rows["quantized"]["ppl"] > 1.0
+    quant = json.loads((tmp_path / "run" / "02-quantize" / "stage.json").read_text())["result"]
+    assert quant["revived_weights"] == 0 and quant["format"] == "pack-quantized"
+    # A quantized model is the end of the chain: saving it again is refused, naming the way round.
+    again = recipe_from_data({**recipe.model_dump(mode="json"), "name": "again",
+                              "stages": [*recipe.model_dump(mode="json")["stages"], {"kind": "export"}]})  # fmt: skip
+    with pytest.raises(UsageError, match="loaded from a quantized checkpoint"):
+        run_recipe(again, tmp_path / "run2", "cpu", progress=False)

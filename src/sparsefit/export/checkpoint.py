@@ -12,6 +12,9 @@ from pydantic import BaseModel
 from torch import nn
 
 from sparsefit.atomic import staging_dir
+from sparsefit.errors import UsageError
+from sparsefit.export.bitmask import FORMATS as BITMASK_FORMATS
+from sparsefit.export.bitmask import compress_state_dict, legacy_quantization_config
 from sparsefit.models.builtin import strip_gguf_quantization
 from sparsefit.models.layout import decoder_layout, is_prunable
 
@@ -60,6 +63,13 @@ def save_checkpoint(
     `sparsity` replaces the summary measured on the weights (when `state_dict` holds packed ones).
     """
     strip_gguf_quantization(model)
+    if getattr(model, "hf_quantizer", None) is not None:
+        # Its modules carry the quantizer's scales and wrappers: saved as they are, the weights and
+        # config.json would describe two different models.
+        raise UsageError(
+            "the model was loaded from a quantized checkpoint, which sparsefit does not save again; "
+            "start from its unquantized source (and quantize last, with `sparsefit quantize`)"
+        )
     out_dir = Path(out_dir)
     with staging_dir(out_dir, carry=carry, label=label) as stage:
         info = {"sparsity": sparsity or sparsity_summary(model, state_dict), **(metadata or {})}
@@ -74,6 +84,30 @@ def save_checkpoint(
     return out_dir
 
 
+def _save_bitmask(
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, out_dir: Path, fmt: str, metadata: dict
+) -> None:
+    layout = decoder_layout(model)
+    names = []
+    for i, block in enumerate(layout.blocks):
+        for name, module in block.named_modules():
+            if is_prunable(module):
+                if not isinstance(module, nn.Linear):
+                    raise UsageError(
+                        f"{fmt} stores torch Linear weights; {type(module).__name__} layers: use --format hf"
+                    )
+                names.append(f"{layout.prefix}.{i}.{name}")
+    try:
+        state = compress_state_dict(dict(model.state_dict()), names, fmt)
+    except ValueError as err:
+        raise UsageError(f"{err}: prune with --structure 2:4 first, or export as sparse-bitmask") from None
+    summary = sparsity_summary(model)
+    config = model.config.to_dict()
+    config["quantization_config"] = legacy_quantization_config(fmt, names, summary["overall"])
+    files = {"config.json": json.dumps(config, indent=2, sort_keys=True) + "\n"}
+    save_checkpoint(model, tokenizer, out_dir, metadata, extra_files=files, state_dict=state, sparsity=summary)
+
+
 def read_sparsity(checkpoint: str | os.PathLike) -> dict | None:
     """The checkpoint's `sparsity.json` (None when it is missing or does not parse: measure the weights)."""
     try:
@@ -83,16 +117,26 @@ def read_sparsity(checkpoint: str | os.PathLike) -> dict | None:
     return info if isinstance(info, dict) and isinstance(info.get("sparsity"), dict) else None
 
 
+EXPORT_FORMATS = ("hf", *BITMASK_FORMATS)
+
+
 def export_checkpoint(
     model: nn.Module, tokenizer: PreTrainedTokenizerBase, out_dir: str | os.PathLike, source: str, fmt: str = "hf"
 ) -> dict:
-    """Write `model` in format `fmt` (today: "hf", a plain checkpoint); returns files, bytes and sparsity."""
-    if fmt != "hf":
-        from sparsefit.errors import UsageError
+    """Write `model` in format `fmt`; returns files, bytes and sparsity.
 
-        raise UsageError(f"unknown export format '{fmt}'; use: hf")
+    "hf": a plain checkpoint. "sparse-bitmask" / "sparse-24-bitmask": the decoder linears stored as
+    bitmask and nonzero values (`sparsefit.export.bitmask`), the layouts compressed-tensors up to
+    0.14 wrote; sparsefit loads them back, current transformers and vLLM do not.
+    """
+    if fmt not in EXPORT_FORMATS:
+        raise UsageError(f"unknown export format '{fmt}'; use one of: {', '.join(EXPORT_FORMATS)}")
     out_dir = Path(out_dir)
-    save_checkpoint(model, tokenizer, out_dir, {"exported_from": source, "format": fmt})
+    metadata = {"exported_from": source, "format": fmt}
+    if fmt == "hf":
+        save_checkpoint(model, tokenizer, out_dir, metadata)
+    else:
+        _save_bitmask(model, tokenizer, out_dir, fmt, metadata)
     files = sorted(p.name for p in out_dir.iterdir() if not p.name.startswith("."))
     size = sum(p.stat().st_size for p in out_dir.iterdir() if p.is_file())
     return {"format": fmt, "files": files, "bytes": size, "sparsity": sparsity_summary(model)["overall"]}

@@ -123,7 +123,12 @@ def gguf_to_checkpoint(gguf_file: Path, out_dir: Path) -> None:
 
 
 def strip_gguf_quantization(model: PreTrainedModel) -> None:
-    """GGUF weights are already dequantized floats; drop the marker that blocks `save_pretrained`."""
+    """GGUF weights are already dequantized floats; drop the marker that blocks `save_pretrained`.
+    Any other quantization (compressed-tensors) is left as it is."""
+    config = getattr(model.config, "quantization_config", None)
+    method = config.get("quant_method") if isinstance(config, dict) else getattr(config, "quant_method", None)
+    if config is None or str(getattr(method, "value", method)).lower() != "gguf":
+        return
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     if getattr(model, "hf_quantizer", None) is not None:

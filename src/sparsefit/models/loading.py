@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -134,6 +136,11 @@ def load_model(
     device = device if isinstance(device, torch.device) else parse_device(device)
     torch_dtype = dtype if isinstance(dtype, torch.dtype) else parse_dtype(dtype, device)
     resolved = spec if isinstance(spec, ResolvedModel) else resolve_model(spec)
+    fmt = _bitmask_format(resolved)
+    if fmt is not None:
+        model = _load_bitmask(resolved, fmt, torch_dtype, trust_remote_code)
+        model.config.name_or_path = resolved.spec
+        return model.to(device).eval()
     try:
         model, info = AutoModelForCausalLM.from_pretrained(
             resolved.path,
@@ -163,6 +170,59 @@ def load_model(
         compressor.decompress_model(model)
     model.config.name_or_path = resolved.spec
     return model.to(device).eval()
+
+
+def _bitmask_format(resolved: ResolvedModel) -> str | None:
+    """The bitmask format of a local checkpoint in one (compressed-tensors <= 0.14), else None."""
+    from sparsefit.export.bitmask import sparse_format
+
+    config = Path(resolved.path) / "config.json"
+    if resolved.source not in ("local", "builtin") or not config.is_file():
+        return None
+    try:
+        data = json.loads(config.read_text())
+    except (OSError, ValueError):
+        return None  # a damaged config.json: the regular loading names the problem
+    try:
+        return sparse_format(data) if isinstance(data, dict) else None
+    except ValueError as err:
+        raise UsageError(f"cannot read '{resolved.spec}': {first_line(err)}") from None
+
+
+def _load_bitmask(resolved: ResolvedModel, fmt: str, dtype: torch.dtype, trust_remote_code: bool) -> PreTrainedModel:
+    """Build the model from its config and load the weights decompressed: current transformers no
+    longer opens bitmask-compressed checkpoints, so they are read here (`sparsefit.export.bitmask`)."""
+    from safetensors import SafetensorError, safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from sparsefit.export.bitmask import decompress_state_dict
+
+    path = Path(resolved.path)
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        for key in ("quantization_config", "compression_config"):
+            if hasattr(config, key):
+                delattr(config, key)
+        state = {}
+        for file in sorted(path.glob("*.safetensors")):
+            with safe_open(file, "pt") as f:
+                state.update({key: f.get_tensor(key) for key in f.keys()})
+        state, notes = decompress_state_dict(state, fmt)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    except (*_load_errors(), SafetensorError) as err:
+        raise _load_error(resolved, err) from None
+    for note in notes:
+        print(f"notice: {note}", file=sys.stderr)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    tied = head is not None and head.weight is embed.weight  # saved once, under the embedding's name
+    absent = sorted(k for k in missing if not (tied and k == "lm_head.weight"))
+    if absent or unexpected:
+        raise UsageError(
+            f"the checkpoint '{resolved.spec}' does not match its config: "
+            f"{'missing ' + ', '.join(absent[:2]) if absent else 'unexpected ' + ', '.join(sorted(unexpected)[:2])}"
+        )
+    return model
 
 
 def load_model_and_tokenizer(

@@ -71,7 +71,8 @@ class EvaluateStage(_Stage):
 
 class ExportStage(_Stage):
     kind: Literal["export"]
-    format: Literal["hf"] = "hf"  # a plain Hugging Face checkpoint (safetensors) with sparsity.json
+    # hf: a plain Hugging Face checkpoint (safetensors) with sparsity.json; or compact sparse storage
+    format: Literal["hf", "sparse-bitmask", "sparse-24-bitmask"] = "hf"
 
 
 Stage = Annotated[

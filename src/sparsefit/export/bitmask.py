@@ -1,0 +1,196 @@
+"""Compact sparse storage: the bitmask layouts of compressed-tensors up to 0.14, written and read here.
+
+compressed-tensors 0.15 removed them and transformers no longer loads such checkpoints, so
+sparsefit keeps its own reader and writer (the layouts, per weight `W.` of shape (rows, cols)):
+
+- `sparse-bitmask`: `W.compressed` the nonzero values in row-major order (1-D), `W.bitmask` uint8
+  (rows, ceil(cols / 8)), bit j of byte k flagging column 8k + j (little-endian bit order),
+  `W.row_offsets` int64 (rows,) the index in `compressed` where each row starts, `W.shape` int64 (2,);
+- `sparse-24-bitmask`: `W.compressed` (rows, cols / 2), the two kept values of every group of four
+  columns, `W.bitmask` as above over the full width, `W.shape` int64 (2, 1).
+
+With quantization (0.14 stored the sparse layout of the quantized weight): `compressed` holds int8
+or float8 codes and `W.weight_scale` sits beside it; the weight is codes x scale per output channel.
+Round trips are bit-exact, except that -0.0 is stored as +0.0 (a zero has no sign worth keeping).
+"""
+
+from __future__ import annotations
+
+import torch
+
+FORMATS = ("sparse-bitmask", "sparse-24-bitmask")
+_BITS = 1 << torch.arange(8, dtype=torch.int32)
+
+
+def pack_bitmask(mask: torch.Tensor) -> torch.Tensor:
+    """(rows, cols) bool -> (rows, ceil(cols / 8)) uint8, little-endian bit order within each byte."""
+    rows, cols = mask.shape
+    padded = torch.nn.functional.pad(mask.to(torch.int32), (0, -cols % 8))
+    return (padded.reshape(rows, -1, 8) * _BITS).sum(-1).to(torch.uint8)
+
+
+def unpack_bitmask(packed: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """The inverse of `pack_bitmask`: (rows, ceil(cols / 8)) uint8 -> (rows, cols) bool."""
+    rows, cols = shape
+    if packed.shape != (rows, -(-cols // 8)):
+        raise ValueError(f"bitmask of shape {tuple(packed.shape)} does not fit a weight of shape {(rows, cols)}")
+    bits = (packed.to(torch.int32).unsqueeze(-1) & _BITS) != 0
+    return bits.reshape(rows, -1)[:, :cols]
+
+
+def _positive_zeros(weight: torch.Tensor) -> torch.Tensor:
+    if weight.dtype == torch.float8_e4m3fn:  # no arithmetic on float8: clear the sign bit of zeros
+        raw = weight.view(torch.uint8)
+        return torch.where(raw == 0x80, torch.zeros_like(raw), raw).view(torch.float8_e4m3fn)
+    return weight + 0 if weight.is_floating_point() else weight
+
+
+def _nonzero(weight: torch.Tensor) -> torch.Tensor:
+    raw = weight.view(torch.uint8) & 0x7F if weight.dtype == torch.float8_e4m3fn else weight
+    return raw != 0
+
+
+def _select(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """weight[mask], also for float8 (indexed through its raw bytes)."""
+    if weight.dtype == torch.float8_e4m3fn:
+        return weight.view(torch.uint8)[mask].view(torch.float8_e4m3fn)
+    return weight[mask]
+
+
+def compress_bitmask(weight: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The `sparse-bitmask` parts of a 2-D weight (suffixes `compressed`, `bitmask`, `row_offsets`, `shape`)."""
+    weight = _positive_zeros(weight)
+    mask = _nonzero(weight)
+    counts = mask.sum(-1)
+    return {
+        "compressed": _select(weight, mask),
+        "bitmask": pack_bitmask(mask),
+        "row_offsets": torch.cumsum(counts, 0) - counts,
+        "shape": torch.tensor(weight.shape, dtype=torch.int64),
+    }
+
+
+def compress_24_bitmask(weight: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The `sparse-24-bitmask` parts of a 2:4-sparse 2-D weight (suffixes `compressed`, `bitmask`, `shape`)."""
+    rows, cols = weight.shape
+    weight = _positive_zeros(weight)
+    nonzero = _nonzero(weight)
+    if cols % 4 or nonzero.reshape(rows, -1, 4).sum(-1).max() > 2:
+        raise ValueError("the weight is not 2:4 sparse along its input columns; use sparse-bitmask")
+    # Keep every nonzero, then as many zeros as each group of four needs to keep exactly two.
+    order = torch.sort(nonzero.reshape(rows, -1, 4).to(torch.int8), dim=-1, descending=True, stable=True).indices
+    keep = torch.zeros(rows, cols // 4, 4, dtype=torch.bool).scatter_(-1, order[..., :2], True).reshape(rows, cols)
+    return {
+        "compressed": _select(weight, keep).reshape(rows, cols // 2),
+        "bitmask": pack_bitmask(keep),
+        "shape": torch.tensor([[rows], [cols]], dtype=torch.int64),
+    }
+
+
+def decompress(fmt: str, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The dense weight from its parts in format `fmt` (one of FORMATS)."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown sparse format '{fmt}'; sparsefit reads {', '.join(FORMATS)}")
+    shape = tuple(int(s) for s in parts["shape"].flatten().tolist())
+    if len(shape) != 2:
+        raise ValueError(f"a bitmask-compressed weight must be 2-D, got shape {shape}")
+    mask = unpack_bitmask(parts["bitmask"], shape)
+    values = parts["compressed"].flatten()
+    if values.numel() != mask.sum().item():
+        raise ValueError(f"{values.numel()} stored values but the bitmask flags {mask.sum().item()}")
+    if values.dtype == torch.float8_e4m3fn:  # indexing assignment needs a plain dtype: move raw bytes
+        dense = torch.zeros(shape, dtype=torch.uint8)
+        dense[mask] = values.view(torch.uint8)
+        return dense.view(torch.float8_e4m3fn)
+    dense = torch.zeros(shape, dtype=values.dtype)
+    dense[mask] = values
+    return dense
+
+
+# ---- checkpoints -------------------------------------------------------------------------------
+
+SPARSITY_STRUCTURES = {"sparse-bitmask": "unstructured", "sparse-24-bitmask": "2:4"}
+# Written as compressed-tensors 0.14 wrote it (the last version that read these formats).
+LEGACY_VERSION = "0.14.0"
+# Tensors of a compressed weight besides its values; a quantized one also carries these.
+_PART_SUFFIXES = ("compressed", "bitmask", "row_offsets", "shape")
+_QUANT_SUFFIXES = ("weight_scale", "weight_zero_point", "weight_global_scale", "input_scale", "input_zero_point")
+
+
+def sparse_format(config: dict) -> str | None:
+    """The bitmask format a checkpoint's config.json declares (None: not a sparse-compressed checkpoint).
+
+    Older checkpoints put the block under `compression_config`. The format string is only ever
+    compared with FORMATS, never used to look anything up.
+    """
+    block = config.get("quantization_config") or config.get("compression_config") or {}
+    sparsity = block.get("sparsity_config") if isinstance(block, dict) else None
+    fmt = sparsity.get("format") if isinstance(sparsity, dict) else None
+    if fmt in (None, "dense"):
+        return None
+    if fmt not in FORMATS:
+        raise ValueError(f"sparse format '{fmt}' is not one sparsefit reads ({', '.join(FORMATS)})")
+    return fmt
+
+
+def compress_state_dict(state: dict[str, torch.Tensor], names: list[str], fmt: str) -> dict[str, torch.Tensor]:
+    """`state` with the weight of each linear in `names` replaced by its `fmt` parts."""
+    compress = compress_bitmask if fmt == "sparse-bitmask" else compress_24_bitmask
+    out = dict(state)
+    for name in names:
+        try:
+            parts = compress(out.pop(f"{name}.weight"))
+        except ValueError as err:
+            raise ValueError(f"{name}: {err}") from None
+        out.update({f"{name}.{key}": value for key, value in parts.items()})
+    return out
+
+
+def decompress_state_dict(state: dict[str, torch.Tensor], fmt: str) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """`state` with every bitmask-compressed weight dense again (quantized codes times their scales).
+
+    Returns the state and notes on what was dropped (activation scales: the model runs unquantized).
+    """
+    out, notes = dict(state), []
+    for prefix in sorted(k.removesuffix(".bitmask") for k in state if k.endswith(".bitmask")):
+        parts = {s: out.pop(f"{prefix}.{s}") for s in _PART_SUFFIXES if f"{prefix}.{s}" in out}
+        try:
+            weight = decompress(fmt, parts)
+        except (KeyError, ValueError) as err:
+            raise ValueError(f"{prefix}: {err}") from None
+        quant = {s: out.pop(f"{prefix}.{s}") for s in _QUANT_SUFFIXES if f"{prefix}.{s}" in out}
+        codes = not weight.is_floating_point() or weight.dtype == torch.float8_e4m3fn
+        if quant and not codes:
+            notes.append(f"{prefix}: quantization parameters beside float values ignored (already dequantized)")
+        elif "weight_scale" in quant:
+            weight = _dequantize(weight, quant["weight_scale"], quant.get("weight_zero_point"))
+            if "input_scale" in quant:
+                notes.append(f"{prefix}: static activation scales dropped (the model computes unquantized)")
+        elif codes:
+            raise ValueError(f"{prefix}: {weight.dtype} values without a weight_scale cannot be dequantized")
+        out[f"{prefix}.weight"] = weight
+    return out, notes
+
+
+def _dequantize(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None) -> torch.Tensor:
+    rows, cols = codes.shape
+    scale = scale.float().reshape(rows, -1)
+    values = codes.float()
+    if zero_point is not None:
+        values = values - zero_point.float().reshape(rows, -1).repeat_interleave(cols // scale.shape[1], 1)
+    return values * scale.repeat_interleave(cols // scale.shape[1], 1)
+
+
+def legacy_quantization_config(fmt: str, names: list[str], overall: float) -> dict:
+    return {
+        "quant_method": "compressed-tensors",
+        "version": LEGACY_VERSION,
+        "sparsity_config": {
+            "format": fmt,
+            "global_sparsity": overall,
+            "sparsity_structure": SPARSITY_STRUCTURES[fmt],
+            "targets": names,
+            "ignore": [],
+            "registry_requires_subclass": False,
+        },
+    }
