@@ -168,25 +168,32 @@ def _profile_arg(value: str | None) -> str | dict | None:
     return mapping
 
 
-def cmd_prune(args: argparse.Namespace) -> int:
+def _layerwise_setup(args: argparse.Namespace, config_cls: type, fields: list[str], extra: dict | None = None):  # noqa: ANN202
+    """What `prune` and `quantize` share: the validated config (from the flags given), the compute
+    device, the claimed output, and the model and tokenizer, loaded on the CPU (the layer-by-layer
+    driver moves one block at a time to the compute device)."""
     from sparsefit.config import validate
-    from sparsefit.export import save_checkpoint
     from sparsefit.models import load_model_and_tokenizer, parse_device
     from sparsefit.outputs import check_writable_file, claim_output
-    from sparsefit.pruning import OneShotConfig, oneshot
-    from sparsefit.pruning.oneshot import peak_rss_mb
 
-    options = flag_values(args, PRUNE_FIELDS)  # unset flags keep the config's defaults
-    if args.profile is not None:
-        options["profile"] = _profile_arg(args.profile)
+    options = {**flag_values(args, fields), **(extra or {})}  # unset flags keep the config's defaults
     if args.calib == "none":
         options["calib"] = None
-    config = validate(OneShotConfig, options, "prune options", as_flags=True)
+    config = validate(config_cls, options, f"{args.command} options", as_flags=True)
     device = parse_device(args.device)
     check_writable_file(args.json, "--json", args.output, (args.model,))
     claim = claim_output(args.output, overwrite=args.overwrite, inputs=(args.model,))
-    # Load on the CPU: the driver moves one block at a time to the compute device.
     model, tokenizer = load_model_and_tokenizer(args.model, args.dtype, "cpu", args.trust_remote_code)
+    return config, device, claim, model, tokenizer
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from sparsefit.export import save_checkpoint
+    from sparsefit.pruning import OneShotConfig, oneshot
+    from sparsefit.pruning.oneshot import peak_rss_mb
+
+    profile = {} if args.profile is None else {"profile": _profile_arg(args.profile)}
+    config, device, claim, model, tokenizer = _layerwise_setup(args, OneShotConfig, PRUNE_FIELDS, profile)
     report = oneshot(model, tokenizer, config, device=device)
     report.model = args.model
     save_checkpoint(model, tokenizer, claim.path, {"pruning": report.to_json()})
@@ -204,21 +211,11 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from sparsefit.config import validate
     from sparsefit.export.compressed import FORMATS, save_quantized
-    from sparsefit.models import load_model_and_tokenizer, parse_device
-    from sparsefit.outputs import check_writable_file, claim_output
     from sparsefit.pruning.oneshot import peak_rss_mb
     from sparsefit.quantization import QuantizeConfig, quantize
 
-    options = flag_values(args, QUANTIZE_FIELDS)
-    if args.calib == "none":
-        options["calib"] = None
-    config = validate(QuantizeConfig, options, "quantize options", as_flags=True)
-    device = parse_device(args.device)
-    check_writable_file(args.json, "--json", args.output, (args.model,))
-    claim = claim_output(args.output, overwrite=args.overwrite, inputs=(args.model,))
-    model, tokenizer = load_model_and_tokenizer(args.model, args.dtype, "cpu", args.trust_remote_code)
+    config, device, claim, model, tokenizer = _layerwise_setup(args, QuantizeConfig, QUANTIZE_FIELDS)
     result = quantize(model, tokenizer, config, device=device)
     result.report.model = args.model
     info = save_quantized(model, tokenizer, claim.path, result)
