@@ -15,12 +15,12 @@ from tests.conftest import run_cli, tiny_model
 pytest.importorskip("compressed_tensors", reason="quantized exports need compressed-tensors (sparsefit[export])")
 
 
-def quantized(scheme, method="rtn", arch="llama"):
+def quantized(scheme, method="rtn", arch="llama", dtype="float32"):
     model = tiny_model(arch)
     oneshot(model, None, OneShotConfig(method="magnitude", sparsity=0.5), progress=False)
     torch.manual_seed(0)
     x = torch.randint(3, 250, (8, 32))
-    config = QuantizeConfig(method=method, scheme=scheme, group_size=32, compute_dtype="float32")
+    config = QuantizeConfig(method=method, scheme=scheme, group_size=32, compute_dtype="float32", dtype=dtype)
     return model, quantize(model, None, config, calib=x, progress=False)
 
 
@@ -66,11 +66,29 @@ def test_export_loads_in_transformers_with_the_same_logits_and_zeros(tmp_path, t
         assert torch.allclose(w.float(), mine[name].weight, atol=1e-6), name
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_export_dequantizes_to_the_rounded_weights(tmp_path, tokenizer, dtype):
+    """Scales are rounded to the export dtype before the codes are chosen: the loaded weights are
+    sparsefit's weights rounded to that dtype, zeros included."""
+    model, result = quantized("w4a16", "gptq", dtype=dtype)
+    save_quantized(model, tokenizer, tmp_path / "out", result)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert loaded.dtype == getattr(torch, dtype)
+    with torch.no_grad():
+        loaded(input_ids=torch.randint(3, 250, (1, 8)))  # the first forward decompresses the weights
+    mine = dict(model.named_modules())
+    for name in result.scales:
+        w = dict(loaded.named_modules())[name].weight
+        assert torch.equal(w, mine[name].weight.to(w.dtype)), name
+        assert torch.equal(w == 0, mine[name].weight == 0), name
+
+
 def test_packed_weights_are_smaller_than_dense_bf16(tmp_path, tokenizer):
-    model, result = quantized("w4a16")
+    model, result = quantized("w4a16", dtype="bfloat16")
     info = save_quantized(model, tokenizer, tmp_path / "out", result)
-    linear_params = sum(s.shape[0] * s.shape[1] * 32 for s in result.scales.values())
-    assert info["weight_bytes"] < info["dense_bf16_bytes"] - linear_params  # 4 of 16 bits per linear weight
+    linear_bf16_bytes = sum(s.shape[0] * s.shape[1] * 32 * 2 for s in result.scales.values())
+    # 4 of 16 bits per linear weight, plus one 2-byte scale per 32 weights
+    assert info["weight_bytes"] < info["dense_bf16_bytes"] - 0.65 * linear_bf16_bytes
 
 
 def test_conv1d_models_are_refused_with_the_fix(tmp_path, tokenizer):

@@ -70,13 +70,19 @@ def compressed_state_dict(model: nn.Module, result: QuantizeResult) -> dict[str,
     from compressed_tensors.compressors import BaseCompressor
 
     config = result.report.config
+    dtype = getattr(torch, config.dtype)
     scheme = ct_scheme(config.scheme, result.grid.group_size)
     compressor = BaseCompressor.get_value_from_registry(FORMATS[config.scheme])
     state = dict(model.state_dict())
     for name, scale in result.scales.items():
         weight = state.pop(f"{name}.weight")
-        parts = compressor.compress({"weight": weight, "weight_scale": scale.to(weight.dtype)}, scheme)
+        # The scale was rounded to `dtype` before the codes were chosen: storing it there is exact.
+        parts = compressor.compress({"weight": weight, "weight_scale": scale.to(dtype)}, scheme)
         state.update({f"{name}.{key}": value.contiguous() for key, value in parts.items()})
+    cast: dict[tuple, torch.Tensor] = {}  # tied tensors (embeddings and head) stay one tensor
+    for key, value in state.items():
+        if value.is_floating_point() and value.dtype not in (dtype, torch.float8_e4m3fn):
+            state[key] = cast.setdefault((value.data_ptr(), value.shape, value.stride()), value.to(dtype))
     return state
 
 
@@ -132,6 +138,7 @@ def save_quantized(
     """
     config = model.config.to_dict()
     config["quantization_config"] = quantization_config(model, result)
+    config["dtype"] = result.report.config.dtype
     state = compressed_state_dict(model, result)
     sparsity = sparsity_summary(model)
     out_dir = Path(out_dir)

@@ -37,6 +37,11 @@ class QuantizeConfig(LayerwiseOptions):
         description="input columns per weight scale for w4a16 / w8a16 (default 128, or 64 / 32 when 128 does "
         "not divide a layer's columns; 0: one scale per output channel); w8a8 schemes scale per channel",
     )
+    dtype: Literal["bfloat16", "float16", "float32"] = Field(
+        "bfloat16",
+        description="dtype of the export's scales and of the tensors left unquantized (embeddings, norms); "
+        "scales are rounded to it before the codes are chosen, so the export dequantizes to the weights found",
+    )
     block_size: int = Field(128, ge=1, description="GPTQ column block (lazy batch updates)")
     damp: float = Field(0.01, gt=0, description="GPTQ dampening, a fraction of the Hessian's mean diagonal")
     sequential: bool = Field(
