@@ -75,13 +75,13 @@ class QuantSolver:
             hinv, dead = inverse_hessian(hessian, o.damp)
             quantized, scale = quantize_gptq(stacked, hinv, dead, o.grid, keep, o.block_size, o.scale_dtype)
         rows = [w.shape[0] for w in weights]
-        revived = ((quantized != 0) & ~keep).sum().item()
-        if revived:  # the math guarantees none; a revived weight here is a bug, never a silent result
-            raise RuntimeError(f"quantizing {names[0]} revived {revived} pruned weights")
         results = []
         for name, q, s, k in zip(names, quantized.split(rows), scale.split(rows), keep.split(rows)):
+            revived = int(((q != 0) & ~k).sum())
+            if revived:  # the math guarantees none; a revived weight is a bug, never a silent result
+                raise RuntimeError(f"quantizing {name} revived {revived} pruned weights")
             o.sink.scales[name] = s
-            o.sink.revived[name] = 0
+            o.sink.revived[name] = revived
             results.append((q.to(weights[0].dtype), k))
         return results
 
