@@ -385,8 +385,8 @@ PRUNE_FIELDS = [
     "preserve_mask", "reconstruct_iters", "sequential", "compute_dtype", "offload_dir",
 ]  # fmt: skip
 QUANTIZE_FIELDS = [
-    "scheme", "method", "group_size", "targets", "ignore", "calib", "calib_split", "text_field", "num_samples",
-    "seq_len", "seed", "batch_size", "block_size", "damp", "sequential", "compute_dtype",
+    "scheme", "method", "group_size", "export_dtype", "sparse_format", "targets", "ignore", "calib", "calib_split",
+    "text_field", "num_samples", "seq_len", "seed", "batch_size", "block_size", "damp", "sequential", "compute_dtype",
 ]  # fmt: skip
 FINETUNE_GROUPS = {
     "data": ["dataset", "self_samples", "split", "format", "text_field", "seq_len", "limit"],

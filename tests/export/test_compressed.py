@@ -20,7 +20,7 @@ def quantized(scheme, method="rtn", arch="llama", dtype="float32"):
     oneshot(model, None, OneShotConfig(method="magnitude", sparsity=0.5), progress=False)
     torch.manual_seed(0)
     x = torch.randint(3, 250, (8, 32))
-    config = QuantizeConfig(method=method, scheme=scheme, group_size=32, compute_dtype="float32", dtype=dtype)
+    config = QuantizeConfig(method=method, scheme=scheme, group_size=32, compute_dtype="float32", export_dtype=dtype)
     return model, quantize(model, None, config, calib=x, progress=False)
 
 
@@ -110,3 +110,26 @@ def test_quantize_command(tmp_path, tiny_checkpoint, data_dir, capsys):
     assert AutoModelForCausalLM.from_pretrained(out) is not None
     code, _, stderr = run_cli([*argv[:-4], "--output", str(tmp_path / "q48"), "--group-size", "48"], capsys)
     assert code == 2 and "multiple of --group-size 48" in stderr
+
+
+@pytest.mark.parametrize("scheme", ["w8a8-int8", "w8a8-fp8"])
+def test_legacy_sparse_quantized_export_reads_back_with_the_same_weights(tmp_path, tokenizer, scheme):
+    """w8a8 codes in the 2:4 bitmask layout of compressed-tensors <= 0.14: sparsefit reads them back."""
+    from sparsefit.models import load_model
+
+    model = tiny_model("llama")
+    oneshot(model, None, OneShotConfig(method="magnitude", structure="2:4"), progress=False)
+    config = QuantizeConfig(method="rtn", scheme=scheme, sparse_format="sparse-24-bitmask")
+    result = quantize(model, None, config, progress=False)
+    info = save_quantized(model, tokenizer, tmp_path / "out", result)
+    qc = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
+    assert qc["sparsity_config"]["format"] == "sparse-24-bitmask" and info["format"].endswith("+sparse-24-bitmask")
+    loaded = load_model(tmp_path / "out")
+    mine, theirs = dict(model.named_modules()), dict(loaded.named_modules())
+    for name in result.scales:
+        assert torch.equal(theirs[name].weight, mine[name].weight), name
+
+
+def test_sparse_format_needs_8_bit_codes():
+    with pytest.raises(ValueError, match="w8a8-int8 or w8a8-fp8"):
+        QuantizeConfig(scheme="w4a16", sparse_format="sparse-bitmask")

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from sparsefit.errors import UsageError
+from sparsefit.export.bitmask import compress_state_dict, legacy_quantization_config
 from sparsefit.export.checkpoint import save_checkpoint, sparsity_summary
 from sparsefit.quantization.config import SCHEMES
 
@@ -70,7 +71,7 @@ def compressed_state_dict(model: nn.Module, result: QuantizeResult) -> dict[str,
     from compressed_tensors.compressors import BaseCompressor
 
     config = result.report.config
-    dtype = getattr(torch, config.dtype)
+    dtype = getattr(torch, config.export_dtype)
     scheme = ct_scheme(config.scheme, result.grid.group_size)
     compressor = BaseCompressor.get_value_from_registry(FORMATS[config.scheme])
     state = dict(model.state_dict())
@@ -138,9 +139,20 @@ def save_quantized(
     """
     config = model.config.to_dict()
     config["quantization_config"] = quantization_config(model, result)
-    config["dtype"] = result.report.config.dtype
+    config["dtype"] = result.report.config.export_dtype
     state = compressed_state_dict(model, result)
     sparsity = sparsity_summary(model)
+    fmt = result.report.config.sparse_format
+    if fmt != "none":  # the codes of each layer (its `weight`) in the legacy bitmask layout
+        names = list(result.scales)
+        try:
+            state = compress_state_dict(state, names, fmt)
+        except ValueError as err:
+            raise UsageError(
+                f"{err}: prune with --structure 2:4 first, or use --sparse-format sparse-bitmask"
+            ) from None
+        legacy = legacy_quantization_config(fmt, names, sparsity["overall"])
+        config["quantization_config"].update(sparsity_config=legacy["sparsity_config"], version=legacy["version"])
     out_dir = Path(out_dir)
     save_checkpoint(
         model,
@@ -156,7 +168,7 @@ def save_quantized(
     weights = sum(p.stat().st_size for p in out_dir.glob("*.safetensors"))
     dense = dense_bf16_bytes(model)
     return {
-        "format": FORMATS[result.report.scheme],
+        "format": FORMATS[result.report.scheme] if fmt == "none" else f"{FORMATS[result.report.scheme]}+{fmt}",
         "scheme": result.report.scheme,
         "files": files,
         "bytes": size,

@@ -37,10 +37,15 @@ class QuantizeConfig(LayerwiseOptions):
         description="input columns per weight scale for w4a16 / w8a16 (default 128, or 64 / 32 when 128 does "
         "not divide a layer's columns; 0: one scale per output channel); w8a8 schemes scale per channel",
     )
-    dtype: Literal["bfloat16", "float16", "float32"] = Field(
+    export_dtype: Literal["bfloat16", "float16", "float32"] = Field(
         "bfloat16",
         description="dtype of the export's scales and of the tensors left unquantized (embeddings, norms); "
         "scales are rounded to it before the codes are chosen, so the export dequantizes to the weights found",
+    )
+    sparse_format: Literal["none", "sparse-bitmask", "sparse-24-bitmask"] = Field(
+        "none",
+        description="legacy storage for w8a8 schemes: the int8 / float8 codes as bitmask plus values, as "
+        "compressed-tensors <= 0.14 wrote them (sparsefit reads these; current transformers and vLLM do not)",
     )
     block_size: int = Field(128, ge=1, description="GPTQ column block (lazy batch updates)")
     damp: float = Field(0.01, gt=0, description="GPTQ dampening, a fraction of the Hessian's mean diagonal")
@@ -59,6 +64,8 @@ class QuantizeConfig(LayerwiseOptions):
 
     @model_validator(mode="after")
     def _consistent(self) -> QuantizeConfig:
+        if self.sparse_format != "none" and not SCHEMES[self.scheme][3]:
+            raise ValueError("sparse_format stores 8-bit codes: use it with scheme w8a8-int8 or w8a8-fp8")
         if self.method == "gptq" and self.calib is None:
             raise ValueError("method 'gptq' needs calibration data: set calib to a dataset or 'self', or use 'rtn'")
         return self

@@ -123,7 +123,7 @@ def quantize(
         calib, source = calibration_batch(model, tokenizer, config, progress)
     report.add_time("calibration_data", time.perf_counter() - t)
     sink = QuantizeSink()
-    scale_dtype = getattr(torch, config.dtype)  # one of three literal names, never free text
+    scale_dtype = getattr(torch, config.export_dtype)  # one of three literal names, never free text
     options = QuantOptions(config.method, grid, sink, config.block_size, config.damp, scale_dtype)
     runner = BlockRunner(device, use_bf16(config.compute_dtype, device))
     inputs = None
