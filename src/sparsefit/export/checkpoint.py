@@ -16,7 +16,7 @@ from sparsefit.errors import UsageError
 from sparsefit.export.bitmask import FORMATS as BITMASK_FORMATS
 from sparsefit.export.bitmask import compress_state_dict, legacy_quantization_config
 from sparsefit.models.builtin import strip_gguf_quantization
-from sparsefit.models.layout import decoder_layout, is_prunable
+from sparsefit.models.layout import decoder_linears
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -27,17 +27,13 @@ SPARSITY_FILE = "sparsity.json"
 def sparsity_summary(model: nn.Module, state_dict: dict[str, torch.Tensor] | None = None) -> dict:
     """Overall (weighted by size) and per-layer sparsity of the decoder linears, measured on the weights
     (those of `state_dict` when given: the full weights of a sharded model)."""
-    layout = decoder_layout(model)
     zeros = numel = 0
     per_layer = {}
-    for i, block in enumerate(layout.blocks):
-        for name, module in block.named_modules():
-            if is_prunable(module):
-                key = f"{layout.prefix}.{i}.{name}.weight"
-                w = state_dict[key] if state_dict is not None else module.weight
-                z = (w == 0).sum().item()
-                zeros, numel = zeros + z, numel + w.numel()
-                per_layer[f"{layout.prefix}.{i}.{name}"] = z / w.numel()
+    for name, module in decoder_linears(model).items():
+        w = state_dict[f"{name}.weight"] if state_dict is not None else module.weight
+        z = (w == 0).sum().item()
+        zeros, numel = zeros + z, numel + w.numel()
+        per_layer[name] = z / w.numel()
     return {"overall": zeros / max(numel, 1), "per_layer": per_layer}
 
 
@@ -87,16 +83,11 @@ def save_checkpoint(
 def _save_bitmask(
     model: nn.Module, tokenizer: PreTrainedTokenizerBase, out_dir: Path, fmt: str, metadata: dict
 ) -> None:
-    layout = decoder_layout(model)
-    names = []
-    for i, block in enumerate(layout.blocks):
-        for name, module in block.named_modules():
-            if is_prunable(module):
-                if not isinstance(module, nn.Linear):
-                    raise UsageError(
-                        f"{fmt} stores torch Linear weights; {type(module).__name__} layers: use --format hf"
-                    )
-                names.append(f"{layout.prefix}.{i}.{name}")
+    linears = decoder_linears(model)
+    for module in linears.values():
+        if not isinstance(module, nn.Linear):
+            raise UsageError(f"{fmt} stores torch Linear weights; {type(module).__name__} layers: use --format hf")
+    names = list(linears)
     try:
         state = compress_state_dict(dict(model.state_dict()), names, fmt)
     except ValueError as err:

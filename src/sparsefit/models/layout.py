@@ -101,6 +101,15 @@ def select_linears(
     return found
 
 
+def decoder_linears(model: nn.Module) -> dict[str, nn.Module]:
+    """Every prunable linear of the decoder blocks, by full module name, in block order."""
+    layout = decoder_layout(model)
+    found = {}
+    for i, block in enumerate(layout.blocks):
+        found.update(select_linears(block, f"{layout.prefix}.{i}", None, None))
+    return found
+
+
 def params_outside_blocks(model: nn.Module, layout: DecoderLayout) -> list[tuple[str, nn.Parameter]]:
     """(name, parameter) of everything but the decoder blocks: embeddings, final norm, head (tied ones once)."""
     inside = {id(p) for p in layout.blocks.parameters()}
