@@ -244,6 +244,12 @@ def _float_list(text: str, flag: str) -> list[float]:
 def finetune_options(args: argparse.Namespace) -> dict:
     """The finetune flags the user set, as FinetuneConfig fields (unset flags keep the config's defaults)."""
     options = flag_values(args, [name for names in FINETUNE_GROUPS.values() for name in names])
+    ast = flag_values(args, AST_FIELDS)
+    if ast:
+        if options.get("method") != "ast":
+            flags = ", ".join("--" + name.replace("_", "-") for name in ast)
+            raise UsageError(f"{flags} set options of adaptive sparse training: add --method ast")
+        options["ast"] = ast
     if args.gmp is not None:
         values = _float_list(args.gmp, "--gmp")
         if len(values) != 5:
@@ -260,7 +266,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from sparsefit.training import FinetuneConfig, finetune, iterative_prune_finetune
     from sparsefit.training.loop import fingerprint_changes, finished_run, options_fingerprint
 
-    config = validate(FinetuneConfig, finetune_options(args), "finetune options", as_flags=True)
+    config = validate(FinetuneConfig, finetune_options(args), "finetune options", as_flags=True, flattened=("ast",))
     device = parse_device(args.device)
     check_writable_file(args.json, "--json", args.output, (args.model, args.teacher))
     cycles = _float_list(args.cycles, "--cycles") if args.cycles else None
@@ -339,11 +345,18 @@ def cmd_export(args: argparse.Namespace) -> int:
     check_writable_file(args.json, "--json", args.output, (args.model,))
     claim = claim_output(args.output, overwrite=args.overwrite, inputs=(args.model,))
     model, tokenizer = load_model_and_tokenizer(args.model, args.dtype, "cpu", args.trust_remote_code)
-    info = export_checkpoint(model, tokenizer, claim.path, args.model, args.format)
+    info = export_checkpoint(model, tokenizer, claim.path, args.model, args.format, args.slorb)
     print(
         f"exported {args.model} as {info['format']}: {len(info['files'])} files, {info['bytes'] / 2**20:.1f} MiB, "
         f"sparsity {info['sparsity']:.4f} -> {args.output}"
     )
+    if info.get("slorb") in ("dropped", "merged"):
+        what = (
+            "left out: the export is the N:M model alone"
+            if info["slorb"] == "dropped"
+            else ("merged into the weights: the export is one plain checkpoint, no longer N:M")
+        )
+        print(f"notice: the model's SLoRB branches were {what}", file=sys.stderr)
     _write_json(info, args.json)
     return 0
 
@@ -405,7 +418,7 @@ FINETUNE_GROUPS = {
         "seed",
     ],  # fmt: skip
     "checkpoints": ["checkpoint_every", "checkpoint_minutes", "keep_checkpoints"],
-    "sparsity": ["masks", "targets", "ignore"],
+    "sparsity": ["method", "masks", "targets", "ignore"],
     "distillation": [
         "teacher",
         "ce_weight",
@@ -416,6 +429,11 @@ FINETUNE_GROUPS = {
         "teacher_dtype",
     ],  # fmt: skip
 }
+
+AST_FIELDS = [
+    "structure", "mask_every", "mask_metric", "stats_batches", "stats_every", "srste_decay", "increase_steps",
+    "slorb", "slorb_k", "slorb_init", "slorb_trainable_projection",
+]  # fmt: skip
 
 OVERWRITE_HELP = "replace an earlier sparsefit output in OUTPUT (other directories are never replaced)"
 
@@ -500,6 +518,10 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
             g.add_argument("--cycles", default=None, help="iterative prune/fine-tune cycles, e.g. 0.3,0.5,0.7")
             g.add_argument("--cycle-method", default=None, help="one-shot method of each cycle (default sparsegpt)")
             g.add_argument("--calib", default=None, help="calibration of each cycle (default gsm8k)")
+    if only in (None, "finetune"):
+        from sparsefit.training.config import ASTConfig
+
+        add_flags(p.add_argument_group("adaptive sparse training (--method ast)"), ASTConfig, AST_FIELDS)
     p.set_defaults(func=cmd_finetune)
 
     p = command("run", help="run a recipe (builtin name or YAML, native or SparseML) into a run directory")
@@ -518,6 +540,13 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         default="hf",
         help="hf (default): a plain Hugging Face checkpoint | sparse-bitmask | sparse-24-bitmask: compact "
         "sparse storage in the layouts of compressed-tensors <= 0.14 (sparsefit reads them back)",
+    )
+    p.add_argument(
+        "--slorb",
+        default="keep",
+        choices=["keep", "drop", "merge"],
+        help="a model trained with SLoRB branches: keep them beside the weights (default; sparsefit restores "
+        "them) | drop them (the N:M model alone) | merge them into dense weights (one plain checkpoint)",
     )
     p.add_argument("--output", required=True, help="directory for the exported checkpoint")
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)

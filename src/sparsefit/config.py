@@ -17,13 +17,17 @@ from sparsefit.errors import UsageError
 M = TypeVar("M", bound=BaseModel)
 
 
-def describe_validation_error(err: ValidationError, where: str, as_flags: bool = False) -> str:
-    """One line naming each bad field; with `as_flags`, a top-level field as its flag (`--seq-len`)."""
+def describe_validation_error(
+    err: ValidationError, where: str, as_flags: bool = False, flattened: tuple[str, ...] = ()
+) -> str:
+    """One line naming each bad field; with `as_flags`, a top-level field as its flag (`--seq-len`), and a
+    field of a nested config in `flattened` (whose fields are flags of their own) as that flag."""
     parts = []
     for e in err.errors():
         loc = ".".join(str(x) for x in e["loc"]) or "(root)"
         if as_flags and e["loc"]:
-            loc = "--" + str(e["loc"][0]).replace("_", "-") + "".join(f".{x}" for x in e["loc"][1:])
+            path = e["loc"][1:] if e["loc"][0] in flattened and len(e["loc"]) > 1 else e["loc"]
+            loc = "--" + str(path[0]).replace("_", "-") + "".join(f".{x}" for x in path[1:])
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown field; check its spelling"
@@ -31,12 +35,12 @@ def describe_validation_error(err: ValidationError, where: str, as_flags: bool =
     return f"invalid {where}: " + "; ".join(parts)
 
 
-def validate(model_cls: type[M], data: dict, where: str, as_flags: bool = False) -> M:
+def validate(model_cls: type[M], data: dict, where: str, as_flags: bool = False, flattened: tuple[str, ...] = ()) -> M:
     """`model_cls(**data)`, or a UsageError naming `where` and each bad field (as a flag with `as_flags`)."""
     try:
         return model_cls.model_validate(data)
     except ValidationError as err:
-        raise UsageError(describe_validation_error(err, where, as_flags)) from None
+        raise UsageError(describe_validation_error(err, where, as_flags, flattened)) from None
 
 
 def add_flags(parser: Any, model_cls: type[BaseModel], names: list[str]) -> None:

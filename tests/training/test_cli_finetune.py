@@ -44,6 +44,9 @@ def test_prune_then_distill_from_the_dense_checkpoint(tiny_checkpoint, data_dir,
         (["--teacher", "./nowhere", "--kl-weight", "1"], "does not exist"),
         (["--dataset", "missing.jsonl"], "not found"),
         (["--strategy", "zero3"], "strategy"),
+        (["--slorb", "--mask-every", "5"], "--mask-every, --slorb set options of adaptive sparse training"),
+        (["--method", "ast", "--structure", "0.5"], "--structure: structure '0.5' is malformed"),
+        (["--method", "ast", "--gmp", "0,0.5,0,3,1"], "method ast computes its own"),
     ],
 )
 def test_finetune_usage_errors_are_one_line(extra, message, tiny_checkpoint, data_dir, tmp_path, capsys):
@@ -77,3 +80,25 @@ def test_cycles_under_fsdp_is_a_usage_error(tiny_checkpoint, data_dir, tmp_path,
         capsys,
     )  # fmt: skip
     assert code == 2 and "--strategy ddp" in err and err.count("\n") == 1, err
+
+
+def test_adaptive_sparse_training_then_export_from_the_cli(tiny_checkpoint, data_dir, tmp_path, capsys):
+    out = tmp_path / "ast"
+    code, stdout, err = run(
+        ["finetune", "--model", str(tiny_checkpoint), "--teacher", str(tiny_checkpoint), "--method", "ast",
+         "--mask-every", "2", "--slorb", "--slorb-k", "8", "--max-steps", "4", "--batch-size", "2",
+         "--seq-len", "64", "--format", "plain", "--output", str(out), "--json", str(tmp_path / "m.json")],
+        capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    assert "sparsity 0.5000, revived weights 0" in stdout
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert metrics["config"]["kl_weight"] == 0.67 and metrics["config"]["temperature"] == 2.0
+    assert metrics["slorb"]["k"] == 8 and (out / "slorb.safetensors").is_file()
+    code, _, err = run(["eval", "--model", str(out), "--seq-len", "64", "--max-windows", "1"], capsys)
+    assert code == 0 and "restored SLoRB branches" in err
+    code, _, err = run(["export", "--model", str(out), "--slorb", "drop", "--output", str(tmp_path / "e")], capsys)
+    assert code == 0 and "left out" in err and not (tmp_path / "e" / "slorb.safetensors").exists()
+    code, _, err = run(["quantize", "--model", str(out), "--scheme", "w8a16", "--method", "rtn",
+                        "--output", str(tmp_path / "q")], capsys)  # fmt: skip
+    assert code == 2 and "SLoRB branches" in err

@@ -56,3 +56,37 @@ def test_fsdp_matches_ddp_and_resumes_from_a_sharded_checkpoint(data_dir, tmp_pa
         assert torch.allclose(a[name], b[name], atol=1e-4), name  # reduction order differs, nothing else
         if name.endswith("proj.weight"):
             assert torch.equal(a[name] == 0, b[name] == 0), name  # the same pruned weights
+
+
+def test_adaptive_sparse_training_under_ddp_and_fsdp(data_dir, tmp_path):
+    """AST on 2 CPU processes: DDP and FSDP agree on losses, masks (updated on gathered weights, Wanda
+    norms summed over ranks), SLoRB branches and the final exact 2:4 weights."""
+    from safetensors.torch import load_file
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        str(ROOT / "tests" / "training" / "ast_worker.py"), str(tmp_path),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = ("ddp", "fsdp")
+    metrics = {run: json.loads((tmp_path / run / "metrics.json").read_text()) for run in runs}
+    for m in metrics.values():
+        assert m["revived_weights"] == 0 and m["sparsity"] == pytest.approx(0.5, abs=1e-3)
+        assert m["slorb"]["layers"] == 21  # 3 blocks x 7 linears
+    logs = {
+        run: [json.loads(line) for line in (tmp_path / run / "train_log.jsonl").read_text().splitlines()]
+        for run in runs
+    }
+    assert [r["loss"] for r in logs["fsdp"]] == pytest.approx([r["loss"] for r in logs["ddp"]], abs=1e-5)
+    assert [r.get("mask_flip_rate") for r in logs["fsdp"]] == [r.get("mask_flip_rate") for r in logs["ddp"]]
+    for file in ("model.safetensors", "slorb.safetensors"):
+        a, b = (load_file(str(tmp_path / run / file)) for run in runs)
+        assert sorted(a) == sorted(b)
+        for name in a:
+            assert torch.allclose(a[name], b[name], atol=1e-4), name
+            if name.endswith("proj.weight"):
+                assert torch.equal(a[name] == 0, b[name] == 0), name
+                groups = (a[name] != 0).reshape(a[name].shape[0], -1, 4).sum(-1)
+                assert (groups <= 2).all(), name

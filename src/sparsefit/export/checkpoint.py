@@ -17,6 +17,7 @@ from sparsefit.export.bitmask import FORMATS as BITMASK_FORMATS
 from sparsefit.export.bitmask import compress_state_dict, legacy_quantization_config
 from sparsefit.models.builtin import strip_gguf_quantization
 from sparsefit.models.layout import decoder_linears
+from sparsefit.models.slorb import detach_slorb, merge_slorb, save_slorb, slorb_info, slorb_state
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -67,10 +68,17 @@ def save_checkpoint(
             "start from its unquantized source (and quantize last, with `sparsefit quantize`)"
         )
     out_dir = Path(out_dir)
+    branches = slorb_state(model, state_dict)
+    if branches:  # SLoRB side branches go to their own file (`sparsefit.models.slorb`)
+        whole = state_dict if state_dict is not None else model.state_dict()
+        state_dict = {k: v for k, v in whole.items() if k not in branches}
+        metadata = {**(metadata or {}), "slorb": slorb_info(model)}
     with staging_dir(out_dir, carry=carry, label=label) as stage:
         info = {"sparsity": sparsity or sparsity_summary(model, state_dict), **(metadata or {})}
         given = None if state_dict is None else dict(state_dict)  # a copy: save_pretrained empties its dict
         model.save_pretrained(stage, safe_serialization=True, state_dict=given)
+        if branches:
+            save_slorb(branches, stage, metadata["slorb"]["k"])
         if tokenizer is not None:
             tokenizer.save_pretrained(stage)
         as_json = {k: v.model_dump(mode="json") if isinstance(v, BaseModel) else v for k, v in info.items()}
@@ -109,25 +117,44 @@ def read_sparsity(checkpoint: str | os.PathLike) -> dict | None:
 
 
 EXPORT_FORMATS = ("hf", *BITMASK_FORMATS)
+SLORB_CHOICES = ("keep", "drop", "merge")
 
 
 def export_checkpoint(
-    model: nn.Module, tokenizer: PreTrainedTokenizerBase, out_dir: str | os.PathLike, source: str, fmt: str = "hf"
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    out_dir: str | os.PathLike,
+    source: str,
+    fmt: str = "hf",
+    slorb: str = "keep",
 ) -> dict:
     """Write `model` in format `fmt`; returns files, bytes and sparsity.
 
     "hf": a plain checkpoint. "sparse-bitmask" / "sparse-24-bitmask": the decoder linears stored as
     bitmask and nonzero values (`sparsefit.export.bitmask`), the layouts compressed-tensors up to
     0.14 wrote; sparsefit loads them back, current transformers and vLLM do not.
+
+    A model with SLoRB branches: "keep" writes them beside the weights (`slorb.safetensors`, which
+    sparsefit restores), "drop" leaves them out (the N:M model alone), "merge" folds them into the
+    weights (one plain checkpoint, no longer N:M).
     """
     if fmt not in EXPORT_FORMATS:
         raise UsageError(f"unknown export format '{fmt}'; use one of: {', '.join(EXPORT_FORMATS)}")
+    if slorb not in SLORB_CHOICES:
+        raise UsageError(f"unknown --slorb '{slorb}'; use one of: {', '.join(SLORB_CHOICES)}")
     out_dir = Path(out_dir)
     metadata = {"exported_from": source, "format": fmt}
+    branches = slorb_info(model)
+    if branches is not None and slorb != "keep":
+        (detach_slorb if slorb == "drop" else merge_slorb)(model)
+        metadata["slorb"] = {"dropped" if slorb == "drop" else "merged": branches}
     if fmt == "hf":
         save_checkpoint(model, tokenizer, out_dir, metadata)
     else:
         _save_bitmask(model, tokenizer, out_dir, fmt, metadata)
     files = sorted(p.name for p in out_dir.iterdir() if not p.name.startswith("."))
     size = sum(p.stat().st_size for p in out_dir.iterdir() if p.is_file())
-    return {"format": fmt, "files": files, "bytes": size, "sparsity": sparsity_summary(model)["overall"]}
+    info = {"format": fmt, "files": files, "bytes": size, "sparsity": sparsity_summary(model)["overall"]}
+    if branches is not None:
+        info["slorb"] = {"keep": "kept", "drop": "dropped", "merge": "merged"}[slorb]
+    return info

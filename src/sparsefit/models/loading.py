@@ -139,6 +139,7 @@ def load_model(
     fmt = _bitmask_format(resolved)
     if fmt is not None:
         model = _load_bitmask(resolved, fmt, torch_dtype, trust_remote_code)
+        _restore_slorb(model, resolved)
         model.config.name_or_path = resolved.spec
         return model.to(device).eval()
     try:
@@ -168,8 +169,27 @@ def load_model(
     compressor = getattr(getattr(model, "hf_quantizer", None), "compressor", None)
     if compressor is not None and hasattr(model, "ct_decompress_hook"):
         compressor.decompress_model(model)
+    _restore_slorb(model, resolved)
     model.config.name_or_path = resolved.spec
     return model.to(device).eval()
+
+
+def _restore_slorb(model: PreTrainedModel, resolved: ResolvedModel) -> None:
+    """Re-attach the SLoRB branches a local checkpoint keeps beside its weights (`models.slorb`)."""
+    from sparsefit.models.slorb import SLORB_FILE, load_slorb, slorb_info
+
+    if resolved.source not in ("local", "builtin") or not Path(resolved.path).is_dir():
+        return
+    try:
+        restored = load_slorb(model, resolved.path)
+    except (ValueError, OSError) as err:
+        raise UsageError(f"cannot restore the SLoRB branches of '{resolved.spec}': {first_line(err)}") from None
+    if restored:
+        info = slorb_info(model)
+        print(
+            f"notice: restored SLoRB branches on {restored} layers ({info['parameters']} parameters) from {SLORB_FILE}",
+            file=sys.stderr,
+        )
 
 
 def _bitmask_format(resolved: ResolvedModel) -> str | None:
@@ -196,6 +216,7 @@ def _load_bitmask(resolved: ResolvedModel, fmt: str, dtype: torch.dtype, trust_r
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from sparsefit.export.bitmask import decompress_state_dict
+    from sparsefit.models.slorb import SLORB_FILE
 
     path = Path(resolved.path)
     try:
@@ -204,7 +225,7 @@ def _load_bitmask(resolved: ResolvedModel, fmt: str, dtype: torch.dtype, trust_r
             if hasattr(config, key):
                 delattr(config, key)
         state = {}
-        for file in sorted(path.glob("*.safetensors")):
+        for file in sorted(f for f in path.glob("*.safetensors") if f.name != SLORB_FILE):  # branches: below
             with safe_open(file, "pt") as f:
                 state.update({key: f.get_tensor(key) for key in f.keys()})
         state, notes = decompress_state_dict(state, fmt)

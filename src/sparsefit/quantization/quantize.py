@@ -107,6 +107,13 @@ def quantize(
 
     `calib` (N, L), or a list of ready batches, overrides the calibration data the config names.
     """
+    from sparsefit.models.slorb import slorb_modules
+
+    if slorb_modules(model):
+        raise UsageError(
+            "the model has SLoRB branches, which quantized exports cannot carry: first `sparsefit export "
+            "--slorb merge` (dense) or `--slorb drop` (N:M alone), then quantize that"
+        )
     start = time.perf_counter()
     device = torch.device(device) if device is not None else next(model.parameters()).device
     layout = decoder_layout(model)

@@ -163,14 +163,19 @@ def _plots(run_dir: Path, records: list[dict], rows: list[dict]) -> list[str]:
     logs = [(r["name"], run_dir / r["folder"] / "train_log.jsonl") for r in records if r["kind"] == "finetune"]
     logs = [(n, p) for n, p in logs if p.is_file()]
     if logs:
-        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.5))
-        for name, path in logs:
-            entries = read_log(path, warn=False)
-            ax1.plot([e["step"] for e in entries], [e["loss"] for e in entries], label=name)
-            ax2.plot([e["step"] for e in entries], [e["lr"] for e in entries], label=name)
-        ax1.set(xlabel="step", ylabel="loss", title="training loss")
-        ax2.set(xlabel="step", ylabel="learning rate", title="learning rate")
-        ax1.legend(fontsize=7)
+        entries = {name: read_log(path, warn=False) for name, path in logs}
+        flips = {n: [e for e in log if "mask_flip_rate" in e] for n, log in entries.items()}  # adaptive masks
+        flips = {n: f for n, f in flips.items() if f}
+        fig, axes = plt.subplots(1, 3 if flips else 2, figsize=(15 if flips else 10, 3.5))
+        for name, log in entries.items():
+            axes[0].plot([e["step"] for e in log], [e["loss"] for e in log], label=name)
+            axes[1].plot([e["step"] for e in log], [e["lr"] for e in log], label=name)
+        for name, log in flips.items():
+            axes[2].plot([e["step"] for e in log], [e["mask_flip_rate"] for e in log], marker="o", ms=3, label=name)
+            axes[2].set(xlabel="step", ylabel="fraction of positions", title="mask flips per update")
+        axes[0].set(xlabel="step", ylabel="loss", title="training loss")
+        axes[1].set(xlabel="step", ylabel="learning rate", title="learning rate")
+        axes[0].legend(fontsize=7)
         written.append(_save(fig, run_dir / "training.png", plt))
     evals = [r for r in rows if r["kind"] == "evaluate"]
     present = [

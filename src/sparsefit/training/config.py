@@ -29,6 +29,37 @@ class GMPConfig(BaseModel):
         return self
 
 
+class ASTConfig(BaseModel):
+    """Adaptive N:M training (AST): masks recomputed from the dense weights, SR-STE, optional SLoRB."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    structure: str = Field("2:4", description="N:M pattern along each row's inputs")
+    mask_every: int = Field(10, ge=1, description="steps between mask updates")
+    mask_metric: Literal["magnitude", "wanda"] = Field(
+        "magnitude", description="mask score: magnitude | wanda (|W| x input norm of the starting model)"
+    )
+    stats_batches: int = Field(8, ge=1, description="micro-batches whose inputs give Wanda's norms")
+    stats_every: int = Field(0, ge=0, description="steps between refreshes of Wanda's norms (0: gathered once)")
+    srste_decay: float = Field(1e-4, ge=0, description="SR-STE decay on pruned weights' gradients (peak)")
+    increase_steps: int | None = Field(
+        None, ge=0, description="steps over which the decay rises linearly to its peak (default a quarter of the run)"
+    )
+    slorb: bool = Field(False, description="add SLoRB side branches (sparse low-rank boosting)")
+    slorb_k: int = Field(16, ge=1, description="inputs per SLoRB group (its size is 1/k of a layer)")
+    slorb_init: Literal["mean", "zero"] = Field("mean", description="SLoRB init: mean of the pruned weights | zero")
+    slorb_trainable_projection: bool = Field(False, description="train SLoRB's group-sum projection too")
+
+    @field_validator("structure")
+    @classmethod
+    def _nm(cls, v: str) -> str:
+        from sparsefit.pruning.structure import Structure
+
+        if not Structure.parse(v).is_nm:
+            raise ValueError(f"adaptive masks need an N:M pattern such as 2:4, got '{v}'")
+        return v
+
+
 class FinetuneConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # inf / nan in any float field is an error
 
@@ -71,6 +102,12 @@ class FinetuneConfig(BaseModel):
     )
     seed: int = Field(0, ge=0, lt=2**32, description="data order and init (torch, random and numpy all take it)")
     # sparsity
+    method: Literal["standard", "ast"] = Field(
+        "standard",
+        description="standard (the model's zeros held at zero, see masks) | ast (adaptive N:M masks with SR-STE, "
+        "optionally SLoRB: the Adaptive Sparse Trainer)",
+    )
+    ast: ASTConfig = Field(default_factory=ASTConfig, description="options of method ast")
     masks: Literal["auto", "zeros", "none"] = Field(
         "auto",
         description="hold the model's zeros at zero: auto (default: when the model is sparse) | zeros | none",
@@ -80,10 +117,14 @@ class FinetuneConfig(BaseModel):
     gmp: GMPConfig | None = None
     # distillation (needs a teacher; a teacher with neither weight set distills with kl_weight 1)
     teacher: str | None = Field(None, description="dense teacher model (any --model spec)")
-    ce_weight: float = Field(1.0, ge=0, description="task cross-entropy weight")
-    kl_weight: float = Field(0.0, ge=0, description="logit KL weight (default 0; 1 with a teacher alone)")
+    ce_weight: float = Field(
+        1.0, ge=0, description="task cross-entropy weight (default 1; 0.33 for method ast with a teacher)"
+    )
+    kl_weight: float = Field(
+        0.0, ge=0, description="logit KL weight (default 0; 1 with a teacher alone; 0.67 for method ast with a teacher)"
+    )
     square_head_weight: float = Field(0.0, ge=0, description="per-layer square-head weight")
-    temperature: float = Field(1.0, gt=0, description="KL temperature")
+    temperature: float = Field(1.0, gt=0, description="KL temperature (default 1; 2 for method ast with a teacher)")
     distill_layers: list[int] | None = Field(None, description="decoder blocks for square-head (default all)")
     teacher_dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto", description="teacher weights (default auto: bfloat16 when bf16 training is on)"
@@ -106,6 +147,12 @@ class FinetuneConfig(BaseModel):
         given = [k for k in ("max_steps", "num_epochs", "max_tokens") if getattr(self, k) is not None]
         if len(given) > 1:
             raise ValueError(f"give only one of max_steps, num_epochs, max_tokens (got {', '.join(given)})")
+        weights = {"ce_weight", "kl_weight", "square_head_weight"}
+        if self.method == "ast" and self.teacher is not None and not weights & self.model_fields_set:
+            # AST's distillation mix: CE 1/3, KL 2/3 at temperature 2
+            self.ce_weight, self.kl_weight = 0.33, 0.67
+            if "temperature" not in self.model_fields_set:
+                self.temperature = 2.0
         distilling = self.kl_weight > 0 or self.square_head_weight > 0
         if self.teacher is not None and not distilling:
             if {"kl_weight", "square_head_weight"} & self.model_fields_set:
@@ -117,6 +164,8 @@ class FinetuneConfig(BaseModel):
             raise ValueError("kl_weight / square_head_weight need a teacher: set teacher to a model")
         if self.ce_weight == 0 and not distilling:
             raise ValueError("every loss weight is 0: set ce_weight, or a teacher with kl_weight / square_head_weight")
+        if self.method == "ast" and (self.gmp is not None or self.masks == "none"):
+            raise ValueError("method ast computes its own N:M masks: drop gmp and masks='none'")
         if self.gmp is not None and self.masks == "none":
             raise ValueError("gmp prunes during training and needs masks: drop masks='none'")
         return self

@@ -3,8 +3,10 @@ distillation from a dense teacher and gradual pruning, on one device or many (DD
 
 Per step: (GMP mask update) -> micro-batches: forward, losses, backward -> zero pruned grads ->
 gradient norm (clipped when max_grad_norm > 0) -> AdamW step -> re-apply masks -> log ->
-checkpoint when one is due or a stop signal arrived. Masks, losses, schedules and checkpoints
-are library pieces; this file only orders them.
+checkpoint when one is due or a stop signal arrived. With method `ast` (`training.adaptive`) the
+weights stay dense: the masks are recomputed every few steps, the forward sees W * M, pruned
+weights get the straight-through gradient plus SR-STE's decay, and W *= M once at the end.
+Masks, losses, schedules and checkpoints are library pieces; this file only orders them.
 
 The output folder holds `train_log.jsonl` and `checkpoints/step-N/` while training; at the end
 one atomic exchange puts the final HF checkpoint (with `sparsity.json`, `metrics.json` and the
@@ -17,6 +19,7 @@ import json
 import math
 import signal
 import time
+from collections.abc import Iterable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,8 +33,11 @@ from transformers.pytorch_utils import Conv1D
 from sparsefit.atomic import clean_stale_in, discard_dir, foreign_entries, is_empty_dir, make_dir, mark, read_marker
 from sparsefit.errors import Interrupted, SparsefitError, UsageError
 from sparsefit.models.layout import decoder_layout
+from sparsefit.models.slorb import attach_slorb, slorb_info, slorb_init
 from sparsefit.outputs import claim_output
 from sparsefit.pruning.magnitude import prune_magnitude
+from sparsefit.pruning.structure import Structure
+from sparsefit.training.adaptive import AdaptiveMasks, input_sq_sums
 from sparsefit.training.config import FinetuneConfig
 from sparsefit.training.data import collate, example_order, load_examples, self_examples
 from sparsefit.training.distributed import DistInfo, all_reduce_sum, barrier, init_distributed
@@ -165,6 +171,7 @@ class _Run:
     student_path: HeadPath
     teacher_path: HeadPath | None
     pad_id: int
+    adaptive: AdaptiveMasks | None = None
     fingerprint: dict = field(default_factory=dict)
     checkpoint_seconds: float = 0.0
     checkpoints: int = 0
@@ -252,7 +259,10 @@ def _setup(
     bf16 = _bf16(config, device)
     torch.manual_seed(config.seed)
 
-    masks = resolve_masks(model, config)
+    if config.method == "ast":  # the starting model's zeros identify it; the adaptive masks come below
+        masks = SparsityMasks.from_zeros(model, config.targets, config.ignore)
+    else:
+        masks = resolve_masks(model, config)
     fingerprint = run_fingerprint(model, config, info.world, masks)  # before any sharding
     teacher_tok = None
     if config.distilling and teacher is None:
@@ -288,6 +298,13 @@ def _setup(
             model, tokenizer, teacher, teacher_tok, config.distill_layers, num_blocks, config.square_head_weight > 0
         )
     layers = config.distill_layers if config.distill_layers is not None else list(range(num_blocks))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    adaptive = None
+    if config.method == "ast":  # before sharding and the optimizer: SLoRB adds parameters
+        stats = micro_batches(config, examples, lengths, info, pad_id, device, config.ast.stats_batches)
+        adaptive = adaptive_setup(model, config, steps, stats)
+        masks = adaptive.masks
 
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable()
@@ -306,7 +323,6 @@ def _setup(
     warmup = config.warmup_steps if config.warmup_steps is not None else int(0.1 * steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, steps, warmup, config.scheduler))
 
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     probe = {k: v.to(device) for k, v in collate(examples[:1], pad_id).items()}
     return _Run(
         info=info,
@@ -326,8 +342,62 @@ def _setup(
         student_path=HeadPath.detect(model, probe),
         teacher_path=HeadPath.detect(teacher, probe) if teacher is not None else None,
         pad_id=pad_id,
+        adaptive=adaptive,
         fingerprint=fingerprint,
     )
+
+
+def adaptive_setup(
+    model: PreTrainedModel, config: FinetuneConfig, steps: int, stats_batches: Iterable[dict[str, torch.Tensor]]
+) -> AdaptiveMasks:
+    """The initial adaptive masks of the (full) model, Wanda's statistics when asked, and SLoRB branches."""
+    ast = config.ast
+    linears = decoder_linears(model, config.targets, config.ignore)
+    stats = None
+    if ast.mask_metric == "wanda":
+        was_training = model.training
+        stats = input_sq_sums(model.eval(), linears, stats_batches)
+        model.train(was_training)
+    increase = ast.increase_steps if ast.increase_steps is not None else steps // 4
+    structure = Structure.parse(ast.structure)
+    adaptive = AdaptiveMasks.initial(linears, structure, ast.mask_every, ast.srste_decay, increase, stats)
+    if ast.slorb:
+        init = {}
+        try:
+            for name, module, keep in adaptive.masks.items():
+                weight = module.weight.detach()
+                if isinstance(module, Conv1D):
+                    weight, keep = weight.t(), keep.t()
+                init[name] = slorb_init(weight, keep, ast.slorb_k, ast.slorb_init)
+            attach_slorb(linears, ast.slorb_k, init, ast.slorb_trainable_projection)
+        except ValueError as err:
+            raise UsageError(f"{err}: choose a --slorb-k that divides every layer's inputs") from None
+    return adaptive
+
+
+def micro_batches(
+    config: FinetuneConfig,
+    examples: list,
+    lengths: list[int],
+    info: DistInfo,
+    pad_id: int,
+    device: torch.device,
+    count: int,
+    start_step: int = 0,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """This process's first `count` micro-batches from step `start_step` on, in training order."""
+    per_rank = config.batch_size * config.grad_accum
+    global_batch = per_rank * info.world
+    step, done = start_step, 0
+    while done < count:
+        ids = example_order(lengths, global_batch, config.seed, step)[info.rank * per_rank : (info.rank + 1) * per_rank]
+        for k in range(config.grad_accum):
+            if done == count:
+                return
+            batch = collate([examples[i] for i in ids[k * config.batch_size : (k + 1) * config.batch_size]], pad_id)
+            yield {key: v.to(device) for key, v in batch.items()}
+            done += 1
+        step += 1
 
 
 def _restore(output_dir: Path, model: PreTrainedModel, run: _Run) -> dict | None:
@@ -355,11 +425,14 @@ def _restore(output_dir: Path, model: PreTrainedModel, run: _Run) -> dict | None
             f"cannot resume '{output_dir}': the configuration differs from the checkpoint's in "
             f"{', '.join(changes)}; rerun with the original options, or --overwrite to start over"
         )
-    trainer_state, saved_masks = load_training_state(folder, model, run.optimizer, run.scheduler)
+    trainer_state, saved_masks, extra = load_training_state(folder, model, run.optimizer, run.scheduler)
     if saved_masks is not None:
         run.masks = SparsityMasks(decoder_linears(model), saved_masks)
         if run.fsdp:
             run.masks.shard()
+        if run.adaptive is not None:
+            run.adaptive.masks = run.masks
+            run.adaptive.load_state_dict(extra)
     if run.info.main:
         print(f"resuming from {folder} (step {trainer_state['step']})", flush=True)
     return trainer_state
@@ -422,6 +495,8 @@ def _train(
                 signum,
             )
     bar.close()
+    if run.adaptive is not None:
+        run.adaptive.finalize()  # the mask freezes: W *= M, an exact N:M model
     metrics = {
         "completed": True,
         "steps": steps,
@@ -441,6 +516,8 @@ def _train(
         "initial_sparsity": initial_sparsity,
         "sparsity": run.masks.sparsity() if run.masks is not None else 0.0,
         "revived_weights": run.masks.revived() if run.masks is not None else 0,
+        "method": config.method,
+        **({"structure": config.ast.structure, "slorb": slorb_info(model)} if run.adaptive is not None else {}),
         "config": config.model_dump(),
         "fingerprint": run.fingerprint,
     }
@@ -464,6 +541,58 @@ def _step(config: FinetuneConfig, run: _Run, step: int, output_dir: Path) -> dic
     global_batch = per_rank * info.world
     ids = example_order(run.lengths, global_batch, config.seed, step)[info.rank * per_rank : (info.rank + 1) * per_rank]
     sums = {"loss": 0.0, "ce": 0.0, "kl": 0.0, "square_head": 0.0}
+    extra = _adaptive_before(config, run, step) if run.adaptive is not None else {}
+    try:
+        step_tokens = _accumulate(config, run, step, output_dir, ids, sums)
+    finally:
+        if run.adaptive is not None:
+            run.adaptive.restore_weights()  # the dense weights, with the gradient of W * M (STE)
+    if run.adaptive is None and run.masks is not None:
+        run.masks.apply_to_grads()
+    # the norm is checked even without clipping: a non-finite gradient must never reach the weights
+    if config.max_grad_norm > 0:
+        norm = torch.nn.utils.clip_grad_norm_(run.params, config.max_grad_norm)
+    else:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in run.params if p.grad is not None])
+    grad_norm = float(full(norm))
+    if not math.isfinite(grad_norm):  # before the step: weights stay good
+        raise _non_finite(step, grad_norm, output_dir, "gradient norm")
+    if run.adaptive is not None:
+        extra["srste_lambda"] = run.adaptive.decay_grads(step)
+    lr = run.scheduler.get_last_lr()[0]
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    if run.adaptive is None and run.masks is not None:
+        run.masks.apply_to_weights()
+    return {"step": step, **sums, "lr": lr, "grad_norm": grad_norm, "tokens_step": step_tokens, **extra}
+
+
+def _adaptive_before(config: FinetuneConfig, run: _Run, step: int) -> dict:
+    """AST before the forward: refresh Wanda's statistics and the masks when due, then mask the weights."""
+    ast, extra = run.adaptive, {}
+    model = getattr(run.train_model, "module", run.train_model)  # DDP's forward is for training steps
+    if ast.due(step):
+        every = config.ast.stats_every
+        if ast.input_sq_sum is not None and every and step % every == 0:
+            ast.mask_weights()  # gathered on the model as it runs: W * M
+            try:
+                was_training = model.training
+                batches = micro_batches(
+                    config, run.examples, run.lengths, run.info, run.pad_id, run.device, config.ast.stats_batches, step
+                )
+                ast.input_sq_sum = input_sq_sums(model.eval(), ast.masks.modules, batches)
+                model.train(was_training)
+            finally:
+                ast.restore_weights()
+        extra["mask_flip_rate"] = ast.update()
+    ast.mask_weights()
+    return extra
+
+
+def _accumulate(config: FinetuneConfig, run: _Run, step: int, output_dir: Path, ids: list[int], sums: dict) -> int:
+    """Forward and backward over the step's micro-batches; adds each loss term to `sums`, returns the tokens."""
+    info = run.info
     step_tokens = 0
     autocast = (lambda: torch.autocast(run.device.type, dtype=torch.bfloat16)) if run.bf16 else nullcontext
     for k in range(config.grad_accum):
@@ -486,23 +615,7 @@ def _step(config: FinetuneConfig, run: _Run, step: int, output_dir: Path) -> dic
             (losses["loss"] / config.grad_accum).backward()
         for key, v in losses.items():
             sums[key] += float(v.detach()) / config.grad_accum
-    if run.masks is not None:
-        run.masks.apply_to_grads()
-    # the norm is checked even without clipping: a non-finite gradient must never reach the weights
-    if config.max_grad_norm > 0:
-        norm = torch.nn.utils.clip_grad_norm_(run.params, config.max_grad_norm)
-    else:
-        norm = torch.nn.utils.get_total_norm([p.grad for p in run.params if p.grad is not None])
-    grad_norm = float(full(norm))
-    if not math.isfinite(grad_norm):  # before the step: weights stay good
-        raise _non_finite(step, grad_norm, output_dir, "gradient norm")
-    lr = run.scheduler.get_last_lr()[0]
-    run.optimizer.step()
-    run.scheduler.step()
-    run.optimizer.zero_grad(set_to_none=True)
-    if run.masks is not None:
-        run.masks.apply_to_weights()
-    return {"step": step, **sums, "lr": lr, "grad_norm": grad_norm, "tokens_step": step_tokens}
+    return step_tokens
 
 
 def _params_finite(model: torch.nn.Module, run: _Run) -> bool:
@@ -527,6 +640,7 @@ def _checkpoint(
         {"step": step, "tokens": tokens, "fingerprint": run.fingerprint},
         write=run.info.main,
         keep=config.keep_checkpoints,
+        extra=run.adaptive.state_dict() if run.adaptive is not None else None,
     )
     barrier(run.info)
     run.checkpoint_seconds += time.perf_counter() - t

@@ -25,6 +25,7 @@ from sparsefit.training import sharding
 
 TRAINER_FILE = "trainer_state.json"
 MANIFEST_FILE = "manifest.json"
+EXTRA_FILE = "extra.safetensors"
 _STEP_DIR = re.compile(r"step-(\d{8})")
 
 
@@ -125,10 +126,12 @@ def save_training_state(
     trainer: dict,
     write: bool = True,
     keep: int = 2,
+    extra: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Publish `root/step-NNNNNNNN` (the step is `trainer["step"]`), then keep only the newest `keep`.
 
     Every rank calls this (an FSDP model is gathered collectively); only the one with `write` saves.
+    `extra` holds other tensors the run needs to resume (an adaptive mask's statistics).
     """
     sharded = sharding.is_sharded(model)
     weights = sharding.model_state(model) if sharded else None
@@ -145,6 +148,8 @@ def save_training_state(
         crash_point("checkpoint:mid-data")
         if masks:
             save_file(masks, str(stage / "masks.safetensors"))
+        if extra:
+            save_file({k: v.detach().cpu().contiguous() for k, v in extra.items()}, str(stage / EXTRA_FILE))
         tensors, groups = _optimizer_to_flat(optim)
         save_file(tensors, str(stage / "optimizer.safetensors"))
         rng = {"torch": torch.get_rng_state()}
@@ -171,9 +176,9 @@ def load_training_state(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
-) -> tuple[dict, dict[str, torch.Tensor] | None]:
+) -> tuple[dict, dict[str, torch.Tensor] | None, dict[str, torch.Tensor]]:
     """Restore model, optimizer, scheduler and RNG in place from one checkpoint folder (see
-    `find_checkpoint`); returns (trainer state, masks or None)."""
+    `find_checkpoint`); returns (trainer state, masks or None, extra tensors)."""
     path = Path(path)
     meta = json.loads((path / TRAINER_FILE).read_text())
     device = next(model.parameters()).device
@@ -197,4 +202,5 @@ def load_training_state(
         torch.cuda.set_rng_state(rng["cuda"])
     masks_file = path / "masks.safetensors"
     masks = load_file(str(masks_file)) if masks_file.is_file() else None
-    return meta["trainer"], masks
+    extra = load_file(str(path / EXTRA_FILE)) if (path / EXTRA_FILE).is_file() else {}
+    return meta["trainer"], masks, extra

@@ -1,0 +1,121 @@
+"""Adaptive sparse training benchmark: 2:4 recovery with adaptive masks (AST) against a fixed mask.
+
+Every variant trains the same steps on the same GSM8K batches with the same losses (AST's mix:
+CE 0.33 + KL 0.67 at T = 2 from the dense model as teacher) and the same learning rate:
+
+- `oneshot`: SparseGPT 2:4 of the dense model, not trained (the starting point of `fixed`);
+- `fixed`: that model fine-tuned with its mask held (`--method standard`);
+- `ast`: the dense model trained with adaptive 2:4 masks (magnitude, SR-STE);
+- `ast-sparsegpt`: AST started from the SparseGPT 2:4 model;
+- `ast-slorb`: AST with SLoRB branches (k = 16);
+- `ast-wanda`: AST with Wanda masks.
+
+Each is evaluated on WikiText-2 (windows of 2048) and GSM8K test answer perplexity. Speeds are
+quoted as ratios to the `fixed` loop measured in the same run. Run it alone on the machine:
+
+    SPARSEFIT_DATA_DIR=../shared/data python benchmarks/adaptive.py --out benchmarks/results/adaptive.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+
+from environment import environment
+from sparsefit.atomic import write_json
+from sparsefit.evaluation.gsm8k import evaluate_answer_ppl
+from sparsefit.evaluation.tasks import evaluate_perplexity
+from sparsefit.models import load_model_and_tokenizer
+from sparsefit.pruning import OneShotConfig, oneshot
+from sparsefit.training import FinetuneConfig, finetune
+
+VARIANTS = ("oneshot", "fixed", "ast", "ast-sparsegpt", "ast-slorb", "ast-wanda")
+
+
+def evaluate(model, tokenizer, args) -> dict:  # noqa: ANN001
+    model.eval()
+    wiki = evaluate_perplexity(
+        model, tokenizer, "wikitext2", seq_len=2048, max_windows=args.wiki_windows, progress=False
+    )
+    ans = evaluate_answer_ppl(model, tokenizer, limit=args.answer_rows, progress=False)
+    return {"wikitext2_ppl": wiki["ppl"], "gsm8k_answer_ppl": ans["ppl"]}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--wiki-windows", type=int, default=4)
+    p.add_argument("--answer-rows", type=int, default=100)
+    p.add_argument("--work", default="runs/bench-ast")
+    p.add_argument("--out", default="benchmarks/results/adaptive.json")
+    args = p.parse_args()
+    variants = args.variants.split(",")
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown:
+        raise SystemExit(f"unknown variants: {', '.join(unknown)}")
+    work = Path(args.work)
+    result: dict = {"args": vars(args), "environment": environment(), "runs": {}}
+
+    def record(name: str, data: dict) -> None:
+        result["runs"][name] = data
+        write_json(args.out, result)  # after every run, so a partial run still leaves numbers
+        print(name, json.dumps(data), flush=True)
+
+    dense, tok = load_model_and_tokenizer(args.model, "float32", "cpu")
+    record("dense", evaluate(dense, tok, args))
+    teacher = copy.deepcopy(dense)  # frozen by the loop; the starting models stay trainable
+    t = time.perf_counter()
+    pruned = copy.deepcopy(dense)
+    oneshot(pruned, tok, OneShotConfig(method="sparsegpt", structure="2:4"), progress=False)
+    seconds = time.perf_counter() - t
+    if "oneshot" in variants:
+        record("oneshot", {**evaluate(pruned, tok, args), "seconds": seconds})
+
+    base = dict(
+        dataset="gsm8k", format="plain", max_steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+        teacher="dense", ce_weight=0.33, kl_weight=0.67, temperature=2.0, checkpoint_every=0, checkpoint_minutes=0,
+    )  # fmt: skip
+    runs = {
+        "fixed": (pruned, {}),
+        "ast": (dense, {"method": "ast"}),
+        "ast-sparsegpt": (pruned, {"method": "ast"}),
+        "ast-slorb": (dense, {"method": "ast", "ast": {"slorb": True}}),
+        "ast-wanda": (dense, {"method": "ast", "ast": {"mask_metric": "wanda"}}),
+    }
+    for name, (start, options) in runs.items():
+        if name not in variants:
+            continue
+        model = copy.deepcopy(start)
+        config = FinetuneConfig(**base, **options)
+        m = finetune(model, tok, config, work / name, teacher=teacher, overwrite=True, progress=False)
+        flips = [json.loads(line).get("mask_flip_rate") for line in (work / name / "train_log.jsonl").open()]
+        loop = {k: m[k] for k in ("steps", "tokens", "train_seconds", "tokens_per_second", "final_loss", "bf16")}
+        loop.update(sparsity=m["sparsity"], revived_weights=m["revived_weights"], slorb=m.get("slorb"))
+        loop["mask_flip_rate"] = [f for f in flips if f is not None]
+        record(name, {**evaluate(model, tok, args), "loop": loop})
+
+    r = result["runs"]
+    if "fixed" in r:
+        yard = r["fixed"]["loop"]["tokens_per_second"]
+        result["summary"] = {
+            name: {
+                "wikitext2_ppl": r[name]["wikitext2_ppl"],
+                "gsm8k_answer_ppl": r[name]["gsm8k_answer_ppl"],
+                **({"speed_vs_fixed": r[name]["loop"]["tokens_per_second"] / yard} if "loop" in r[name] else {}),
+            }
+            for name in r
+        }
+    result["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    write_json(args.out, result)
+    print(json.dumps(result.get("summary"), indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,190 @@
+"""SLoRB, sparse low-rank boosting (Huang et al., AAAI 2025, "Pruning Large Language Models with
+Semi-Structural Adaptive Sparse Training", section 3.3): a small side branch beside an N:M linear
+that gives back part of what pruning took,
+
+    y = (W * M) x + S (P x),
+
+where P (in/k, in) sums each group of k consecutive inputs and S (out, in/k) is trained. S is
+initialised from the pruned weights' mean per group ("mean"): for an input constant within each
+group the branch then reproduces the pruned part exactly. Its cost is 1/k of the layer.
+
+The branch cannot be folded into N:M weights, so it lives as a child module `slorb` of its linear,
+added to the linear's output by a forward hook (the mechanism `torch.nn.utils.prune` uses), and is
+saved beside the weights in its own file, `slorb.safetensors`, which `load_model` restores. A plain
+Hugging Face load ignores that file and gets the N:M model without the branch; `merge_slorb` folds
+the branch into dense weights for stacks that need one plain checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+SLORB_FILE = "slorb.safetensors"
+_FORMAT = "sparsefit-slorb-1"
+SlorbInit = Literal["mean", "zero"]
+
+
+def group_sum_matrix(in_features: int, k: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """P (in/k, in): row g has ones on inputs g*k .. g*k+k-1."""
+    return torch.eye(in_features // k, dtype=dtype).repeat_interleave(k, dim=1)
+
+
+def slorb_init(weight: torch.Tensor, keep: torch.Tensor, k: int, kind: SlorbInit = "mean") -> torch.Tensor:
+    """S (out, in/k) for a layer whose weight is `weight` (out, in) and keep mask `keep`: the mean of the
+    pruned weights of each group of k inputs ("mean"), or zeros ("zero")."""
+    out_features, in_features = weight.shape
+    if in_features % k:
+        raise ValueError(f"SLoRB groups of {k} inputs need in_features divisible by {k}, got {in_features}")
+    if kind == "zero":
+        return weight.new_zeros(out_features, in_features // k, dtype=torch.float32)
+    pruned = (weight.float() * ~keep).reshape(out_features, in_features // k, k)
+    return pruned.mean(dim=2)
+
+
+class SLoRB(nn.Module):
+    """The branch S (P x) of one linear; P is the fixed group sum unless `trainable_projection`."""
+
+    def __init__(self, in_features: int, out_features: int, k: int, trainable_projection: bool = False) -> None:
+        super().__init__()
+        if k < 1 or in_features % k:
+            raise ValueError(f"SLoRB groups of {k} inputs need in_features divisible by {k}, got {in_features}")
+        self.k = k
+        self.weight = nn.Parameter(torch.zeros(out_features, in_features // k))
+        self.projection = nn.Parameter(group_sum_matrix(in_features, k)) if trainable_projection else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.projection is None:  # the fixed P as a reshape and sum: no (in/k, in) matmul
+            px = x.unflatten(-1, (-1, self.k)).sum(-1)
+        else:
+            px = F.linear(x, self.projection.to(x.dtype))
+        return F.linear(px, self.weight.to(px.dtype))
+
+    def dense_delta(self) -> torch.Tensor:
+        """S P as an (out, in) matrix: what the branch adds to a dense weight."""
+        projection = (
+            self.projection if self.projection is not None else group_sum_matrix(self.k * self.weight.shape[1], self.k)
+        )
+        return self.weight.detach().float() @ projection.detach().float().to(self.weight.device)
+
+
+def _add_branch(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+    return output + module.slorb(args[0])
+
+
+def _dims(module: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of a Linear or of GPT-2's Conv1D (weight stored (in, out))."""
+    w = module.weight
+    return (w.shape[0], w.shape[1]) if isinstance(module, Conv1D) else (w.shape[1], w.shape[0])
+
+
+def slorb_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """The linears of `model` that carry a SLoRB branch, by module name."""
+    return {name: m for name, m in model.named_modules() if isinstance(getattr(m, "slorb", None), SLoRB)}
+
+
+def attach_slorb(
+    linears: dict[str, nn.Module],
+    k: int,
+    init: dict[str, torch.Tensor] | None = None,
+    trainable_projection: bool = False,
+) -> int:
+    """Add a branch to each linear of `linears` (S from `init[name]`, else zeros); returns the parameters added."""
+    added = 0
+    for name, module in linears.items():
+        if isinstance(getattr(module, "slorb", None), SLoRB):
+            raise ValueError(f"{name} already has a SLoRB branch")
+        in_features, out_features = _dims(module)
+        branch = SLoRB(in_features, out_features, k, trainable_projection)
+        branch.to(device=module.weight.device)
+        if init is not None and name in init:
+            branch.weight.data.copy_(init[name])
+        module.add_module("slorb", branch)
+        branch._hook = module.register_forward_hook(_add_branch)  # noqa: SLF001 - our own module
+        added += sum(p.numel() for p in branch.parameters())
+    return added
+
+
+def detach_slorb(model: nn.Module) -> int:
+    """Remove every branch (the model becomes the plain N:M one); returns how many were removed."""
+    found = slorb_modules(model)
+    for module in found.values():
+        module.slorb._hook.remove()  # noqa: SLF001
+        del module.slorb
+    return len(found)
+
+
+@torch.no_grad()
+def merge_slorb(model: nn.Module) -> int:
+    """Fold every branch into its linear's weight (W += S P, which is dense) and remove the branches."""
+    found = slorb_modules(model)
+    for module in found.values():
+        delta = module.slorb.dense_delta()
+        if isinstance(module, Conv1D):
+            delta = delta.t()
+        module.weight.add_(delta.to(device=module.weight.device, dtype=module.weight.dtype))
+    return detach_slorb(model)
+
+
+def slorb_state(model: nn.Module, state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The branches' tensors by state-dict name (from `state_dict` when given: the gathered weights of a
+    sharded model)."""
+    state = state_dict if state_dict is not None else model.state_dict()
+    return {key: value for key, value in state.items() if ".slorb." in key}
+
+
+def slorb_info(model: nn.Module) -> dict | None:
+    """What `sparsity.json` records about the branches, or None without any."""
+    found = slorb_modules(model)
+    if not found:
+        return None
+    first = next(iter(found.values())).slorb
+    return {
+        "file": SLORB_FILE,
+        "k": first.k,
+        "trainable_projection": first.projection is not None,
+        "layers": len(found),
+        "parameters": sum(p.numel() for m in found.values() for p in m.slorb.parameters()),
+    }
+
+
+def save_slorb(tensors: dict[str, torch.Tensor], folder: str | os.PathLike, k: int) -> None:
+    from safetensors.torch import save_file
+
+    data = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
+    save_file(data, str(Path(folder) / SLORB_FILE), metadata={"format": _FORMAT, "k": str(k)})
+
+
+def load_slorb(model: nn.Module, folder: str | os.PathLike) -> int | None:
+    """Restore the branches saved in `folder` (None when it has no SLoRB file); returns the layers restored."""
+    from safetensors import safe_open
+
+    path = Path(folder) / SLORB_FILE
+    if not path.is_file():
+        return None
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+        tensors = {key: f.get_tensor(key) for key in f.keys()}
+    if meta.get("format") != _FORMAT or not meta.get("k", "").isdigit():
+        raise ValueError(f"{path} is not a sparsefit SLoRB file")
+    k = int(meta["k"])
+    modules = dict(model.named_modules())
+    names = sorted({key.rsplit(".slorb.", 1)[0] for key in tensors})
+    unknown = [n for n in names if n not in modules]
+    if unknown:
+        raise ValueError(f"{path} has branches for modules the model lacks ({', '.join(unknown[:2])})")
+    trainable = any(key.endswith(".slorb.projection") for key in tensors)
+    attach_slorb({n: modules[n] for n in names}, k, trainable_projection=trainable)
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    wrong = [m for m in missing if ".slorb." in m] + list(unexpected)
+    if wrong:
+        raise ValueError(f"{path} does not match the model's branches ({', '.join(sorted(wrong)[:2])})")
+    for name in names:
+        modules[name].slorb.to(dtype=modules[name].weight.dtype)
+    return len(names)

@@ -1,0 +1,188 @@
+"""Adaptive N:M masks for sparse retraining: the Adaptive Sparse Trainer (AST; Huang et al.,
+AAAI 2025, "Pruning Large Language Models with Semi-Structural Adaptive Sparse Training").
+
+The weights stay dense (the "shadow" weights); the forward sees W * M and the straight-through
+estimator gives every dense weight the gradient of W * M, so a pruned weight whose gradient keeps
+pushing it up can win its place back. Per optimizer step:
+
+1. every `mask_every` steps, recompute each layer's N:M mask (along the inputs of each row) from
+   the current dense weights, by magnitude or by the Wanda score |W| * ||x|| (input norms gathered
+   on the starting model, optionally refreshed), and log the fraction of positions that flipped;
+2. before the forward, set the pruned weights' values aside and multiply the weights by the mask;
+3. after the backward, put the values back: the gradient now on W is that of W * M (STE);
+4. before the optimizer step, add SR-STE's decay to the pruned weights' gradients (`srste`).
+
+At the end the mask is frozen and W *= M: the result is an exact N:M model. The mask is the
+`SparsityMasks` of the loop, saved in every checkpoint and restored on resume, so a resumed run
+continues with the mask it had (the reference code recomputes it, up to `mask_every - 1` steps stale).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from sparsefit.errors import SparsefitError, UsageError
+from sparsefit.pruning.structure import Structure, nm_keep_mask
+from sparsefit.pruning.wanda import wanda_scores
+from sparsefit.training.masks import SparsityMasks
+from sparsefit.training.sharding import full, local
+from sparsefit.training.srste import add_srste_decay_, srste_lambda
+
+
+def _rows_inputs(module: nn.Module, t: torch.Tensor) -> torch.Tensor:
+    """A tensor laid out as `module.weight` viewed as (out, in) (GPT-2's Conv1D stores (in, out))."""
+    return t.t() if isinstance(module, Conv1D) else t
+
+
+def adaptive_keep_mask(
+    weight: torch.Tensor, structure: Structure, input_sq_sum: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The N:M keep mask of `weight` (out, in): magnitude, or Wanda's score when the per-input sum of
+    squared activations is given."""
+    scores = weight.detach().abs().float() if input_sq_sum is None else wanda_scores(weight, input_sq_sum)
+    return nm_keep_mask(scores, structure.n, structure.m)
+
+
+@torch.no_grad()
+def input_sq_sums(
+    model: nn.Module, linears: dict[str, nn.Module], batches: Iterable[dict[str, torch.Tensor]]
+) -> dict[str, torch.Tensor]:
+    """Per-input sum of x^2 at each linear over `batches` (padding excluded), summed over all processes."""
+    sums = {name: torch.zeros(_dims_in(m), dtype=torch.float32, device=m.weight.device) for name, m in linears.items()}
+    keep_rows: list[torch.Tensor] = []
+
+    def hook(name: str):  # noqa: ANN202
+        def add(module: nn.Module, args: tuple) -> None:
+            x = args[0].detach().float().reshape(-1, args[0].shape[-1])
+            sums[name] += x[keep_rows[0]].square().sum(0)
+
+        return add
+
+    handles = [m.register_forward_pre_hook(hook(name)) for name, m in linears.items()]
+    try:
+        for batch in batches:
+            keep_rows[:] = [batch["attention_mask"].reshape(-1).bool()]
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        names = list(sums)
+        flat = torch.cat([sums[n] for n in names])
+        dist.all_reduce(flat)
+        sums = dict(zip(names, flat.split([sums[n].numel() for n in names])))
+    return sums
+
+
+def _dims_in(module: nn.Module) -> int:
+    return module.weight.shape[0] if isinstance(module, Conv1D) else module.weight.shape[1]
+
+
+class AdaptiveMasks:
+    """The AST steps around one optimizer step, over the loop's `SparsityMasks` (see the module doc)."""
+
+    def __init__(
+        self,
+        masks: SparsityMasks,
+        structure: Structure,
+        every: int,
+        decay: float,
+        increase_steps: int,
+        input_sq_sum: dict[str, torch.Tensor] | None = None,
+    ) -> None:
+        self.masks = masks
+        self.structure = structure
+        self.every = every
+        self.decay = decay
+        self.increase_steps = increase_steps
+        self.input_sq_sum = input_sq_sum  # Wanda's statistics; None: magnitude
+        self._stash: dict[str, torch.Tensor] = {}
+
+    @classmethod
+    def initial(
+        cls,
+        linears: dict[str, nn.Module],
+        structure: Structure,
+        every: int,
+        decay: float,
+        increase_steps: int,
+        input_sq_sum: dict[str, torch.Tensor] | None = None,
+    ) -> AdaptiveMasks:
+        """Masks of the starting (full, unsharded) weights."""
+        if not structure.is_nm:
+            raise UsageError(f"adaptive masks need an N:M structure such as 2:4, got '{structure}'")
+        for name, module in linears.items():
+            structure.check_columns(_dims_in(module), name)
+        stats = input_sq_sum or {}
+        keeps = {
+            name: _rows_inputs(m, adaptive_keep_mask(_rows_inputs(m, m.weight), structure, stats.get(name)))
+            for name, m in linears.items()
+        }
+        return cls(SparsityMasks(linears, keeps), structure, every, decay, increase_steps, input_sq_sum)
+
+    @torch.no_grad()
+    def update(self) -> float:
+        """Recompute every mask from the current dense weights; returns the fraction of positions flipped.
+        Under FSDP every rank must call it (each layer's weight is gathered)."""
+        flipped = total = 0
+        stats = self.input_sq_sum or {}
+        for name, module, old in self.masks.items():
+            weight, old = full(module.weight.detach()), full(old)
+            keep = _rows_inputs(
+                module, adaptive_keep_mask(_rows_inputs(module, weight), self.structure, stats.get(name))
+            )
+            flipped += int((keep != old).sum())
+            total += keep.numel()
+            self.masks.set(name, keep)
+        return flipped / max(total, 1)
+
+    def due(self, step: int) -> bool:
+        """A mask update before `step` (the masks of step 0 are the initial ones)."""
+        return step > 0 and step % self.every == 0
+
+    @torch.no_grad()
+    def mask_weights(self) -> None:
+        """Set the pruned weights' values aside and zero them: the forward sees W * M."""
+        for name, module, keep in self.masks.items():
+            w, k = local(module.weight), local(keep)
+            self._stash[name] = w[~k]
+            w.mul_(k)
+
+    @torch.no_grad()
+    def restore_weights(self) -> None:
+        """Put the pruned weights' values back: the dense shadow weights, whose gradient is that of W * M."""
+        for name, module, keep in self.masks.items():
+            local(module.weight).masked_scatter_(~local(keep), self._stash.pop(name))
+
+    def decay_grads(self, step: int) -> float:
+        """SR-STE: add lambda(step) * (1 - M) * W to the gradients; returns lambda."""
+        lam = srste_lambda(step, self.decay, self.increase_steps)
+        for _, module, keep in self.masks.items():
+            if module.weight.grad is not None:
+                add_srste_decay_(local(module.weight.grad), local(module.weight), local(keep), lam)
+        return lam
+
+    @torch.no_grad()
+    def finalize(self) -> None:
+        """Freeze the mask: W *= M, then check that every layer is an exact N:M layer."""
+        self.masks.apply_to_weights()
+        n, m = self.structure.n, self.structure.m
+        for name, module, _ in self.masks.items():
+            w = _rows_inputs(module, full(module.weight.detach()))
+            kept = (w.reshape(w.shape[0], -1, m) != 0).sum(-1)
+            if bool((kept > n).any()):
+                raise SparsefitError(f"{name} is not {self.structure} after training; this is a bug, please report it")
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """What a checkpoint needs besides the masks: Wanda's statistics (empty for magnitude)."""
+        return {f"{name}.input_sq_sum": t.cpu() for name, t in (self.input_sq_sum or {}).items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if self.input_sq_sum is not None:
+            device = {name: t.device for name, t in self.input_sq_sum.items()}
+            self.input_sq_sum = {name: state[f"{name}.input_sq_sum"].to(device[name]) for name in self.input_sq_sum}

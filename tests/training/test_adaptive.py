@@ -1,0 +1,191 @@
+"""Adaptive sparse training (AST): exact N:M masks, straight-through gradients, resume, SLoRB export."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+from transformers.pytorch_utils import Conv1D
+
+from sparsefit.errors import UsageError
+from sparsefit.export import export_checkpoint
+from sparsefit.models import load_model
+from sparsefit.models.slorb import SLORB_FILE, slorb_modules
+from sparsefit.pruning.structure import Structure
+from sparsefit.training import FinetuneConfig, finetune
+from sparsefit.training.adaptive import AdaptiveMasks
+from sparsefit.training.loop import LOG_FILE
+from sparsefit.training.masks import decoder_linears
+from tests.conftest import tiny_model
+from tests.training.test_loop import BASE, _interrupt_after, losses
+
+AST = dict(BASE, method="ast", lr=1e-2)
+
+
+def rows_inputs(module, t):
+    return t.t() if isinstance(module, Conv1D) else t
+
+
+def assert_nm(module, t, n=2, m=4):
+    w = rows_inputs(module, t)
+    per_group = (w.reshape(w.shape[0], -1, m) != 0).sum(-1)
+    assert (per_group <= n).all()
+
+
+def log_records(path):
+    return [json.loads(line) for line in (path / LOG_FILE).read_text().splitlines()]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "opt", "gpt2"])
+def test_every_mask_update_is_exact_nm(arch):
+    model = tiny_model(arch)
+    linears = decoder_linears(model)
+    adaptive = AdaptiveMasks.initial(linears, Structure(2, 4), every=1, decay=0.0, increase_steps=0)
+    for _ in range(3):
+        for name, module, keep in adaptive.masks.items():
+            k = rows_inputs(module, keep)
+            assert (k.reshape(k.shape[0], -1, 4).sum(-1) == 2).all(), name
+        with torch.no_grad():
+            for module in linears.values():
+                module.weight.add_(torch.randn_like(module.weight) * 0.1)
+        assert 0 < adaptive.update() < 1  # perturbed weights: some positions flip
+
+
+def test_straight_through_gradient_is_the_gradient_of_the_masked_weights():
+    model = tiny_model("llama")
+    reference = tiny_model("llama")
+    adaptive = AdaptiveMasks.initial(decoder_linears(model), Structure(2, 4), 1, 0.0, 0)
+    dense = {name: module.weight.detach().clone() for name, module, _ in adaptive.masks.items()}
+    with torch.no_grad():
+        for name, _, keep in adaptive.masks.items():
+            reference.get_submodule(name).weight.mul_(keep)  # a model whose weights are W * M
+    ids = torch.randint(0, 200, (2, 16))
+    adaptive.mask_weights()
+    model(input_ids=ids, labels=ids).loss.backward()
+    adaptive.restore_weights()
+    reference(input_ids=ids, labels=ids).loss.backward()
+    for name, module, keep in adaptive.masks.items():
+        assert torch.equal(module.weight, dense[name])  # the dense shadow is back, bit for bit
+        expected = reference.get_submodule(name).weight.grad
+        assert torch.allclose(module.weight.grad, expected, atol=1e-6)
+        assert module.weight.grad[~keep].abs().sum() > 0  # pruned weights get a gradient too
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "opt", "gpt2"])
+def test_ast_run_ends_as_an_exact_nm_model(arch, tokenizer, data_dir, tmp_path):
+    model = tiny_model(arch)
+    cfg = FinetuneConfig(**AST, max_steps=6, ast={"mask_every": 2, "srste_decay": 1e-3, "increase_steps": 4})
+    metrics = finetune(model, tokenizer, cfg, tmp_path / "ast", progress=False)
+    assert metrics["method"] == "ast" and metrics["revived_weights"] == 0
+    assert metrics["sparsity"] == pytest.approx(0.5, abs=1e-3)
+    for module in decoder_linears(model).values():
+        assert_nm(module, module.weight)
+    records = log_records(tmp_path / "ast")
+    assert [r["step"] for r in records if "mask_flip_rate" in r] == [2, 4]
+    assert [r["srste_lambda"] for r in records] == pytest.approx([0, 2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3])
+    reloaded = load_model(tmp_path / "ast")
+    for name, module in decoder_linears(reloaded).items():
+        assert_nm(module, module.weight)
+        assert torch.equal(module.weight, model.get_submodule(name).weight)
+
+
+def test_masks_adapt_during_training(tokenizer, data_dir, tmp_path):
+    model = tiny_model("llama")
+    initial = AdaptiveMasks.initial(decoder_linears(model), Structure(2, 4), 1, 0.0, 0).masks.state_dict()
+    cfg = FinetuneConfig(**dict(AST, lr=5e-2), max_steps=8, ast={"mask_every": 2, "srste_decay": 0.0})
+    finetune(model, tokenizer, cfg, tmp_path / "a", progress=False)
+    flips = [r["mask_flip_rate"] for r in log_records(tmp_path / "a") if "mask_flip_rate" in r]
+    assert len(flips) == 3 and max(flips) > 0
+    final = {n: m.weight != 0 for n, m in decoder_linears(model).items()}
+    assert any(not torch.equal(final[n], initial[n]) for n in final)  # pruned weights won places back
+
+
+def test_wanda_metric_uses_input_norms(tokenizer, data_dir, tmp_path):
+    cfg = FinetuneConfig(**AST, max_steps=1, ast={"mask_metric": "wanda", "stats_batches": 2})
+    magnitude, wanda = tiny_model("llama"), tiny_model("llama")
+    finetune(
+        magnitude,
+        tokenizer,
+        cfg.model_copy(update={"ast": cfg.ast.model_copy(update={"mask_metric": "magnitude"})}),
+        tmp_path / "m",
+        progress=False,
+    )
+    finetune(wanda, tokenizer, cfg, tmp_path / "w", progress=False)
+    a = decoder_linears(magnitude)
+    b = decoder_linears(wanda)
+    assert any(not torch.equal(a[n].weight != 0, b[n].weight != 0) for n in a)
+
+
+def test_resume_restores_masks_statistics_and_branches(tokenizer, data_dir, tmp_path):
+    ast = {"mask_every": 2, "mask_metric": "wanda", "stats_batches": 2, "stats_every": 4, "slorb": True}
+    cfg = FinetuneConfig(**AST, max_steps=7, checkpoint_every=3, ast=ast)
+    full = tiny_model("llama")
+    finetune(full, tokenizer, cfg, tmp_path / "full", progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        _interrupt_after(tiny_model("llama"), tokenizer, cfg, tmp_path / "resumed", steps=5)
+    checkpoint = tmp_path / "resumed" / "checkpoints" / "step-00000003"
+    assert (checkpoint / "masks.safetensors").is_file() and (checkpoint / "extra.safetensors").is_file()
+    resumed = tiny_model("llama")
+    metrics = finetune(resumed, tokenizer, cfg, tmp_path / "resumed", resume=True, progress=False)
+    assert metrics["resumed_from"] == 3
+    assert losses(tmp_path / "resumed") == pytest.approx(losses(tmp_path / "full"), abs=1e-6)
+    for (name, p), q in zip(full.named_parameters(), resumed.parameters()):
+        assert torch.allclose(p, q, atol=1e-6), name
+
+
+def test_slorb_export_and_reload(tokenizer, data_dir, tmp_path):
+    cfg = FinetuneConfig(**AST, max_steps=3, ast={"slorb": True, "slorb_k": 8})
+    model = tiny_model("llama")
+    metrics = finetune(model, tokenizer, cfg, tmp_path / "s", progress=False)
+    info = metrics["slorb"]
+    linears = decoder_linears(model)
+    assert info["layers"] == len(linears) and info["k"] == 8
+    assert info["parameters"] == sum(m.weight.numel() // 8 for m in linears.values())
+    assert (tmp_path / "s" / SLORB_FILE).is_file()
+    assert json.loads((tmp_path / "s" / "sparsity.json").read_text())["slorb"]["parameters"] == info["parameters"]
+    ids = torch.randint(0, 200, (2, 12))
+    model.eval()
+    with torch.no_grad():
+        expected = model(ids).logits
+
+    reloaded = load_model(tmp_path / "s")  # restores the branches
+    assert len(slorb_modules(reloaded)) == len(linears)
+    with torch.no_grad():
+        assert torch.allclose(reloaded(ids).logits, expected, atol=1e-5)
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "s")  # a plain load: the N:M model alone
+    assert not slorb_modules(plain)
+    for name, module in decoder_linears(plain).items():
+        assert_nm(module, module.weight)
+        assert torch.equal(module.weight, linears[name].weight)
+
+    export_checkpoint(load_model(tmp_path / "s"), tokenizer, tmp_path / "drop", "s", slorb="drop")
+    assert not (tmp_path / "drop" / SLORB_FILE).exists()
+    assert not slorb_modules(load_model(tmp_path / "drop"))
+    result = export_checkpoint(load_model(tmp_path / "s"), tokenizer, tmp_path / "merge", "s", slorb="merge")
+    assert result["slorb"] == "merged" and result["sparsity"] < 0.1  # dense again
+    with torch.no_grad():
+        assert torch.allclose(load_model(tmp_path / "merge")(ids).logits, expected, atol=1e-4)
+    kept = export_checkpoint(load_model(tmp_path / "s"), tokenizer, tmp_path / "keep", "s", fmt="sparse-24-bitmask")
+    assert SLORB_FILE in kept["files"]
+    with torch.no_grad():
+        assert torch.allclose(load_model(tmp_path / "keep")(ids).logits, expected, atol=1e-5)
+
+
+def test_ast_distillation_mix_and_option_errors(tokenizer):
+    cfg = FinetuneConfig(method="ast", teacher="t")
+    assert (cfg.ce_weight, cfg.kl_weight, cfg.temperature) == (0.33, 0.67, 2.0)
+    cfg = FinetuneConfig(method="ast", teacher="t", kl_weight=1.0, temperature=1.5)
+    assert (cfg.ce_weight, cfg.kl_weight, cfg.temperature) == (1.0, 1.0, 1.5)
+    assert FinetuneConfig(method="ast").kl_weight == 0  # no teacher: the task loss alone
+    with pytest.raises(ValueError, match="method ast computes its own"):
+        FinetuneConfig(method="ast", gmp={"final": 0.5})
+    with pytest.raises(ValueError, match="N:M pattern"):
+        FinetuneConfig(method="ast", ast={"structure": "unstructured"})
+    with pytest.raises(ValueError, match="ast.slorb_k"):
+        FinetuneConfig(method="ast", ast={"slorb_k": 0})
+
+
+def test_slorb_groups_that_do_not_divide_a_layer_are_a_usage_error(tokenizer, data_dir, tmp_path):
+    cfg = FinetuneConfig(**AST, max_steps=1, ast={"slorb": True, "slorb_k": 48})
+    with pytest.raises(UsageError, match="slorb-k"):
+        finetune(tiny_model("llama"), tokenizer, cfg, tmp_path / "x", progress=False)
