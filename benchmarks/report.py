@@ -30,6 +30,7 @@ SCRIPTS = {
     "generation": "generation.py",
     "checkpoint_overhead": "checkpoint_overhead.py",
     "recovery": "recovery.py",
+    "adaptive": "adaptive.py",
     "gsm8k": "gsm8k_agreement.py",
     "reconstruct_error": "reconstruct_error.py",
     "reference_llmcompressor": "reference_llmcompressor.py",
@@ -202,6 +203,61 @@ def recovery(r: dict) -> str:
     )
 
 
+def adaptive(r: dict) -> str:
+    a, runs, summary = r["args"], r["runs"], r.get("summary", {})
+    rows = []
+    for name, run in runs.items():
+        loop, s = run.get("loop", {}), summary.get(name, {})
+        flips = loop.get("mask_flip_rate") or []
+        slorb = loop.get("slorb")
+        rows.append(
+            [
+                name,
+                f(run["wikitext2_ppl"]),
+                f(run["gsm8k_answer_ppl"], 3),
+                f(s.get("gap_closed")),
+                f"{slorb['parameters'] / loop['model_parameters']:.3f}" if slorb else "-",
+                f"{flips[0]:.4f} -> {flips[-1]:.4f} ({len(flips)})" if flips else "-",
+                loop.get("nm_violations", "-"),
+            ]
+        )
+    return "\n".join(
+        [
+            f"{a['model']}, 2:4, {a['tokens']} tokens of GSM8K train per arm (batch {a['batch_size']}, lr "
+            f"{a['lr']}), CE 0.33 + KL 0.67 (T = 2) from the dense model; WikiText-2 over {a['wiki_windows']} "
+            f"windows of 2048, GSM8K answer perplexity over {a['answer_rows']} test rows. Gap closed: "
+            "(one-shot - arm) / (one-shot - dense) on WikiText-2. SLoRB: added parameters / model parameters. "
+            "Mask flips: fraction of positions changed, "
+            "first -> last update (updates).",
+            "",
+            table(
+                [
+                    "run",
+                    "WikiText-2 ppl",
+                    "GSM8K answer ppl",
+                    "gap closed",
+                    "SLoRB params",
+                    "mask flips",
+                    "N:M violations",
+                ],
+                rows,
+            ),
+            *_interleaved_speed(r.get("interleaved_speed")),
+        ]
+    )
+
+
+def _interleaved_speed(speed: dict | None) -> list[str]:
+    if not speed:
+        return []
+    costs = ", ".join(f"{k} {v:.2f}x" for k, v in speed["step_cost_vs_fixed"].items() if k != "fixed")
+    return [
+        "",
+        f"Step cost against the fixed-mask loop in alternating short runs ({speed['rounds']} rounds of "
+        f"{speed['steps_per_run']} steps, a mask update every {speed['mask_every']}): {costs}.",
+    ]
+
+
 def gsm8k(r: dict) -> str:
     s, h, a, g = r["sparsefit"], r["harness"], r["answer_ppl"], r["agreement"]
     return "\n".join(
@@ -266,6 +322,7 @@ RENDER: dict[str, Callable[[dict], str]] = {
     "generation": generation,
     "checkpoint_overhead": checkpoint_overhead,
     "recovery": recovery,
+    "adaptive": adaptive,
     "gsm8k": gsm8k,
     "reconstruct_error": reconstruct_error,
     "reference_llmcompressor": reference_llmcompressor,

@@ -21,6 +21,12 @@ def test_builtin_recipes_exist_and_validate():
         assert stages.keys() == ours.keys() and all(stages[k] == ours[k] for k in ours), name
 
 
+def test_adaptive_sparse_training_is_a_finetune_field():
+    recipe = recipe_from_data(_stages({"kind": "finetune", "method": "ast", "ast": {"slorb": True, "mask_every": 5}}))
+    stage = recipe.stages[0]
+    assert stage.method == "ast" and stage.ast.slorb and stage.ast.mask_every == 5 and stage.ast.slorb_k == 16
+
+
 def test_variables_and_overrides():
     recipe = load_recipe("gsm8k-50", ["sparsity=0.7", "sparse-ft.max_tokens=1000", "2.lr=3e-5"])
     pruning = next(s for s in recipe.stages if isinstance(s, OneshotStage))
@@ -47,6 +53,8 @@ def _stages(*stages):
         (_stages({"kind": "finetune", "teacher": "stage:later", "kl_weight": 1}), "names no earlier stage"),
         (_stages({"kind": "oneshot", "sparsity": "${s}"}), "variable '${s}' is not defined"),
         ({"model": "m", "stages": []}, "stages"),
+        (_stages({"kind": "finetune", "method": "ast", "ast": {"mask_evry": 5}}), "field 'ast.mask_evry': unknown"),
+        (_stages({"kind": "finetune", "method": "ast", "ast": {"structure": "0.5"}}), "field 'ast.structure'"),
     ],
 )
 def test_bad_recipes_fail_fast_naming_stage_and_field(data, message):

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from tests.conftest import run_cli
@@ -47,6 +48,7 @@ def test_prune_then_distill_from_the_dense_checkpoint(tiny_checkpoint, data_dir,
         (["--slorb", "--mask-every", "5"], "--mask-every, --slorb set options of adaptive sparse training"),
         (["--method", "ast", "--structure", "0.5"], "--structure: structure '0.5' is malformed"),
         (["--method", "ast", "--gmp", "0,0.5,0,3,1"], "method ast computes its own"),
+        (["--method", "ast", "--cycles", "0.3,0.5"], "--method ast trains its own N:M masks"),
     ],
 )
 def test_finetune_usage_errors_are_one_line(extra, message, tiny_checkpoint, data_dir, tmp_path, capsys):
@@ -97,6 +99,11 @@ def test_adaptive_sparse_training_then_export_from_the_cli(tiny_checkpoint, data
     assert metrics["slorb"]["k"] == 8 and (out / "slorb.safetensors").is_file()
     code, _, err = run(["eval", "--model", str(out), "--seq-len", "64", "--max-windows", "1"], capsys)
     assert code == 0 and "restored SLoRB branches" in err
+    code, _, err = run(["prune", "--model", str(out), "--method", "magnitude", "--structure", "2:4",
+                        "--calib", "none", "--output", str(tmp_path / "p")], capsys)  # fmt: skip
+    assert code == 0 and (tmp_path / "p" / "slorb.safetensors").is_file(), err
+    weights = load_file(str(tmp_path / "p" / "model.safetensors"))
+    assert all(torch.equal(weights[k] == 0, w == 0) for k, w in load_file(str(out / "model.safetensors")).items())
     code, _, err = run(["export", "--model", str(out), "--slorb", "drop", "--output", str(tmp_path / "e")], capsys)
     assert code == 0 and "left out" in err and not (tmp_path / "e" / "slorb.safetensors").exists()
     code, _, err = run(["quantize", "--model", str(out), "--scheme", "w8a16", "--method", "rtn",

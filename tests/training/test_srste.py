@@ -25,6 +25,13 @@ def test_lambda_rises_linearly_then_stays_flat():
     assert srste_lambda(0, 2e-4, 0) == pytest.approx(2e-4)  # no ramp: the peak from the start
 
 
+def test_scratch_buffer_gives_the_same_result():
+    weight, keep, grad = torch.randn(4, 8), torch.rand(4, 8) > 0.5, torch.randn(4, 8)
+    expected = add_srste_decay_(grad.clone(), weight, keep, 0.3)
+    assert torch.equal(add_srste_decay_(grad.clone(), weight, keep, 0.3, torch.empty(4, 8)), expected)
+    assert torch.equal(expected[keep], grad[keep])  # bit for bit
+
+
 def test_zero_lambda_leaves_the_gradient_alone():
     grad = torch.randn(3, 8)
     before = grad.clone()

@@ -20,6 +20,7 @@ continues with the mask it had (the reference code recomputes it, up to `mask_ev
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -27,11 +28,16 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from sparsefit.errors import SparsefitError, UsageError
+from sparsefit.models.slorb import attach_slorb, slorb_init
 from sparsefit.pruning.structure import Structure, nm_keep_mask
 from sparsefit.pruning.wanda import wanda_scores
-from sparsefit.training.masks import SparsityMasks
+from sparsefit.training.config import FinetuneConfig
+from sparsefit.training.masks import SparsityMasks, decoder_linears
 from sparsefit.training.sharding import full, local
 from sparsefit.training.srste import add_srste_decay_, srste_lambda
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 def _rows_inputs(module: nn.Module, t: torch.Tensor) -> torch.Tensor:
@@ -101,7 +107,8 @@ class AdaptiveMasks:
         self.decay = decay
         self.increase_steps = increase_steps
         self.input_sq_sum = input_sq_sum  # Wanda's statistics; None: magnitude
-        self._stash: dict[str, torch.Tensor] = {}
+        self._dense: dict[str, torch.Tensor] = {}  # the dense weights while the forward runs with W * M
+        self._masked: set[str] = set()
 
     @classmethod
     def initial(
@@ -147,24 +154,36 @@ class AdaptiveMasks:
 
     @torch.no_grad()
     def mask_weights(self) -> None:
-        """Set the pruned weights' values aside and zero them: the forward sees W * M."""
+        """Copy the dense weights aside and zero the pruned ones: the forward sees W * M.
+
+        The copies go to buffers kept from step to step (a plain copy is much cheaper than gathering
+        just the pruned values, and nothing is allocated per step)."""
         for name, module, keep in self.masks.items():
-            w, k = local(module.weight), local(keep)
-            self._stash[name] = w[~k]
-            w.mul_(k)
+            w = local(module.weight)
+            buf = self._dense.get(name)
+            if buf is None or buf.shape != w.shape or buf.dtype != w.dtype or buf.device != w.device:
+                buf = self._dense[name] = torch.empty_like(w)
+            buf.copy_(w)
+            w.mul_(local(keep))
+            self._masked.add(name)
 
     @torch.no_grad()
     def restore_weights(self) -> None:
-        """Put the pruned weights' values back: the dense shadow weights, whose gradient is that of W * M."""
-        for name, module, keep in self.masks.items():
-            local(module.weight).masked_scatter_(~local(keep), self._stash.pop(name))
+        """Put the dense weights back; their gradient is now that of W * M (straight-through)."""
+        for name, module, _ in self.masks.items():
+            if name in self._masked:
+                local(module.weight).copy_(self._dense[name])
+        self._masked.clear()
 
     def decay_grads(self, step: int) -> float:
-        """SR-STE: add lambda(step) * (1 - M) * W to the gradients; returns lambda."""
+        """SR-STE: add lambda(step) * (1 - M) * W to the gradients of the dense weights; returns lambda."""
+        if self._masked:
+            raise RuntimeError("SR-STE's decay applies to the dense weights: restore them first")
         lam = srste_lambda(step, self.decay, self.increase_steps)
-        for _, module, keep in self.masks.items():
-            if module.weight.grad is not None:
-                add_srste_decay_(local(module.weight.grad), local(module.weight), local(keep), lam)
+        for name, module, keep in self.masks.items():
+            if module.weight.grad is not None and lam:
+                scratch = self._dense.get(name)  # free between restore and the next mask_weights
+                add_srste_decay_(local(module.weight.grad), local(module.weight), local(keep), lam, scratch)
         return lam
 
     @torch.no_grad()
@@ -186,3 +205,32 @@ class AdaptiveMasks:
         if self.input_sq_sum is not None:
             device = {name: t.device for name, t in self.input_sq_sum.items()}
             self.input_sq_sum = {name: state[f"{name}.input_sq_sum"].to(device[name]) for name in self.input_sq_sum}
+
+
+def setup_adaptive(
+    model: PreTrainedModel, config: FinetuneConfig, steps: int, stats_batches: Iterable[dict[str, torch.Tensor]]
+) -> AdaptiveMasks:
+    """The initial masks of the (full, unsharded) model for `config.ast`, with Wanda's statistics from
+    `stats_batches` when asked, and SLoRB branches initialised from the weights the masks prune."""
+    ast = config.ast
+    linears = decoder_linears(model, config.targets, config.ignore)
+    stats = None
+    if ast.mask_metric == "wanda":
+        was_training = model.training
+        stats = input_sq_sums(model.eval(), linears, stats_batches)
+        model.train(was_training)
+    increase = ast.increase_steps if ast.increase_steps is not None else steps // 4
+    structure = Structure.parse(ast.structure)
+    adaptive = AdaptiveMasks.initial(linears, structure, ast.mask_every, ast.srste_decay, increase, stats)
+    if ast.slorb:
+        init = {}
+        try:
+            for name, module, keep in adaptive.masks.items():
+                weight = module.weight.detach()
+                if isinstance(module, Conv1D):
+                    weight, keep = weight.t(), keep.t()
+                init[name] = slorb_init(weight, keep, ast.slorb_k, ast.slorb_init)
+            attach_slorb(linears, ast.slorb_k, init, ast.slorb_trainable_projection)
+        except ValueError as err:
+            raise UsageError(f"{err}: choose a --slorb-k that divides every layer's inputs") from None
+    return adaptive

@@ -19,7 +19,7 @@ import json
 import math
 import signal
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,11 +33,10 @@ from transformers.pytorch_utils import Conv1D
 from sparsefit.atomic import clean_stale_in, discard_dir, foreign_entries, is_empty_dir, make_dir, mark, read_marker
 from sparsefit.errors import Interrupted, SparsefitError, UsageError
 from sparsefit.models.layout import decoder_layout
-from sparsefit.models.slorb import attach_slorb, slorb_info, slorb_init
+from sparsefit.models.slorb import slorb_info
 from sparsefit.outputs import claim_output
 from sparsefit.pruning.magnitude import prune_magnitude
-from sparsefit.pruning.structure import Structure
-from sparsefit.training.adaptive import AdaptiveMasks, input_sq_sums
+from sparsefit.training.adaptive import AdaptiveMasks, input_sq_sums, setup_adaptive
 from sparsefit.training.config import FinetuneConfig
 from sparsefit.training.data import collate, example_order, load_examples, self_examples
 from sparsefit.training.distributed import DistInfo, all_reduce_sum, barrier, init_distributed
@@ -303,7 +302,7 @@ def _setup(
     adaptive = None
     if config.method == "ast":  # before sharding and the optimizer: SLoRB adds parameters
         stats = micro_batches(config, examples, lengths, info, pad_id, device, config.ast.stats_batches)
-        adaptive = adaptive_setup(model, config, steps, stats)
+        adaptive = setup_adaptive(model, config, steps, stats)
         masks = adaptive.masks
 
     if config.gradient_checkpointing:
@@ -345,34 +344,6 @@ def _setup(
         adaptive=adaptive,
         fingerprint=fingerprint,
     )
-
-
-def adaptive_setup(
-    model: PreTrainedModel, config: FinetuneConfig, steps: int, stats_batches: Iterable[dict[str, torch.Tensor]]
-) -> AdaptiveMasks:
-    """The initial adaptive masks of the (full) model, Wanda's statistics when asked, and SLoRB branches."""
-    ast = config.ast
-    linears = decoder_linears(model, config.targets, config.ignore)
-    stats = None
-    if ast.mask_metric == "wanda":
-        was_training = model.training
-        stats = input_sq_sums(model.eval(), linears, stats_batches)
-        model.train(was_training)
-    increase = ast.increase_steps if ast.increase_steps is not None else steps // 4
-    structure = Structure.parse(ast.structure)
-    adaptive = AdaptiveMasks.initial(linears, structure, ast.mask_every, ast.srste_decay, increase, stats)
-    if ast.slorb:
-        init = {}
-        try:
-            for name, module, keep in adaptive.masks.items():
-                weight = module.weight.detach()
-                if isinstance(module, Conv1D):
-                    weight, keep = weight.t(), keep.t()
-                init[name] = slorb_init(weight, keep, ast.slorb_k, ast.slorb_init)
-            attach_slorb(linears, ast.slorb_k, init, ast.slorb_trainable_projection)
-        except ValueError as err:
-            raise UsageError(f"{err}: choose a --slorb-k that divides every layer's inputs") from None
-    return adaptive
 
 
 def micro_batches(
@@ -531,19 +502,15 @@ def _train(
 
 def _step(config: FinetuneConfig, run: _Run, step: int, output_dir: Path) -> dict:
     """One optimizer step: this rank's losses (averaged over micro-batches), tokens, lr and gradient norm."""
-    info = run.info
     if config.gmp is not None:
         gmp = config.gmp
         target = gmp_sparsity(step, gmp.initial, gmp.final, gmp.start, gmp.end, gmp.every)
         if target is not None:
             gmp_update(run.masks, target, run.optimizer)
-    per_rank = config.batch_size * config.grad_accum
-    global_batch = per_rank * info.world
-    ids = example_order(run.lengths, global_batch, config.seed, step)[info.rank * per_rank : (info.rank + 1) * per_rank]
     sums = {"loss": 0.0, "ce": 0.0, "kl": 0.0, "square_head": 0.0}
     extra = _adaptive_before(config, run, step) if run.adaptive is not None else {}
     try:
-        step_tokens = _accumulate(config, run, step, output_dir, ids, sums)
+        step_tokens = _accumulate(config, run, step, output_dir, sums)
     finally:
         if run.adaptive is not None:
             run.adaptive.restore_weights()  # the dense weights, with the gradient of W * M (STE)
@@ -590,14 +557,13 @@ def _adaptive_before(config: FinetuneConfig, run: _Run, step: int) -> dict:
     return extra
 
 
-def _accumulate(config: FinetuneConfig, run: _Run, step: int, output_dir: Path, ids: list[int], sums: dict) -> int:
+def _accumulate(config: FinetuneConfig, run: _Run, step: int, output_dir: Path, sums: dict) -> int:
     """Forward and backward over the step's micro-batches; adds each loss term to `sums`, returns the tokens."""
     info = run.info
     step_tokens = 0
     autocast = (lambda: torch.autocast(run.device.type, dtype=torch.bfloat16)) if run.bf16 else nullcontext
-    for k in range(config.grad_accum):
-        batch = collate([run.examples[i] for i in ids[k * config.batch_size : (k + 1) * config.batch_size]], run.pad_id)
-        batch = {key: v.to(run.device) for key, v in batch.items()}
+    batches = micro_batches(config, run.examples, run.lengths, info, run.pad_id, run.device, config.grad_accum, step)
+    for k, batch in enumerate(batches):
         step_tokens += int(batch["attention_mask"].sum())
         last_micro = k == config.grad_accum - 1
         if run.fsdp:

@@ -26,8 +26,11 @@ def srste_lambda(step: int, peak: float, ramp_steps: int) -> float:
 
 
 @torch.no_grad()
-def add_srste_decay_(grad: torch.Tensor, weight: torch.Tensor, keep: torch.Tensor, lam: float) -> torch.Tensor:
-    """grad += lam * (1 - keep) * weight, in place: kept weights get nothing, pruned ones a pull to 0."""
+def add_srste_decay_(
+    grad: torch.Tensor, weight: torch.Tensor, keep: torch.Tensor, lam: float, scratch: torch.Tensor | None = None
+) -> torch.Tensor:
+    """grad += lam * (1 - keep) * weight, in place: kept weights get nothing (an exact +-0 is added),
+    pruned ones a pull towards 0. `scratch` (weight's shape and dtype) saves an allocation."""
     if lam:
-        grad.add_(weight * ~keep, alpha=lam)
+        grad.add_(torch.mul(weight, ~keep, out=scratch) if scratch is not None else weight * ~keep, alpha=lam)
     return grad
