@@ -12,14 +12,19 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_ddp_two_cpu_processes_agree_and_keep_masks(data_dir, tmp_path):
+def torchrun_workers(worker: str, out: Path) -> None:
+    """Run tests/training/WORKER under `torchrun --nproc_per_node=2` (gloo, one thread each) into `out`."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-        str(ROOT / "tests" / "training" / "ddp_worker.py"), str(tmp_path),
+        str(ROOT / "tests" / "training" / worker), str(out),
     ]  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_ddp_two_cpu_processes_agree_and_keep_masks(data_dir, tmp_path):
+    torchrun_workers("ddp_worker.py", tmp_path)
     ranks = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["digest"] == ranks[1]["digest"]
     assert ranks[0]["pruned_nonzero"] == ranks[1]["pruned_nonzero"] == 0
@@ -34,13 +39,7 @@ def test_fsdp_matches_ddp_and_resumes_from_a_sharded_checkpoint(data_dir, tmp_pa
     killed after its step-2 checkpoint and resumed; its losses, weights and masks match DDP's."""
     from safetensors.torch import load_file
 
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-        str(ROOT / "tests" / "training" / "fsdp_worker.py"), str(tmp_path),
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    torchrun_workers("fsdp_worker.py", tmp_path)
     ddp, fsdp = (json.loads((tmp_path / run / "metrics.json").read_text()) for run in ("ddp", "fsdp"))
     assert fsdp["resumed_from"] == 2 and fsdp["world_size"] == 2 and fsdp["strategy"] == "fsdp"
     assert fsdp["revived_weights"] == ddp["revived_weights"] == 0
@@ -63,13 +62,7 @@ def test_adaptive_sparse_training_under_ddp_and_fsdp(data_dir, tmp_path):
     norms summed over ranks), SLoRB branches and the final exact 2:4 weights."""
     from safetensors.torch import load_file
 
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-        str(ROOT / "tests" / "training" / "ast_worker.py"), str(tmp_path),
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    torchrun_workers("ast_worker.py", tmp_path)
     runs = ("ddp", "fsdp")
     metrics = {run: json.loads((tmp_path / run / "metrics.json").read_text()) for run in runs}
     for m in metrics.values():
