@@ -217,7 +217,7 @@ def adaptive(r: dict) -> str:
                 f(run["gsm8k_answer_ppl"], 3),
                 f(s.get("gap_closed")),
                 f"{slorb['parameters'] / loop['model_parameters']:.3f}" if slorb else "-",
-                f"{flips[0]:.4f} -> {flips[-1]:.4f} ({len(flips)})" if flips else "-",
+                f"{flips[0]:.1e} -> {flips[-1]:.1e} ({len(flips)})" if flips else "-",
                 loop.get("nm_violations", "-"),
             ]
         )
@@ -243,8 +243,19 @@ def adaptive(r: dict) -> str:
                 rows,
             ),
             *_interleaved_speed(r.get("interleaved_speed")),
+            *_merged(r.get("merged")),
         ]
     )
+
+
+def _merged(merged: dict | None) -> list[str]:
+    if not merged:
+        return []
+    by_commit: dict[str, list[str]] = {}
+    for arm, commit in merged.items():
+        by_commit.setdefault(commit[:12], []).append(arm)
+    runs = "; ".join(f"{', '.join(arms)} at commit {commit}" for commit, arms in by_commit.items())
+    return ["", f"Arms merged from an earlier run with the same settings: {runs}."]
 
 
 def _interleaved_speed(speed: dict | None) -> list[str]:
