@@ -115,6 +115,9 @@ def main() -> None:
         if all(earlier["args"].get(k) == getattr(args, k) for k in same):
             result["runs"] = {k: v for k, v in earlier["runs"].items() if k not in variants}
             result["merged"] = {k: earlier["environment"]["commit"] for k in result["runs"]}
+            if args.speed_rounds == 0 and "interleaved_speed" in earlier:
+                result["interleaved_speed"] = earlier["interleaved_speed"]
+                result["merged"]["interleaved_speed"] = earlier["environment"]["commit"]
 
     def record(name: str, data: dict) -> None:
         result["runs"][name] = data
