@@ -114,10 +114,13 @@ def main() -> None:
         earlier = json.loads(Path(args.out).read_text())
         if all(earlier["args"].get(k) == getattr(args, k) for k in same):
             result["runs"] = {k: v for k, v in earlier["runs"].items() if k not in variants}
-            result["merged"] = {k: earlier["environment"]["commit"] for k in result["runs"]}
+            commits = {**dict.fromkeys(earlier["runs"], earlier["environment"]["commit"]), **earlier.get("merged", {})}
+            result["merged"] = {k: commits[k] for k in result["runs"]}
             if args.speed_rounds == 0 and "interleaved_speed" in earlier:
                 result["interleaved_speed"] = earlier["interleaved_speed"]
-                result["merged"]["interleaved_speed"] = earlier["environment"]["commit"]
+                result["merged"]["interleaved_speed"] = commits.get(
+                    "interleaved_speed", earlier["environment"]["commit"]
+                )
 
     def record(name: str, data: dict) -> None:
         result["runs"][name] = data
