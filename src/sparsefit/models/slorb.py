@@ -24,7 +24,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.pytorch_utils import Conv1D
+
+from sparsefit.models.layout import set_weight_out_in, weight_as_out_in
 
 SLORB_FILE = "slorb.safetensors"
 _FORMAT = "sparsefit-slorb-1"
@@ -78,12 +79,6 @@ def _add_branch(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.T
     return output + module.slorb(args[0])
 
 
-def _dims(module: nn.Module) -> tuple[int, int]:
-    """(in_features, out_features) of a Linear or of GPT-2's Conv1D (weight stored (in, out))."""
-    w = module.weight
-    return (w.shape[0], w.shape[1]) if isinstance(module, Conv1D) else (w.shape[1], w.shape[0])
-
-
 def slorb_modules(model: nn.Module) -> dict[str, nn.Module]:
     """The linears of `model` that carry a SLoRB branch, by module name."""
     return {name: m for name, m in model.named_modules() if isinstance(getattr(m, "slorb", None), SLoRB)}
@@ -100,7 +95,7 @@ def attach_slorb(
     for name, module in linears.items():
         if isinstance(getattr(module, "slorb", None), SLoRB):
             raise ValueError(f"{name} already has a SLoRB branch")
-        in_features, out_features = _dims(module)
+        out_features, in_features = weight_as_out_in(module).shape
         branch = SLoRB(in_features, out_features, k, trainable_projection)
         branch.to(device=module.weight.device)
         if init is not None and name in init:
@@ -125,10 +120,8 @@ def merge_slorb(model: nn.Module) -> int:
     """Fold every branch into its linear's weight (W += S P, which is dense) and remove the branches."""
     found = slorb_modules(model)
     for module in found.values():
-        delta = module.slorb.dense_delta()
-        if isinstance(module, Conv1D):
-            delta = delta.t()
-        module.weight.add_(delta.to(device=module.weight.device, dtype=module.weight.dtype))
+        weight = weight_as_out_in(module)
+        set_weight_out_in(module, weight + module.slorb.dense_delta().to(device=weight.device, dtype=weight.dtype))
     return detach_slorb(model)
 
 

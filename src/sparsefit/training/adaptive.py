@@ -28,6 +28,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from sparsefit.errors import SparsefitError, UsageError
+from sparsefit.models.layout import weight_as_out_in
 from sparsefit.models.slorb import attach_slorb, slorb_init
 from sparsefit.pruning.structure import Structure, nm_keep_mask
 from sparsefit.pruning.wanda import wanda_scores
@@ -59,7 +60,10 @@ def input_sq_sums(
     model: nn.Module, linears: dict[str, nn.Module], batches: Iterable[dict[str, torch.Tensor]]
 ) -> dict[str, torch.Tensor]:
     """Per-input sum of x^2 at each linear over `batches` (padding excluded), summed over all processes."""
-    sums = {name: torch.zeros(_dims_in(m), dtype=torch.float32, device=m.weight.device) for name, m in linears.items()}
+    sums = {
+        name: torch.zeros(weight_as_out_in(m).shape[1], dtype=torch.float32, device=m.weight.device)
+        for name, m in linears.items()
+    }
     keep_rows: list[torch.Tensor] = []
 
     def hook(name: str):  # noqa: ANN202
@@ -83,10 +87,6 @@ def input_sq_sums(
         dist.all_reduce(flat)
         sums = dict(zip(names, flat.split([sums[n].numel() for n in names])))
     return sums
-
-
-def _dims_in(module: nn.Module) -> int:
-    return module.weight.shape[0] if isinstance(module, Conv1D) else module.weight.shape[1]
 
 
 class AdaptiveMasks:
@@ -124,7 +124,7 @@ class AdaptiveMasks:
         if not structure.is_nm:
             raise UsageError(f"adaptive masks need an N:M structure such as 2:4, got '{structure}'")
         for name, module in linears.items():
-            structure.check_columns(_dims_in(module), name)
+            structure.check_columns(weight_as_out_in(module).shape[1], name)
         stats = input_sq_sum or {}
         keeps = {
             name: _rows_inputs(m, adaptive_keep_mask(_rows_inputs(m, m.weight), structure, stats.get(name)))
@@ -226,10 +226,9 @@ def setup_adaptive(
         init = {}
         try:
             for name, module, keep in adaptive.masks.items():
-                weight = module.weight.detach()
-                if isinstance(module, Conv1D):
-                    weight, keep = weight.t(), keep.t()
-                init[name] = slorb_init(weight, keep, ast.slorb_k, ast.slorb_init)
+                init[name] = slorb_init(
+                    weight_as_out_in(module), _rows_inputs(module, keep), ast.slorb_k, ast.slorb_init
+                )
             attach_slorb(linears, ast.slorb_k, init, ast.slorb_trainable_projection)
         except ValueError as err:
             raise UsageError(f"{err}: choose a --slorb-k that divides every layer's inputs") from None
