@@ -2,9 +2,9 @@
 
 Every run is a fresh `sparsefit prune` process (so its peak RSS is its own), followed by
 `sparsefit eval` on the output. A run without `--preset` measures the defaults; `-paper` runs
-the paper-faithful preset, `-lowmem` the low-memory mode. The yardstick, measured in the same
-invocation before and again after the runs, is one plain dense float32 forward over the same
-calibration set (64 x 512 from GSM8K train, batches of 8); the ratios are to the mean of the two.
+the paper-faithful preset, `-inmemory` keeps everything in memory (no offload). The yardstick,
+measured in the same invocation before and again after the runs, is one plain dense float32
+forward over the same calibration set (64 x 512 from GSM8K train, batches of 8); the ratios are to the mean of the two.
 Run it with nothing else on the machine:
 
     SPARSEFIT_DATA_DIR=../shared/data python benchmarks/oneshot.py --seeds 0 1 2
@@ -30,7 +30,7 @@ RUNS = {
     "wanda-50-paper": ["--method", "wanda", "--sparsity", "0.5", "--preset", "paper"],
     "sparsegpt-50": ["--method", "sparsegpt", "--sparsity", "0.5"],
     "sparsegpt-50-paper": ["--method", "sparsegpt", "--sparsity", "0.5", "--preset", "paper"],
-    "sparsegpt-50-lowmem": ["--method", "sparsegpt", "--sparsity", "0.5", "--offload-dir", "{work}/offload"],
+    "sparsegpt-50-inmemory": ["--method", "sparsegpt", "--sparsity", "0.5", "--offload-dir", "none"],
     "wanda-2:4": ["--method", "wanda", "--structure", "2:4"],
     "sparsegpt-2:4": ["--method", "sparsegpt", "--structure", "2:4"],
     "sparsegpt-2:4-paper": ["--method", "sparsegpt", "--structure", "2:4", "--preset", "paper"],

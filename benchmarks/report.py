@@ -94,7 +94,7 @@ def oneshot(r: dict) -> str:
     out.append("")
     out.append(
         "Runs without `-paper` use the defaults (`--preset best`); `-paper` adds `--preset paper`; "
-        "`-lowmem` adds `--offload-dir`. Seeds are calibration draws."
+        "`-inmemory` adds `--offload-dir none`. Seeds are calibration draws."
     )
     for added in r.get("appended", []):
         env = added["environment"]

@@ -2,6 +2,7 @@
 
 import json
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from sparsefit.data.self_generated import sample_from_model
 from sparsefit.errors import UsageError
 from sparsefit.export import save_checkpoint
 from sparsefit.models.layout import decoder_layout, select_linears, weight_as_out_in
-from sparsefit.models.offload import offload_tensor_
+from sparsefit.models.offload import offload_tensor_, on_ram_filesystem
 from sparsefit.pruning import OneShotConfig, oneshot
 from sparsefit.pruning.pipeline import BlockRunner, capture_block_inputs
 from sparsefit.pruning.stats import InputStats
@@ -325,7 +326,7 @@ def test_cli_prune_writes_a_loadable_checkpoint(tiny_checkpoint, data_dir, tmp_p
             *(
                 ["--sequential", "--reconstruct-iters", "5", "--offload-dir", str(tmp_path / "off")]
                 if sequential
-                else ["--no-sequential"]
+                else ["--no-sequential", "--offload-dir", "none"]
             ),
             "--model",
             str(tiny_checkpoint),
@@ -569,9 +570,32 @@ def test_a_named_calibration_out_of_reach_is_an_error_with_the_fix(tokenizer, mo
         oneshot(tiny_model("llama"), tokenizer, config, progress=False)
 
 
+def test_low_memory_mode_is_the_default_with_a_temp_directory_on_disk(monkeypatch, tmp_path):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where tempfile.mkdtemp creates folders
+    monkeypatch.setattr(sys.modules["sparsefit.pruning.oneshot"], "on_ram_filesystem", lambda path: False)
+    x = calib()
+    plain, pruned = tiny_model("llama"), tiny_model("llama")
+    kept = oneshot(plain, None, cfg(method="sparsegpt", offload_dir="none"), calib=x, progress=False)
+    report = oneshot(pruned, None, cfg(method="sparsegpt"), calib=x, progress=False)
+    assert report.config.offload_dir == "auto" and report.low_memory and "offload" in report.phases
+    assert not kept.low_memory and "offload" not in kept.phases
+    assert list(tmp_path.iterdir()) == []  # the temporary folder is gone
+    for a, b in zip(linears(plain).values(), linears(pruned).values()):
+        assert torch.equal(a.weight, b.weight)  # the same model either way
+
+
+def test_on_ram_filesystem_reads_the_longest_mount_of_the_path():
+    mounts = "/dev/vda / ext4 rw 0 0\ntmpfs /tmp tmpfs rw 0 0\n/dev/vdb /tmp/disk\\040x ext4 rw 0 0\n"
+    assert on_ram_filesystem("/tmp/a", mounts) and on_ram_filesystem("/tmp", mounts)
+    assert not on_ram_filesystem("/tmp/disk x/a", mounts) and not on_ram_filesystem("/tmpx", mounts)
+    assert not on_ram_filesystem("/work", mounts)
+
+
 @pytest.mark.parametrize("available, engaged", [(10**12, False), (10**4, True)])
 def test_low_memory_mode_engages_when_memory_would_not_suffice(monkeypatch, capsys, available, engaged):
+    """With the temp directory in RAM, `auto` offloads only when memory would not suffice otherwise."""
     monkeypatch.setattr(sys.modules["sparsefit.pruning.oneshot"], "available_memory_bytes", lambda: available)
+    monkeypatch.setattr(sys.modules["sparsefit.pruning.oneshot"], "on_ram_filesystem", lambda path: True)
     x = calib()
     plain, pruned = tiny_model("llama"), tiny_model("llama")
     oneshot(plain, None, cfg(method="sparsegpt", offload_dir=None), calib=x, progress=False)

@@ -42,6 +42,29 @@ def prepare_offload_dir(directory: str | os.PathLike) -> Path:
     return path
 
 
+def on_ram_filesystem(path: str | os.PathLike, mounts: str | None = None) -> bool:
+    """Whether `path` lies on a RAM-backed filesystem (tmpfs, ramfs), where files still cost memory.
+
+    `mounts` is the text of /proc/mounts (read when None; elsewhere than Linux the answer is False).
+    """
+    if mounts is None:
+        try:
+            mounts = Path("/proc/mounts").read_text()
+        except OSError:
+            return False
+    target = str(Path(path).resolve())
+    best, fstype = "", ""
+    for line in mounts.splitlines():
+        parts = line.split()
+        if len(parts) < 3:
+            continue
+        mount = parts[1].replace("\\040", " ")  # /proc/mounts escapes spaces
+        inside = target == mount or target.startswith(mount.rstrip("/") + "/")
+        if inside and len(mount) >= len(best):
+            best, fstype = mount, parts[2]
+    return fstype in ("tmpfs", "ramfs")
+
+
 def offload_parameters(named: Iterable[tuple[str, nn.Parameter]], directory: Path) -> int:
     """Move CPU parameters (`module.named_parameters()`) to a file in `directory`, mapped back lazily.
 

@@ -8,6 +8,7 @@ import shutil
 import sys
 import tempfile
 import time
+from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -17,7 +18,7 @@ from pydantic import BaseModel
 from sparsefit.config import LayerwiseOptions
 from sparsefit.errors import UsageError
 from sparsefit.models.layout import decoder_layout, params_outside_blocks, weight_as_out_in
-from sparsefit.models.offload import offload_parameters, prepare_offload_dir
+from sparsefit.models.offload import offload_parameters, on_ram_filesystem, prepare_offload_dir
 from sparsefit.pruning.config import OneShotConfig
 from sparsefit.pruning.methods import MethodOptions
 from sparsefit.pruning.owl import owl_sparsities
@@ -58,7 +59,7 @@ class OneShotReport(BaseModel):
     owl_outlier_ratios: list[float] | None
     calibration: CalibrationReport | None
     compute_dtype: str  # of the block forwards: "bfloat16" or "float32"
-    low_memory: bool  # offloading (--offload-dir, or engaged by itself when memory would not suffice)
+    low_memory: bool  # whether finished blocks and paused activations went to files (`offload_dir`)
     phases: dict[str, float]  # seconds per phase
     seconds: float
     peak_rss_mb: float  # of the process during pruning
@@ -148,13 +149,22 @@ def available_memory_bytes() -> int | None:
     return None
 
 
+def _auto_offload_dir(calib: torch.Tensor | list[torch.Tensor], per_block: list[dict], sequential: bool) -> Path | None:
+    """Where `offload_dir: auto` offloads: a fresh temporary folder when the system's temp directory is
+    on a disk; on a RAM filesystem (where files cost memory too) only when pruning would not fit in
+    memory otherwise (`_low_memory_dir`). None: nothing is offloaded."""
+    if not on_ram_filesystem(tempfile.gettempdir()):
+        return Path(tempfile.mkdtemp(prefix="sparsefit-offload-"))
+    return _low_memory_dir(calib, per_block, sequential)
+
+
 def _low_memory_dir(calib: torch.Tensor | list[torch.Tensor], per_block: list[dict], sequential: bool) -> Path | None:
     """A temporary offload directory when pruning would not fit in memory otherwise, else None.
 
     Beyond the loaded model, pruning holds the calibration activations in float32 (with the
     sequential order, every batch's widest linear input at a stop, twice over for its transients)
     and a few copies of one block's weights. When that exceeds 80% of the available memory, low-memory
-    mode (as `--offload-dir`) engages, with a notice.
+    mode engages, with a notice.
     """
     available = available_memory_bytes()
     layers = next(layers for layers in per_block if layers)
@@ -214,67 +224,72 @@ def oneshot(
             )
     report = LayerwiseReport()
     # Checked before any work: an unwritable directory should not cost the calibration pass.
-    offload_dir = None if config.offload_dir is None else prepare_offload_dir(config.offload_dir)
+    explicit_dir = config.offload_dir not in (None, "auto")
+    offload_dir = prepare_offload_dir(config.offload_dir) if explicit_dir else None
 
     t = time.perf_counter()
     source = None  # batches passed in
     if calib is None and (config.method != "magnitude" or config.profile == "owl"):
         calib, source = calibration_batch(model, tokenizer, config, progress)
     report.add_time("calibration_data", time.perf_counter() - t)
-    auto_offload = None
-    if offload_dir is None and calib is not None:
-        auto_offload = offload_dir = _low_memory_dir(calib, per_block, config.sequential)
-    # N:M groups must not straddle SparseGPT's column blocks: round the block down to a multiple of M.
-    block_size = (
-        max(structure.m, config.block_size - config.block_size % structure.m) if structure.is_nm else config.block_size
-    )
-    options = MethodOptions(
-        config.method, structure, block_size, config.damp, config.magnitude_scope, config.reconstruct_iters
-    )
-    runner = BlockRunner(device, use_bf16(config.compute_dtype, device), offload_dir=offload_dir)
+    with ExitStack() as cleanup:
+        if config.offload_dir == "auto" and calib is not None:
+            offload_dir = _auto_offload_dir(calib, per_block, config.sequential)
+            if offload_dir is not None:  # ours: removed at the end (each file was unlinked once mapped)
+                cleanup.callback(shutil.rmtree, offload_dir, ignore_errors=True)
+        # N:M groups must not straddle SparseGPT's column blocks: round the block down to a multiple of M.
+        block_size = (
+            max(structure.m, config.block_size - config.block_size % structure.m)
+            if structure.is_nm
+            else config.block_size
+        )
+        options = MethodOptions(
+            config.method, structure, block_size, config.damp, config.magnitude_scope, config.reconstruct_iters
+        )
+        runner = BlockRunner(device, use_bf16(config.compute_dtype, device), offload_dir=offload_dir)
 
-    inputs = None
-    if calib is not None:
-        t = time.perf_counter()
-        inputs = capture_block_inputs(model, layout, calib, config.batch_size, device)
-        report.add_time("capture", time.perf_counter() - t)
+        inputs = None
+        if calib is not None:
+            t = time.perf_counter()
+            inputs = capture_block_inputs(model, layout, calib, config.batch_size, device)
+            report.add_time("capture", time.perf_counter() - t)
 
-    block_sparsity = [config.target_sparsity] * len(layout.blocks)
-    owl_ratios = None
-    if config.profile == "owl":
-        t = time.perf_counter()
-        owl_ratios = owl_outlier_ratios(layout, per_block, inputs, runner, config.owl_m, progress)
-        # The OWL pass consumed the inputs; capturing again is cheaper than keeping a copy.
-        inputs = capture_block_inputs(model, layout, calib, config.batch_size, device) if options.needs_data else None
-        active = [i for i, layers in enumerate(per_block) if layers]
-        try:
-            profile = owl_sparsities([owl_ratios[i] for i in active], config.sparsity, config.owl_lambda)
-        except ValueError as err:
-            raise UsageError(str(err)) from None
-        for i, s in zip(active, profile):
-            block_sparsity[i] = s
-        report.add_time("owl", time.perf_counter() - t)
-    explicit = config.profile if isinstance(config.profile, dict) else {}
+        block_sparsity = [config.target_sparsity] * len(layout.blocks)
+        owl_ratios = None
+        if config.profile == "owl":
+            t = time.perf_counter()
+            owl_ratios = owl_outlier_ratios(layout, per_block, inputs, runner, config.owl_m, progress)
+            # The OWL pass consumed the inputs; capturing again is cheaper than keeping a copy.
+            inputs = (
+                capture_block_inputs(model, layout, calib, config.batch_size, device) if options.needs_data else None
+            )
+            active = [i for i, layers in enumerate(per_block) if layers]
+            try:
+                profile = owl_sparsities([owl_ratios[i] for i in active], config.sparsity, config.owl_lambda)
+            except ValueError as err:
+                raise UsageError(str(err)) from None
+            for i, s in zip(active, profile):
+                block_sparsity[i] = s
+            report.add_time("owl", time.perf_counter() - t)
+        explicit = config.profile if isinstance(config.profile, dict) else {}
 
-    def sparsity_of(block: int, name: str) -> float:
-        for pattern, s in explicit.items():
-            if re.search(pattern, name):
-                return s
-        return block_sparsity[block]
+        def sparsity_of(block: int, name: str) -> float:
+            for pattern, s in explicit.items():
+                if re.search(pattern, name):
+                    return s
+            return block_sparsity[block]
 
-    if not options.needs_data:
-        inputs = None  # magnitude: data, if any, served only OWL's outlier ratios
-    if offload_dir is not None:  # captured: embeddings and head wait on disk until the model is used whole
-        t = time.perf_counter()
-        offload_parameters(params_outside_blocks(model, layout), offload_dir)
-        report.add_time("offload", time.perf_counter() - t)
-    prune_layerwise(
-        model, options, sparsity_of, inputs, per_block, runner, config.preserve_mask, progress, report,
-        sequential=config.sequential, offload_dir=offload_dir,
-    )  # fmt: skip
+        if not options.needs_data:
+            inputs = None  # magnitude: data, if any, served only OWL's outlier ratios
+        if offload_dir is not None:  # captured: embeddings and head wait on disk until the model is used whole
+            t = time.perf_counter()
+            offload_parameters(params_outside_blocks(model, layout), offload_dir)
+            report.add_time("offload", time.perf_counter() - t)
+        prune_layerwise(
+            model, options, sparsity_of, inputs, per_block, runner, config.preserve_mask, progress, report,
+            sequential=config.sequential, offload_dir=offload_dir,
+        )  # fmt: skip
 
-    if auto_offload is not None:
-        shutil.rmtree(auto_offload, ignore_errors=True)  # empty: each file is unlinked once mapped
     if device.type == "cuda":
         torch.cuda.synchronize(device)  # queued kernels belong to this call's time
     zeros = sum(r["sparsity"] * r["shape"][0] * r["shape"][1] for r in report.per_layer.values())
