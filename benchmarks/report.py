@@ -31,6 +31,7 @@ SCRIPTS = {
     "checkpoint_overhead": "checkpoint_overhead.py",
     "recovery": "recovery.py",
     "adaptive": "adaptive.py",
+    "peft": "peft.py",
     "gsm8k": "gsm8k_agreement.py",
     "reconstruct_error": "reconstruct_error.py",
     "reference_llmcompressor": "reference_llmcompressor.py",
@@ -248,6 +249,46 @@ def adaptive(r: dict) -> str:
     )
 
 
+def peft(r: dict) -> str:
+    a, runs, summary = r["args"], r["runs"], r.get("summary", {})
+    rows = [[name, f(s["gsm8k_answer_ppl"], 3), f(s["wikitext2_ppl"]), "-", "-", "-", "-", "-"]
+            for name, s in r.get("starts", {}).items()]  # fmt: skip
+    for name, run in runs.items():
+        loop, adapters, s = run["loop"], run.get("adapters") or {}, summary.get(name, {})
+        sparsity = adapters.get("merged_sparsity", loop["sparsity"])
+        rows.append(
+            [
+                name,
+                f(run["gsm8k_answer_ppl"], 3),
+                f(run["wikitext2_ppl"]),
+                f"{loop['trainable_parameters'] / 1e6:.2f}M",
+                f"{loop['peak_rss_mb']:.0f}" + (f" ({s['peak_rss_vs_full']:.2f}x)" if s else ""),
+                f(loop["tokens_per_second"], 0),
+                f(sparsity, 4),
+                f(s.get("recovered_gsm8k_answer_ppl")),
+            ]
+        )
+    lines = [
+        f"{a['model']}, {a['tokens']} tokens of GSM8K train per arm (batch {a['batch_size']}; lr {a['lr']} full, "
+        f"{a['adapter_lr']} adapters), {a['rows']} rows per linear, LoRA rank {a['lora_rank']}. Recovered: "
+        "(one-shot - arm) / (one-shot - full) on GSM8K answer ppl (task B). Sparsity: after the merge.",
+        "",
+        table(
+            ["run", "GSM8K answer ppl", "WikiText-2 ppl", "trainable", "peak RSS MB", "tok/s", "sparsity", "recovered"],
+            rows,
+        ),  # fmt: skip
+    ]
+    c = r.get("criteria_correlation")
+    if c:
+        lines += [
+            "",
+            f"Row scores on task B's start, Spearman correlation with first-order taylor ({c['taylor_batches']} "
+            f"batches), mean over layers: zo-taylor ({c['zo_directions']} directions) "
+            f"{c['spearman_zo_taylor_vs_taylor']:.3f}, l1 {c['spearman_l1_vs_taylor']:.3f}.",
+        ]
+    return "\n".join([*lines, *_merged(r.get("merged"))])
+
+
 def _merged(merged: dict | None) -> list[str]:
     if not merged:
         return []
@@ -334,6 +375,7 @@ RENDER: dict[str, Callable[[dict], str]] = {
     "checkpoint_overhead": checkpoint_overhead,
     "recovery": recovery,
     "adaptive": adaptive,
+    "peft": peft,
     "gsm8k": gsm8k,
     "reconstruct_error": reconstruct_error,
     "reference_llmcompressor": reference_llmcompressor,

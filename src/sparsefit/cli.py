@@ -250,6 +250,12 @@ def finetune_options(args: argparse.Namespace) -> dict:
             flags = ", ".join("--" + name.replace("_", "-") for name in ast)
             raise UsageError(f"{flags} set options of adaptive sparse training: add --method ast")
         options["ast"] = ast
+    adapter = flag_values(args, ADAPTER_FIELDS)
+    if adapter:
+        if options.get("peft", "none") == "none":
+            flags = ", ".join("--" + name.replace("_", "-") for name in adapter)
+            raise UsageError(f"{flags} set options of parameter-efficient fine-tuning: add --peft rows or --peft lora")
+        options["adapter"] = adapter
     if args.gmp is not None:
         values = _float_list(args.gmp, "--gmp")
         if len(values) != 5:
@@ -266,7 +272,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from sparsefit.training import FinetuneConfig, finetune, iterative_prune_finetune
     from sparsefit.training.loop import fingerprint_changes, finished_run, options_fingerprint
 
-    config = validate(FinetuneConfig, finetune_options(args), "finetune options", as_flags=True, flattened=("ast",))
+    config = validate(
+        FinetuneConfig, finetune_options(args), "finetune options", as_flags=True, flattened=("ast", "adapter")
+    )
     device = parse_device(args.device)
     check_writable_file(args.json, "--json", args.output, (args.model, args.teacher))
     cycles = _float_list(args.cycles, "--cycles") if args.cycles else None
@@ -418,7 +426,7 @@ FINETUNE_GROUPS = {
         "seed",
     ],  # fmt: skip
     "checkpoints": ["checkpoint_every", "checkpoint_minutes", "keep_checkpoints"],
-    "sparsity": ["method", "masks", "targets", "ignore"],
+    "sparsity": ["method", "masks", "targets", "ignore", "peft"],
     "distillation": [
         "teacher",
         "ce_weight",
@@ -433,6 +441,11 @@ FINETUNE_GROUPS = {
 AST_FIELDS = [
     "structure", "mask_every", "mask_metric", "stats_batches", "stats_every", "srste_decay", "increase_steps",
     "slorb", "slorb_k", "slorb_init", "slorb_trainable_projection",
+]  # fmt: skip
+
+ADAPTER_FIELDS = [
+    "rank", "row_fraction", "row_budget", "criterion", "importance_batches", "zo_directions", "zo_eps", "dropout",
+    "lora_alpha", "exclude", "base_bits", "base_group_size", "row_init", "merge",
 ]  # fmt: skip
 
 OVERWRITE_HELP = "replace an earlier sparsefit output in OUTPUT (other directories are never replaced)"
@@ -519,9 +532,10 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
             g.add_argument("--cycle-method", default=None, help="one-shot method of each cycle (default sparsegpt)")
             g.add_argument("--calib", default=None, help="calibration of each cycle (default gsm8k)")
     if only in (None, "finetune"):
-        from sparsefit.training.config import ASTConfig
+        from sparsefit.training.config import AdapterConfig, ASTConfig
 
         add_flags(p.add_argument_group("adaptive sparse training (--method ast)"), ASTConfig, AST_FIELDS)
+        add_flags(p.add_argument_group("adapters (--peft rows | lora)"), AdapterConfig, ADAPTER_FIELDS)
     p.set_defaults(func=cmd_finetune)
 
     p = command("run", help="run a recipe (builtin name or YAML, native or SparseML) into a run directory")

@@ -27,6 +27,14 @@ def test_adaptive_sparse_training_is_a_finetune_field():
     assert stage.method == "ast" and stage.ast.slorb and stage.ast.mask_every == 5 and stage.ast.slorb_k == 16
 
 
+def test_adapters_are_finetune_fields():
+    stage = recipe_from_data(
+        _stages({"kind": "finetune", "peft": "rows", "adapter": {"rank": 4, "criterion": "taylor"}})
+    )
+    stage = stage.stages[0]
+    assert stage.peft == "rows" and stage.adapter.rank == 4 and stage.adapter.criterion == "taylor"
+
+
 def test_variables_and_overrides():
     recipe = load_recipe("gsm8k-50", ["sparsity=0.7", "sparse-ft.max_tokens=1000", "2.lr=3e-5"])
     pruning = next(s for s in recipe.stages if isinstance(s, OneshotStage))
@@ -55,6 +63,7 @@ def _stages(*stages):
         ({"model": "m", "stages": []}, "stages"),
         (_stages({"kind": "finetune", "method": "ast", "ast": {"mask_evry": 5}}), "field 'ast.mask_evry': unknown"),
         (_stages({"kind": "finetune", "method": "ast", "ast": {"structure": "0.5"}}), "field 'ast.structure'"),
+        (_stages({"kind": "finetune", "peft": "rows", "adapter": {"criterion": "wanda"}}), "field 'adapter.criterion'"),
     ],
 )
 def test_bad_recipes_fail_fast_naming_stage_and_field(data, message):

@@ -34,6 +34,17 @@ def test_ddp_two_cpu_processes_agree_and_keep_masks(data_dir, tmp_path):
     assert (tmp_path / "run" / "model.safetensors").is_file()
 
 
+def test_adapters_under_ddp_choose_the_same_rows_and_keep_masks(data_dir, tmp_path):
+    torchrun_workers("adapters_worker.py", tmp_path)
+    ranks = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in (0, 1)]
+    for peft in ("rows", "lora"):
+        assert ranks[0][peft]["digest"] == ranks[1][peft]["digest"], peft  # the same rows, the same training
+        assert ranks[0][peft]["pruned_nonzero"] == ranks[1][peft]["pruned_nonzero"] == 0
+        m = ranks[0][peft]["metrics"]
+        assert m["world_size"] == 2 and m["strategy"] == "ddp" and m["adapters"]["peft"] == peft
+    assert ranks[0]["lora"]["metrics"]["adapters"]["revived_by_plain_merge"] > 0
+
+
 def test_fsdp_matches_ddp_and_resumes_from_a_sharded_checkpoint(data_dir, tmp_path):
     """FSDP2 on 2 CPU processes: the same masked, gradually pruned run as DDP (grad accumulation on),
     killed after its step-2 checkpoint and resumed; its losses, weights and masks match DDP's."""

@@ -18,6 +18,7 @@ from sparsefit.export.bitmask import compress_state_dict, legacy_quantization_co
 from sparsefit.models.builtin import strip_gguf_quantization
 from sparsefit.models.layout import decoder_linears
 from sparsefit.models.slorb import detach_slorb, merge_slorb, save_slorb, slorb_info, slorb_state
+from sparsefit.training.adapters.rows import row_delta_info, row_delta_state, save_row_deltas
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -69,16 +70,22 @@ def save_checkpoint(
         )
     out_dir = Path(out_dir)
     branches = slorb_state(model, state_dict)
-    if branches:  # SLoRB side branches go to their own file (`sparsefit.models.slorb`)
+    deltas = row_delta_state(model, state_dict)
+    if branches or deltas:  # side modules go to their own files (`models.slorb`, `training.adapters.rows`)
         whole = state_dict if state_dict is not None else model.state_dict()
-        state_dict = {k: v for k, v in whole.items() if k not in branches}
-        metadata = {**(metadata or {}), "slorb": slorb_info(model)}
+        state_dict = {k: v for k, v in whole.items() if k not in branches and k not in deltas}
+        if branches:
+            metadata = {**(metadata or {}), "slorb": slorb_info(model)}
+        if deltas:
+            metadata = {**(metadata or {}), "row_adapters": row_delta_info(model)}
     with staging_dir(out_dir, carry=carry, label=label) as stage:
         info = {"sparsity": sparsity or sparsity_summary(model, state_dict), **(metadata or {})}
         given = None if state_dict is None else dict(state_dict)  # a copy: save_pretrained empties its dict
         model.save_pretrained(stage, safe_serialization=True, state_dict=given)
         if branches:
             save_slorb(branches, stage, metadata["slorb"]["k"])
+        if deltas:
+            save_row_deltas(deltas, stage)
         if tokenizer is not None:
             tokenizer.save_pretrained(stage)
         as_json = {k: v.model_dump(mode="json") if isinstance(v, BaseModel) else v for k, v in info.items()}

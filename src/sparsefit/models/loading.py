@@ -175,11 +175,23 @@ def load_model(
 
 
 def _restore_slorb(model: PreTrainedModel, resolved: ResolvedModel) -> None:
-    """Re-attach the SLoRB branches a local checkpoint keeps beside its weights (`models.slorb`)."""
+    """Re-attach the side modules a local checkpoint keeps beside its weights: SLoRB branches
+    (`models.slorb`) and unmerged row adapters (`training.adapters.rows`)."""
     from sparsefit.models.slorb import SLORB_FILE, load_slorb, slorb_info
+    from sparsefit.training.adapters.rows import ROWS_FILE, load_row_deltas, row_delta_info
 
     if resolved.source not in ("local", "builtin") or not Path(resolved.path).is_dir():
         return
+    try:
+        rows = load_row_deltas(model, resolved.path)
+    except (ValueError, OSError) as err:
+        raise UsageError(f"cannot restore the row adapters of '{resolved.spec}': {first_line(err)}") from None
+    if rows:
+        info = row_delta_info(model)
+        print(
+            f"notice: restored row adapters on {rows} layers ({info['parameters']} parameters) from {ROWS_FILE}",
+            file=sys.stderr,
+        )
     try:
         restored = load_slorb(model, resolved.path)
     except (ValueError, OSError) as err:
@@ -217,6 +229,7 @@ def _load_bitmask(resolved: ResolvedModel, fmt: str, dtype: torch.dtype, trust_r
 
     from sparsefit.export.bitmask import decompress_state_dict
     from sparsefit.models.slorb import SLORB_FILE
+    from sparsefit.training.adapters.rows import ROWS_FILE
 
     path = Path(resolved.path)
     try:
@@ -225,7 +238,8 @@ def _load_bitmask(resolved: ResolvedModel, fmt: str, dtype: torch.dtype, trust_r
             if hasattr(config, key):
                 delattr(config, key)
         state = {}
-        for file in sorted(f for f in path.glob("*.safetensors") if f.name != SLORB_FILE):  # branches: below
+        side = (SLORB_FILE, ROWS_FILE)  # side modules: restored below
+        for file in sorted(f for f in path.glob("*.safetensors") if f.name not in side):
             with safe_open(file, "pt") as f:
                 state.update({key: f.get_tensor(key) for key in f.keys()})
         state, notes = decompress_state_dict(state, fmt)

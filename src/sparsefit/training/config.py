@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from sparsefit.config import check_regexes
 
@@ -60,6 +60,58 @@ class ASTConfig(BaseModel):
         return v
 
 
+class AdapterConfig(BaseModel):
+    """Parameter-efficient fine-tuning (`peft`): the base frozen, row deltas or LoRA trained."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    rank: int = Field(8, ge=1, description="rows per linear (rows) | LoRA rank (lora)")
+    row_fraction: float | None = Field(
+        None, gt=0, le=1, description="rows: this fraction of each linear's output rows instead of rank"
+    )
+    row_budget: Literal["layer", "global"] = Field(
+        "layer", description="rows: the count per linear | one global budget (scores divided by their layer's mean)"
+    )
+    criterion: Literal["l2", "l1", "random", "taylor", "zo-taylor"] = Field(
+        "l2", description="rows: importance criterion that picks the rows"
+    )
+    importance_batches: int = Field(8, ge=1, description="micro-batches of training data for taylor")
+    zo_directions: int = Field(16, ge=1, description="zo-taylor: random directions, each on its own micro-batch")
+    zo_eps: float = Field(1e-3, gt=0, description="zo-taylor: perturbation size")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapter's input")
+    lora_alpha: float | None = Field(None, gt=0, description="lora: scale numerator (default 2 x rank)")
+    exclude: list[str] = Field([], description="regexes of decoder linears without an adapter (e.g. q_proj|k_proj)")
+    base_bits: Literal[16, 4] = Field(16, description="4: the frozen base in group-wise INT4 (QLoRA-style)")
+    base_group_size: int = Field(64, ge=2, description="inputs per INT4 scale of a 4-bit base")
+    row_init: Literal["auto", "zero", "residual"] = Field(
+        "auto",
+        description="rows: zero | residual (the rows of W - dequant(quant(W)), with base_bits 4); auto (default): "
+        "residual on a 4-bit base, else zero",
+    )
+    merge: Literal["masked", "plain", "none"] = Field(
+        "masked",
+        description="at the end: masked (merged, the base's zeros kept) | plain (merged; LoRA refills pruned "
+        "weights) | none (rows: kept apart in row_adapters.safetensors)",
+    )
+
+    @field_validator("exclude")
+    @classmethod
+    def _regexes(cls, v: list[str]) -> list[str]:
+        return check_regexes(v)
+
+    @field_validator("row_init")
+    @classmethod
+    def _residual_needs_4_bits(cls, v: str, info: ValidationInfo) -> str:
+        if v == "residual" and info.data.get("base_bits") != 4:
+            raise ValueError("'residual' starts from the quantization residual: set base_bits 4")
+        return v
+
+    @property
+    def residual_init(self) -> bool:
+        """Whether row deltas start from the quantization residual (auto: with a 4-bit base)."""
+        return self.row_init == "residual" or (self.row_init == "auto" and self.base_bits == 4)
+
+
 class FinetuneConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # inf / nan in any float field is an error
 
@@ -108,6 +160,12 @@ class FinetuneConfig(BaseModel):
         "optionally SLoRB: the Adaptive Sparse Trainer)",
     )
     ast: ASTConfig = Field(default_factory=ASTConfig, description="options of method ast")
+    peft: Literal["none", "rows", "lora"] = Field(
+        "none",
+        description="none (every weight trains) | rows (row deltas on the most important output rows) | lora "
+        "(peft's LoRA); the base stays frozen",
+    )
+    adapter: AdapterConfig = Field(default_factory=AdapterConfig, description="options of peft rows / lora")
     masks: Literal["auto", "zeros", "none"] = Field(
         "auto",
         description="hold the model's zeros at zero: auto (default: when the model is sparse) | zeros | none",
@@ -166,6 +224,12 @@ class FinetuneConfig(BaseModel):
             raise ValueError("every loss weight is 0: set ce_weight, or a teacher with kl_weight / square_head_weight")
         if self.method == "ast" and (self.gmp is not None or self.masks == "none"):
             raise ValueError("method ast computes its own N:M masks: drop gmp and masks='none'")
+        if self.peft != "none" and (self.method == "ast" or self.gmp is not None):
+            raise ValueError("peft trains adapters on a frozen base: drop method 'ast' and gmp")
+        if self.peft == "lora" and self.adapter.merge == "none":
+            raise ValueError("LoRA adapters are merged at the end: set adapter merge to 'masked' or 'plain'")
+        if self.peft == "lora" and self.adapter.row_init != "auto":
+            raise ValueError("adapter row_init is for peft 'rows'")
         if self.gmp is not None and self.masks == "none":
             raise ValueError("gmp prunes during training and needs masks: drop masks='none'")
         return self

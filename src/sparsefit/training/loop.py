@@ -36,6 +36,8 @@ from sparsefit.models.layout import decoder_layout
 from sparsefit.models.slorb import slorb_info
 from sparsefit.outputs import claim_output
 from sparsefit.pruning.magnitude import prune_magnitude
+from sparsefit.pruning.oneshot import peak_rss_mb
+from sparsefit.training.adapters.finetune import Adapters, finish_adapters, setup_adapters
 from sparsefit.training.adaptive import AdaptiveMasks, input_sq_sums, setup_adaptive
 from sparsefit.training.config import FinetuneConfig
 from sparsefit.training.data import collate, example_order, load_examples, self_examples
@@ -171,6 +173,7 @@ class _Run:
     teacher_path: HeadPath | None
     pad_id: int
     adaptive: AdaptiveMasks | None = None
+    adapters: Adapters | None = None
     fingerprint: dict = field(default_factory=dict)
     checkpoint_seconds: float = 0.0
     checkpoints: int = 0
@@ -305,8 +308,23 @@ def _setup(
         adaptive = setup_adaptive(model, config, steps, stats)
         masks = adaptive.masks
 
+    adapters = None
+    if config.peft != "none":  # before sharding and the optimizer: the base freezes, adapters add parameters
+        if info.enabled and config.strategy == "fsdp":
+            raise UsageError("adapters (--peft) train with --strategy ddp; sharding them with FSDP is not supported")
+        adapters = setup_adapters(
+            model,
+            config,
+            masks,
+            lambda n: micro_batches(config, examples, lengths, info, pad_id, device, n),
+            bf16,
+            (lambda t: torch.tensor(all_reduce_sum(t.tolist(), info, device), dtype=t.dtype)) if info.enabled else None,
+        )
+
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable()
+        if adapters is not None:
+            model.enable_input_require_grads()  # a frozen base: checkpointed blocks still need a grad path
     model.config.use_cache = False
     model.train()
     fsdp = info.enabled and config.strategy == "fsdp"
@@ -342,6 +360,7 @@ def _setup(
         teacher_path=HeadPath.detect(teacher, probe) if teacher is not None else None,
         pad_id=pad_id,
         adaptive=adaptive,
+        adapters=adapters,
         fingerprint=fingerprint,
     )
 
@@ -397,7 +416,7 @@ def _restore(output_dir: Path, model: PreTrainedModel, run: _Run) -> dict | None
             f"{', '.join(changes)}; rerun with the original options, or --overwrite to start over"
         )
     trainer_state, saved_masks, extra = load_training_state(folder, model, run.optimizer, run.scheduler)
-    if saved_masks is not None:
+    if saved_masks is not None and run.adapters is None:  # with adapters the frozen base's masks never change
         run.masks = SparsityMasks(decoder_linears(model), saved_masks)
         if run.fsdp:
             run.masks.shard()
@@ -468,6 +487,12 @@ def _train(
     bar.close()
     if run.adaptive is not None:
         run.adaptive.finalize()  # the mask freezes: W *= M, an exact N:M model
+    revived = run.masks.revived() if run.masks is not None else 0  # before any merge: the base must be intact
+    adapter_info = None
+    if run.adapters is not None:
+        adapter_info = {**run.adapters.metrics(), **finish_adapters(model, config, run.masks)}
+        if run.masks is not None:
+            adapter_info["merged_sparsity"] = weight_sparsity(run.masks)
     metrics = {
         "completed": True,
         "steps": steps,
@@ -486,9 +511,11 @@ def _train(
         "masks": run.masks is not None,
         "initial_sparsity": initial_sparsity,
         "sparsity": run.masks.sparsity() if run.masks is not None else 0.0,
-        "revived_weights": run.masks.revived() if run.masks is not None else 0,
+        "revived_weights": revived,
+        "peak_rss_mb": peak_rss_mb(),
         "method": config.method,
         **({"structure": config.ast.structure, "slorb": slorb_info(model)} if run.adaptive is not None else {}),
+        **({"adapters": adapter_info} if adapter_info is not None else {}),
         "config": config.model_dump(),
         "fingerprint": run.fingerprint,
     }
@@ -514,7 +541,7 @@ def _step(config: FinetuneConfig, run: _Run, step: int, output_dir: Path) -> dic
     finally:
         if run.adaptive is not None:
             run.adaptive.restore_weights()  # the dense weights, with the gradient of W * M (STE)
-    if run.adaptive is None and run.masks is not None:
+    if run.adaptive is None and run.adapters is None and run.masks is not None:
         run.masks.apply_to_grads()
     # the norm is checked even without clipping: a non-finite gradient must never reach the weights
     if config.max_grad_norm > 0:
@@ -530,7 +557,7 @@ def _step(config: FinetuneConfig, run: _Run, step: int, output_dir: Path) -> dic
     run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
-    if run.adaptive is None and run.masks is not None:
+    if run.adaptive is None and run.adapters is None and run.masks is not None:
         run.masks.apply_to_weights()
     return {"step": step, **sums, "lr": lr, "grad_norm": grad_norm, "tokens_step": step_tokens, **extra}
 
@@ -582,6 +609,13 @@ def _accumulate(config: FinetuneConfig, run: _Run, step: int, output_dir: Path, 
         for key, v in losses.items():
             sums[key] += float(v.detach()) / config.grad_accum
     return step_tokens
+
+
+@torch.no_grad()
+def weight_sparsity(masks: SparsityMasks) -> float:
+    """The fraction of exact zeros in the masked layers' weights as they are now (after a merge)."""
+    zeros = sum(int((m.weight == 0).sum()) for m in masks.modules.values())
+    return zeros / max(sum(m.weight.numel() for m in masks.modules.values()), 1)
 
 
 def _params_finite(model: torch.nn.Module, run: _Run) -> bool:

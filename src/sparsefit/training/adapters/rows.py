@@ -1,0 +1,174 @@
+"""Row-delta adapters, the pruning-based sparse PEFT of "An Efficient Sparse Fine-Tuning with Low
+Quantization Error via Neural Network Pruning": each targeted linear gets a trainable delta D
+(R, in) on R chosen output rows (`rows`), the base frozen,
+
+    y = W x + scatter_rows(D x),    i.e. W'[rows] = W[rows] + D.
+
+The delta starts at zero, so the model is unchanged at step 0 (the reference initialises it at
+random, which perturbs the model before training). On a sparse base, D is multiplied by the base's
+keep mask on those rows (`keep`): merging, W[rows] += D * M[rows], then revives no pruned weight,
+and the merged model computes what the unmerged one did. On a quantized base, D may start from the
+rows of the quantization residual W - dequant(quant(W)), which gives those rows back exactly.
+
+Each delta is a child module `row_delta` of its linear, added to the linear's output by a forward
+hook (as SLoRB is), saved in its own file (`row_adapters.safetensors`) when not merged.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sparsefit.models.layout import set_weight_out_in, weight_as_out_in
+
+ROWS_FILE = "row_adapters.safetensors"
+_FORMAT = "sparsefit-rows-1"
+
+
+class RowDelta(nn.Module):
+    """The trainable rows of one linear: `delta` (R, in) in float32, added to output rows `rows`."""
+
+    def __init__(
+        self, rows: torch.Tensor, in_features: int, keep: torch.Tensor | None = None, dropout: float = 0.0
+    ) -> None:
+        super().__init__()
+        if rows.dim() != 1 or len(torch.unique(rows)) != len(rows):
+            raise ValueError("rows must be a 1-D tensor of distinct output rows")
+        if keep is not None and keep.shape != (len(rows), in_features):
+            raise ValueError(f"keep {tuple(keep.shape)} must be (rows, in) = ({len(rows)}, {in_features})")
+        self.register_buffer("rows", rows.to(torch.long))
+        self.register_buffer("keep", None if keep is None else keep.to(torch.bool))
+        self.delta = nn.Parameter(torch.zeros(len(rows), in_features, device=rows.device))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def effective(self) -> torch.Tensor:
+        """D * M[rows] on a sparse base, D otherwise."""
+        return self.delta if self.keep is None else self.delta * self.keep
+
+    def forward(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        update = F.linear(self.dropout(x), self.effective().to(x.dtype))  # (..., R)
+        return out.index_add(out.dim() - 1, self.rows, update.to(out.dtype))
+
+
+def _add_rows(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+    return module.row_delta(args[0], output)
+
+
+def row_delta_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """The linears of `model` that carry a row delta, by module name."""
+    return {name: m for name, m in model.named_modules() if isinstance(getattr(m, "row_delta", None), RowDelta)}
+
+
+def attach_row_deltas(
+    linears: dict[str, nn.Module],
+    rows: dict[str, torch.Tensor],
+    keep: dict[str, torch.Tensor] | None = None,
+    dropout: float = 0.0,
+    init: dict[str, torch.Tensor] | None = None,
+) -> int:
+    """Give each linear of `linears` a delta on `rows[name]`; `keep[name]` is its base's (out, in) keep
+    mask (a sparse base), `init[name]` a starting delta (R, in). Returns the parameters added."""
+    added = 0
+    for name, module in linears.items():
+        if isinstance(getattr(module, "row_delta", None), RowDelta):
+            raise ValueError(f"{name} already has a row delta")
+        weight = weight_as_out_in(module)
+        chosen = rows[name].to(weight.device)
+        mask = None if keep is None or name not in keep else keep[name].to(weight.device).index_select(0, chosen)
+        branch = RowDelta(chosen, weight.shape[1], mask, dropout)
+        if init is not None and name in init:
+            branch.delta.data.copy_(init[name])
+        module.add_module("row_delta", branch)
+        branch._hook = module.register_forward_hook(_add_rows)  # noqa: SLF001 - our own module
+        added += branch.delta.numel()
+    return added
+
+
+def detach_row_deltas(model: nn.Module) -> int:
+    """Remove every row delta (the base model again); returns how many were removed."""
+    found = row_delta_modules(model)
+    for module in found.values():
+        module.row_delta._hook.remove()  # noqa: SLF001
+        del module.row_delta
+    return len(found)
+
+
+@torch.no_grad()
+def merge_row_deltas(model: nn.Module) -> int:
+    """Fold every delta into its weight (W[rows] += D * M[rows]) and remove the deltas; returns their number."""
+    found = row_delta_modules(model)
+    for module in found.values():
+        branch = module.row_delta
+        weight = weight_as_out_in(module)
+        merged = weight.float()
+        merged[branch.rows] += branch.effective().detach().float().to(weight.device)
+        set_weight_out_in(module, merged.to(weight.dtype))
+    return detach_row_deltas(model)
+
+
+def row_delta_state(model: nn.Module, state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The deltas' tensors by state-dict name (from `state_dict` when given: a sharded model's gathered weights)."""
+    state = state_dict if state_dict is not None else model.state_dict()
+    return {key: value for key, value in state.items() if ".row_delta." in key}
+
+
+def row_delta_info(model: nn.Module) -> dict | None:
+    """What `sparsity.json` and the metrics record about the deltas, or None without any."""
+    found = row_delta_modules(model)
+    if not found:
+        return None
+    return {
+        "file": ROWS_FILE,
+        "layers": len(found),
+        "rows": sum(len(m.row_delta.rows) for m in found.values()),
+        "parameters": sum(m.row_delta.delta.numel() for m in found.values()),
+    }
+
+
+def save_row_deltas(tensors: dict[str, torch.Tensor], folder: str | os.PathLike) -> None:
+    from safetensors.torch import save_file
+
+    data = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
+    save_file(data, str(Path(folder) / ROWS_FILE), metadata={"format": _FORMAT})
+
+
+def load_row_deltas(model: nn.Module, folder: str | os.PathLike) -> int | None:
+    """Restore the deltas saved in `folder` (None when it has no row-adapter file); returns the layers restored."""
+    from safetensors import safe_open
+
+    path = Path(folder) / ROWS_FILE
+    if not path.is_file():
+        return None
+    with safe_open(str(path), "pt") as f:
+        if (f.metadata() or {}).get("format") != _FORMAT:
+            raise ValueError(f"{path} is not a sparsefit row-adapter file")
+        tensors = {key: f.get_tensor(key) for key in f.keys()}
+    modules = dict(model.named_modules())
+    names = sorted({key.rsplit(".row_delta.", 1)[0] for key in tensors})
+    unknown = [n for n in names if n not in modules]
+    if unknown:
+        raise ValueError(f"{path} has row deltas for modules the model lacks ({', '.join(unknown[:2])})")
+    rows = {n: tensors[f"{n}.row_delta.rows"] for n in names if f"{n}.row_delta.rows" in tensors}
+    if len(rows) != len(names):
+        raise ValueError(f"{path} lacks the rows of some deltas")
+    keep = {
+        n: _full_keep(tensors[f"{n}.row_delta.keep"], rows[n], modules[n])
+        for n in names
+        if f"{n}.row_delta.keep" in tensors
+    }
+    init = {n: tensors[f"{n}.row_delta.delta"] for n in names if f"{n}.row_delta.delta" in tensors}
+    if len(init) != len(names):
+        raise ValueError(f"{path} lacks the values of some deltas")
+    attach_row_deltas({n: modules[n] for n in names}, rows, keep, init=init)
+    return len(names)
+
+
+def _full_keep(row_keep: torch.Tensor, rows: torch.Tensor, module: nn.Module) -> torch.Tensor:
+    """An (out, in) keep mask whose `rows` are `row_keep`: what `attach_row_deltas` takes."""
+    full = torch.ones_like(weight_as_out_in(module), dtype=torch.bool)
+    full[rows.to(full.device)] = row_keep.to(device=full.device, dtype=torch.bool)
+    return full
