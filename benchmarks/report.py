@@ -31,7 +31,7 @@ SCRIPTS = {
     "checkpoint_overhead": "checkpoint_overhead.py",
     "recovery": "recovery.py",
     "adaptive": "adaptive.py",
-    "peft": "peft.py",
+    "adapters": "adapters.py",
     "gsm8k": "gsm8k_agreement.py",
     "reconstruct_error": "reconstruct_error.py",
     "reference_llmcompressor": "reference_llmcompressor.py",
@@ -249,7 +249,7 @@ def adaptive(r: dict) -> str:
     )
 
 
-def peft(r: dict) -> str:
+def adapters(r: dict) -> str:
     a, runs, summary = r["args"], r["runs"], r.get("summary", {})
     rows = [[name, f(s["gsm8k_answer_ppl"], 3), f(s["wikitext2_ppl"]), "-", "-", "-", "-", "-"]
             for name, s in r.get("starts", {}).items()]  # fmt: skip
@@ -375,7 +375,7 @@ RENDER: dict[str, Callable[[dict], str]] = {
     "checkpoint_overhead": checkpoint_overhead,
     "recovery": recovery,
     "adaptive": adaptive,
-    "peft": peft,
+    "adapters": adapters,
     "gsm8k": gsm8k,
     "reconstruct_error": reconstruct_error,
     "reference_llmcompressor": reference_llmcompressor,

@@ -4,7 +4,7 @@ needs at merge time.
 LoRA's update B A is dense: a plain merge W += B A refills every pruned weight. `merge_lora` reports
 how much sparsity a plain merge leaves, and its masked variant re-applies the base's mask after
 merging (W = (W + B A) * M), which keeps the sparsity exactly at some cost in accuracy (measured in
-benchmarks/peft.py). Adapters are injected into the model in place (`peft.inject_adapter_in_model`),
+benchmarks/adapters.py). Adapters are injected into the model in place (`peft.inject_adapter_in_model`),
 so the training loop, the checkpoints and the losses see the same model object as without them.
 """
 

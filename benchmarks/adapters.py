@@ -14,7 +14,9 @@ Before the arms, the Spearman rank correlation of the `zo-taylor` and `l1` row s
 order `taylor` is measured on task B's starting model. Arms merge into one JSON across invocations
 (same settings). Run it alone:
 
-    SPARSEFIT_DATA_DIR=../shared/data python benchmarks/peft.py --tasks B
+    SPARSEFIT_DATA_DIR=../shared/data python benchmarks/adapters.py --tasks B
+
+(Not `peft.py`: a script of that name would shadow the `peft` library it measures.)
 """
 
 from __future__ import annotations
@@ -194,8 +196,8 @@ def main() -> None:
     p.add_argument("--zo-directions", type=int, default=16, help="criteria correlation: zo-taylor's directions")
     p.add_argument("--wiki-windows", type=int, default=8)
     p.add_argument("--answer-rows", type=int, default=200)
-    p.add_argument("--work", default="runs/bench-peft")
-    p.add_argument("--out", default="benchmarks/results/peft.json")
+    p.add_argument("--work", default="runs/bench-adapters")
+    p.add_argument("--out", default="benchmarks/results/adapters.json")
     p.add_argument("--run-arm", nargs=2, metavar=("TASK", "ARM"), help=argparse.SUPPRESS)
     p.add_argument("--lora-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
