@@ -6,7 +6,9 @@ Tasks (GSM8K train, plain format, batch 4, the same token budget for every arm):
   dense model (CE 1 + KL 3 + square-head 10, as `recovery.py`). The dense GSM8K model is trained
   once (full fine-tuning, `--teacher-lr`) and kept in the work folder.
 
-Arms: `full` (the existing loop), `lora`, `rows-l2`, `rows-taylor`, `rows-zo-taylor`, and on a 4-bit
+Every arm recomputes activations in the backward pass (`--gradient-checkpointing`, on by default):
+the activations of a backward through the frozen base would otherwise dominate every arm's memory
+alike. Arms: `full` (the existing loop), `lora`, `rows-l2`, `rows-taylor`, `rows-zo-taylor`, and on a 4-bit
 base `qlora` and `rows-4bit` (residual init). Rows use `--rows` rows per linear; LoRA's rank is the
 one whose trainable parameters come closest. Every arm runs in its own process, so its peak RSS is
 its own. Each is evaluated on GSM8K test answer perplexity (200 rows) and WikiText-2 (8 x 2048).
@@ -69,7 +71,7 @@ def evaluate(model, tokenizer, args) -> dict:  # noqa: ANN001
 def base_config(args, task: str) -> dict:  # noqa: ANN001
     base = dict(
         dataset="gsm8k", format="plain", max_tokens=args.tokens, batch_size=args.batch_size, checkpoint_every=0,
-        checkpoint_minutes=0,
+        checkpoint_minutes=0, gradient_checkpointing=args.gradient_checkpointing,
     )  # fmt: skip
     if task == "B":
         base.update(teacher=str(Path(args.work) / "teacher"), ce_weight=1.0, kl_weight=3.0, square_head_weight=10.0)
@@ -165,7 +167,7 @@ def prepare(args, result: dict) -> None:  # noqa: ANN001
         return
     if not (work / "teacher" / "config.json").is_file():
         model, tok = load_model_and_tokenizer(args.model, "float32", "cpu")
-        cfg = FinetuneConfig(**base_config(args, "A"), lr=args.teacher_lr)
+        cfg = FinetuneConfig(**{**base_config(args, "A"), "gradient_checkpointing": False}, lr=args.teacher_lr)
         finetune(model, tok, cfg, work / "teacher", overwrite=True, progress=False)
     if "B-teacher" not in starts:
         model, tok = load_model_and_tokenizer(str(work / "teacher"), "float32", "cpu")
@@ -192,6 +194,12 @@ def main() -> None:
     p.add_argument("--adapter-lr", type=float, default=1e-3, help="LoRA and row adapters")
     p.add_argument("--teacher-lr", type=float, default=1e-4, help="task B's dense GSM8K fine-tune")
     p.add_argument("--rows", type=int, default=32, help="rows per linear of the row adapters")
+    p.add_argument(
+        "--gradient-checkpointing",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="every arm (default on): activations would otherwise dominate every arm's memory alike",
+    )
     p.add_argument("--taylor-batches", type=int, default=8, help="criteria correlation: taylor's batches")
     p.add_argument("--zo-directions", type=int, default=16, help="criteria correlation: zo-taylor's directions")
     p.add_argument("--wiki-windows", type=int, default=8)
@@ -251,6 +259,7 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--run-arm", task, arm, "--lora-rank", str(args.lora_rank)]
             cmd += [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in ("model", "tokens", "batch_size", "lr",
                     "adapter_lr", "rows", "answer_rows", "wiki_windows", "work")]  # fmt: skip
+            cmd.append("--gradient-checkpointing" if args.gradient_checkpointing else "--no-gradient-checkpointing")
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode:
                 raise SystemExit(f"arm {name} failed:\n{proc.stderr[-3000:]}")
