@@ -353,7 +353,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     check_writable_file(args.json, "--json", args.output, (args.model,))
     claim = claim_output(args.output, overwrite=args.overwrite, inputs=(args.model,))
     model, tokenizer = load_model_and_tokenizer(args.model, args.dtype, "cpu", args.trust_remote_code)
-    info = export_checkpoint(model, tokenizer, claim.path, args.model, args.format, args.slorb)
+    info = export_checkpoint(model, tokenizer, claim.path, args.model, args.format, args.slorb, args.row_adapters)
     print(
         f"exported {args.model} as {info['format']}: {len(info['files'])} files, {info['bytes'] / 2**20:.1f} MiB, "
         f"sparsity {info['sparsity']:.4f} -> {args.output}"
@@ -561,6 +561,13 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         choices=["keep", "drop", "merge"],
         help="a model trained with SLoRB branches: keep them beside the weights (default; sparsefit restores "
         "them) | drop them (the N:M model alone) | merge them into dense weights (one plain checkpoint)",
+    )
+    p.add_argument(
+        "--row-adapters",
+        default="keep",
+        choices=["keep", "merge"],
+        help="a model with unmerged row adapters (finetune --merge none): keep them beside the weights (default) "
+        "| merge them into the weights (the sparsity is kept)",
     )
     p.add_argument("--output", required=True, help="directory for the exported checkpoint")
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)

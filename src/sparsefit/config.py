@@ -59,6 +59,8 @@ def add_flags(parser: Any, model_cls: type[BaseModel], names: list[str]) -> None
             kwargs["action"] = argparse.BooleanOptionalAction
         elif origin is Literal:
             kwargs["choices"] = list(args)
+            if all(isinstance(a, int) for a in args):  # e.g. Literal[16, 4]: parse the flag as a number
+                kwargs["type"] = int
         elif origin is list:
             kwargs["nargs"] = "+"
             kwargs["type"] = args[0]
@@ -66,7 +68,7 @@ def add_flags(parser: Any, model_cls: type[BaseModel], names: list[str]) -> None
             kwargs["type"] = annotation
         else:
             raise TypeError(f"{model_cls.__name__}.{name} has no flag form ({annotation}); add it by hand")
-        if kwargs.get("type") in (int, float):
+        if kwargs.get("type") in (int, float) and "choices" not in kwargs:
             kwargs["metavar"] = "N" if kwargs["type"] is int else "X"
         description = field.description or ""
         default = field.get_default()

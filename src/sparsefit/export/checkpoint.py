@@ -18,7 +18,7 @@ from sparsefit.export.bitmask import compress_state_dict, legacy_quantization_co
 from sparsefit.models.builtin import strip_gguf_quantization
 from sparsefit.models.layout import decoder_linears
 from sparsefit.models.slorb import detach_slorb, merge_slorb, save_slorb, slorb_info, slorb_state
-from sparsefit.training.adapters.rows import row_delta_info, row_delta_state, save_row_deltas
+from sparsefit.training.adapters.rows import merge_row_deltas, row_delta_info, row_delta_state, save_row_deltas
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -134,6 +134,7 @@ def export_checkpoint(
     source: str,
     fmt: str = "hf",
     slorb: str = "keep",
+    row_adapters: str = "keep",
 ) -> dict:
     """Write `model` in format `fmt`; returns files, bytes and sparsity.
 
@@ -143,18 +144,26 @@ def export_checkpoint(
 
     A model with SLoRB branches: "keep" writes them beside the weights (`slorb.safetensors`, which
     sparsefit restores), "drop" leaves them out (the N:M model alone), "merge" folds them into the
-    weights (one plain checkpoint, no longer N:M).
+    weights (one plain checkpoint, no longer N:M). Unmerged row adapters: "keep" writes them beside
+    the weights (`row_adapters.safetensors`), "merge" folds them in (W[rows] += D * M[rows]: the
+    sparsity is kept).
     """
     if fmt not in EXPORT_FORMATS:
         raise UsageError(f"unknown export format '{fmt}'; use one of: {', '.join(EXPORT_FORMATS)}")
     if slorb not in SLORB_CHOICES:
         raise UsageError(f"unknown --slorb '{slorb}'; use one of: {', '.join(SLORB_CHOICES)}")
+    if row_adapters not in ("keep", "merge"):
+        raise UsageError(f"unknown --row-adapters '{row_adapters}'; use keep or merge")
     out_dir = Path(out_dir)
     metadata = {"exported_from": source, "format": fmt}
     branches = slorb_info(model)
     if branches is not None and slorb != "keep":
         (detach_slorb if slorb == "drop" else merge_slorb)(model)
         metadata["slorb"] = {"dropped" if slorb == "drop" else "merged": branches}
+    deltas = row_delta_info(model)
+    if deltas is not None and row_adapters == "merge":
+        merge_row_deltas(model)
+        metadata["row_adapters"] = {"merged": deltas}
     if fmt == "hf":
         save_checkpoint(model, tokenizer, out_dir, metadata)
     else:
@@ -164,4 +173,6 @@ def export_checkpoint(
     info = {"format": fmt, "files": files, "bytes": size, "sparsity": sparsity_summary(model)["overall"]}
     if branches is not None:
         info["slorb"] = {"keep": "kept", "drop": "dropped", "merge": "merged"}[slorb]
+    if deltas is not None:
+        info["row_adapters"] = "merged" if row_adapters == "merge" else "kept"
     return info

@@ -151,9 +151,11 @@ def available_memory_bytes() -> int | None:
 
 def _auto_offload_dir(calib: torch.Tensor | list[torch.Tensor], per_block: list[dict], sequential: bool) -> Path | None:
     """Where `offload_dir: auto` offloads: a fresh temporary folder when the system's temp directory is
-    on a disk; on a RAM filesystem (where files cost memory too) only when pruning would not fit in
-    memory otherwise (`_low_memory_dir`). None: nothing is offloaded."""
-    if not on_ram_filesystem(tempfile.gettempdir()):
+    on a disk with room for the pruned weights; otherwise (on a RAM filesystem files cost memory too)
+    only when pruning would not fit in memory (`_low_memory_dir`). None: nothing is offloaded."""
+    temp = tempfile.gettempdir()
+    weights = sum(m.weight.numel() * m.weight.element_size() for layers in per_block for m in layers.values())
+    if not on_ram_filesystem(temp) and shutil.disk_usage(temp).free > 2 * weights:  # the weights, with room to spare
         return Path(tempfile.mkdtemp(prefix="sparsefit-offload-"))
     return _low_memory_dir(calib, per_block, sequential)
 
@@ -205,6 +207,9 @@ def oneshot(
 
     `calib` (N, L), or a list of ready batches, overrides the calibration data the config names.
     """
+    from sparsefit.training.adapters.rows import refuse_row_deltas
+
+    refuse_row_deltas(model, "pruning")  # a delta's mask would keep newly pruned weights alive
     start = time.perf_counter()
     device = torch.device(device) if device is not None else next(model.parameters()).device
     if device.type == "cuda":

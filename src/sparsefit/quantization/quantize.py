@@ -108,12 +108,14 @@ def quantize(
     `calib` (N, L), or a list of ready batches, overrides the calibration data the config names.
     """
     from sparsefit.models.slorb import slorb_modules
+    from sparsefit.training.adapters.rows import refuse_row_deltas
 
     if slorb_modules(model):
         raise UsageError(
             "the model has SLoRB branches, which quantized exports cannot carry: first `sparsefit export "
             "--slorb merge` (dense) or `--slorb drop` (N:M alone), then quantize that"
         )
+    refuse_row_deltas(model, "quantize")
     start = time.perf_counter()
     device = torch.device(device) if device is not None else next(model.parameters()).device
     layout = decoder_layout(model)

@@ -60,6 +60,10 @@ class ASTConfig(BaseModel):
         return v
 
 
+# Options of row adapters that LoRA has no use for.
+ROWS_ONLY = {"row_fraction", "row_budget", "criterion", "importance_batches", "zo_directions", "zo_eps", "row_init"}
+
+
 class AdapterConfig(BaseModel):
     """Parameter-efficient fine-tuning (`peft`): the base frozen, row deltas or LoRA trained."""
 
@@ -228,8 +232,12 @@ class FinetuneConfig(BaseModel):
             raise ValueError("peft trains adapters on a frozen base: drop method 'ast' and gmp")
         if self.peft == "lora" and self.adapter.merge == "none":
             raise ValueError("LoRA adapters are merged at the end: set adapter merge to 'masked' or 'plain'")
-        if self.peft == "lora" and self.adapter.row_init != "auto":
-            raise ValueError("adapter row_init is for peft 'rows'")
+        given = self.adapter.model_fields_set
+        if self.peft == "none" and given:
+            raise ValueError(f"adapter options ({', '.join(sorted(given))}) need peft 'rows' or 'lora'")
+        other = given & (ROWS_ONLY if self.peft == "lora" else {"lora_alpha"} if self.peft == "rows" else set())
+        if other:
+            raise ValueError(f"adapter {', '.join(sorted(other))} does not apply to peft '{self.peft}'")
         if self.gmp is not None and self.masks == "none":
             raise ValueError("gmp prunes during training and needs masks: drop masks='none'")
         return self

@@ -41,6 +41,8 @@ def iterative_prune_finetune(
         raise UsageError(f"--cycles must be increasing sparsities, e.g. 0.3,0.5,0.7 (got {sparsities})")
     if train.method == "ast":
         raise UsageError("--cycles prunes step by step with fixed masks; --method ast trains its own N:M masks")
+    if train.peft != "none" and train.adapter.merge == "none":
+        raise UsageError("--cycles prunes the merged model of each cycle: drop --merge none")
     if train.strategy == "fsdp" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # each cycle prunes the whole model between fine-tunes; FSDP leaves it sharded after the first
         raise UsageError("iterative cycles need the whole model on every process: use --strategy ddp with --cycles")

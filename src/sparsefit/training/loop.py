@@ -38,6 +38,7 @@ from sparsefit.outputs import claim_output
 from sparsefit.pruning.magnitude import prune_magnitude
 from sparsefit.pruning.oneshot import peak_rss_mb
 from sparsefit.training.adapters.finetune import Adapters, finish_adapters, setup_adapters
+from sparsefit.training.adapters.rows import refuse_row_deltas
 from sparsefit.training.adaptive import AdaptiveMasks, input_sq_sums, setup_adaptive
 from sparsefit.training.config import FinetuneConfig
 from sparsefit.training.data import collate, example_order, load_examples, self_examples
@@ -203,7 +204,8 @@ def finetune(
         if info.main:  # the others wait at the first collective; if this raises, torchrun stops them
             _check_resumable(output_dir, resume, overwrite)
             _prepare_output(output_dir, fresh=not resume)
-        run = _setup(model, tokenizer, config, teacher, device, info)
+        rows = _checkpointed_rows(output_dir) if resume and config.peft == "rows" else None
+        run = _setup(model, tokenizer, config, teacher, device, info, rows)
         start_step, tokens_seen, resumed_from = 0, 0, None
         if resume:
             restored = _restore(output_dir, model, run)
@@ -213,6 +215,19 @@ def finetune(
             elif info.main:
                 print(f"no checkpoint in {output_dir / CHECKPOINTS_DIR}; starting from step 0", flush=True)
         return _train(model, tokenizer, config, output_dir, run, stop, start_step, tokens_seen, resumed_from, progress)
+
+
+def _checkpointed_rows(output_dir: Path) -> dict[str, torch.Tensor] | None:
+    """The row adapters' rows in the newest whole checkpoint (None without one): a resumed run trains
+    the rows it chose before instead of scoring the model again."""
+    from safetensors import safe_open
+
+    folder, _ = find_checkpoint(output_dir / CHECKPOINTS_DIR)
+    if folder is None:
+        return None
+    suffix = ".row_delta.rows"
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        return {key[: -len(suffix)]: f.get_tensor(key) for key in f.keys() if key.endswith(suffix)} or None
 
 
 def _check_resumable(output_dir: Path, resume: bool, overwrite: bool) -> None:
@@ -252,11 +267,13 @@ def _setup(
     teacher: PreTrainedModel | None,
     device: torch.device | str | None,
     info: DistInfo,
+    rows: dict[str, torch.Tensor] | None = None,
 ) -> _Run:
     """Device, masks, teacher, data, length, sharding, optimizer and schedule, in that order."""
     if device is None:
         device = torch.device(f"cuda:{info.local_rank}" if torch.cuda.is_available() else "cpu")
     device = torch.device(device)
+    refuse_row_deltas(model, "fine-tuning")  # trained anew they would bypass the masks and the merge
     model.to(device)
     bf16 = _bf16(config, device)
     torch.manual_seed(config.seed)
@@ -319,6 +336,7 @@ def _setup(
             lambda n: micro_batches(config, examples, lengths, info, pad_id, device, n),
             bf16,
             (lambda t: torch.tensor(all_reduce_sum(t.tolist(), info, device), dtype=t.dtype)) if info.enabled else None,
+            rows,
         )
 
     if config.gradient_checkpointing:
@@ -355,7 +373,11 @@ def _setup(
         params=params,
         optimizer=optimizer,
         scheduler=scheduler,
-        train_model=DistributedDataParallel(model) if info.enabled and not fsdp else model,
+        # Adapters' buffers (chosen rows, masks, 4-bit scales) are equal on every rank by construction:
+        # never re-sent, and a rank that chose other rows would show, not be silently overwritten.
+        train_model=DistributedDataParallel(model, broadcast_buffers=adapters is None)
+        if info.enabled and not fsdp
+        else model,
         student_path=HeadPath.detect(model, probe),
         teacher_path=HeadPath.detect(teacher, probe) if teacher is not None else None,
         pad_id=pad_id,
@@ -487,12 +509,6 @@ def _train(
     bar.close()
     if run.adaptive is not None:
         run.adaptive.finalize()  # the mask freezes: W *= M, an exact N:M model
-    revived = run.masks.revived() if run.masks is not None else 0  # before any merge: the base must be intact
-    adapter_info = None
-    if run.adapters is not None:
-        adapter_info = {**run.adapters.metrics(), **finish_adapters(model, config, run.masks)}
-        if run.masks is not None:
-            adapter_info["merged_sparsity"] = weight_sparsity(run.masks)
     metrics = {
         "completed": True,
         "steps": steps,
@@ -511,11 +527,11 @@ def _train(
         "masks": run.masks is not None,
         "initial_sparsity": initial_sparsity,
         "sparsity": run.masks.sparsity() if run.masks is not None else 0.0,
-        "revived_weights": revived,
+        "revived_weights": run.masks.revived() if run.masks is not None else 0,
         "peak_rss_mb": peak_rss_mb(),
         "method": config.method,
         **({"structure": config.ast.structure, "slorb": slorb_info(model)} if run.adaptive is not None else {}),
-        **({"adapters": adapter_info} if adapter_info is not None else {}),
+        **({"adapters": run.adapters.metrics()} if run.adapters is not None else {}),
         "config": config.model_dump(),
         "fingerprint": run.fingerprint,
     }
@@ -675,6 +691,10 @@ def _finish(
             f"state is in {checkpoint_dir(output_dir / CHECKPOINTS_DIR, run.steps)}: move those files out and "
             "rerun with --resume to write the final model"
         )
+    if run.adapters is not None:  # merged only now: a blocked save above leaves a checkpoint to resume
+        metrics["adapters"].update(finish_adapters(model, config, run.masks))
+        if run.masks is not None:
+            metrics["adapters"]["merged_sparsity"] = metrics["sparsity"] = weight_sparsity(run.masks)
     model.train(False)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_disable()

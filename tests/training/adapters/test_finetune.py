@@ -95,15 +95,28 @@ def test_lora_reports_what_a_plain_merge_revives(merge, tokenizer, data_dir, tmp
 
 @pytest.mark.parametrize("peft", ["rows", "lora"])
 def test_four_bit_base(peft, tokenizer, data_dir, tmp_path):
+    from sparsefit.quantization.scheme import Grid, quantize_rtn
+
     model = sparse_tiny(tokenizer)
+    sparsity = SparsityMasks.from_zeros(model).sparsity()
+    quantized = {n: quantize_rtn(w, Grid("int", 4, 16))[0] for n, w in base_weights(model).items()}
     dense_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     cfg = FinetuneConfig(**PEFT, max_steps=2, peft=peft, adapter={"rank": 2, "base_bits": 4, "base_group_size": 16})
     metrics = finetune(model, tokenizer, cfg, tmp_path / "q", progress=False)
     info = metrics["adapters"]
-    assert info["base_bits"] == 4 and info["base_bytes"] < 0.6 * dense_bytes
-    assert info["dequantized_layers"] == len(decoder_linears(model)) and metrics["revived_weights"] == 0
-    if peft == "rows":
-        assert cfg.adapter.residual_init
+    linear_bytes = sum(w.numel() * 4 for w in quantized.values())
+    # 4 bits per weight plus a float32 scale per 16 weights, instead of 32 bits
+    assert info["base_bits"] == 4 and info["base_bytes"] == pytest.approx(
+        dense_bytes - linear_bytes + linear_bytes * (0.5 + 4 / 16) / 4, rel=0.05
+    )
+    assert info["dequantized_layers"] == len(quantized)
+    assert info["merged_sparsity"] == pytest.approx(sparsity, abs=1e-4)
+    for name, module in decoder_linears(model).items():
+        changed = (weight_as_out_in(module) != quantized[name]).any(dim=1)
+        if peft == "rows":  # the base is the 4-bit one; only the chosen rows differ from it
+            assert cfg.adapter.residual_init and 0 < changed.sum() <= 2
+        else:
+            assert changed.any()  # LoRA's update is spread over every row
     load_model(tmp_path / "q")
 
 
@@ -150,3 +163,74 @@ def test_cli_flags(tiny_checkpoint, data_dir, tmp_path, capsys):
                  "--output", str(tmp_path / "x")])  # fmt: skip
     err = capsys.readouterr().err
     assert code == 2 and "--row-init: 'residual' starts from the quantization residual: set base_bits 4" in err
+    code = main(
+        ["finetune", "--model", str(tiny_checkpoint), "--peft", "lora", "--base-bits", "4", "--base-group-size", "16",
+         "--max-steps", "1", "--seq-len", "64", "--format", "plain", "--bf16", "false", "--output", str(tmp_path / "q")]
+    )  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    assert json.loads((tmp_path / "q" / "metrics.json").read_text())["adapters"]["base_bits"] == 4
+
+
+def test_a_blocked_final_save_leaves_a_checkpoint_that_resumes(tokenizer, data_dir, tmp_path, monkeypatch):
+    """Files appearing in the output during training block the final save; the unmerged adapters are
+    checkpointed, and --resume (after the files move out) writes the same model as an unblocked run."""
+    from sparsefit.errors import UsageError
+
+    cfg = FinetuneConfig(**PEFT, max_steps=3, peft="rows", adapter={"rank": 2, "criterion": "taylor"})
+    plain = sparse_tiny(tokenizer)
+    finetune(plain, tokenizer, cfg, tmp_path / "plain", progress=False)
+    out = tmp_path / "blocked"
+    original = torch.optim.AdamW.step
+
+    def step(self, *a, **k):
+        out.joinpath("stray.txt").write_text("not sparsefit's")
+        return original(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    with pytest.raises(UsageError, match="now holds files"):
+        finetune(sparse_tiny(tokenizer), tokenizer, cfg, out, progress=False)
+    monkeypatch.setattr(torch.optim.AdamW, "step", original)
+    (out / "stray.txt").unlink()
+    resumed = sparse_tiny(tokenizer)
+    metrics = finetune(resumed, tokenizer, cfg, out, resume=True, progress=False)
+    assert metrics["resumed_from"] == 3 and metrics["adapters"]["restored"]
+    for (name, p), q in zip(plain.named_parameters(), resumed.parameters()):
+        assert torch.equal(p, q), name
+
+
+def test_unmerged_rows_must_be_merged_before_pruning_quantizing_or_training(tokenizer, data_dir, tmp_path, capsys):
+    from sparsefit.errors import UsageError
+    from sparsefit.pruning import OneShotConfig, oneshot
+    from sparsefit.quantization import QuantizeConfig, quantize
+
+    cfg = FinetuneConfig(**PEFT, max_steps=2, peft="rows", adapter={"rank": 2, "merge": "none"})
+    finetune(sparse_tiny(tokenizer), tokenizer, cfg, tmp_path / "r", progress=False)
+    model = load_model(tmp_path / "r")
+    with pytest.raises(UsageError, match="export --row-adapters merge"):
+        oneshot(model, tokenizer, OneShotConfig(method="magnitude", calib=None), progress=False)
+    with pytest.raises(UsageError, match="export --row-adapters merge"):
+        quantize(model, tokenizer, QuantizeConfig(method="rtn", calib=None))
+    with pytest.raises(UsageError, match="export --row-adapters merge"):
+        finetune(model, tokenizer, FinetuneConfig(**PEFT, max_steps=1), tmp_path / "again", progress=False)
+    ids = torch.randint(0, 200, (2, 12))
+    with torch.no_grad():
+        expected = model(ids).logits
+    assert (
+        main(["export", "--model", str(tmp_path / "r"), "--row-adapters", "merge", "--output", str(tmp_path / "m")])
+        == 0
+    )
+    merged = load_model(tmp_path / "m")
+    assert not row_delta_modules(merged) and not (tmp_path / "m" / ROWS_FILE).exists()
+    with torch.no_grad():
+        assert torch.allclose(merged(ids).logits, expected, atol=1e-5)
+    masks = SparsityMasks.from_zeros(load_model(tmp_path / "r"))
+    assert SparsityMasks.from_zeros(merged).sparsity() == pytest.approx(masks.sparsity(), abs=1e-4)
+
+
+def test_options_of_the_other_adapter_kind_are_errors():
+    with pytest.raises(ValidationError, match="need peft"):
+        FinetuneConfig(adapter={"rank": 4})
+    with pytest.raises(ValidationError, match="criterion does not apply to peft 'lora'"):
+        FinetuneConfig(peft="lora", adapter={"criterion": "taylor"})
+    with pytest.raises(ValidationError, match="lora_alpha does not apply to peft 'rows'"):
+        FinetuneConfig(peft="rows", adapter={"lora_alpha": 8})

@@ -57,11 +57,13 @@ def setup_adapters(
     batches: Callable[[int], Iterable[dict[str, torch.Tensor]]],
     bf16: bool,
     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    rows: dict[str, torch.Tensor] | None = None,
 ) -> Adapters:
     """Freeze `model` and give its decoder linears adapters as `config.peft` / `config.adapter` say.
 
     `batches(n)` yields the first n micro-batches of this process's training data (for the data-driven
-    criteria); `reduce` sums a tensor over processes, so every rank chooses the same rows.
+    criteria); `reduce` sums a tensor over processes, so every rank chooses the same rows. `rows`
+    (a resumed run's, from its checkpoint) replaces the choice.
     """
     options = config.adapter
     linears = decoder_linears(model, None, options.exclude)  # a UsageError when nothing matches
@@ -71,8 +73,13 @@ def setup_adapters(
     if masks is not None and masks.sparsity() > 0:
         keep = {name: _out_in(masks.modules[name], masks.masks[name]) for name in linears if name in masks.masks}
     selection: dict = {}
-    rows = None
-    if config.peft == "rows":
+    if config.peft == "rows" and rows is not None:
+        unknown = sorted(set(rows) - set(linears))
+        if unknown:
+            raise UsageError(f"the checkpoint's row adapters name layers this run does not target ({unknown[0]})")
+        selection = {"criterion": options.criterion, "rows": sum(len(r) for r in rows.values()), "restored": True}
+        selection["rows_per_layer"] = {name: len(r) for name, r in rows.items()}
+    elif config.peft == "rows":
         t = time.perf_counter()
         count = {"taylor": options.importance_batches, "zo-taylor": options.zo_directions}.get(options.criterion, 0)
         autocast = (lambda: torch.autocast(_device(model).type, dtype=torch.bfloat16)) if bf16 else nullcontext

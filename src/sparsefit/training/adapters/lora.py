@@ -16,13 +16,18 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from sparsefit.errors import UsageError
+
 ADAPTER = "default"
 
 
 def attach_lora(linears: dict[str, nn.Module], model: nn.Module, rank: int, alpha: float, dropout: float) -> int:
     """Inject LoRA of `rank` into each linear of `linears` (names as in `model.named_modules()`);
     returns the parameters added. B starts at zero (peft's default), so the model is unchanged."""
-    from peft import LoraConfig, inject_adapter_in_model
+    try:
+        from peft import LoraConfig, inject_adapter_in_model
+    except ImportError:
+        raise UsageError("LoRA needs the peft package: pip install 'sparsefit[peft]'") from None
 
     before = sum(p.numel() for p in model.parameters())
     config = LoraConfig(

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sparsefit.errors import UsageError
 from sparsefit.models.layout import set_weight_out_in, weight_as_out_in
 
 ROWS_FILE = "row_adapters.safetensors"
@@ -110,6 +111,15 @@ def merge_row_deltas(model: nn.Module) -> int:
     return detach_row_deltas(model)
 
 
+def refuse_row_deltas(model: nn.Module, what: str) -> None:
+    """A usage error when `model` carries unmerged row adapters, which `what` would ignore or break."""
+    if row_delta_modules(model):
+        raise UsageError(
+            f"the model carries unmerged row adapters (row_adapters.safetensors), which {what} cannot take "
+            "along: first `sparsefit export --row-adapters merge`, then use that"
+        )
+
+
 def row_delta_state(model: nn.Module, state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """The deltas' tensors by state-dict name (from `state_dict` when given: a sharded model's gathered weights)."""
     state = state_dict if state_dict is not None else model.state_dict()
@@ -155,15 +165,22 @@ def load_row_deltas(model: nn.Module, folder: str | os.PathLike) -> int | None:
     rows = {n: tensors[f"{n}.row_delta.rows"] for n in names if f"{n}.row_delta.rows" in tensors}
     if len(rows) != len(names):
         raise ValueError(f"{path} lacks the rows of some deltas")
-    keep = {
-        n: _full_keep(tensors[f"{n}.row_delta.keep"], rows[n], modules[n])
-        for n in names
-        if f"{n}.row_delta.keep" in tensors
-    }
+    try:
+        keep = {
+            n: _full_keep(tensors[f"{n}.row_delta.keep"], rows[n], modules[n])
+            for n in names
+            if f"{n}.row_delta.keep" in tensors
+        }
+    except (RuntimeError, IndexError) as err:
+        raise ValueError(f"{path} does not fit the model's layers ({str(err).splitlines()[0]})") from None
     init = {n: tensors[f"{n}.row_delta.delta"] for n in names if f"{n}.row_delta.delta" in tensors}
     if len(init) != len(names):
         raise ValueError(f"{path} lacks the values of some deltas")
-    attach_row_deltas({n: modules[n] for n in names}, rows, keep, init=init)
+    try:
+        attach_row_deltas({n: modules[n] for n in names}, rows, keep, init=init)
+    except (RuntimeError, IndexError, ValueError) as err:  # shapes of another model
+        detach_row_deltas(model)
+        raise ValueError(f"{path} does not fit the model's layers ({str(err).splitlines()[0]})") from None
     return len(names)
 
 
