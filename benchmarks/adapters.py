@@ -208,25 +208,32 @@ def main() -> None:
     p.add_argument("--out", default="benchmarks/results/adapters.json")
     p.add_argument("--run-arm", nargs=2, metavar=("TASK", "ARM"), help=argparse.SUPPRESS)
     p.add_argument("--lora-rank", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--prepare", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     args.tasks = args.tasks.split(",")
     if args.run_arm:
         args.task, args.arm = args.run_arm
         run_arm(args)
         return
+    if args.prepare:  # in a child process too: an arm's peak RSS must not inherit a parent's models
+        state = json.loads(Path(args.prepare).read_text())
+        from sparsefit.models import load_model_and_tokenizer
+
+        dense, _ = load_model_and_tokenizer(args.model, "float32", "cpu")
+        state["lora_rank"] = lora_rank_matching(dense, args.rows)
+        del dense
+        prepare(args, state)
+        Path(args.prepare).write_text(json.dumps(state))
+        return
 
     sys.path.insert(0, str(Path(__file__).parent))
     from environment import environment
     from sparsefit.atomic import write_json
-    from sparsefit.models import load_model_and_tokenizer
 
     arms = args.arms.split(",")
     unknown = sorted(set(arms) - set(ARMS)) + sorted(set(args.tasks) - {"A", "B"})
     if unknown:
         raise SystemExit(f"unknown arms or tasks: {', '.join(unknown)}")
-    dense, _ = load_model_and_tokenizer(args.model, "float32", "cpu")
-    args.lora_rank = lora_rank_matching(dense, args.rows)
-    del dense
     settings = (
         "model",
         "tokens",
@@ -237,8 +244,15 @@ def main() -> None:
         "rows",
         "answer_rows",
         "wiki_windows",
+        "gradient_checkpointing",
     )
-    result: dict = {"args": {k: getattr(args, k) for k in (*settings, "lora_rank")}, "environment": environment()}
+    passed = ("model", "tokens", "batch_size", "lr", "adapter_lr", "teacher_lr", "rows", "answer_rows", "wiki_windows",
+              "work", "taylor_batches", "zo_directions")  # fmt: skip
+    flags = [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in passed]
+    flags += [f"--tasks={','.join(args.tasks)}"]
+    flags.append("--gradient-checkpointing" if args.gradient_checkpointing else "--no-gradient-checkpointing")
+    # Every arm runs in a child of this light process: on Linux a child's peak RSS starts at its parent's.
+    result: dict = {"args": {k: getattr(args, k) for k in settings}, "environment": environment()}
     result["runs"] = {}
     if Path(args.out).is_file():  # arms of an earlier run with the same settings merge into this one
         earlier = json.loads(Path(args.out).read_text())
@@ -251,15 +265,18 @@ def main() -> None:
                 **dict.fromkeys(earlier["runs"], earlier["environment"]["commit"]),
                 **earlier.get("merged", {}),
             }
-    prepare(args, result)
+    Path(args.work).mkdir(parents=True, exist_ok=True)
+    state_file = Path(args.work) / "prepare.json"
+    state_file.write_text(json.dumps({k: result[k] for k in ("starts", "criteria_correlation") if k in result}))
+    subprocess.run([sys.executable, __file__, "--prepare", str(state_file), *flags], check=True)
+    state = json.loads(state_file.read_text())
+    args.lora_rank = result["args"]["lora_rank"] = state.pop("lora_rank")
+    result.update(state)
     write_json(args.out, result)
     for task in args.tasks:
         for arm in arms:
             name = f"{task}-{arm}"
-            cmd = [sys.executable, __file__, "--run-arm", task, arm, "--lora-rank", str(args.lora_rank)]
-            cmd += [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in ("model", "tokens", "batch_size", "lr",
-                    "adapter_lr", "rows", "answer_rows", "wiki_windows", "work")]  # fmt: skip
-            cmd.append("--gradient-checkpointing" if args.gradient_checkpointing else "--no-gradient-checkpointing")
+            cmd = [sys.executable, __file__, "--run-arm", task, arm, "--lora-rank", str(args.lora_rank), *flags]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode:
                 raise SystemExit(f"arm {name} failed:\n{proc.stderr[-3000:]}")
@@ -283,9 +300,8 @@ def summarize(result: dict) -> None:
         gain = starts["B-oneshot"][metric] - runs["B-full"][metric]
         for name, run in runs.items():
             if name.startswith("B-"):
-                row = summary.setdefault(
-                    name, {"peak_rss_vs_full": run["loop"]["peak_rss_mb"] / runs["B-full"]["loop"]["peak_rss_mb"]}
-                )
+                rss, full = run["loop"].get("peak_rss_mb"), runs["B-full"]["loop"].get("peak_rss_mb")
+                row = summary.setdefault(name, {"peak_rss_vs_full": rss / full if rss and full else None})
                 row[f"recovered_{metric}"] = (starts["B-oneshot"][metric] - run[metric]) / gain if gain else None
     result["summary"] = summary
 

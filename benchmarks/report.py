@@ -262,7 +262,10 @@ def adapters(r: dict) -> str:
                 f(run["gsm8k_answer_ppl"], 3),
                 f(run["wikitext2_ppl"]),
                 f"{loop['trainable_parameters'] / 1e6:.2f}M",
-                f"{loop['peak_rss_mb']:.0f}" + (f" ({s['peak_rss_vs_full']:.2f}x)" if s else ""),
+                "-"
+                if loop.get("peak_rss_mb") is None
+                else f"{loop['peak_rss_mb']:.0f}"
+                + (f" ({s['peak_rss_vs_full']:.2f}x)" if s.get("peak_rss_vs_full") else ""),
                 f(loop["tokens_per_second"], 0),
                 f(sparsity, 4),
                 f(s.get("recovered_gsm8k_answer_ppl")),
