@@ -232,7 +232,12 @@ class FinetuneConfig(BaseModel):
             raise ValueError("peft trains adapters on a frozen base: drop method 'ast' and gmp")
         if self.peft == "lora" and self.adapter.merge == "none":
             raise ValueError("LoRA adapters are merged at the end: set adapter merge to 'masked' or 'plain'")
-        given = self.adapter.model_fields_set
+        # options set away from their defaults (a dumped config, as recipes pass on, sets every field)
+        given = {
+            k
+            for k in self.adapter.model_fields_set
+            if getattr(self.adapter, k) != AdapterConfig.model_fields[k].default
+        }
         if self.peft == "none" and given:
             raise ValueError(f"adapter options ({', '.join(sorted(given))}) need peft 'rows' or 'lora'")
         other = given & (ROWS_ONLY if self.peft == "lora" else {"lora_alpha"} if self.peft == "rows" else set())
