@@ -139,7 +139,7 @@ def load_model(
     fmt = _bitmask_format(resolved)
     if fmt is not None:
         model = _load_bitmask(resolved, fmt, torch_dtype, trust_remote_code)
-        _restore_slorb(model, resolved)
+        _restore_side_modules(model, resolved)
         model.config.name_or_path = resolved.spec
         return model.to(device).eval()
     try:
@@ -169,12 +169,12 @@ def load_model(
     compressor = getattr(getattr(model, "hf_quantizer", None), "compressor", None)
     if compressor is not None and hasattr(model, "ct_decompress_hook"):
         compressor.decompress_model(model)
-    _restore_slorb(model, resolved)
+    _restore_side_modules(model, resolved)
     model.config.name_or_path = resolved.spec
     return model.to(device).eval()
 
 
-def _restore_slorb(model: PreTrainedModel, resolved: ResolvedModel) -> None:
+def _restore_side_modules(model: PreTrainedModel, resolved: ResolvedModel) -> None:
     """Re-attach the side modules a local checkpoint keeps beside its weights: SLoRB branches
     (`models.slorb`) and unmerged row adapters (`training.adapters.rows`)."""
     from sparsefit.models.slorb import SLORB_FILE, load_slorb, slorb_info
@@ -182,26 +182,20 @@ def _restore_slorb(model: PreTrainedModel, resolved: ResolvedModel) -> None:
 
     if resolved.source not in ("local", "builtin") or not Path(resolved.path).is_dir():
         return
-    try:
-        rows = load_row_deltas(model, resolved.path)
-    except (ValueError, OSError) as err:
-        raise UsageError(f"cannot restore the row adapters of '{resolved.spec}': {first_line(err)}") from None
-    if rows:
-        info = row_delta_info(model)
-        print(
-            f"notice: restored row adapters on {rows} layers ({info['parameters']} parameters) from {ROWS_FILE}",
-            file=sys.stderr,
-        )
-    try:
-        restored = load_slorb(model, resolved.path)
-    except (ValueError, OSError) as err:
-        raise UsageError(f"cannot restore the SLoRB branches of '{resolved.spec}': {first_line(err)}") from None
-    if restored:
-        info = slorb_info(model)
-        print(
-            f"notice: restored SLoRB branches on {restored} layers ({info['parameters']} parameters) from {SLORB_FILE}",
-            file=sys.stderr,
-        )
+    side = (
+        ("row adapters", load_row_deltas, row_delta_info, ROWS_FILE),
+        ("SLoRB branches", load_slorb, slorb_info, SLORB_FILE),
+    )
+    for what, load, info, file in side:
+        try:
+            restored = load(model, resolved.path)
+        except (ValueError, OSError) as err:
+            raise UsageError(f"cannot restore the {what} of '{resolved.spec}': {first_line(err)}") from None
+        if restored:
+            print(
+                f"notice: restored {what} on {restored} layers ({info(model)['parameters']} parameters) from {file}",
+                file=sys.stderr,
+            )
 
 
 def _bitmask_format(resolved: ResolvedModel) -> str | None:
