@@ -25,7 +25,13 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 @dataclass(frozen=True)
 class HeadPath:
-    """Whether logits may be computed as head(hidden_states[-1]) at chosen positions only."""
+    """Whether logits may be computed as head(final hidden state) at chosen positions only.
+
+    An unwrapped model runs its backbone (`base_model`) and the head on the chosen positions; a
+    DDP-wrapped one must run its own forward (its gradient hooks hang on it), with `logits_to_keep=1`
+    so the head covers one position. The backbone route also avoids a slow CPU path of that one
+    position: a bfloat16 (B, 1, H) x (H, V) product copies the whole head weight once per row.
+    """
 
     enabled: bool
 
@@ -34,16 +40,20 @@ class HeadPath:
     def detect(cls, model: nn.Module, batch: dict[str, torch.Tensor]) -> HeadPath:
         model = _unwrap(model)
         head = model.get_output_embeddings()
-        if head is None or is_sharded(model):  # FSDP gathers the head's weight only inside the model's forward
-            return cls(False)
+        if head is None or is_sharded(model) or model.base_model is model:
+            return cls(False)  # FSDP gathers the head's weight only inside the model's forward
         ids, mask = batch["input_ids"][:1], batch["attention_mask"][:1]
         try:
             out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False)
             short = model(input_ids=ids, attention_mask=mask, logits_to_keep=1, use_cache=False)
+            base = model.base_model(input_ids=ids, attention_mask=mask, use_cache=False)
         except TypeError:  # a model without logits_to_keep
             return cls(False)
-        ours = head(out.hidden_states[-1]).float()
-        same = out.logits.shape == ours.shape and torch.allclose(out.logits.float(), ours, rtol=1e-4, atol=1e-4)
+        logits = out.logits.float()
+        same = all(
+            logits.shape == ours.shape and torch.allclose(logits, ours, rtol=1e-4, atol=1e-4)
+            for ours in (head(out.hidden_states[-1]).float(), head(base.last_hidden_state).float())
+        )
         return cls(bool(same and short.logits.shape[1] == 1))
 
     def forward(
@@ -54,8 +64,12 @@ class HeadPath:
         if not self.enabled:
             out = model(**kwargs, output_hidden_states=hidden)
             return out.logits[positions], out.hidden_states
+        inner = _unwrap(model)
+        head = inner.get_output_embeddings()
+        if inner is model:
+            out = model.base_model(**kwargs, output_hidden_states=hidden)
+            return head(out.last_hidden_state[positions]), out.hidden_states if hidden else None
         out = model(**kwargs, output_hidden_states=True, logits_to_keep=1)
-        head = _unwrap(model).get_output_embeddings()
         return head(out.hidden_states[-1][positions]), out.hidden_states if hidden else None
 
 
