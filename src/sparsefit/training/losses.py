@@ -73,6 +73,16 @@ class HeadPath:
         return head(out.hidden_states[-1][positions]), out.hidden_states if hidden else None
 
 
+def task_loss(model: nn.Module, batch: dict[str, torch.Tensor], path: HeadPath) -> torch.Tensor:
+    """Next-token cross-entropy at the supervised positions, the head evaluated there only."""
+    targets = F.pad(batch["labels"][:, 1:], (0, 1), value=-100)  # (B, T): position t predicts token t + 1
+    positions = targets != -100
+    logits, _ = path.forward(model, batch, positions, False)
+    if not positions.any():
+        return logits.sum() * 0.0  # no supervised token: a zero that keeps the graph
+    return F.cross_entropy(logits.float(), targets[positions])
+
+
 def compute_losses(
     model: nn.Module,
     teacher: nn.Module | None,

@@ -88,6 +88,32 @@ def test_data_criteria_rank_the_planted_row_first(criterion):
     assert torch.all(magnitude == magnitude[0])  # so magnitude alone could not find it
 
 
+def test_taylor_scores_each_batch_as_backward_makes_its_gradient():
+    """Scored inside backward (each gradient freed at once), taylor equals sum over batches of
+    |W * dL/dW| from explicit gradients; earlier gradients and requires_grad are left as they were."""
+    torch.manual_seed(0)
+    a, b = nn.Linear(6, 5), nn.Linear(5, 3)
+    a.weight.requires_grad_(False)
+    b.weight.grad = marker = torch.ones_like(b.weight)
+
+    def loss_fn(batch):
+        return b(torch.tanh(a(batch["x"]))).square().mean()
+
+    batches = [{"x": torch.randn(4, 6)} for _ in range(3)]
+    expected = {"a": torch.zeros(5), "b": torch.zeros(3)}
+    a.weight.requires_grad_(True)
+    for batch in batches:
+        ga, gb = torch.autograd.grad(loss_fn(batch), [a.weight, b.weight])
+        expected["a"] += (a.weight * ga).abs().sum(1).detach()
+        expected["b"] += (b.weight * gb).abs().sum(1).detach()
+    a.weight.requires_grad_(False)
+    scores = row_scores({"a": a, "b": b}, "taylor", loss_fn, batches)
+    for name in expected:
+        assert torch.allclose(scores[name], expected[name], rtol=1e-6, atol=0)
+    assert not a.weight.requires_grad and a.weight.grad is None
+    assert b.weight.requires_grad and b.weight.grad is marker
+
+
 def test_random_is_reproducible_and_needs_no_data():
     layer = nn.Linear(4, 10)
     a = row_scores({"l": layer}, "random", seed=1)["l"]

@@ -21,6 +21,7 @@ from sparsefit.training.adapters.quantized import base_bytes, dequantize_base, q
 from sparsefit.training.adapters.rows import attach_row_deltas, merge_row_deltas, row_delta_info
 from sparsefit.training.adapters.select import choose_rows, row_scores
 from sparsefit.training.config import FinetuneConfig
+from sparsefit.training.losses import HeadPath, task_loss
 from sparsefit.training.masks import SparsityMasks, decoder_linears
 
 
@@ -84,17 +85,19 @@ def setup_adapters(
         count = {"taylor": options.importance_batches, "zo-taylor": options.zo_directions}.get(options.criterion, 0)
         autocast = (lambda: torch.autocast(_device(model).type, dtype=torch.bfloat16)) if bf16 else nullcontext
 
+        data = list(batches(count)) if count else []
+        path = HeadPath.detect(model, data[0]) if data else HeadPath(False)
+
         def loss_fn(batch: dict[str, torch.Tensor]) -> torch.Tensor:
             with autocast():
-                return model(**batch, use_cache=False).loss
+                return task_loss(model, batch, path)
 
         was_training = model.training
         model.eval()  # no dropout while scoring
         try:
             scores = row_scores(
-                linears, options.criterion, loss_fn, list(batches(count)) if count else [], config.seed,
-                options.zo_directions, options.zo_eps, reduce,
-            )  # fmt: skip
+                linears, options.criterion, loss_fn, data, config.seed, options.zo_directions, options.zo_eps, reduce
+            )
         finally:
             model.train(was_training)
         rows = choose_rows(

@@ -3,8 +3,8 @@ then keep the top rows per layer or under one global budget.
 
 The data-driven criteria use the model's task loss (cross-entropy on the supervised tokens) on a few
 micro-batches of the training data, in evaluation mode (no dropout). `taylor` needs one backward
-pass per batch and, meanwhile, a gradient for every targeted weight; `zo-taylor` needs two forward
-passes per direction and one copy of the targeted weights (to restore them exactly).
+pass per batch (each weight's gradient is scored, then freed, as backward makes it); `zo-taylor`
+needs two forward passes per direction and one copy of the targeted weights (to restore them exactly).
 """
 
 from __future__ import annotations
@@ -69,22 +69,34 @@ def row_scores(
 
 
 def _taylor(linears: dict[str, nn.Module], loss_fn: LossFn, batches: list) -> dict[str, torch.Tensor]:
-    weights = [m.weight for m in linears.values()]
-    was = [w.requires_grad for w in weights]
+    """Each weight's gradient is scored as soon as backward has made it, then dropped: the peak holds
+    the activations and a few gradients, never a gradient for every targeted weight at once."""
     scores = {name: torch.zeros(weight_as_out_in(m).shape[0]) for name, m in linears.items()}
+
+    def score(name: str, module: nn.Module) -> Callable[[torch.Tensor], None]:
+        def hook(weight: torch.Tensor) -> None:
+            grad = weight.grad.t() if isinstance(module, Conv1D) else weight.grad  # GPT-2 stores (in, out)
+            scores[name] += taylor_scores(weight_as_out_in(module), [grad]).cpu()
+            weight.grad = None
+
+        return hook
+
+    weights = [m.weight for m in linears.values()]
+    saved = [(w.requires_grad, w.grad) for w in weights]
+    handles = []
     try:
-        for w in weights:
+        for (name, module), w in zip(linears.items(), weights):
             w.requires_grad_(True)
-        for batch in batches:
-            grads = torch.autograd.grad(loss_fn(batch), weights, allow_unused=True)
-            for (name, module), grad in zip(linears.items(), grads):
-                if grad is None:  # a linear the loss does not reach this batch
-                    continue
-                grad = grad.t() if isinstance(module, Conv1D) else grad  # GPT-2 stores (in, out)
-                scores[name] += taylor_scores(weight_as_out_in(module), [grad]).cpu()
+            w.grad = None
+            handles.append(w.register_post_accumulate_grad_hook(score(name, module)))
+        for batch in batches:  # a linear the loss does not reach on a batch gets no hook call: adds 0
+            torch.autograd.backward(loss_fn(batch), inputs=weights)
     finally:
-        for w, flag in zip(weights, was):
+        for handle in handles:
+            handle.remove()
+        for w, (flag, grad) in zip(weights, saved):
             w.requires_grad_(flag)
+            w.grad = grad
     return scores
 
 
