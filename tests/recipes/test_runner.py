@@ -119,7 +119,7 @@ def test_a_signalled_run_resumes_its_fine_tune_instead_of_restarting_it(tiny_che
     calls = {"n": 0}
 
     def sigterm_in_step_3(module, args):  # counts the student's training forwards (one per step)
-        if torch.is_grad_enabled() and type(module).__name__.endswith("ForCausalLM"):
+        if torch.is_grad_enabled() and getattr(module, "base_model", None) is module:  # the backbone's
             calls["n"] += 1
             if calls["n"] == 4:
                 signal.raise_signal(signal.SIGTERM)
@@ -175,3 +175,20 @@ def test_quantize_stage_keeps_the_zeros_and_ends_the_chain(tiny_checkpoint, data
                               "stages": [*recipe.model_dump(mode="json")["stages"], {"kind": "export"}]})  # fmt: skip
     with pytest.raises(UsageError, match="loaded from a quantized checkpoint"):
         run_recipe(again, tmp_path / "run2", "cpu", progress=False)
+
+
+def test_stages_that_sample_the_same_model_alike_share_one_text(tiny_checkpoint, tmp_path):
+    train = {"kind": "finetune", "dataset": "self", "self_samples": 4, "seq_len": 32, "max_steps": 1,
+             "batch_size": 2, "bf16": "false"}  # fmt: skip
+    recipe = {
+        "name": "share",
+        "model": str(tiny_checkpoint),
+        "stages": [
+            {"kind": "oneshot", "method": "wanda", "sparsity": 0.5, "calib": "self", "num_samples": 4, "seq_len": 32},
+            {**train, "name": "recover", "teacher": "input"},  # the input model, as the calibration: shared
+            {**train, "name": "again"},  # no teacher: text of recover's output, a model of its own
+        ],
+    }
+    run_dir = tmp_path / "run"
+    run_recipe(recipe_from_data(recipe), run_dir, "cpu", progress=False)
+    assert len(list(run_dir.glob("self-text-*.safetensors"))) == 2

@@ -193,3 +193,15 @@ def test_head_path_gives_the_same_losses_as_full_logits(arch, tokenizer, data_di
         assert detected.enabled
     for key in full:
         assert fast[key].item() == pytest.approx(full[key].item(), rel=1e-4, abs=1e-6), key
+
+
+def test_dataset_self_trains_on_text_given_instead_of_sampling(tokenizer, tmp_path, monkeypatch):
+    import sparsefit.data.self_generated as self_generated
+
+    monkeypatch.setattr(self_generated, "sample_from_model", lambda *a, **k: pytest.fail("sampled again"))
+    ids = torch.randint(5, 100, (4, 16), generator=torch.Generator().manual_seed(0))
+    cfg = FinetuneConfig(dataset="self", self_samples=4, seq_len=16, max_steps=2, batch_size=2, bf16="false")
+    metrics = finetune(tiny_model("llama"), tokenizer, cfg, tmp_path / "a", progress=False, self_text=ids)
+    assert metrics["tokens"] == 2 * 2 * 16
+    with pytest.raises(ValueError, match=r"dataset self wants \(4, 16\)"):
+        finetune(tiny_model("llama"), tokenizer, cfg, tmp_path / "b", progress=False, self_text=ids[:3])

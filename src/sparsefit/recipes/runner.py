@@ -20,7 +20,15 @@ import yaml
 from sparsefit.atomic import check_replaceable, discard_dir, make_dir, mark, write_json, write_text
 from sparsefit.outputs import claim_output
 from sparsefit.recipes.report import write_report
-from sparsefit.recipes.schema import EvaluateStage, ExportStage, FinetuneStage, OneshotStage, QuantizeStage, Recipe
+from sparsefit.recipes.schema import (
+    EvaluateStage,
+    ExportStage,
+    FinetuneStage,
+    OneshotStage,
+    QuantizeStage,
+    Recipe,
+    Stage,
+)
 
 STAGE_FILE = "stage.json"
 
@@ -57,6 +65,7 @@ def _run_stages(recipe: Recipe, run_dir: Path, device: torch.device, progress: b
 
     current, stamp = recipe.model, "input"  # the model the next stage reads, and the run that made it
     outputs: dict[str, str] = {}
+    stamps = {recipe.model: stamp}  # model -> the run that made it, for cached self-generated text
     for i, stage in enumerate(recipe.stages):
         folder = stage_dir(run_dir, i, stage.name)
         config = stage.model_dump(mode="json")
@@ -69,7 +78,7 @@ def _run_stages(recipe: Recipe, run_dir: Path, device: torch.device, progress: b
             print(f"[{i + 1}/{len(recipe.stages)}] {stage.name} ({stage.kind}) on {current}", flush=True)
             _claim(folder, fingerprint)
             start = time.perf_counter()
-            result = _run_stage(stage, recipe, current, outputs, folder, device, progress)
+            result = _run_stage(stage, recipe, current, outputs, stamps, folder, device, progress)
             record = {
                 "name": stage.name,
                 "kind": stage.kind,
@@ -83,6 +92,7 @@ def _run_stages(recipe: Recipe, run_dir: Path, device: torch.device, progress: b
             write_json(folder / STAGE_FILE, record)
         if stage.kind in ("oneshot", "finetune", "quantize", "export"):
             current, stamp = str(folder), record["fingerprint"]
+            stamps[current] = stamp
         outputs[stage.name] = str(folder)
     return write_report(run_dir, recipe)
 
@@ -126,9 +136,22 @@ def _teacher_spec(teacher: str, recipe: Recipe, outputs: dict[str, str]) -> str:
     return teacher
 
 
-def _run_stage(stage, recipe: Recipe, current: str, outputs: dict, folder: Path, device, progress: bool) -> dict:  # noqa: ANN001
+def _run_stage(
+    stage: Stage,
+    recipe: Recipe,
+    current: str,
+    outputs: dict,
+    stamps: dict,
+    folder: Path,
+    device: torch.device,
+    progress: bool,
+) -> dict:
     from sparsefit.export import export_checkpoint, read_sparsity, save_checkpoint, sparsity_summary
     from sparsefit.models import load_model_and_tokenizer
+
+    def self_text(spec: str, num: int, seq_len: int, seed: int, loaded: tuple | None = None) -> torch.Tensor:
+        stamp = stamps.get(spec, "external")
+        return _self_text(folder.parent, spec, stamp, num, seq_len, seed, device, progress, loaded)
 
     if isinstance(stage, OneshotStage):
         from sparsefit.pruning import OneShotConfig, oneshot
@@ -137,7 +160,10 @@ def _run_stage(stage, recipe: Recipe, current: str, outputs: dict, folder: Path,
         # Only the fields the recipe gave: the others keep their defaults, and the defaults' fallbacks
         # (calibration on self-generated text when the default dataset is out of reach).
         config = OneShotConfig(**stage.model_dump(exclude={"kind", "name"}, exclude_unset=True))
-        report = oneshot(model, tok, config, device=device, progress=progress)
+        calib = None
+        if config.calib == "self":  # shared with a later stage that samples the same model alike
+            calib = self_text(current, config.num_samples, config.seq_len, config.seed, (model, tok))
+        report = oneshot(model, tok, config, device=device, calib=calib, progress=progress)
         save_checkpoint(model, tok, folder, {"pruning": report})
         return {"sparsity": report.sparsity.overall, "seconds": report.seconds, "phases": report.phases}
     if isinstance(stage, FinetuneStage):
@@ -151,8 +177,12 @@ def _run_stage(stage, recipe: Recipe, current: str, outputs: dict, folder: Path,
         done = finished_run(folder)  # killed after the fine-tune published, before stage.json
         if done is not None:
             return {k: done[k] for k in keys}
+        config = FinetuneConfig(**fields)
+        tokens = None
+        if config.dataset == "self":  # sampled from the teacher, or the model itself, as finetune would
+            tokens = self_text(config.teacher or current, config.self_samples, config.seq_len, config.seed)
         model, tok = load_model_and_tokenizer(current, "float32", device)
-        metrics = finetune(model, tok, FinetuneConfig(**fields), folder, resume=True, progress=progress, device=device)
+        metrics = finetune(model, tok, config, folder, resume=True, progress=progress, device=device, self_text=tokens)
         return {k: metrics[k] for k in keys}
     if isinstance(stage, QuantizeStage):
         from sparsefit.export.compressed import save_quantized
@@ -166,7 +196,9 @@ def _run_stage(stage, recipe: Recipe, current: str, outputs: dict, folder: Path,
         return {**info, "revived_weights": r.revived_weights, "seconds": r.seconds, "phases": r.phases}
     if isinstance(stage, EvaluateStage):
         model, tok = load_model_and_tokenizer(current, "float32", device)
-        result = _evaluate(stage, model, tok, progress, lambda: _self_eval_tokens(folder.parent, recipe.model, stage))
+        # held-out text: seed 1234, unlike any training seed, always from the recipe's input model
+        held_out = lambda: self_text(recipe.model, stage.self_samples, stage.self_seq_len, 1234)  # noqa: E731
+        result = _evaluate(stage, model, tok, progress, held_out)
         recorded = (read_sparsity(current) or {}).get("sparsity", {}).get("overall") if Path(current).is_dir() else None
         result["sparsity"] = recorded if isinstance(recorded, float) else sparsity_summary(model)["overall"]
         result["model"] = current
@@ -179,19 +211,32 @@ def _run_stage(stage, recipe: Recipe, current: str, outputs: dict, folder: Path,
     raise TypeError(f"unknown stage {stage!r}")
 
 
-def _self_eval_tokens(run_dir: Path, reference: str, stage: EvaluateStage) -> torch.Tensor:
-    """Held-out text sampled once from the recipe's input model (seed 1234, unlike any training seed), cached."""
+def _self_text(
+    run_dir: Path,
+    spec: str,
+    stamp: str,
+    num: int,
+    seq_len: int,
+    seed: int,
+    device: torch.device,
+    progress: bool,
+    loaded: tuple | None = None,
+) -> torch.Tensor:
+    """(num, seq_len) tokens sampled in float32 from model `spec`, once per run: stages asking the same
+    model (same `stamp`: the run that made it) for the same text share one file, e.g. the pruning's
+    calibration and the recovery's training text. `loaded`, when given, is `spec`'s (model, tokenizer)."""
     from safetensors.torch import load_file, save
 
-    from sparsefit.atomic import mark, write_bytes
+    from sparsefit.atomic import write_bytes
     from sparsefit.data.self_generated import sample_from_model
     from sparsefit.models import load_model_and_tokenizer
 
-    path = run_dir / f"self-eval-{stage.self_samples}x{stage.self_seq_len}.safetensors"
+    key = hashlib.sha256(json.dumps([spec, stamp, num, seq_len, seed]).encode()).hexdigest()[:16]
+    path = run_dir / f"self-text-{key}.safetensors"
     if path.is_file():
         return load_file(str(path))["input_ids"]
-    model, tok = load_model_and_tokenizer(reference, "float32", "cpu")
-    ids = sample_from_model(model, tok, stage.self_samples, stage.self_seq_len, seed=1234)
+    model, tok = loaded if loaded is not None else load_model_and_tokenizer(spec, "float32", device)
+    ids = sample_from_model(model, tok, num, seq_len, seed=seed, progress=progress).cpu()
     mark(run_dir, path.name)
     write_bytes(path, save({"input_ids": ids.contiguous()}))
     return ids

@@ -118,7 +118,11 @@ def self_examples(
     """Data-free training text: `num` sequences of `seq_len` tokens sampled from `model` (e.g. the dense teacher)."""
     from sparsefit.data.self_generated import sample_from_model
 
-    ids = sample_from_model(model, tokenizer, num, seq_len, seed)
+    return token_examples(sample_from_model(model, tokenizer, num, seq_len, seed))
+
+
+def token_examples(ids: torch.Tensor) -> list[Example]:
+    """(N, L) token ids -> N examples trained on every token."""
     return [Example(row, list(row)) for row in ids.tolist()]
 
 

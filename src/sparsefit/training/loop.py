@@ -41,7 +41,7 @@ from sparsefit.training.adapters.finetune import Adapters, finish_adapters, setu
 from sparsefit.training.adapters.rows import refuse_row_deltas
 from sparsefit.training.adaptive import AdaptiveMasks, input_sq_sums, setup_adaptive
 from sparsefit.training.config import FinetuneConfig
-from sparsefit.training.data import collate, example_order, load_examples, self_examples
+from sparsefit.training.data import collate, example_order, load_examples, self_examples, token_examples
 from sparsefit.training.distributed import DistInfo, all_reduce_sum, barrier, init_distributed
 from sparsefit.training.log import TrainLog
 from sparsefit.training.losses import HeadPath, compute_losses
@@ -190,10 +190,13 @@ def finetune(
     progress: bool = True,
     device: torch.device | str | None = None,
     overwrite: bool = False,
+    self_text: torch.Tensor | None = None,
 ) -> dict:
     """Train `model` in place as `config` says; write the final checkpoint, log and metrics into `output_dir`.
 
-    `teacher` (already loaded) overrides `config.teacher`. `resume` continues from the newest whole
+    `teacher` (already loaded) overrides `config.teacher`. `self_text`, (self_samples, seq_len) token
+    ids, is the text of dataset `self` when it was sampled already (a recipe samples once for several
+    stages). `resume` continues from the newest whole
     checkpoint in `output_dir` (the configuration must match the one that wrote it); `overwrite`
     replaces an earlier sparsefit output there. SIGTERM / Ctrl-C end the current step, write a
     checkpoint and raise `Interrupted`. Returns the metrics dict.
@@ -205,7 +208,7 @@ def finetune(
             _check_resumable(output_dir, resume, overwrite)
             _prepare_output(output_dir, fresh=not resume)
         rows = _checkpointed_rows(output_dir) if resume and config.peft == "rows" else None
-        run = _setup(model, tokenizer, config, teacher, device, info, rows)
+        run = _setup(model, tokenizer, config, teacher, device, info, rows, self_text)
         start_step, tokens_seen, resumed_from = 0, 0, None
         if resume:
             restored = _restore(output_dir, model, run)
@@ -268,6 +271,7 @@ def _setup(
     device: torch.device | str | None,
     info: DistInfo,
     rows: dict[str, torch.Tensor] | None = None,
+    self_text: torch.Tensor | None = None,
 ) -> _Run:
     """Device, masks, teacher, data, length, sharding, optimizer and schedule, in that order."""
     if device is None:
@@ -290,7 +294,13 @@ def _setup(
     if teacher is not None:
         freeze(teacher)
         teacher.to(device)
-    if config.dataset == "self":  # sampled before any training step, from the teacher when there is one
+    if config.dataset == "self" and self_text is not None:
+        if tuple(self_text.shape) != (config.self_samples, config.seq_len):
+            raise ValueError(
+                f"self_text is {tuple(self_text.shape)}; dataset self wants ({config.self_samples}, {config.seq_len})"
+            )
+        examples = token_examples(self_text)
+    elif config.dataset == "self":  # sampled before any training step, from the teacher when there is one
         was_training = model.training
         examples = self_examples(teacher or model.eval(), tokenizer, config.self_samples, config.seq_len, config.seed)
         model.train(was_training)
