@@ -26,9 +26,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsefit.models.layout import set_weight_out_in, weight_as_out_in
+from sparsefit.models.side_modules import (
+    attach_side,
+    detach_sides,
+    read_side_file,
+    save_side_file,
+    side_modules,
+    side_state,
+)
 
 SLORB_FILE = "slorb.safetensors"
 _FORMAT = "sparsefit-slorb-1"
+_ATTR = "slorb"
 SlorbInit = Literal["mean", "zero"]
 
 
@@ -81,7 +90,7 @@ def _add_branch(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.T
 
 def slorb_modules(model: nn.Module) -> dict[str, nn.Module]:
     """The linears of `model` that carry a SLoRB branch, by module name."""
-    return {name: m for name, m in model.named_modules() if isinstance(getattr(m, "slorb", None), SLoRB)}
+    return side_modules(model, _ATTR, SLoRB)
 
 
 def attach_slorb(
@@ -93,26 +102,19 @@ def attach_slorb(
     """Add a branch to each linear of `linears` (S from `init[name]`, else zeros); returns the parameters added."""
     added = 0
     for name, module in linears.items():
-        if isinstance(getattr(module, "slorb", None), SLoRB):
-            raise ValueError(f"{name} already has a SLoRB branch")
         out_features, in_features = weight_as_out_in(module).shape
         branch = SLoRB(in_features, out_features, k, trainable_projection)
         branch.to(device=module.weight.device)
         if init is not None and name in init:
             branch.weight.data.copy_(init[name])
-        module.add_module("slorb", branch)
-        branch._hook = module.register_forward_hook(_add_branch)  # noqa: SLF001 - our own module
+        attach_side(module, _ATTR, branch, _add_branch, name)
         added += sum(p.numel() for p in branch.parameters())
     return added
 
 
 def detach_slorb(model: nn.Module) -> int:
     """Remove every branch (the model becomes the plain N:M one); returns how many were removed."""
-    found = slorb_modules(model)
-    for module in found.values():
-        module.slorb._hook.remove()  # noqa: SLF001
-        del module.slorb
-    return len(found)
+    return detach_sides(model, _ATTR, SLoRB)
 
 
 @torch.no_grad()
@@ -128,8 +130,7 @@ def merge_slorb(model: nn.Module) -> int:
 def slorb_state(model: nn.Module, state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """The branches' tensors by state-dict name (from `state_dict` when given: the gathered weights of a
     sharded model)."""
-    state = state_dict if state_dict is not None else model.state_dict()
-    return {key: value for key, value in state.items() if ".slorb." in key}
+    return side_state(model, _ATTR, state_dict)
 
 
 def slorb_info(model: nn.Module) -> dict | None:
@@ -148,36 +149,24 @@ def slorb_info(model: nn.Module) -> dict | None:
 
 
 def save_slorb(tensors: dict[str, torch.Tensor], folder: str | os.PathLike, k: int) -> None:
-    from safetensors.torch import save_file
-
-    data = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
-    save_file(data, str(Path(folder) / SLORB_FILE), metadata={"format": _FORMAT, "k": str(k)})
+    save_side_file(tensors, Path(folder) / SLORB_FILE, {"format": _FORMAT, "k": str(k)})
 
 
 def load_slorb(model: nn.Module, folder: str | os.PathLike) -> int | None:
     """Restore the branches saved in `folder` (None when it has no SLoRB file); returns the layers restored."""
-    from safetensors import safe_open
-
-    path = Path(folder) / SLORB_FILE
-    if not path.is_file():
+    found = read_side_file(model, folder, SLORB_FILE, _ATTR, _FORMAT, "SLoRB")
+    if found is None:
         return None
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata() or {}
-        tensors = {key: f.get_tensor(key) for key in f.keys()}
-    if meta.get("format") != _FORMAT or not meta.get("k", "").isdigit():
-        raise ValueError(f"{path} is not a sparsefit SLoRB file")
-    k = int(meta["k"])
-    modules = dict(model.named_modules())
-    names = sorted({key.rsplit(".slorb.", 1)[0] for key in tensors})
-    unknown = [n for n in names if n not in modules]
-    if unknown:
-        raise ValueError(f"{path} has branches for modules the model lacks ({', '.join(unknown[:2])})")
+    tensors, meta, modules = found
+    path = Path(folder) / SLORB_FILE
+    if not meta.get("k", "").isdigit():
+        raise ValueError(f"{path} is not a sparsefit SLoRB file (no group size k)")
     trainable = any(key.endswith(".slorb.projection") for key in tensors)
-    attach_slorb({n: modules[n] for n in names}, k, trainable_projection=trainable)
+    attach_slorb(modules, int(meta["k"]), trainable_projection=trainable)
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     wrong = [m for m in missing if ".slorb." in m] + list(unexpected)
     if wrong:
         raise ValueError(f"{path} does not match the model's branches ({', '.join(sorted(wrong)[:2])})")
-    for name in names:
-        modules[name].slorb.to(dtype=modules[name].weight.dtype)
-    return len(names)
+    for module in modules.values():
+        module.slorb.to(dtype=module.weight.dtype)
+    return len(modules)

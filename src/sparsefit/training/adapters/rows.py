@@ -25,9 +25,18 @@ from torch import nn
 
 from sparsefit.errors import UsageError
 from sparsefit.models.layout import set_weight_out_in, weight_as_out_in
+from sparsefit.models.side_modules import (
+    attach_side,
+    detach_sides,
+    read_side_file,
+    save_side_file,
+    side_modules,
+    side_state,
+)
 
 ROWS_FILE = "row_adapters.safetensors"
 _FORMAT = "sparsefit-rows-1"
+_ATTR = "row_delta"
 
 
 class RowDelta(nn.Module):
@@ -61,7 +70,7 @@ def _add_rows(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Ten
 
 def row_delta_modules(model: nn.Module) -> dict[str, nn.Module]:
     """The linears of `model` that carry a row delta, by module name."""
-    return {name: m for name, m in model.named_modules() if isinstance(getattr(m, "row_delta", None), RowDelta)}
+    return side_modules(model, _ATTR, RowDelta)
 
 
 def attach_row_deltas(
@@ -75,27 +84,20 @@ def attach_row_deltas(
     mask (a sparse base), `init[name]` a starting delta (R, in). Returns the parameters added."""
     added = 0
     for name, module in linears.items():
-        if isinstance(getattr(module, "row_delta", None), RowDelta):
-            raise ValueError(f"{name} already has a row delta")
         weight = weight_as_out_in(module)
         chosen = rows[name].to(weight.device)
         mask = None if keep is None or name not in keep else keep[name].to(weight.device).index_select(0, chosen)
         branch = RowDelta(chosen, weight.shape[1], mask, dropout)
         if init is not None and name in init:
             branch.delta.data.copy_(init[name])
-        module.add_module("row_delta", branch)
-        branch._hook = module.register_forward_hook(_add_rows)  # noqa: SLF001 - our own module
+        attach_side(module, _ATTR, branch, _add_rows, name)
         added += branch.delta.numel()
     return added
 
 
 def detach_row_deltas(model: nn.Module) -> int:
     """Remove every row delta (the base model again); returns how many were removed."""
-    found = row_delta_modules(model)
-    for module in found.values():
-        module.row_delta._hook.remove()  # noqa: SLF001
-        del module.row_delta
-    return len(found)
+    return detach_sides(model, _ATTR, RowDelta)
 
 
 @torch.no_grad()
@@ -122,8 +124,7 @@ def refuse_row_deltas(model: nn.Module, what: str) -> None:
 
 def row_delta_state(model: nn.Module, state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """The deltas' tensors by state-dict name (from `state_dict` when given: a sharded model's gathered weights)."""
-    state = state_dict if state_dict is not None else model.state_dict()
-    return {key: value for key, value in state.items() if ".row_delta." in key}
+    return side_state(model, _ATTR, state_dict)
 
 
 def row_delta_info(model: nn.Module) -> dict | None:
@@ -140,28 +141,17 @@ def row_delta_info(model: nn.Module) -> dict | None:
 
 
 def save_row_deltas(tensors: dict[str, torch.Tensor], folder: str | os.PathLike) -> None:
-    from safetensors.torch import save_file
-
-    data = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
-    save_file(data, str(Path(folder) / ROWS_FILE), metadata={"format": _FORMAT})
+    save_side_file(tensors, Path(folder) / ROWS_FILE, {"format": _FORMAT})
 
 
 def load_row_deltas(model: nn.Module, folder: str | os.PathLike) -> int | None:
     """Restore the deltas saved in `folder` (None when it has no row-adapter file); returns the layers restored."""
-    from safetensors import safe_open
-
-    path = Path(folder) / ROWS_FILE
-    if not path.is_file():
+    found = read_side_file(model, folder, ROWS_FILE, _ATTR, _FORMAT, "row-adapter")
+    if found is None:
         return None
-    with safe_open(str(path), "pt") as f:
-        if (f.metadata() or {}).get("format") != _FORMAT:
-            raise ValueError(f"{path} is not a sparsefit row-adapter file")
-        tensors = {key: f.get_tensor(key) for key in f.keys()}
-    modules = dict(model.named_modules())
-    names = sorted({key.rsplit(".row_delta.", 1)[0] for key in tensors})
-    unknown = [n for n in names if n not in modules]
-    if unknown:
-        raise ValueError(f"{path} has row deltas for modules the model lacks ({', '.join(unknown[:2])})")
+    tensors, _, modules = found
+    path = Path(folder) / ROWS_FILE
+    names = list(modules)
     rows = {n: tensors[f"{n}.row_delta.rows"] for n in names if f"{n}.row_delta.rows" in tensors}
     if len(rows) != len(names):
         raise ValueError(f"{path} lacks the rows of some deltas")
@@ -177,7 +167,7 @@ def load_row_deltas(model: nn.Module, folder: str | os.PathLike) -> int | None:
     if len(init) != len(names):
         raise ValueError(f"{path} lacks the values of some deltas")
     try:
-        attach_row_deltas({n: modules[n] for n in names}, rows, keep, init=init)
+        attach_row_deltas(modules, rows, keep, init=init)
     except (RuntimeError, IndexError, ValueError) as err:  # shapes of another model
         detach_row_deltas(model)
         raise ValueError(f"{path} does not fit the model's layers ({str(err).splitlines()[0]})") from None
