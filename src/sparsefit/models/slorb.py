@@ -25,15 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sparsefit.models import side_modules as sides
 from sparsefit.models.layout import set_weight_out_in, weight_as_out_in
-from sparsefit.models.side_modules import (
-    attach_side,
-    detach_sides,
-    read_side_file,
-    save_side_file,
-    side_modules,
-    side_state,
-)
 
 SLORB_FILE = "slorb.safetensors"
 _FORMAT = "sparsefit-slorb-1"
@@ -90,7 +83,7 @@ def _add_branch(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.T
 
 def slorb_modules(model: nn.Module) -> dict[str, nn.Module]:
     """The linears of `model` that carry a SLoRB branch, by module name."""
-    return side_modules(model, _ATTR, SLoRB)
+    return sides.side_modules(model, _ATTR, SLoRB)
 
 
 def attach_slorb(
@@ -107,14 +100,14 @@ def attach_slorb(
         branch.to(device=module.weight.device)
         if init is not None and name in init:
             branch.weight.data.copy_(init[name])
-        attach_side(module, _ATTR, branch, _add_branch, name)
+        sides.attach_side(module, _ATTR, branch, _add_branch, name)
         added += sum(p.numel() for p in branch.parameters())
     return added
 
 
 def detach_slorb(model: nn.Module) -> int:
     """Remove every branch (the model becomes the plain N:M one); returns how many were removed."""
-    return detach_sides(model, _ATTR, SLoRB)
+    return sides.detach_sides(model, _ATTR, SLoRB)
 
 
 @torch.no_grad()
@@ -130,7 +123,7 @@ def merge_slorb(model: nn.Module) -> int:
 def slorb_state(model: nn.Module, state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """The branches' tensors by state-dict name (from `state_dict` when given: the gathered weights of a
     sharded model)."""
-    return side_state(model, _ATTR, state_dict)
+    return sides.side_state(model, _ATTR, state_dict)
 
 
 def slorb_info(model: nn.Module) -> dict | None:
@@ -149,12 +142,12 @@ def slorb_info(model: nn.Module) -> dict | None:
 
 
 def save_slorb(tensors: dict[str, torch.Tensor], folder: str | os.PathLike, k: int) -> None:
-    save_side_file(tensors, Path(folder) / SLORB_FILE, {"format": _FORMAT, "k": str(k)})
+    sides.save_side_file(tensors, Path(folder) / SLORB_FILE, {"format": _FORMAT, "k": str(k)})
 
 
 def load_slorb(model: nn.Module, folder: str | os.PathLike) -> int | None:
     """Restore the branches saved in `folder` (None when it has no SLoRB file); returns the layers restored."""
-    found = read_side_file(model, folder, SLORB_FILE, _ATTR, _FORMAT, "SLoRB")
+    found = sides.read_side_file(model, folder, SLORB_FILE, _ATTR, _FORMAT, "SLoRB")
     if found is None:
         return None
     tensors, meta, modules = found

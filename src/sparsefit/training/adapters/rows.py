@@ -24,15 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsefit.errors import UsageError
+from sparsefit.models import side_modules as sides
 from sparsefit.models.layout import set_weight_out_in, weight_as_out_in
-from sparsefit.models.side_modules import (
-    attach_side,
-    detach_sides,
-    read_side_file,
-    save_side_file,
-    side_modules,
-    side_state,
-)
 
 ROWS_FILE = "row_adapters.safetensors"
 _FORMAT = "sparsefit-rows-1"
@@ -70,7 +63,7 @@ def _add_rows(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Ten
 
 def row_delta_modules(model: nn.Module) -> dict[str, nn.Module]:
     """The linears of `model` that carry a row delta, by module name."""
-    return side_modules(model, _ATTR, RowDelta)
+    return sides.side_modules(model, _ATTR, RowDelta)
 
 
 def attach_row_deltas(
@@ -90,14 +83,14 @@ def attach_row_deltas(
         branch = RowDelta(chosen, weight.shape[1], mask, dropout)
         if init is not None and name in init:
             branch.delta.data.copy_(init[name])
-        attach_side(module, _ATTR, branch, _add_rows, name)
+        sides.attach_side(module, _ATTR, branch, _add_rows, name)
         added += branch.delta.numel()
     return added
 
 
 def detach_row_deltas(model: nn.Module) -> int:
     """Remove every row delta (the base model again); returns how many were removed."""
-    return detach_sides(model, _ATTR, RowDelta)
+    return sides.detach_sides(model, _ATTR, RowDelta)
 
 
 @torch.no_grad()
@@ -124,7 +117,7 @@ def refuse_row_deltas(model: nn.Module, what: str) -> None:
 
 def row_delta_state(model: nn.Module, state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """The deltas' tensors by state-dict name (from `state_dict` when given: a sharded model's gathered weights)."""
-    return side_state(model, _ATTR, state_dict)
+    return sides.side_state(model, _ATTR, state_dict)
 
 
 def row_delta_info(model: nn.Module) -> dict | None:
@@ -141,12 +134,12 @@ def row_delta_info(model: nn.Module) -> dict | None:
 
 
 def save_row_deltas(tensors: dict[str, torch.Tensor], folder: str | os.PathLike) -> None:
-    save_side_file(tensors, Path(folder) / ROWS_FILE, {"format": _FORMAT})
+    sides.save_side_file(tensors, Path(folder) / ROWS_FILE, {"format": _FORMAT})
 
 
 def load_row_deltas(model: nn.Module, folder: str | os.PathLike) -> int | None:
     """Restore the deltas saved in `folder` (None when it has no row-adapter file); returns the layers restored."""
-    found = read_side_file(model, folder, ROWS_FILE, _ATTR, _FORMAT, "row-adapter")
+    found = sides.read_side_file(model, folder, ROWS_FILE, _ATTR, _FORMAT, "row-adapter")
     if found is None:
         return None
     tensors, _, modules = found
