@@ -30,7 +30,7 @@ def signal_at_step(model, step, signum=signal.SIGTERM):
             if calls["n"] == step + 1:
                 signal.raise_signal(signum)
 
-    return model.register_forward_pre_hook(hook)
+    return model.base_model.register_forward_pre_hook(hook)  # the backbone runs in every training forward
 
 
 def losses(out):
@@ -236,7 +236,7 @@ def test_a_file_added_to_the_output_during_training_keeps_the_work(tokenizer, da
         if calls["n"] == 3:
             (out / "notes.txt").write_text("mine")
 
-    model.register_forward_pre_hook(user_drops_a_file)
+    model.base_model.register_forward_pre_hook(user_drops_a_file)
     with pytest.raises(UsageError, match=r"notes\.txt.*step-00000008.*--resume"):
         finetune(model, tokenizer, FinetuneConfig(**BASE), out, progress=False)
     assert (out / "notes.txt").read_text() == "mine" and published_steps(out / CHECKPOINTS_DIR) == [8]
