@@ -63,13 +63,13 @@ def _run_stages(recipe: Recipe, run_dir: Path, device: torch.device, progress: b
     for note in recipe.notes:
         print(f"note: {note}", flush=True)
 
-    current, stamp = recipe.model, "input"  # the model the next stage reads, and the run that made it
+    current = recipe.model  # the model the next stage reads
     outputs: dict[str, str] = {}
-    stamps = {recipe.model: stamp}  # model -> the run that made it, for cached self-generated text
+    stamps = {current: "input"}  # model -> the run that made it (fingerprints, cached self-generated text)
     for i, stage in enumerate(recipe.stages):
         folder = stage_dir(run_dir, i, stage.name)
         config = stage.model_dump(mode="json")
-        fingerprint = _fingerprint(config, current, stamp)
+        fingerprint = _fingerprint(config, current, stamps[current])
         done = _completed(folder, fingerprint)
         if done is not None:
             print(f"[{i + 1}/{len(recipe.stages)}] {stage.name}: complete, skipped", flush=True)
@@ -91,8 +91,8 @@ def _run_stages(recipe: Recipe, run_dir: Path, device: torch.device, progress: b
             mark(folder, STAGE_FILE)  # recorded first: a kill mid-write leaves only what is ours
             write_json(folder / STAGE_FILE, record)
         if stage.kind in ("oneshot", "finetune", "quantize", "export"):
-            current, stamp = str(folder), record["fingerprint"]
-            stamps[current] = stamp
+            current = str(folder)
+            stamps[current] = record["fingerprint"]
         outputs[stage.name] = str(folder)
     return write_report(run_dir, recipe)
 

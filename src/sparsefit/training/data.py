@@ -112,15 +112,6 @@ def load_examples(
     return examples[:limit] if limit else examples
 
 
-def self_examples(
-    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, num: int, seq_len: int, seed: int
-) -> list[Example]:
-    """Data-free training text: `num` sequences of `seq_len` tokens sampled from `model` (e.g. the dense teacher)."""
-    from sparsefit.data.self_generated import sample_from_model
-
-    return token_examples(sample_from_model(model, tokenizer, num, seq_len, seed))
-
-
 def token_examples(ids: torch.Tensor) -> list[Example]:
     """(N, L) token ids -> N examples trained on every token."""
     return [Example(row, list(row)) for row in ids.tolist()]

@@ -14,10 +14,17 @@ import torch
 import torch.nn.functional as F
 
 
+def next_token_targets(labels: torch.Tensor) -> torch.Tensor:
+    """labels (B, T) aligned with the inputs -> (B, T) targets: position t predicts token t + 1 (-100 last).
+
+    Shifting the labels, not the logits: slicing (B, T, V) logits would copy the largest tensor of the step.
+    """
+    return F.pad(labels[:, 1:], (0, 1), value=-100)
+
+
 def causal_lm_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """logits (B, T, V), labels (B, T) aligned with the inputs -> mean NLL of tokens 1..T-1 whose label != -100."""
-    # Shift the labels, not the logits: slicing (B, T, V) logits would copy the largest tensor of the step.
-    targets = F.pad(labels[:, 1:], (0, 1), value=-100)  # (B, T): position t predicts token t + 1
+    targets = next_token_targets(labels)
     if not (targets != -100).any():
         return logits.sum() * 0.0  # no supervised token in this batch: a zero that keeps the graph
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)

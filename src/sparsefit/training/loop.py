@@ -41,7 +41,7 @@ from sparsefit.training.adapters.finetune import Adapters, finish_adapters, setu
 from sparsefit.training.adapters.rows import refuse_row_deltas
 from sparsefit.training.adaptive import AdaptiveMasks, input_sq_sums, setup_adaptive
 from sparsefit.training.config import FinetuneConfig
-from sparsefit.training.data import collate, example_order, load_examples, self_examples, token_examples
+from sparsefit.training.data import collate, example_order, load_examples, token_examples
 from sparsefit.training.distributed import DistInfo, all_reduce_sum, barrier, init_distributed
 from sparsefit.training.log import TrainLog
 from sparsefit.training.losses import HeadPath, compute_losses
@@ -294,16 +294,19 @@ def _setup(
     if teacher is not None:
         freeze(teacher)
         teacher.to(device)
-    if config.dataset == "self" and self_text is not None:
-        if tuple(self_text.shape) != (config.self_samples, config.seq_len):
+    if config.dataset == "self":
+        if self_text is None:  # sampled before any training step, from the teacher when there is one
+            from sparsefit.data.self_generated import sample_from_model
+
+            was_training = model.training
+            source = teacher or model.eval()
+            self_text = sample_from_model(source, tokenizer, config.self_samples, config.seq_len, config.seed)
+            model.train(was_training)
+        elif tuple(self_text.shape) != (config.self_samples, config.seq_len):
             raise ValueError(
                 f"self_text is {tuple(self_text.shape)}; dataset self wants ({config.self_samples}, {config.seq_len})"
             )
         examples = token_examples(self_text)
-    elif config.dataset == "self":  # sampled before any training step, from the teacher when there is one
-        was_training = model.training
-        examples = self_examples(teacher or model.eval(), tokenizer, config.self_samples, config.seq_len, config.seed)
-        model.train(was_training)
     else:
         examples = load_examples(
             tokenizer,

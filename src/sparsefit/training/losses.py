@@ -75,7 +75,7 @@ class HeadPath:
 
 def task_loss(model: nn.Module, batch: dict[str, torch.Tensor], path: HeadPath) -> torch.Tensor:
     """Next-token cross-entropy at the supervised positions, the head evaluated there only."""
-    targets = F.pad(batch["labels"][:, 1:], (0, 1), value=-100)  # (B, T): position t predicts token t + 1
+    targets = distill.next_token_targets(batch["labels"])
     positions = targets != -100
     logits, _ = path.forward(model, batch, positions, False)
     if not positions.any():
@@ -93,7 +93,7 @@ def compute_losses(
     teacher_path: HeadPath | None,
 ) -> dict[str, torch.Tensor]:
     """Weighted sum of the task CE, logit KL and square-head losses for one micro-batch (plus each term)."""
-    targets = F.pad(batch["labels"][:, 1:], (0, 1), value=-100)  # (B, T): position t predicts token t + 1
+    targets = distill.next_token_targets(batch["labels"])
     positions = targets != -100
     want_hidden = teacher is not None and config.square_head_weight > 0
     logits, hidden = student_path.forward(model, batch, positions, want_hidden)  # (n, V)
