@@ -94,3 +94,37 @@ def test_adaptive_sparse_training_under_ddp_and_fsdp(data_dir, tmp_path):
                 assert torch.equal(a[name] == 0, b[name] == 0), name
                 groups = (a[name] != 0).reshape(a[name].shape[0], -1, 4).sum(-1)
                 assert (groups <= 2).all(), name
+
+
+def test_adapters_under_fsdp_match_ddp_merge_on_rank_0_and_resume(data_dir, tmp_path):
+    """Row deltas (merged, resumed from a sharded checkpoint; and unmerged) and LoRA under FSDP2 on 2 CPU
+    processes: losses, merged weights and the row-adapter file match DDP's; the merge keeps the mask."""
+    from safetensors.torch import load_file
+
+    torchrun_workers("fsdp_adapters_worker.py", tmp_path)
+    for run in ("rows", "rows-unmerged", "lora"):
+        ddp, fsdp = (json.loads((tmp_path / f"{run}-{s}" / "metrics.json").read_text()) for s in ("ddp", "fsdp"))
+        assert fsdp["strategy"] == "fsdp" and fsdp["world_size"] == 2, run
+        assert fsdp["resumed_from"] == (2 if run == "rows" else None), run
+        assert fsdp["revived_weights"] == ddp["revived_weights"] == 0, run
+        assert fsdp["adapters"]["merged_sparsity"] == ddp["adapters"]["merged_sparsity"] == 0.5, run
+        for key in ("trainable_parameters", "rows", "merge", "merged_layers", "revived_by_plain_merge"):
+            assert fsdp["adapters"].get(key) == ddp["adapters"].get(key), (run, key)
+        logs = {
+            s: [json.loads(line)["loss"] for line in (tmp_path / f"{run}-{s}" / "train_log.jsonl").open()]
+            for s in ("ddp", "fsdp")
+        }
+        assert len(logs["fsdp"]) == 4 and logs["fsdp"] == pytest.approx(logs["ddp"], abs=1e-5), run
+        configs = [json.loads((tmp_path / f"{run}-{s}" / "config.json").read_text()) for s in ("ddp", "fsdp")]
+        assert configs[0] == configs[1], run
+        files = ["model.safetensors"] + (["row_adapters.safetensors"] if run == "rows-unmerged" else [])
+        assert (tmp_path / f"{run}-fsdp" / "row_adapters.safetensors").is_file() == (run == "rows-unmerged")
+        for file in files:
+            a, b = (load_file(str(tmp_path / f"{run}-{s}" / file)) for s in ("ddp", "fsdp"))
+            assert sorted(a) == sorted(b), (run, file)
+            for name in a:
+                assert torch.allclose(a[name].float(), b[name].float(), atol=1e-4), (run, name)
+                if name.endswith("proj.weight"):
+                    assert torch.equal(a[name] == 0, b[name] == 0), (run, name)
+    for rank in (0, 1):
+        assert "--strategy ddp" in (tmp_path / f"qlora-fsdp-{rank}.txt").read_text()

@@ -47,7 +47,7 @@ from sparsefit.training.log import TrainLog
 from sparsefit.training.losses import HeadPath, compute_losses
 from sparsefit.training.masks import SparsityMasks, decoder_linears
 from sparsefit.training.schedules import gmp_sparsity, lr_factor
-from sparsefit.training.sharding import full, local, model_state, shard_model
+from sparsefit.training.sharding import filled, full, local, meta_copy, model_state, shard_model
 from sparsefit.training.signals import StopRequest
 from sparsefit.training.state import (
     checkpoint_dir,
@@ -175,6 +175,7 @@ class _Run:
     pad_id: int
     adaptive: AdaptiveMasks | None = None
     adapters: Adapters | None = None
+    skeleton: torch.nn.Module | None = None  # FSDP with adapters: the model's structure, to merge on rank 0
     fingerprint: dict = field(default_factory=dict)
     checkpoint_seconds: float = 0.0
     checkpoints: int = 0
@@ -340,8 +341,10 @@ def _setup(
 
     adapters = None
     if config.peft != "none":  # before sharding and the optimizer: the base freezes, adapters add parameters
-        if info.enabled and config.strategy == "fsdp":
-            raise UsageError("adapters (--peft) train with --strategy ddp; sharding them with FSDP is not supported")
+        if info.enabled and config.strategy == "fsdp" and config.adapter.base_bits == 4:
+            raise UsageError(
+                "a 4-bit base (--base-bits 4) trains with --strategy ddp: FSDP cannot shard its packed weights"
+            )
         adapters = setup_adapters(
             model,
             config,
@@ -359,6 +362,8 @@ def _setup(
     model.config.use_cache = False
     model.train()
     fsdp = info.enabled and config.strategy == "fsdp"
+    # Merging adapters needs whole weights: under FSDP rank 0 merges in a copy rebuilt from gathered ones.
+    skeleton = meta_copy(model) if fsdp and adapters is not None and info.main else None
     if fsdp:  # before the optimizer exists: it must hold the sharded parameters
         shard_model(model)
         if masks is not None:
@@ -396,6 +401,7 @@ def _setup(
         pad_id=pad_id,
         adaptive=adaptive,
         adapters=adapters,
+        skeleton=skeleton,
         fingerprint=fingerprint,
     )
 
@@ -704,15 +710,21 @@ def _finish(
             f"state is in {checkpoint_dir(output_dir / CHECKPOINTS_DIR, run.steps)}: move those files out and "
             "rerun with --resume to write the final model"
         )
-    if run.adapters is not None:  # merged only now: a blocked save above leaves a checkpoint to resume
-        metrics["adapters"].update(finish_adapters(model, config, run.masks))
-        if run.masks is not None:
-            metrics["adapters"]["merged_sparsity"] = metrics["sparsity"] = weight_sparsity(run.masks)
-    model.train(False)
-    if config.gradient_checkpointing:
-        model.gradient_checkpointing_disable()
-    model.config.use_cache = True
-    weights = model_state(model) if run.fsdp else None  # gathered on rank 0; every rank takes part
+    _for_inference(model, config)
+    masks = run.masks
+    if run.fsdp and run.adapters is not None:  # every rank gathers; rank 0 merges in its whole copy
+        keep = masks.state_dict() if masks is not None else None
+        weights = model_state(model)
+        if run.info.main:
+            whole = _for_inference(filled(run.skeleton, weights), config)
+            masks = None if keep is None else _masks_of_copy(run.masks, keep, model, whole)
+            model, weights = whole, None
+    else:
+        weights = model_state(model) if run.fsdp else None  # gathered on rank 0; every rank takes part
+    if run.adapters is not None and (run.info.main or not run.fsdp):  # only now: a blocked save left a checkpoint
+        metrics["adapters"].update(finish_adapters(model, config, masks))
+        if masks is not None:
+            metrics["adapters"]["merged_sparsity"] = metrics["sparsity"] = weight_sparsity(masks)
     if run.info.main:
         save_checkpoint(
             model,
@@ -725,6 +737,25 @@ def _finish(
             label="final",
         )
     barrier(run.info)
+
+
+def _for_inference(model: PreTrainedModel, config: FinetuneConfig) -> PreTrainedModel:
+    """Undo what training set on the model: train mode, gradient checkpointing, no KV cache."""
+    model.train(False)
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_disable()
+    model.config.use_cache = True
+    return model
+
+
+def _masks_of_copy(
+    masks: SparsityMasks, keep: dict[str, torch.Tensor], model: torch.nn.Module, copy: torch.nn.Module
+) -> SparsityMasks:
+    """`masks` of `model` as full `keep` tensors, bound to the same linears of `copy`, found by the names
+    the linears have now (LoRA moved each to `<name>.base_layer`)."""
+    where = {id(m): name for name, m in model.named_modules()}
+    modules = dict(copy.named_modules())
+    return SparsityMasks({n: modules[where[id(masks.modules[n])]] for n in keep}, keep)
 
 
 def _fused_ok(device: torch.device) -> bool:

@@ -8,6 +8,8 @@ state are gathered to full tensors on rank 0 to save, and given back to every ra
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -36,6 +38,25 @@ def shard_model(model: nn.Module) -> None:
     for block in decoder_layout(model).blocks:
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
+
+
+def meta_copy(model: nn.Module) -> nn.Module:
+    """A copy of `model` whose parameters are storage-less (meta device); buffers are copied.
+
+    Taken before sharding, it keeps the exact module structure (adapters, parametrizations, hooks)
+    for `filled`, which rebuilds the whole model from gathered weights without a second set of them.
+    """
+    memo = {
+        id(p): nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+        for p in model.parameters()
+    }
+    return copy.deepcopy(model, memo)
+
+
+def filled(skeleton: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
+    """`meta_copy`'s skeleton holding the full `state` (`model_state`'s gathered weights), unsharded."""
+    skeleton.load_state_dict(state, assign=True)
+    return skeleton
 
 
 def is_sharded(model: nn.Module) -> bool:
