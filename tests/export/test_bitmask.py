@@ -143,3 +143,31 @@ def test_unknown_sparse_format_is_refused_by_name(tmp_path, tiny_checkpoint):
     (tiny_checkpoint / "config.json").write_text(json.dumps(config))
     with pytest.raises(UsageError, match="sparse format 'marlin-24'"):
         load_model(tiny_checkpoint)
+
+
+def test_legacy_checkpoint_loads_by_hub_id(tmp_path, tokenizer, monkeypatch):
+    """A hub id of a bitmask checkpoint: its config is read first, then its configs and safetensors
+    (only) are fetched and decompressed. Here the hub is a local cache read offline."""
+    import huggingface_hub.constants as hub
+
+    model = pruned("unstructured")
+    snapshot = tmp_path / "hub" / "models--org--sparse" / "snapshots" / ("0" * 40)
+    export_checkpoint(model, tokenizer, snapshot, "tiny", "sparse-bitmask")
+    (snapshot / "pytorch_model.bin").write_bytes(b"never fetched")
+    (tmp_path / "hub" / "models--org--sparse" / "refs").mkdir()
+    (tmp_path / "hub" / "models--org--sparse" / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    fetched = []
+    import huggingface_hub
+
+    original = huggingface_hub.snapshot_download
+    monkeypatch.setattr(
+        huggingface_hub, "snapshot_download", lambda *a, **k: fetched.append(k["allow_patterns"]) or original(*a, **k)
+    )
+    loaded = load_model("org/sparse")
+    assert fetched == [["*.json", "*.safetensors"]]
+    for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), name
+    with pytest.raises(UsageError, match="org/missing"):
+        load_model("org/missing")

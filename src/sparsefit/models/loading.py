@@ -138,6 +138,8 @@ def load_model(
     resolved = spec if isinstance(spec, ResolvedModel) else resolve_model(spec)
     fmt = _bitmask_format(resolved)
     if fmt is not None:
+        if resolved.source == "hub":  # read from files: only now is the whole checkpoint downloaded
+            resolved = ResolvedModel(resolved.spec, _hub_snapshot(resolved), "hub")
         model = _load_bitmask(resolved, fmt, torch_dtype, trust_remote_code)
         _restore_side_modules(model, resolved)
         model.config.name_or_path = resolved.spec
@@ -199,11 +201,12 @@ def _restore_side_modules(model: PreTrainedModel, resolved: ResolvedModel) -> No
 
 
 def _bitmask_format(resolved: ResolvedModel) -> str | None:
-    """The bitmask format of a local checkpoint in one (compressed-tensors <= 0.14), else None."""
+    """The bitmask format of a checkpoint in one (compressed-tensors <= 0.14), else None. For a hub id
+    only its config.json is fetched here."""
     from sparsefit.export.bitmask import sparse_format
 
-    config = Path(resolved.path) / "config.json"
-    if resolved.source not in ("local", "builtin") or not config.is_file():
+    config = Path(resolved.path) / "config.json" if resolved.source != "hub" else _hub_config(resolved.path)
+    if config is None or resolved.source == "gguf" or not config.is_file():
         return None
     try:
         data = json.loads(config.read_text())
@@ -213,6 +216,28 @@ def _bitmask_format(resolved: ResolvedModel) -> str | None:
         return sparse_format(data) if isinstance(data, dict) else None
     except ValueError as err:
         raise UsageError(f"cannot read '{resolved.spec}': {first_line(err)}") from None
+
+
+def _hub_config(repo_id: str) -> Path | None:
+    """The hub model's config.json (downloaded, or from the local cache offline); None when it cannot
+    be had, so that the regular loading reports the problem."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(hf_hub_download(repo_id, "config.json"))
+    except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError):
+        return None
+
+
+def _hub_snapshot(resolved: ResolvedModel) -> str:
+    """A local folder with the hub model's configs and safetensors weights (never pickled weights)."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(resolved.path, allow_patterns=["*.json", "*.safetensors"])
+    except _load_errors() as err:
+        raise _load_error(resolved, err) from None
 
 
 def _load_bitmask(resolved: ResolvedModel, fmt: str, dtype: torch.dtype, trust_remote_code: bool) -> PreTrainedModel:
