@@ -35,6 +35,7 @@ SCRIPTS = {
     "gsm8k": "gsm8k_agreement.py",
     "reconstruct_error": "reconstruct_error.py",
     "reference_llmcompressor": "reference_llmcompressor.py",
+    "sparse24_gpu": "sparse24_gpu.py",
 }
 
 
@@ -369,6 +370,23 @@ def reference_llmcompressor(r: dict) -> str:
     )
 
 
+def sparse24_gpu(r: dict) -> str:
+    kernels = ["bf16-dense", "fp8-dense", "fp8-2:4", "bf16-2:4"]
+    rows = [
+        [x["set"], x["layer"], f"{x['out']}x{x['in']}", x["tokens"], *(f(x["ms"][k], 3) for k in kernels),
+         f(x["fp8_24_speedup_vs_fp8_dense"]), f(x["bf16_24_speedup_vs_bf16_dense"])]
+        for x in r["per_linear"]
+    ]  # fmt: skip
+    header = ["set", "layer", "out x in", "tokens", *(f"{k} ms" for k in kernels), "fp8 2:4 vs fp8", "bf16 2:4 vs bf16"]
+    parts = ["Per linear (median ms; ratios above 1: 2:4 is faster):", "", table(header, rows)]
+    for model, p in r.get("prefill", {}).items():
+        cells = [
+            [k, f(p[k]["ms"], 1), f(p[k]["tokens_per_second"], 0), f(p[k]["speedup_vs_bf16_dense"])] for k in kernels
+        ]
+        parts += ["", f"Prefill of {model}:", "", table(["kernel", "ms", "tokens/s", "vs bf16 dense"], cells)]
+    return "\n".join(parts)
+
+
 RENDER: dict[str, Callable[[dict], str]] = {
     "quick": quick,
     "oneshot": oneshot,
@@ -382,6 +400,7 @@ RENDER: dict[str, Callable[[dict], str]] = {
     "gsm8k": gsm8k,
     "reconstruct_error": reconstruct_error,
     "reference_llmcompressor": reference_llmcompressor,
+    "sparse24_gpu": sparse24_gpu,
 }
 
 
@@ -397,6 +416,9 @@ def render() -> str:
     unknown = [s for s in stems if s not in RENDER]
     if unknown:
         raise SystemExit(f"no renderer for {', '.join(unknown)}: add one to benchmarks/report.py or delete the file")
+    waiting = sorted({script for stem, script in SCRIPTS.items() if stem not in stems} - {SCRIPTS[s] for s in stems})
+    if waiting:
+        parts += ["", "Not measured yet: " + ", ".join(f"`benchmarks/{s}` ({docstring_summary(s)})" for s in waiting)]
     for stem in sorted(stems, key=list(RENDER).index):
         result = json.loads((RESULTS / f"{stem}.json").read_text())
         script = SCRIPTS[stem]

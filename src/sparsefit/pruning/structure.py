@@ -55,6 +55,14 @@ class Structure:
                 f"pick an M that divides {in_features} or ignore this layer"
             )
 
+    def holds(self, weight: torch.Tensor) -> bool:
+        """Whether `weight` (out, in) has at most N nonzeros in every group of M inputs (always, unstructured)."""
+        if not self.is_nm:
+            return True
+        if weight.shape[-1] % self.m:
+            return False
+        return bool(((weight.reshape(weight.shape[0], -1, self.m) != 0).sum(-1) <= self.n).all())
+
 
 UNSTRUCTURED = Structure()
 

@@ -1,0 +1,103 @@
+"""2:4 models on NVIDIA's sparse tensor cores, converted in memory for serving or measuring.
+
+Two kernels take a 2:4 weight (two nonzeros in every four inputs of a row) and skip its zeros:
+
+- `fp8`: torchao's FP8 2:4 (`Float8DynamicActivationFloat8WeightConfig`, per-row scales, packing
+  `SPARSE_2D_DATA_2D_METADATA`, CUTLASS kernels for sm90, i.e. Hopper): activations are quantized
+  to FP8 per token at run time, weights once, with the scaling fused into the sparse product.
+- `bf16`: PyTorch's `to_sparse_semi_structured` (cuSPARSELt or CUTLASS, sm80 and later): the same
+  values as the bf16 model, stored compressed.
+
+Only decoder linears that are exactly 2:4 are converted; embeddings and the head stay dense. The
+converted model computes forwards only (no training, no safetensors save): convert after
+`load_model`, at serving or benchmarking time. `benchmarks/sparse24_gpu.py` measures both kernels
+against bf16 and FP8 dense.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from sparsefit.errors import UsageError
+from sparsefit.models.layout import decoder_linears, weight_as_out_in
+from sparsefit.pruning.structure import Structure
+
+KINDS = ("fp8", "bf16")
+TWO_FOUR = Structure(2, 4)
+# Oldest compute capability of each kernel: CUTLASS FP8 2:4 is built for sm90, semi-structured bf16 for sm80.
+MIN_CAPABILITY = {"fp8": (9, 0), "bf16": (8, 0)}
+
+
+def two_four_linears(model: nn.Module) -> dict[str, nn.Linear]:
+    """The decoder linears of `model` whose weights are exactly 2:4 along their inputs, by name."""
+    return {
+        name: m
+        for name, m in decoder_linears(model).items()
+        if isinstance(m, nn.Linear) and TWO_FOUR.holds(weight_as_out_in(m))
+    }
+
+
+def fp8_sparse_config():  # noqa: ANN201 - a torchao config, imported lazily
+    """torchao's config for FP8 2:4 (per-row FP8 weights and per-token FP8 activations, CUTLASS packing)."""
+    try:
+        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow
+        from torchao.quantization.quantize_.workflows.float8.float8_packing_format import Float8PackingFormat
+    except ImportError:
+        raise UsageError("FP8 2:4 needs torchao: pip install 'sparsefit[gpu]'") from None
+    return Float8DynamicActivationFloat8WeightConfig(
+        granularity=PerRow(), packing_format=Float8PackingFormat.SPARSE_2D_DATA_2D_METADATA
+    )
+
+
+def check_device(kind: str, device: object) -> None:
+    """A usage error unless `device` is a CUDA GPU that runs `kind`'s kernels."""
+    import torch
+
+    if kind not in KINDS:
+        raise UsageError(f"unknown 2:4 kernel '{kind}'; use one of: {', '.join(KINDS)}")
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        raise UsageError(
+            f"2:4 {kind} kernels run on an NVIDIA GPU; the model is on {device}: load it with --device cuda"
+        )
+    have, need = torch.cuda.get_device_capability(device), MIN_CAPABILITY[kind]
+    if have < need:
+        raise UsageError(
+            f"2:4 {kind} kernels need compute capability {need[0]}.{need[1]} or newer; this GPU has "
+            f"{have[0]}.{have[1]}" + (" (use --kernel bf16)" if kind == "fp8" and have >= (8, 0) else "")
+        )
+
+
+def to_sparse24(model: nn.Module, kind: str = "fp8") -> dict:
+    """Convert every 2:4 decoder linear of `model` (bf16, on a CUDA GPU) to `kind`'s sparse kernel, in place.
+
+    Returns the layers converted and those left dense (with why). A model with no 2:4 linear is a
+    usage error: prune it with `--structure 2:4` first.
+    """
+    import torch
+
+    check_device(kind, next(model.parameters()).device)
+    found = two_four_linears(model)
+    if not found:
+        raise UsageError("no decoder linear of this model is 2:4 sparse: prune it with --structure 2:4 first")
+    skipped: dict[str, str] = {}
+    if kind == "fp8":
+        from torchao.quantization import quantize_
+
+        converted = set(found)
+        quantize_(model, fp8_sparse_config(), filter_fn=lambda m, name: name in converted)
+        # torchao leaves a weight whose shape its FP8 kernels cannot take as it was: find those.
+        for name, module in found.items():
+            if type(module.weight) in (torch.Tensor, nn.Parameter):
+                skipped[name] = "shape unsupported by the FP8 kernel (dimensions must be multiples of 16)"
+    else:
+        from torch.sparse import to_sparse_semi_structured
+
+        for name, module in found.items():
+            try:
+                packed = to_sparse_semi_structured(module.weight.detach().to(torch.bfloat16))
+            except (RuntimeError, ValueError) as err:  # e.g. a shape the kernel's tiles do not fit
+                skipped[name] = str(err).splitlines()[0]
+                continue
+            module.weight = nn.Parameter(packed, requires_grad=False)
+    return {"kind": kind, "converted": len(found) - len(skipped), "skipped": skipped}

@@ -1,0 +1,78 @@
+"""2:4 kernels for NVIDIA GPUs: which layers qualify, refusals on CPU, the torchao config; the
+conversion itself on a GPU (skipped, with the reason shown, where none is present)."""
+
+import pytest
+import torch
+
+from sparsefit.errors import UsageError
+from sparsefit.export.semi_structured import check_device, fp8_sparse_config, to_sparse24, two_four_linears
+from sparsefit.pruning import OneShotConfig, oneshot
+from sparsefit.pruning.structure import Structure
+from tests.conftest import tiny_model
+
+
+def pruned(structure: str):
+    model = tiny_model("llama")
+    oneshot(model, None, OneShotConfig(method="magnitude", sparsity=0.5, structure=structure), progress=False)
+    return model
+
+
+def test_structure_holds_checks_every_group():
+    w = torch.tensor([[1.0, 0, 2, 0, 0, 0, 3, 4], [0, 5, 0, 6, 7, 0, 0, 8]])
+    assert Structure(2, 4).holds(w)
+    w[1, 0] = 9  # three nonzeros in the second row's first group
+    assert not Structure(2, 4).holds(w)
+    assert not Structure(2, 4).holds(torch.ones(2, 6))  # 6 inputs: no whole groups of 4
+    assert Structure().holds(torch.ones(2, 6))
+
+
+def test_only_exact_24_linears_qualify():
+    model = pruned("2:4")
+    found = two_four_linears(model)
+    assert len(found) == 21  # 3 blocks x 7 linears
+    name = "model.layers.1.mlp.down_proj"
+    with torch.no_grad():
+        found[name].weight[0, :4] = 1.0  # one group now has four nonzeros
+    assert name not in two_four_linears(model) and len(two_four_linears(model)) == 20
+    assert two_four_linears(pruned("unstructured")) == {}
+
+
+def test_conversion_needs_a_gpu_and_a_24_model():
+    with pytest.raises(UsageError, match="--device cuda"):
+        to_sparse24(pruned("2:4"), "fp8")
+    with pytest.raises(UsageError, match="unknown 2:4 kernel 'int4'"):
+        check_device("int4", "cpu")
+
+
+def test_fp8_config_is_per_row_with_cutlass_24_packing():
+    pytest.importorskip("torchao", reason="torchao (sparsefit[gpu]) is not installed")
+    from torchao.quantization import PerRow
+    from torchao.quantization.quantize_.workflows.float8.float8_packing_format import Float8PackingFormat
+
+    config = fp8_sparse_config()
+    assert config.packing_format == Float8PackingFormat.SPARSE_2D_DATA_2D_METADATA
+    assert all(isinstance(g, PerRow) for g in config.granularity)
+    assert config.activation_dtype == config.weight_dtype == torch.float8_e4m3fn
+
+
+def _capability() -> tuple[int, int]:
+    return torch.cuda.get_device_capability() if torch.cuda.is_available() else (0, 0)
+
+
+@pytest.mark.parametrize("kind, need", [("bf16", (8, 0)), ("fp8", (9, 0))])
+def test_converted_model_computes_what_the_24_model_does(kind, need):
+    if _capability() < need:
+        pytest.skip(f"2:4 {kind} kernels need a CUDA GPU of compute capability {need[0]}.{need[1]}")
+    if kind == "fp8":
+        pytest.importorskip("torchao", reason="torchao (sparsefit[gpu]) is not installed")
+    model = pruned("2:4").to("cuda", torch.bfloat16).eval()
+    ids = torch.randint(3, 250, (4, 64), device="cuda")
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits.float()
+        info = to_sparse24(model, kind)
+        got = model(input_ids=ids).logits.float()
+    assert info["converted"] + len(info["skipped"]) == 21 and info["converted"] > 0
+    if kind == "bf16":  # the same bf16 values, only stored compressed
+        assert torch.allclose(got, expected, atol=2e-2, rtol=2e-2)
+    else:  # FP8 rounding of weights and activations
+        assert (got - expected).abs().mean() < 0.1 * expected.abs().mean()
