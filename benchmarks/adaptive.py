@@ -9,7 +9,8 @@ teacher):
 - `ast`: the dense model trained with adaptive 2:4 masks (magnitude, SR-STE);
 - `ast-sparsegpt`: AST started from the SparseGPT 2:4 model;
 - `ast-slorb`: AST with SLoRB branches (k = 16);
-- `ast-wanda`: AST with Wanda masks.
+- `ast-wanda`: AST with Wanda masks;
+- `ast-wanda-slorb`: AST with Wanda masks and SLoRB branches.
 
 Each is evaluated on WikiText-2 (8 windows of 2048) and GSM8K test answer perplexity (200 rows);
 the summary gives the fraction of the one-shot WikiText-2 gap each arm closes,
@@ -39,7 +40,7 @@ from sparsefit.models import load_model_and_tokenizer
 from sparsefit.pruning import OneShotConfig, oneshot
 from sparsefit.training import FinetuneConfig, finetune
 
-VARIANTS = ("oneshot", "fixed", "ast", "ast-sparsegpt", "ast-slorb", "ast-wanda")
+VARIANTS = ("oneshot", "fixed", "ast", "ast-sparsegpt", "ast-slorb", "ast-wanda", "ast-wanda-slorb")
 
 
 def evaluate(model, tokenizer, args) -> dict:  # noqa: ANN001
@@ -148,6 +149,7 @@ def main() -> None:
         "ast-sparsegpt": (pruned, {"method": "ast"}),
         "ast-slorb": (dense, {"method": "ast", "ast": {"slorb": True}}),
         "ast-wanda": (dense, {"method": "ast", "ast": {"mask_metric": "wanda"}}),
+        "ast-wanda-slorb": (dense, {"method": "ast", "ast": {"mask_metric": "wanda", "slorb": True}}),
     }
     for name, (start, options) in runs.items():
         if name not in variants:

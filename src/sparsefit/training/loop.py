@@ -749,12 +749,12 @@ def _for_inference(model: PreTrainedModel, config: FinetuneConfig) -> PreTrained
 
 
 def _masks_of_copy(
-    masks: SparsityMasks, keep: dict[str, torch.Tensor], model: torch.nn.Module, copy: torch.nn.Module
+    masks: SparsityMasks, keep: dict[str, torch.Tensor], model: torch.nn.Module, whole: torch.nn.Module
 ) -> SparsityMasks:
-    """`masks` of `model` as full `keep` tensors, bound to the same linears of `copy`, found by the names
-    the linears have now (LoRA moved each to `<name>.base_layer`)."""
+    """`masks` of `model` as full `keep` tensors, bound to the same linears of `whole` (its rebuilt copy),
+    found by the names the linears have now (LoRA moved each to `<name>.base_layer`)."""
     where = {id(m): name for name, m in model.named_modules()}
-    modules = dict(copy.named_modules())
+    modules = dict(whole.named_modules())
     return SparsityMasks({n: modules[where[id(masks.modules[n])]] for n in keep}, keep)
 
 
