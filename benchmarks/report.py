@@ -208,7 +208,9 @@ def recovery(r: dict) -> str:
 def adaptive(r: dict) -> str:
     a, runs, summary = r["args"], r["runs"], r.get("summary", {})
     rows = []
-    for name, run in runs.items():
+    starts = [n for n in ("dense", "oneshot") if n in runs]  # the references first, whenever they ran
+    for name in [*starts, *(n for n in runs if n not in starts)]:
+        run = runs[name]
         loop, s = run.get("loop", {}), summary.get(name, {})
         flips = loop.get("mask_flip_rate") or []
         slorb = loop.get("slorb")
