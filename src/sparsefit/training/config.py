@@ -36,8 +36,9 @@ class ASTConfig(BaseModel):
 
     structure: str = Field("2:4", description="N:M pattern along each row's inputs")
     mask_every: int = Field(10, ge=1, description="steps between mask updates")
+    # Wanda measured far better than magnitude from a dense start (benchmarks/adaptive.py).
     mask_metric: Literal["magnitude", "wanda"] = Field(
-        "magnitude", description="mask score: magnitude | wanda (|W| x input norm of the starting model)"
+        "wanda", description="mask score: wanda (|W| x input norm of the starting model) | magnitude"
     )
     stats_batches: int = Field(8, ge=1, description="micro-batches whose inputs give Wanda's norms")
     stats_every: int = Field(0, ge=0, description="steps between refreshes of Wanda's norms (0: gathered once)")
