@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Create .venv (if missing) and install sparsefit with every extra into it. On a machine
-# without CUDA, torch is pinned to the CPU build first so no resolver pulls a CUDA build.
+# Create .venv (if missing) and install sparsefit with every extra into it, gpu included. On a
+# machine without CUDA, torch is pinned to the CPU build first so no resolver pulls a CUDA build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || python3 -m venv .venv
@@ -9,4 +9,4 @@ $py -m pip install --quiet --upgrade pip
 if ! command -v nvidia-smi >/dev/null 2>&1; then
     $py -m pip install --quiet "torch==2.13.0"
 fi
-$py -m pip install --quiet -e ".[all]"
+$py -m pip install --quiet -e ".[all,gpu]"  # gpu: torchao, so the FP8 2:4 config is tested here too
