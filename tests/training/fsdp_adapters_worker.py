@@ -12,41 +12,15 @@ import torch
 import torch.distributed as dist
 
 from sparsefit.errors import UsageError
-from sparsefit.pruning import OneShotConfig, oneshot
 from sparsefit.training import FinetuneConfig, finetune
-from tests.conftest import tiny_model, tiny_tokenizer
+from tests.conftest import tiny_tokenizer
+from tests.training.fsdp_worker import killed_after_step_2, sparse_model
 
 RUNS = {
     "rows": ("rows", {"rank": 3, "criterion": "taylor", "importance_batches": 2}),
     "rows-unmerged": ("rows", {"rank": 3, "criterion": "l2", "merge": "none"}),
     "lora": ("lora", {"rank": 2}),
 }
-
-
-def sparse_model(tokenizer):
-    model = tiny_model("llama")  # same seed on every rank: identical starting weights
-    oneshot(model, tokenizer, OneShotConfig(method="magnitude", sparsity=0.5, calib=None), progress=False)
-    return model
-
-
-def killed_after_step_2(run) -> None:
-    """Call `run` with the optimizer's third step raising KeyboardInterrupt (after the step-2 checkpoint)."""
-    original, calls = torch.optim.AdamW.step, {"n": 0}
-
-    def step(self, *a, **k):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return original(self, *a, **k)
-
-    torch.optim.AdamW.step = step
-    try:
-        run()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        torch.optim.AdamW.step = original
-    assert calls["n"] == 3, "the FSDP run was not interrupted"
 
 
 def main(out: Path) -> None:

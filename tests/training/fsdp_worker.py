@@ -21,6 +21,26 @@ def sparse_model(tokenizer):
     return model
 
 
+def killed_after_step_2(run) -> None:
+    """Call `run` with the optimizer's third step raising KeyboardInterrupt (after the step-2 checkpoint)."""
+    original, calls = torch.optim.AdamW.step, {"n": 0}
+
+    def step(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return original(self, *a, **k)
+
+    torch.optim.AdamW.step = step
+    try:
+        run()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        torch.optim.AdamW.step = original
+    assert calls["n"] == 3, "the FSDP run was not interrupted"
+
+
 def main(out: Path) -> None:
     tokenizer = tiny_tokenizer()
     cfg = FinetuneConfig(
@@ -31,22 +51,7 @@ def main(out: Path) -> None:
     finetune(sparse_model(tokenizer), tokenizer, cfg, out / "ddp", progress=False)
 
     fsdp = cfg.model_copy(update={"strategy": "fsdp"})
-    original, calls = torch.optim.AdamW.step, {"n": 0}
-
-    def step(self, *a, **k):  # a kill during step 3, after the step-2 checkpoint
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return original(self, *a, **k)
-
-    torch.optim.AdamW.step = step
-    try:
-        finetune(sparse_model(tokenizer), tokenizer, fsdp, out / "fsdp", progress=False)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        torch.optim.AdamW.step = original
-    assert calls["n"] == 3, "the FSDP run was not interrupted"
+    killed_after_step_2(lambda: finetune(sparse_model(tokenizer), tokenizer, fsdp, out / "fsdp", progress=False))
     finetune(sparse_model(tokenizer), tokenizer, fsdp, out / "fsdp", resume=True, progress=False)
     dist.destroy_process_group()
 
