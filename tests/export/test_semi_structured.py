@@ -37,9 +37,11 @@ def test_only_exact_24_linears_qualify():
     assert two_four_linears(pruned("unstructured")) == {}
 
 
-def test_conversion_needs_a_gpu_and_a_24_model():
-    with pytest.raises(UsageError, match="--device cuda"):
+def test_conversion_needs_a_bf16_model_on_a_gpu():
+    with pytest.raises(UsageError, match="--dtype bfloat16"):
         to_sparse24(pruned("2:4"), "fp8")
+    with pytest.raises(UsageError, match="--device cuda"):
+        to_sparse24(pruned("2:4").to(torch.bfloat16), "fp8")
     with pytest.raises(UsageError, match="unknown 2:4 kernel 'int4'"):
         check_device("int4", "cpu")
 

@@ -76,7 +76,10 @@ def to_sparse24(model: nn.Module, kind: str = "fp8") -> dict:
     """
     import torch
 
-    check_device(kind, next(model.parameters()).device)
+    first = next(model.parameters())
+    if first.dtype != torch.bfloat16:
+        raise UsageError(f"2:4 kernels take a bfloat16 model, this one is {first.dtype}: load it with --dtype bfloat16")
+    check_device(kind, first.device)
     found = two_four_linears(model)
     if not found:
         raise UsageError("no decoder linear of this model is 2:4 sparse: prune it with --structure 2:4 first")
