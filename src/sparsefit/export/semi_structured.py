@@ -85,10 +85,11 @@ def to_sparse24(model: nn.Module, kind: str = "fp8") -> dict:
         raise UsageError("no decoder linear of this model is 2:4 sparse: prune it with --structure 2:4 first")
     skipped: dict[str, str] = {}
     if kind == "fp8":
+        config = fp8_sparse_config()  # a usage error when torchao is missing
         from torchao.quantization import quantize_
 
         converted = set(found)
-        quantize_(model, fp8_sparse_config(), filter_fn=lambda m, name: name in converted)
+        quantize_(model, config, filter_fn=lambda m, name: name in converted)
         # torchao leaves a weight whose shape its FP8 kernels cannot take as it was: find those.
         for name, module in found.items():
             if type(module.weight) in (torch.Tensor, nn.Parameter):
