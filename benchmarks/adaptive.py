@@ -10,7 +10,8 @@ teacher):
 - `ast-sparsegpt`: AST (magnitude) started from the SparseGPT 2:4 model;
 - `ast-slorb`: AST (magnitude) with SLoRB branches (k = 16);
 - `ast-wanda`: AST with Wanda masks (the default metric);
-- `ast-wanda-slorb`: AST with Wanda masks and SLoRB branches.
+- `ast-wanda-slorb`: AST with Wanda masks and SLoRB branches;
+- `ast-sparsegpt-wanda`: AST with Wanda masks started from the SparseGPT 2:4 model.
 
 Each is evaluated on WikiText-2 (8 windows of 2048) and GSM8K test answer perplexity (200 rows);
 the summary gives the fraction of the one-shot WikiText-2 gap each arm closes,
@@ -40,7 +41,16 @@ from sparsefit.models import load_model_and_tokenizer
 from sparsefit.pruning import OneShotConfig, oneshot
 from sparsefit.training import FinetuneConfig, finetune
 
-VARIANTS = ("oneshot", "fixed", "ast", "ast-sparsegpt", "ast-slorb", "ast-wanda", "ast-wanda-slorb")
+VARIANTS = (
+    "oneshot",
+    "fixed",
+    "ast",
+    "ast-sparsegpt",
+    "ast-slorb",
+    "ast-wanda",
+    "ast-wanda-slorb",
+    "ast-sparsegpt-wanda",
+)
 
 
 def evaluate(model, tokenizer, args) -> dict:  # noqa: ANN001
@@ -150,6 +160,7 @@ def main() -> None:
         "ast-slorb": (dense, {"method": "ast", "ast": {"mask_metric": "magnitude", "slorb": True}}),
         "ast-wanda": (dense, {"method": "ast", "ast": {"mask_metric": "wanda"}}),
         "ast-wanda-slorb": (dense, {"method": "ast", "ast": {"mask_metric": "wanda", "slorb": True}}),
+        "ast-sparsegpt-wanda": (pruned, {"method": "ast", "ast": {"mask_metric": "wanda"}}),
     }
     for name, (start, options) in runs.items():
         if name not in variants:
