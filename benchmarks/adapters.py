@@ -290,19 +290,22 @@ def main() -> None:
 
 
 def summarize(result: dict) -> None:
-    """Task B: the fraction of full fine-tuning's recovery each arm reaches, (one-shot - arm) / (one-shot - full),
-    and its peak RSS as a multiple of full fine-tuning's."""
+    """Each arm's gain on GSM8K answer ppl (and WikiText-2) as a fraction of full fine-tuning's, from its task's
+    start, (start - arm) / (start - full): task A starts from the dense model, task B from the one-shot model
+    ("recovered"); and each arm's peak RSS as a multiple of full fine-tuning's in its task."""
     runs, starts = result["runs"], result.get("starts", {})
-    if "B-full" not in runs or "B-oneshot" not in starts:
-        return
     summary = {}
-    for metric in ("gsm8k_answer_ppl", "wikitext2_ppl"):
-        gain = starts["B-oneshot"][metric] - runs["B-full"][metric]
-        for name, run in runs.items():
-            if name.startswith("B-"):
-                rss, full = run["loop"].get("peak_rss_mb"), runs["B-full"]["loop"].get("peak_rss_mb")
-                row = summary.setdefault(name, {"peak_rss_vs_full": rss / full if rss and full else None})
-                row[f"recovered_{metric}"] = (starts["B-oneshot"][metric] - run[metric]) / gain if gain else None
+    for task, start in (("A", "A-dense"), ("B", "B-oneshot")):
+        full = runs.get(f"{task}-full")
+        if full is None or start not in starts:
+            continue
+        for metric in ("gsm8k_answer_ppl", "wikitext2_ppl"):
+            gain = starts[start][metric] - full[metric]
+            for name, run in runs.items():
+                if name.startswith(f"{task}-"):
+                    rss, full_rss = run["loop"].get("peak_rss_mb"), full["loop"].get("peak_rss_mb")
+                    row = summary.setdefault(name, {"peak_rss_vs_full": rss / full_rss if rss and full_rss else None})
+                    row[f"recovered_{metric}"] = (starts[start][metric] - run[metric]) / gain if gain else None
     result["summary"] = summary
 
 

@@ -276,8 +276,9 @@ def adapters(r: dict) -> str:
         )
     lines = [
         f"{a['model']}, {a['tokens']} tokens of GSM8K train per arm (batch {a['batch_size']}; lr {a['lr']} full, "
-        f"{a['adapter_lr']} adapters), {a['rows']} rows per linear, LoRA rank {a['lora_rank']}. Recovered: "
-        "(one-shot - arm) / (one-shot - full) on GSM8K answer ppl (task B). Sparsity: after the merge.",
+        f"{a['adapter_lr']} adapters), {a['rows']} rows per linear, LoRA rank {a['lora_rank']}. Task A fine-tunes "
+        "the dense model, task B recovers its one-shot 50% model. Recovered: (start - arm) / (start - full) on "
+        "GSM8K answer ppl, from the task's start. Sparsity: after the merge.",
         "",
         table(
             ["run", "GSM8K answer ppl", "WikiText-2 ppl", "trainable", "peak RSS MB", "tok/s", "sparsity", "recovered"],
