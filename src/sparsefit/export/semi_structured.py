@@ -16,6 +16,7 @@ against bf16 and FP8 dense.
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from sparsefit.errors import UsageError
@@ -49,10 +50,8 @@ def fp8_sparse_config():  # noqa: ANN201 - a torchao config, imported lazily
     )
 
 
-def check_device(kind: str, device: object) -> None:
+def check_device(kind: str, device: str | torch.device) -> None:
     """A usage error unless `device` is a CUDA GPU that runs `kind`'s kernels."""
-    import torch
-
     if kind not in KINDS:
         raise UsageError(f"unknown 2:4 kernel '{kind}'; use one of: {', '.join(KINDS)}")
     device = torch.device(device)
@@ -64,7 +63,7 @@ def check_device(kind: str, device: object) -> None:
     if have < need:
         raise UsageError(
             f"2:4 {kind} kernels need compute capability {need[0]}.{need[1]} or newer; this GPU has "
-            f"{have[0]}.{have[1]}" + (" (use --kernel bf16)" if kind == "fp8" and have >= (8, 0) else "")
+            f"{have[0]}.{have[1]}" + (" (the 'bf16' kernel runs on it)" if kind == "fp8" and have >= (8, 0) else "")
         )
 
 
@@ -74,8 +73,6 @@ def to_sparse24(model: nn.Module, kind: str = "fp8") -> dict:
     Returns the layers converted and those left dense (with why). A model with no 2:4 linear is a
     usage error: prune it with `--structure 2:4` first.
     """
-    import torch
-
     first = next(model.parameters())
     if first.dtype != torch.bfloat16:
         raise UsageError(f"2:4 kernels take a bfloat16 model, this one is {first.dtype}: load it with --dtype bfloat16")
