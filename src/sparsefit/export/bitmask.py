@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import torch
 
+from sparsefit.pruning.structure import Structure
+
 FORMATS = ("sparse-bitmask", "sparse-24-bitmask")
 _BITS = 1 << torch.arange(8, dtype=torch.int32)
 
@@ -75,7 +77,7 @@ def compress_24_bitmask(weight: torch.Tensor) -> dict[str, torch.Tensor]:
     rows, cols = weight.shape
     weight = _positive_zeros(weight)
     nonzero = _nonzero(weight)
-    if cols % 4 or nonzero.reshape(rows, -1, 4).sum(-1).max() > 2:
+    if not Structure(2, 4).holds(nonzero):
         raise ValueError("the weight is not 2:4 sparse along its input columns; use sparse-bitmask")
     # Keep every nonzero, then as many zeros as each group of four needs to keep exactly two.
     order = torch.sort(nonzero.reshape(rows, -1, 4).to(torch.int8), dim=-1, descending=True, stable=True).indices
