@@ -9,12 +9,12 @@ Tasks (GSM8K train, plain format, batch 4, the same token budget for every arm):
 Every arm recomputes activations in the backward pass (`--gradient-checkpointing`, on by default):
 the activations of a backward through the frozen base would otherwise dominate every arm's memory
 alike. Arms: `full` (the existing loop), `lora`, `rows-l2`, `rows-taylor`, `rows-zo-taylor`, and on a 4-bit
-base `qlora` and `rows-4bit` (residual init). Rows use `--rows` rows per linear; LoRA's rank is the
-one whose trainable parameters come closest. Every arm runs in its own process, so its peak RSS is
-its own. Each is evaluated on GSM8K test answer perplexity (200 rows) and WikiText-2 (8 x 2048).
-Before the arms, the Spearman rank correlation of the `zo-taylor` and `l1` row scores with first-
-order `taylor` is measured on task B's starting model. Arms merge into one JSON across invocations
-(same settings). Run it alone:
+base `qlora`, `rows-4bit` (l2 rows) and `rows-4bit-taylor`, both with residual init. Rows use `--rows`
+rows per linear; LoRA's rank is the one whose trainable parameters come closest. Every arm runs in its
+own process, so its peak RSS is its own. Each is evaluated on GSM8K test answer perplexity (200 rows)
+and WikiText-2 (8 x 2048). Before the arms, the Spearman rank correlation of the `zo-taylor` and
+`l1` row scores with first-order `taylor` is measured on task B's starting model. Arms merge into
+one JSON across invocations (same settings). Run it alone:
 
     SPARSEFIT_DATA_DIR=../shared/data python benchmarks/adapters.py --tasks B
 
@@ -30,7 +30,7 @@ import sys
 import time
 from pathlib import Path
 
-ARMS = ("full", "lora", "rows-l2", "rows-taylor", "rows-zo-taylor", "qlora", "rows-4bit")
+ARMS = ("full", "lora", "rows-l2", "rows-taylor", "rows-zo-taylor", "qlora", "rows-4bit", "rows-4bit-taylor")
 
 
 def arm_options(arm: str, rows: int, lora_rank: int) -> dict:
@@ -43,6 +43,7 @@ def arm_options(arm: str, rows: int, lora_rank: int) -> dict:
         "rows-zo-taylor": {**rows_, "adapter": {"rank": rows, "criterion": "zo-taylor"}},
         "qlora": {"peft": "lora", "adapter": {"rank": lora_rank, "base_bits": 4}},
         "rows-4bit": {**rows_, "adapter": {"rank": rows, "criterion": "l2", "base_bits": 4}},
+        "rows-4bit-taylor": {**rows_, "adapter": {"rank": rows, "criterion": "taylor", "base_bits": 4}},
     }[arm]
 
 

@@ -231,6 +231,6 @@ def test_options_of_the_other_adapter_kind_are_errors():
     with pytest.raises(ValidationError, match="need peft"):
         FinetuneConfig(adapter={"rank": 4})
     with pytest.raises(ValidationError, match="criterion does not apply to peft 'lora'"):
-        FinetuneConfig(peft="lora", adapter={"criterion": "taylor"})
+        FinetuneConfig(peft="lora", adapter={"criterion": "l2"})
     with pytest.raises(ValidationError, match="lora_alpha does not apply to peft 'rows'"):
         FinetuneConfig(peft="rows", adapter={"lora_alpha": 8})
