@@ -32,6 +32,8 @@ SCRIPTS = {
     "recovery": "recovery.py",
     "adaptive": "adaptive.py",
     "adapters": "adapters.py",
+    # `--tokens 150000` (the budget) for the arms its targets compare, task B
+    "adapters_150k": "adapters.py",
     "gsm8k": "gsm8k_agreement.py",
     "reconstruct_error": "reconstruct_error.py",
     "reference_llmcompressor": "reference_llmcompressor.py",
@@ -400,6 +402,7 @@ RENDER: dict[str, Callable[[dict], str]] = {
     "recovery": recovery,
     "adaptive": adaptive,
     "adapters": adapters,
+    "adapters_150k": adapters,
     "gsm8k": gsm8k,
     "reconstruct_error": reconstruct_error,
     "reference_llmcompressor": reference_llmcompressor,
