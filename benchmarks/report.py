@@ -32,7 +32,7 @@ SCRIPTS = {
     "recovery": "recovery.py",
     "adaptive": "adaptive.py",
     "adapters": "adapters.py",
-    # `--tokens 150000` (the budget) for the arms its targets compare, task B
+    # the script's default budget, `--tokens 150000`, for task B's full, lora and rows-taylor arms
     "adapters_150k": "adapters.py",
     "gsm8k": "gsm8k_agreement.py",
     "reconstruct_error": "reconstruct_error.py",
