@@ -38,6 +38,8 @@ def environment(device: str = "cpu") -> dict:
         return subprocess.run(["git", *cmd], cwd=ROOT, capture_output=True, text=True).stdout.strip()
 
     commit = git("rev-parse", "HEAD") + ("+dirty" if git("status", "--porcelain", "src") else "")
+    # A copy of the tree without .git (a lent GPU machine) names its commit through the environment.
+    commit = commit or os.environ.get("SPARSEFIT_COMMIT", "unknown")
     versions = {}
     for name in ("sparsefit", "torch", "transformers", "safetensors"):
         try:

@@ -7,8 +7,11 @@ warm-up), with the ratios FP8 dense / FP8 2:4 and bf16 dense / bf16 2:4 (above 1
 Prefill: one forward over `--batch` x `--prefill` tokens of the builtin model pruned 2:4 and of a
 4-block stack with Llama-3-8B's dimensions (random weights, pruned 2:4), each kernel's decoder
 linears converted by `sparsefit.export.semi_structured` (FP8 dense through the same torchao config
-without the 2:4 packing). `--compile` runs each module through `torch.compile` first, as torchao
-recommends for its dynamic activation quantization.
+without the 2:4 packing). `--compile` runs each linear, and in the prefill each decoder block
+(regional compilation: one compile serves every block), through `torch.compile` first, as torchao
+recommends for its dynamic activation quantization; a kernel that fails to compile runs eagerly and
+the JSON says so. Kernel speed does not depend on the weights' values: on a machine without the
+builtin model's file, `--config` takes its architecture from a config.json and random weights.
 
 Needs a CUDA GPU (FP8 kernels: compute capability 9.0) and torchao (`sparsefit[gpu]`):
 
@@ -27,17 +30,20 @@ from torch import nn
 from environment import environment
 from sparsefit.atomic import write_json
 
+KERNELS = ("bf16-dense", "fp8-dense", "fp8-2:4", "bf16-2:4")
 LLAMA3_8B = {"hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32, "num_key_value_heads": 8}
 
 
-def shapes(hidden: int, intermediate: int, heads: int, kv_heads: int) -> dict[str, tuple[int, int]]:
-    """(out, in) of each decoder linear kind of a Llama-style block."""
-    kv = hidden // heads * kv_heads
+def shapes(
+    hidden_size: int, intermediate_size: int, num_attention_heads: int, num_key_value_heads: int
+) -> dict[str, tuple[int, int]]:
+    """(out, in) of each decoder linear kind of a Llama-style block (arguments named as in its config)."""
+    kv = hidden_size // num_attention_heads * num_key_value_heads
     return {
-        "q/o": (hidden, hidden),
-        "k/v": (kv, hidden),
-        "gate/up": (intermediate, hidden),
-        "down": (hidden, intermediate),
+        "q/o": (hidden_size, hidden_size),
+        "k/v": (kv, hidden_size),
+        "gate/up": (intermediate_size, hidden_size),
+        "down": (hidden_size, intermediate_size),
     }
 
 
@@ -48,8 +54,9 @@ def prune24(weight: torch.Tensor) -> torch.Tensor:
     return weight * nm_keep_mask(weight.abs().float(), 2, 4).to(weight.dtype)
 
 
-def kernels(weight: torch.Tensor, compile_: bool) -> dict[str, nn.Module]:
-    """One bf16 linear per kernel, all holding `weight` (2:4 already)."""
+def kernels(weight: torch.Tensor, notes: dict) -> dict[str, nn.Module]:
+    """One bf16 linear per kernel, all holding `weight` (2:4 already); a kernel that cannot take the
+    weight is left out, with why in `notes`."""
     from torch.sparse import to_sparse_semi_structured
     from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
 
@@ -60,11 +67,44 @@ def kernels(weight: torch.Tensor, compile_: bool) -> dict[str, nn.Module]:
         m.weight.data.copy_(weight)
         return m.eval().requires_grad_(False)
 
-    made = {"bf16-dense": linear(), "fp8-dense": linear(), "fp8-2:4": linear(), "bf16-2:4": linear()}
-    quantize_(made["fp8-dense"], Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))
-    quantize_(made["fp8-2:4"], fp8_sparse_config())
-    made["bf16-2:4"].weight = nn.Parameter(to_sparse_semi_structured(weight), requires_grad=False)
-    return {k: torch.compile(m) if compile_ else m for k, m in made.items()}
+    def fp8(config) -> nn.Linear:  # noqa: ANN001
+        m = linear()
+        quantize_(m, config)
+        if type(m.weight) in (torch.Tensor, nn.Parameter):  # torchao leaves shapes it cannot take as they were
+            raise ValueError("torchao left the weight unquantized (shape unsupported)")
+        return m
+
+    def bf16_24() -> nn.Linear:
+        m = linear()
+        m.weight = nn.Parameter(to_sparse_semi_structured(weight), requires_grad=False)
+        return m
+
+    builders = {
+        "bf16-dense": linear,
+        "fp8-dense": lambda: fp8(Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())),
+        "fp8-2:4": lambda: fp8(fp8_sparse_config()),
+        "bf16-2:4": bf16_24,
+    }
+    made = {}
+    for name, build in builders.items():
+        try:
+            made[name] = build()
+        except Exception as err:  # noqa: BLE001 - recorded, and the other kernels still measured
+            notes[name] = f"failed: {failure(err)}"
+    return made
+
+
+def compiled(module: nn.Module, example: torch.Tensor, notes: dict, key: str):  # noqa: ANN201
+    """`module` through `torch.compile`, or `module` itself (noted under `key`) if compiling fails."""
+    fn = torch.compile(module, dynamic=False)
+    try:
+        with torch.no_grad():
+            fn(example)
+    except Exception as err:  # noqa: BLE001 - any compiler failure: measure the eager kernel instead
+        notes[key] = f"eager: torch.compile failed ({failure(err)})"
+        torch._dynamo.reset()
+        return module
+    return fn
 
 
 @torch.no_grad()
@@ -82,70 +122,129 @@ def median_ms(fn, warmup: int, iters: int) -> float:  # noqa: ANN001
     return statistics.median(times)
 
 
-def per_linear(args: argparse.Namespace, model_shapes: dict) -> list[dict]:
-    rows = []
-    for set_name, shape_set in (("builtin", model_shapes), ("llama-3-8b", shapes(**LLAMA3_8B))):
+def ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a and b else None
+
+
+def per_linear(args: argparse.Namespace, model_shapes: dict, rows: list, save) -> None:  # noqa: ANN001
+    """Append one row per (shape, tokens) to `rows`, calling `save` after each."""
+    # The 8B shapes first: they carry the target, and a run cut short keeps what it measured.
+    for set_name, shape_set in (("llama-3-8b", shapes(**LLAMA3_8B)), ("builtin", model_shapes)):
         for kind, (out_f, in_f) in shape_set.items():
             weight = prune24(torch.randn(out_f, in_f, device="cuda", dtype=torch.bfloat16) * 0.02)
-            made = kernels(weight, args.compile)
+            built: dict[str, str] = {}
+            made = kernels(weight, built)
             for tokens in args.tokens:
                 x = torch.randn(tokens, in_f, device="cuda", dtype=torch.bfloat16)
-                ms = {k: median_ms(lambda m=m, x=x: m(x), args.warmup, args.iters) for k, m in made.items()}
+                torch._dynamo.reset()  # nothing compiled for earlier shapes lingers in dynamo's caches
+                notes = dict(built)
+                run = {k: compiled(m, x, notes, k) if args.compile else m for k, m in made.items()}
+                ms = dict.fromkeys(KERNELS)
+                for k, m in run.items():
+                    try:
+                        ms[k] = median_ms(lambda m=m, x=x: m(x), args.warmup, args.iters)
+                    except Exception as err:  # noqa: BLE001 - a kernel that cannot take this shape
+                        ms[k], notes[k] = None, f"failed: {failure(err)}"
                 row = {
                     "set": set_name, "layer": kind, "out": out_f, "in": in_f, "tokens": tokens, "ms": ms,
-                    "fp8_24_speedup_vs_fp8_dense": ms["fp8-dense"] / ms["fp8-2:4"],
-                    "bf16_24_speedup_vs_bf16_dense": ms["bf16-dense"] / ms["bf16-2:4"],
-                    "fp8_24_speedup_vs_bf16_dense": ms["bf16-dense"] / ms["fp8-2:4"],
+                    "notes": notes,
+                    "fp8_24_speedup_vs_fp8_dense": ratio(ms["fp8-dense"], ms["fp8-2:4"]),
+                    "bf16_24_speedup_vs_bf16_dense": ratio(ms["bf16-dense"], ms["bf16-2:4"]),
+                    "fp8_24_speedup_vs_bf16_dense": ratio(ms["bf16-dense"], ms["fp8-2:4"]),
                 }  # fmt: skip
                 rows.append(row)
+                save()
                 print(
                     f"{set_name:10s} {kind:8s} {out_f}x{in_f} @ {tokens}: "
-                    + "  ".join(f"{k} {v:.3f} ms" for k, v in ms.items())
-                    + f"  fp8 2:4 / fp8 dense {row['fp8_24_speedup_vs_fp8_dense']:.2f}x",
+                    + "  ".join(f"{k} {v} ms" for k, v in ms.items())
+                    + f"  fp8 dense / fp8 2:4 {row['fp8_24_speedup_vs_fp8_dense']}",
                     flush=True,
                 )
-    return rows
+
+
+def fp8_dense(model: nn.Module) -> None:
+    """FP8 dense (per-row, torchao) on the linears the 2:4 kernels would take, for a like-for-like baseline."""
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+
+    from sparsefit.export.semi_structured import two_four_linears
+
+    names = set(two_four_linears(model))
+    quantize_(model, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()), filter_fn=lambda m, n: n in names)
+
+
+def prepared(build, kernel: str) -> tuple[nn.Module, dict | None]:  # noqa: ANN001
+    """A fresh model from `build` with its decoder linears on `kernel`, and the 2:4 conversion's report."""
+    from sparsefit.export.semi_structured import to_sparse24
+
+    model = build()
+    if kernel == "fp8-dense":
+        fp8_dense(model)
+    elif kernel != "bf16-dense":
+        return model, to_sparse24(model, kernel.split("-")[0])
+    return model, None
+
+
+def failure(err: Exception) -> str:
+    return f"{type(err).__name__}: {str(err).splitlines()[0][:200]}" if str(err) else type(err).__name__
 
 
 def prefill(args: argparse.Namespace, name: str, build) -> dict:  # noqa: ANN001
     """Forward time of `--batch` x `--prefill` tokens for each kernel on a fresh copy of the model."""
-    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+    from sparsefit.models.layout import decoder_layout
 
-    from sparsefit.export.semi_structured import to_sparse24, two_four_linears
-
-    result = {}
-    for kernel in ("bf16-dense", "fp8-dense", "fp8-2:4", "bf16-2:4"):
-        model = build()
-        converted = None
-        if kernel == "fp8-dense":
-            names = set(two_four_linears(model))
-            quantize_(
-                model,
-                Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()),
-                filter_fn=lambda m, n, names=names: n in names,
+    result: dict = {}
+    for kernel in KERNELS:
+        try:
+            model, converted = prepared(build, kernel)
+            ids = torch.randint(0, model.config.vocab_size, (args.batch, args.prefill), device="cuda")
+            compiled_blocks = "no"
+            if args.compile:  # regional: every block has the same code and shapes, so one compile serves all
+                for block in decoder_layout(model).blocks:
+                    block.compile()
+                try:
+                    with torch.no_grad():
+                        model(input_ids=ids, use_cache=False, logits_to_keep=1)
+                    compiled_blocks = "yes"
+                except Exception as err:  # noqa: BLE001 - measure the eager model instead
+                    compiled_blocks = f"eager: torch.compile failed ({failure(err)})"
+                    del model
+                    torch._dynamo.reset()
+                    model, converted = prepared(build, kernel)
+            ms = median_ms(
+                lambda m=model, i=ids: m(input_ids=i, use_cache=False, logits_to_keep=1), 3, args.prefill_iters
             )
-        elif kernel != "bf16-dense":
-            converted = to_sparse24(model, kernel.split("-")[0])
-        forward = torch.compile(model) if args.compile else model
-        ids = torch.randint(0, model.config.vocab_size, (args.batch, args.prefill), device="cuda")
-        ms = median_ms(
-            lambda f=forward, ids=ids: f(input_ids=ids, use_cache=False, logits_to_keep=1), 3, args.prefill_iters
-        )
-        result[kernel] = {"ms": ms, "tokens_per_second": args.batch * args.prefill / ms * 1e3, "conversion": converted}
-        print(f"prefill {name} {kernel}: {ms:.1f} ms", flush=True)
-        del model, forward
+        except Exception as err:  # noqa: BLE001 - recorded; the other kernels are still measured
+            result[kernel] = {"ms": None, "failed": failure(err)}
+            print(f"prefill {name} {kernel}: failed: {failure(err)}", flush=True)
+        else:
+            result[kernel] = {
+                "ms": ms,
+                "tokens_per_second": args.batch * args.prefill / ms * 1e3,
+                "conversion": converted,
+                "compiled_blocks": compiled_blocks,
+            }
+            print(f"prefill {name} {kernel}: {ms:.1f} ms ({compiled_blocks=})", flush=True)
+        model = None
+        torch._dynamo.reset()
         torch.cuda.empty_cache()
-    for kernel in result:
-        result[kernel]["speedup_vs_bf16_dense"] = result["bf16-dense"]["ms"] / result[kernel]["ms"]
-    result["fp8_24_speedup_vs_fp8_dense"] = result["fp8-dense"]["ms"] / result["fp8-2:4"]["ms"]
+    for kernel in KERNELS:
+        result[kernel]["speedup_vs_bf16_dense"] = ratio(result["bf16-dense"]["ms"], result[kernel]["ms"])
+    result["fp8_24_speedup_vs_fp8_dense"] = ratio(result["fp8-dense"]["ms"], result["fp8-2:4"]["ms"])
     return result
 
 
-def builtin_24(spec: str):  # noqa: ANN201
+def builtin_24(spec: str, config_path: str | None):  # noqa: ANN201
+    from transformers import AutoConfig, AutoModelForCausalLM
+
     from sparsefit.models import load_model
     from sparsefit.pruning import OneShotConfig, oneshot
 
-    model = load_model(spec, "bfloat16", "cuda")
+    if config_path:
+        with torch.device("cuda"):
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(config_path), dtype=torch.bfloat16)
+        model.eval()
+    else:
+        model = load_model(spec, "bfloat16", "cuda")
     oneshot(model, None, OneShotConfig(method="magnitude", structure="2:4"), progress=False)
     return model
 
@@ -165,6 +264,7 @@ def llama3_8b_stack(blocks: int):  # noqa: ANN201
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--config", help="config.json (or its folder) of --model: its architecture with random weights")
     p.add_argument("--tokens", type=int, nargs="+", default=[2048, 8192], help="rows of x per linear")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--prefill", type=int, default=2048, help="tokens per sequence of the prefill")
@@ -175,6 +275,13 @@ def main() -> None:
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--out", default="benchmarks/results/sparse24_gpu.json")
     args = p.parse_args()
+    import torch._dynamo
+
+    # Every nn.Linear shares one code object, and regional compilation reuses a block's: let dynamo
+    # keep a compiled entry per shape and kernel instead of silently falling back to eager at its limit.
+    for name in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_limit", "accumulated_recompile_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, 1024)
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0):
         sys.exit("this benchmark needs an NVIDIA GPU of compute capability 9.0 (Hopper); nothing was measured")
     try:
@@ -184,7 +291,12 @@ def main() -> None:
 
     from sparsefit.models import load_model
 
-    config = load_model(args.model, "bfloat16", "cpu").config
+    if args.config:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(args.config)
+    else:
+        config = load_model(args.model, "bfloat16", "cpu").config
     model_shapes = shapes(
         config.hidden_size, config.intermediate_size, config.num_attention_heads, config.num_key_value_heads
     )
@@ -192,14 +304,17 @@ def main() -> None:
         "benchmark": "sparse24_gpu",
         "environment": {**environment("cuda"), "torchao": torchao.__version__},
         "args": vars(args),
-        "per_linear": per_linear(args, model_shapes),
+        "weights": f"random, architecture of {args.config}" if args.config else f"{args.model}, pruned 2:4",
+        "per_linear": [],
+        "prefill": {},
     }
-    write_json(args.out, result)
-    result["prefill"] = {
-        args.model: prefill(args, args.model, lambda: builtin_24(args.model)),
-        f"llama-3-8b-{args.blocks}-blocks": prefill(args, "llama-3-8b", lambda: llama3_8b_stack(args.blocks)),
-    }
-    write_json(args.out, result)
+    per_linear(args, model_shapes, result["per_linear"], lambda: write_json(args.out, result))
+    for key, label, build in (
+        (f"llama-3-8b-{args.blocks}-blocks", "llama-3-8b", lambda: llama3_8b_stack(args.blocks)),
+        (args.model, args.model, lambda: builtin_24(args.model, args.config)),
+    ):
+        result["prefill"][key] = prefill(args, label, build)
+        write_json(args.out, result)
 
 
 if __name__ == "__main__":

@@ -49,10 +49,10 @@ def test_conversion_needs_a_bf16_model_on_a_gpu():
 def test_fp8_config_is_per_row_with_cutlass_24_packing():
     pytest.importorskip("torchao", reason="torchao (sparsefit[gpu]) is not installed")
     from torchao.quantization import PerRow
-    from torchao.quantization.quantize_.workflows.float8.float8_packing_format import Float8PackingFormat
 
     config = fp8_sparse_config()
-    assert config.packing_format == Float8PackingFormat.SPARSE_2D_DATA_2D_METADATA
+    # CUTLASS's packing: SPARSE_2D_DATA_2D_METADATA since torchao 0.18, SPARSE_CUTLASS before
+    assert config.packing_format.value in ("sparse_2d_data_2d_metadata", "sparse_cutlass")
     assert all(isinstance(g, PerRow) for g in config.granularity)
     assert config.activation_dtype == config.weight_dtype == torch.float8_e4m3fn
 

@@ -45,9 +45,9 @@ def fp8_sparse_config():  # noqa: ANN201 - a torchao config, imported lazily
         from torchao.quantization.quantize_.workflows.float8.float8_packing_format import Float8PackingFormat
     except ImportError:
         raise UsageError("FP8 2:4 needs torchao: pip install 'sparsefit[gpu]'") from None
-    return Float8DynamicActivationFloat8WeightConfig(
-        granularity=PerRow(), packing_format=Float8PackingFormat.SPARSE_2D_DATA_2D_METADATA
-    )
+    # torchao 0.18 renamed SPARSE_CUTLASS (0.14-0.17) to SPARSE_2D_DATA_2D_METADATA; both name the CUTLASS packing.
+    packing = getattr(Float8PackingFormat, "SPARSE_2D_DATA_2D_METADATA", None) or Float8PackingFormat.SPARSE_CUTLASS
+    return Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), packing_format=packing)
 
 
 def check_device(kind: str, device: str | torch.device) -> None:
