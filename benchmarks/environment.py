@@ -37,9 +37,10 @@ def environment(device: str = "cpu") -> dict:
     def git(*cmd: str) -> str:
         return subprocess.run(["git", *cmd], cwd=ROOT, capture_output=True, text=True).stdout.strip()
 
-    commit = git("rev-parse", "HEAD") + ("+dirty" if git("status", "--porcelain", "src") else "")
-    # A copy of the tree without .git (a lent GPU machine) names its commit through the environment.
-    commit = commit or os.environ.get("SPARSEFIT_COMMIT", "unknown")
+    # A copy of the tree whose .git is absent or stale (a lent GPU machine) names its commit here.
+    commit = os.environ.get("SPARSEFIT_COMMIT") or (
+        git("rev-parse", "HEAD") + ("+dirty" if git("status", "--porcelain", "src") else "")
+    )
     versions = {}
     for name in ("sparsefit", "torch", "transformers", "safetensors"):
         try:

@@ -5,7 +5,14 @@ import pytest
 import torch
 
 from sparsefit.errors import UsageError
-from sparsefit.export.semi_structured import check_device, fp8_sparse_config, to_sparse24, two_four_linears
+from sparsefit.export.semi_structured import (
+    TokenRowsLinear,
+    _token_rows,
+    check_device,
+    fp8_sparse_config,
+    to_sparse24,
+    two_four_linears,
+)
 from sparsefit.pruning import OneShotConfig, oneshot
 from sparsefit.pruning.structure import Structure
 from tests.conftest import tiny_model
@@ -35,6 +42,20 @@ def test_only_exact_24_linears_qualify():
         found[name].weight[0, :4] = 1.0  # one group now has four nonzeros
     assert name not in two_four_linears(model) and len(two_four_linears(model)) == 20
     assert two_four_linears(pruned("unstructured")) == {}
+
+
+def test_token_rows_linears_compute_the_same_on_2d_inputs():
+    """torchao's FP8 2:4 kernel takes (tokens, features) only: the re-classed linears flatten and restore."""
+    model = pruned("2:4")
+    ids = torch.randint(3, 250, (2, 16))
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+        names = set(two_four_linears(model))
+        _token_rows(model, names)
+        got = model(input_ids=ids).logits
+    assert all(type(model.get_submodule(n)) is TokenRowsLinear for n in names)
+    assert set(two_four_linears(model)) == names  # still linears, same parameter names
+    assert torch.equal(got, expected)
 
 
 def test_conversion_needs_a_bf16_model_on_a_gpu():

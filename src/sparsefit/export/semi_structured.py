@@ -29,6 +29,22 @@ TWO_FOUR = Structure(2, 4)
 MIN_CAPABILITY = {"fp8": (9, 0), "bf16": (8, 0)}
 
 
+class TokenRowsLinear(nn.Linear):
+    """An `nn.Linear` that hands its weight's kernel 2-D inputs: torchao's FP8 2:4 kernel takes
+    (tokens, features) only, while decoder blocks call linears on (batch, sequence, features)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.reshape(-1, x.shape[-1])).unflatten(0, x.shape[:-1])
+
+
+def _token_rows(model: nn.Module, names: set[str]) -> None:
+    """Re-class the linears `names` of `model` as `TokenRowsLinear`, keeping their parameters."""
+    for name in names:
+        module = model.get_submodule(name)
+        if type(module) is nn.Linear:
+            module.__class__ = TokenRowsLinear  # a subclass with only forward changed: same state, same names
+
+
 def two_four_linears(model: nn.Module) -> dict[str, nn.Linear]:
     """The decoder linears of `model` whose weights are exactly 2:4 along their inputs, by name."""
     return {
@@ -86,6 +102,7 @@ def to_sparse24(model: nn.Module, kind: str = "fp8") -> dict:
         from torchao.quantization import quantize_
 
         converted = set(found)
+        _token_rows(model, converted)
         quantize_(model, config, filter_fn=lambda m, name: name in converted)
         # torchao leaves a weight whose shape its FP8 kernels cannot take as it was: find those.
         for name, module in found.items():
