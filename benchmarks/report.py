@@ -376,19 +376,35 @@ def reference_llmcompressor(r: dict) -> str:
 
 
 def sparse24_gpu(r: dict) -> str:
-    kernels = ["bf16-dense", "fp8-dense", "fp8-2:4", "bf16-2:4"]
+    kernels = list(r["per_linear"][0]["ms"]) if r["per_linear"] else []
     rows = [
-        [x["set"], x["layer"], f"{x['out']}x{x['in']}", x["tokens"], *(f(x["ms"][k], 3) for k in kernels),
+        [x["set"], x["layer"], f"{x['out']}x{x['in']}", x["tokens"], *(f(x["ms"].get(k), 3) for k in kernels),
          f(x["fp8_24_speedup_vs_fp8_dense"]), f(x["bf16_24_speedup_vs_bf16_dense"])]
         for x in r["per_linear"]
     ]  # fmt: skip
     header = ["set", "layer", "out x in", "tokens", *(f"{k} ms" for k in kernels), "fp8 2:4 vs fp8", "bf16 2:4 vs bf16"]
-    parts = ["Per linear (median ms; ratios above 1: 2:4 is faster):", "", table(header, rows)]
+    args = r["args"]
+    planned = len(args.get("sets", ["llama-3-8b", "builtin"])) * 4 * len(args["tokens"])
+    timing = ("CUDA graph replays" if args.get("graphs") else "eager calls") + f", {args.get('reps', 1)} back to back"
+    notes = sorted({f"{k}: {v}" for x in r["per_linear"] for k, v in x.get("notes", {}).items()})
+    parts = [
+        f"Per linear ({timing}, median ms per call; ratios above 1: 2:4 is faster), "
+        f"{len(r['per_linear'])} of the {planned} rows the run's arguments ask for:",
+        "",
+        table(header, rows),
+    ]
+    if notes:
+        parts += ["", "Kernels not measured as asked: " + "; ".join(notes) + "."]
     for model, p in r.get("prefill", {}).items():
         cells = [
-            [k, f(p[k]["ms"], 1), f(p[k]["tokens_per_second"], 0), f(p[k]["speedup_vs_bf16_dense"])] for k in kernels
-        ]
-        parts += ["", f"Prefill of {model}:", "", table(["kernel", "ms", "tokens/s", "vs bf16 dense"], cells)]
+            [k, f(p[k]["ms"], 1), f(p[k].get("tokens_per_second"), 0), f(p[k]["speedup_vs_bf16_dense"]),
+             p[k].get("failed") or p[k].get("compiled_blocks", "")]
+            for k in ("bf16-dense", "fp8-dense", "fp8-2:4", "bf16-2:4")
+        ]  # fmt: skip
+        header = ["kernel", "ms", "tokens/s", "vs bf16 dense", "compiled blocks / failure"]
+        parts += ["", f"Prefill of {model}:", "", table(header, cells)]
+    if not r.get("prefill"):
+        parts += ["", "No prefill was measured in this run."]
     return "\n".join(parts)
 
 

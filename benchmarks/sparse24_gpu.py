@@ -1,17 +1,22 @@
 """2:4 on an NVIDIA GPU: FP8 2:4 (torchao, CUTLASS, sm90) and bf16 2:4 (`to_sparse_semi_structured`)
 against bf16 dense and FP8 dense (torchao, per-row), per linear and for a whole prefill.
 
-Per linear: y = x W^T for x of `--tokens` rows, on the builtin model's shapes and on a Llama-3-8B
-shape set, each weight pruned 2:4 by magnitude; the median time of each kernel (CUDA events, after
-warm-up), with the ratios FP8 dense / FP8 2:4 and bf16 dense / bf16 2:4 (above 1: 2:4 is faster).
-Prefill: one forward over `--batch` x `--prefill` tokens of the builtin model pruned 2:4 and of a
-4-block stack with Llama-3-8B's dimensions (random weights, pruned 2:4), each kernel's decoder
-linears converted by `sparsefit.export.semi_structured` (FP8 dense through the same torchao config
-without the 2:4 packing). `--compile` runs each linear, and in the prefill each decoder block
-(regional compilation: one compile serves every block), through `torch.compile` first, as torchao
-recommends for its dynamic activation quantization; a kernel that fails to compile runs eagerly and
-the JSON says so. Kernel speed does not depend on the weights' values: on a machine without the
-builtin model's file, `--config` takes its architecture from a config.json and random weights.
+Per linear: y = x W^T for x of `--tokens` rows, on a Llama-3-8B shape set and on the builtin model's
+shapes (`--sets`), each weight pruned 2:4 by magnitude. Each kernel's call is replayed from a CUDA
+graph (`--graphs`), so the time is the GPU's alone; the JSON keeps the median time per call of
+`--reps` calls back to back, and the ratios FP8 dense / FP8 2:4 and bf16 dense / bf16 2:4 (above 1:
+2:4 is faster). The FP8 kernels run through `torch.compile` (`--compile`), as torchao recommends,
+which fuses the activations' quantization into one kernel; a bf16 linear is one kernel already.
+bf16 2:4 is also timed through each of PyTorch's two backends by name (CUTLASS, cuSPARSELt).
+
+Prefill: one forward over `--batch` x `--prefill` tokens of a 4-block stack with Llama-3-8B's
+dimensions and of the builtin model (`--prefill-models`), pruned 2:4, each kernel's decoder linears
+converted by `sparsefit.export.semi_structured` (FP8 dense through the same torchao config without
+the 2:4 packing). With `--compile` each decoder block is compiled (regional compilation: one compile
+serves every block). A kernel that fails to build, compile or capture is recorded in the JSON, and
+the others are still measured; the JSON is rewritten after every row, so a run cut short keeps what
+it measured. Kernel speed does not depend on the weights' values: on a machine without the builtin
+model's file, `--config` takes its architecture from a config.json, with random weights.
 
 Needs a CUDA GPU (FP8 kernels: compute capability 9.0) and torchao (`sparsefit[gpu]`):
 
@@ -133,6 +138,26 @@ def median_ms(fn, warmup: int, iters: int, reps: int = 1) -> float:  # noqa: ANN
     return statistics.median(times)
 
 
+def graphed(fn, notes: dict, key: str):  # noqa: ANN001, ANN201
+    """`fn` captured in a CUDA graph, returning its replay: the GPU's time alone, without Python's
+    per-call dispatch (torchao's FP8 tensors spend about as long in Python as a large GEMM on the GPU).
+    `fn` itself, noted under `key`, if capture fails."""
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), torch.no_grad():
+            for _ in range(3):  # warm-up outside the graph: autotuning, workspaces, lazy init
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph), torch.no_grad():
+            fn()
+    except Exception as err:  # noqa: BLE001 - time the eager calls instead
+        notes[key] = f"no CUDA graph ({failure(err)})"
+        return fn
+    return graph.replay
+
+
 def ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a and b else None
 
@@ -155,7 +180,10 @@ def per_linear(args: argparse.Namespace, model_shapes: dict, rows: list, save) -
                 ms = dict.fromkeys(LINEAR_KERNELS)
                 for k, m in run.items():
                     try:
-                        ms[k] = median_ms(lambda m=m, x=x: m(x), args.warmup, args.iters, args.reps)
+                        call = lambda m=m, x=x: m(x)  # noqa: E731
+                        ms[k] = median_ms(
+                            graphed(call, notes, k) if args.graphs else call, args.warmup, args.iters, args.reps
+                        )
                     except Exception as err:  # noqa: BLE001 - a kernel that cannot take this shape
                         ms[k], notes[k] = None, f"failed: {failure(err)}"
                 row = {
@@ -287,6 +315,9 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--iters", type=int, default=50)
     p.add_argument("--reps", type=int, default=10, help="calls back to back per timed sample of one linear")
+    p.add_argument(
+        "--graphs", action=argparse.BooleanOptionalAction, default=True, help="time each linear as a CUDA graph replay"
+    )
     p.add_argument("--prefill-iters", type=int, default=10)
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--out", default="benchmarks/results/sparse24_gpu.json")

@@ -97,5 +97,18 @@ def test_converted_model_computes_what_the_24_model_does(kind, need):
     assert info["converted"] + len(info["skipped"]) == 21 and info["converted"] > 0
     if kind == "bf16":  # the same bf16 values, only stored compressed
         assert torch.allclose(got, expected, atol=2e-2, rtol=2e-2)
-    else:  # FP8 rounding of weights and activations
-        assert (got - expected).abs().mean() < 0.1 * expected.abs().mean()
+    else:
+        # FP8 e4m3 keeps 3 mantissa bits of weights and activations: through this tiny model's three
+        # blocks the logits move by about an eighth of their mean size.
+        assert (got - expected).abs().mean() < 0.2 * expected.abs().mean()
+        # The sparse kernel itself: the same per-row FP8 quantization through torchao's dense FP8 kernel.
+        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+
+        dense = pruned("2:4").to("cuda", torch.bfloat16).eval()
+        names = set(two_four_linears(dense))
+        quantize_(
+            dense, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()), filter_fn=lambda m, n: n in names
+        )
+        with torch.no_grad():
+            reference = dense(input_ids=ids).logits.float()
+        assert (got - reference).abs().mean() < 0.02 * reference.abs().mean()

@@ -21,16 +21,25 @@ def test_gpu_prunes_as_the_cpu_does(method, sequential):
     oneshot(on_cpu, None, config, device="cpu", calib=calib(), progress=False)
     report = oneshot(on_gpu, None, config, device="cuda", calib=calib(), progress=False)
     assert report.peak_gpu_mb > 0
-    # Measured on an H100: every weight within 5e-6 relative of the CPU's, no mask differing.
+    # One pass (H100, H200): every weight within 6e-6 relative of the CPU's. Sequentially, a near-tie
+    # that rounds apart in one linear (SparseGPT on an H200: 2 to 10 of 4096-8192 weights, with the refit)
+    # changes the inputs of every later linear, so there the GPU must prune as well, not identically
+    # (on a CPU, weights perturbed by 1e-7 flip 44 weights and move that distance by 5e-4).
+    exact = not sequential
     for name, module in linears(on_cpu).items():
         w_cpu = module.weight.detach()
         w_gpu = linears(on_gpu)[name].weight.detach().cpu()
         assert ((w_cpu == 0) == (w_gpu == 0)).float().mean().item() > 0.99, name  # a near-tie may round apart
-        assert (w_cpu - w_gpu).norm() / w_cpu.norm() < 1e-3, name
+        if exact:
+            assert (w_cpu - w_gpu).norm() / w_cpu.norm() < 1e-3, name
     x = calib(4, 32, seed=1)
     with torch.no_grad():
         ref, out = on_cpu(x).logits, on_gpu.to("cpu")(x).logits
-    assert (out - ref).norm() / ref.norm() < 1e-3
+        dense = tiny_model("llama")(x).logits
+    if exact:
+        assert (out - ref).norm() / ref.norm() < 1e-3
+    else:  # the pruned outputs' distance from the dense model's, GPU against CPU
+        assert abs((out - dense).norm() / (ref - dense).norm() - 1) < 0.05
 
 
 @needs_cuda
