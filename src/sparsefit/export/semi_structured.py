@@ -35,7 +35,8 @@ class TokenRowsLinear(nn.Linear):
     (tokens, features) only, while decoder blocks call linears on (batch, sequence, features)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.reshape(-1, x.shape[-1])).unflatten(0, x.shape[:-1])
+        y = super().forward(x.reshape(-1, x.shape[-1]))
+        return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
 def _token_rows(model: nn.Module, names: set[str]) -> None:
