@@ -61,6 +61,11 @@ def prune24(weight: torch.Tensor) -> torch.Tensor:
     return weight * nm_keep_mask(weight.abs().float(), 2, 4).to(weight.dtype)
 
 
+def failure(err: Exception) -> str:
+    """One line for the JSON: the exception's type and the first line of its message."""
+    return f"{type(err).__name__}: {str(err).splitlines()[0][:200]}" if str(err) else type(err).__name__
+
+
 def kernels(weight: torch.Tensor, notes: dict) -> dict[str, nn.Module]:
     """One bf16 linear per kernel, all holding `weight` (2:4 already); a kernel that cannot take the
     weight is left out, with why in `notes`."""
@@ -223,10 +228,6 @@ def prepared(build, kernel: str) -> tuple[nn.Module, dict | None]:  # noqa: ANN0
     elif kernel != "bf16-dense":
         return model, to_sparse24(model, kernel.split("-")[0])
     return model, None
-
-
-def failure(err: Exception) -> str:
-    return f"{type(err).__name__}: {str(err).splitlines()[0][:200]}" if str(err) else type(err).__name__
 
 
 def prefill(args: argparse.Namespace, name: str, build) -> dict:  # noqa: ANN001
