@@ -74,9 +74,9 @@ def kernels(weight: torch.Tensor, notes: dict) -> dict[str, nn.Module]:
         SparseSemiStructuredTensorCUTLASS,
         to_sparse_semi_structured,
     )
-    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+    from torchao.quantization import quantize_
 
-    from sparsefit.export.semi_structured import fp8_sparse_config
+    from sparsefit.export.semi_structured import fp8_config
 
     def linear() -> nn.Linear:
         m = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device=weight.device, dtype=torch.bfloat16)
@@ -97,8 +97,8 @@ def kernels(weight: torch.Tensor, notes: dict) -> dict[str, nn.Module]:
 
     builders = {
         "bf16-dense": linear,
-        "fp8-dense": lambda: fp8(Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())),
-        "fp8-2:4": lambda: fp8(fp8_sparse_config()),
+        "fp8-dense": lambda: fp8(fp8_config(two_four=False)),
+        "fp8-2:4": lambda: fp8(fp8_config()),
         "bf16-2:4": bf16_24,
         "bf16-2:4-cutlass": lambda: bf16_24(SparseSemiStructuredTensorCUTLASS.from_dense),
         "bf16-2:4-cusparselt": lambda: bf16_24(SparseSemiStructuredTensorCUSPARSELT.from_dense),
@@ -210,12 +210,12 @@ def per_linear(args: argparse.Namespace, model_shapes: dict, rows: list, save) -
 
 def fp8_dense(model: nn.Module) -> None:
     """FP8 dense (per-row, torchao) on the linears the 2:4 kernels would take, for a like-for-like baseline."""
-    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+    from torchao.quantization import quantize_
 
-    from sparsefit.export.semi_structured import two_four_linears
+    from sparsefit.export.semi_structured import fp8_config, two_four_linears
 
     names = set(two_four_linears(model))
-    quantize_(model, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()), filter_fn=lambda m, n: n in names)
+    quantize_(model, fp8_config(two_four=False), filter_fn=lambda m, n: n in names)
 
 
 def prepared(build, kernel: str) -> tuple[nn.Module, dict | None]:  # noqa: ANN001

@@ -9,7 +9,7 @@ from sparsefit.export.semi_structured import (
     TokenRowsLinear,
     _token_rows,
     check_device,
-    fp8_sparse_config,
+    fp8_config,
     to_sparse24,
     two_four_linears,
 )
@@ -71,7 +71,7 @@ def test_fp8_config_is_per_row_with_cutlass_24_packing():
     pytest.importorskip("torchao", reason="torchao (sparsefit[gpu]) is not installed")
     from torchao.quantization import PerRow
 
-    config = fp8_sparse_config()
+    config = fp8_config()
     # CUTLASS's packing: SPARSE_2D_DATA_2D_METADATA since torchao 0.18, SPARSE_CUTLASS before
     assert config.packing_format.value in ("sparse_2d_data_2d_metadata", "sparse_cutlass")
     assert all(isinstance(g, PerRow) for g in config.granularity)
@@ -102,13 +102,11 @@ def test_converted_model_computes_what_the_24_model_does(kind, need):
         # blocks the logits move by about an eighth of their mean size.
         assert (got - expected).abs().mean() < 0.2 * expected.abs().mean()
         # The sparse kernel itself: the same per-row FP8 quantization through torchao's dense FP8 kernel.
-        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+        from torchao.quantization import quantize_
 
         dense = pruned("2:4").to("cuda", torch.bfloat16).eval()
         names = set(two_four_linears(dense))
-        quantize_(
-            dense, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()), filter_fn=lambda m, n: n in names
-        )
+        quantize_(dense, fp8_config(two_four=False), filter_fn=lambda m, n: n in names)
         with torch.no_grad():
             reference = dense(input_ids=ids).logits.float()
         assert (got - reference).abs().mean() < 0.02 * reference.abs().mean()

@@ -56,13 +56,16 @@ def two_four_linears(model: nn.Module) -> dict[str, nn.Linear]:
     }
 
 
-def fp8_sparse_config():  # noqa: ANN201 - a torchao config, imported lazily
-    """torchao's config for FP8 2:4 (per-row FP8 weights and per-token FP8 activations, CUTLASS packing)."""
+def fp8_config(two_four: bool = True):  # noqa: ANN201 - a torchao config, imported lazily
+    """torchao's FP8 config: per-row FP8 weights and per-token FP8 activations, with CUTLASS's 2:4
+    packing (`two_four`) or without it, the like-for-like dense baseline."""
     try:
         from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow
         from torchao.quantization.quantize_.workflows.float8.float8_packing_format import Float8PackingFormat
     except ImportError:
         raise UsageError("FP8 2:4 needs torchao: pip install 'sparsefit[gpu]'") from None
+    if not two_four:
+        return Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
     # torchao 0.18 renamed SPARSE_CUTLASS (0.14-0.17) to SPARSE_2D_DATA_2D_METADATA; both name the CUTLASS packing.
     packing = getattr(Float8PackingFormat, "SPARSE_2D_DATA_2D_METADATA", None) or Float8PackingFormat.SPARSE_CUTLASS
     return Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), packing_format=packing)
@@ -100,7 +103,7 @@ def to_sparse24(model: nn.Module, kind: str = "fp8") -> dict:
         raise UsageError("no decoder linear of this model is 2:4 sparse: prune it with --structure 2:4 first")
     skipped: dict[str, str] = {}
     if kind == "fp8":
-        config = fp8_sparse_config()  # a usage error when torchao is missing
+        config = fp8_config()  # a usage error when torchao is missing
         from torchao.quantization import quantize_
 
         converted = set(found)
