@@ -379,10 +379,14 @@ def sparse24_gpu(r: dict) -> str:
     kernels = list(r["per_linear"][0]["ms"]) if r["per_linear"] else []
     rows = [
         [x["set"], x["layer"], f"{x['out']}x{x['in']}", x["tokens"], *(f(x["ms"].get(k), 3) for k in kernels),
-         f(x["fp8_24_speedup_vs_fp8_dense"]), f(x["bf16_24_speedup_vs_bf16_dense"])]
+         f(x["fp8_24_speedup_vs_fp8_dense"]), f(x.get("fp8_24_gemm_speedup_vs_fp8_dense_gemm")),
+         f(x["bf16_24_speedup_vs_bf16_dense"])]
         for x in r["per_linear"]
     ]  # fmt: skip
-    header = ["set", "layer", "out x in", "tokens", *(f"{k} ms" for k in kernels), "fp8 2:4 vs fp8", "bf16 2:4 vs bf16"]
+    header = [
+        "set", "layer", "out x in", "tokens", *(f"{k} ms" for k in kernels), "fp8 2:4 vs fp8",
+        "fp8 2:4 vs fp8 (GEMM alone)", "bf16 2:4 vs bf16",
+    ]  # fmt: skip
     args = r["args"]
     planned = len(args.get("sets", ["llama-3-8b", "builtin"])) * 4 * len(args["tokens"])
     timing = ("CUDA graph replays" if args.get("graphs") else "eager calls") + f", {args.get('reps', 1)} back to back"

@@ -7,7 +7,8 @@ graph (`--graphs`), so the time is the GPU's alone; the JSON keeps the median ti
 `--reps` calls back to back, and the ratios FP8 dense / FP8 2:4 and bf16 dense / bf16 2:4 (above 1:
 2:4 is faster). The FP8 kernels run through `torch.compile` (`--compile`), as torchao recommends,
 which fuses the activations' quantization into one kernel; a bf16 linear is one kernel already.
-bf16 2:4 is also timed through each of PyTorch's two backends by name (CUTLASS, cuSPARSELt).
+bf16 2:4 is also timed through each of PyTorch's two backends by name (CUTLASS, cuSPARSELt), and
+each FP8 GEMM alone (`-gemm`: the activations quantized beforehand), which is what 2:4 can speed up.
 
 Prefill: one forward over `--batch` x `--prefill` tokens of a 4-block stack with Llama-3-8B's
 dimensions and of the builtin model (`--prefill-models`), pruned 2:4, each kernel's decoder linears
@@ -36,8 +37,9 @@ from environment import environment
 from sparsefit.atomic import write_json
 
 KERNELS = ("bf16-dense", "fp8-dense", "fp8-2:4", "bf16-2:4")
-# Per linear, bf16 2:4 also through each of PyTorch's two backends by name (the default picks one).
-LINEAR_KERNELS = (*KERNELS, "bf16-2:4-cutlass", "bf16-2:4-cusparselt")
+# Per linear, bf16 2:4 also through each of PyTorch's two backends by name (the default picks one), and
+# the two FP8 GEMMs alone, on activations quantized beforehand (`-gemm`).
+LINEAR_KERNELS = (*KERNELS, "bf16-2:4-cutlass", "bf16-2:4-cusparselt", "fp8-dense-gemm", "fp8-2:4-gemm")
 LLAMA3_8B = {"hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32, "num_key_value_heads": 8}
 
 
@@ -102,6 +104,8 @@ def kernels(weight: torch.Tensor, notes: dict) -> dict[str, nn.Module]:
         "bf16-2:4": bf16_24,
         "bf16-2:4-cutlass": lambda: bf16_24(SparseSemiStructuredTensorCUTLASS.from_dense),
         "bf16-2:4-cusparselt": lambda: bf16_24(SparseSemiStructuredTensorCUSPARSELT.from_dense),
+        "fp8-dense-gemm": lambda: fp8(fp8_config(two_four=False)),
+        "fp8-2:4-gemm": lambda: fp8(fp8_config()),
     }
     made = {}
     for name, build in builders.items():
@@ -110,6 +114,24 @@ def kernels(weight: torch.Tensor, notes: dict) -> dict[str, nn.Module]:
         except Exception as err:  # noqa: BLE001 - recorded, and the other kernels still measured
             notes[name] = f"failed: {failure(err)}"
     return made
+
+
+def fp8_gemm(module: nn.Linear, x: torch.Tensor):  # noqa: ANN201
+    """A call of the FP8 GEMM of torchao's FP8 linear `module` alone, `x` quantized once here (per token,
+    as the linear would). Makes `module`'s weight take quantized activations (its activation settings
+    move to the module). Reaches into torchao's tensor classes, so the caller records a failure rather
+    than stopping."""
+    from torchao.quantization.quantize_.common import _choose_quant_func_and_quantize_tensor
+
+    w = module.weight
+    if not hasattr(module, "act_quant_kwargs"):
+        module.act_quant_kwargs = w.act_quant_kwargs
+    xq = _choose_quant_func_and_quantize_tensor(x, module.act_quant_kwargs)
+    if hasattr(w, "sparse_metadata"):  # what torchao's FP8 2:4 linear calls once the activations are quantized
+        args = (xq.qdata, xq.scale.squeeze(1), w.qdata, w.sparse_metadata, w.scale.squeeze(1), None, x.dtype)
+        return lambda: torch.ops.torchao.rowwise_scaled_linear_sparse_cutlass_f8f8(*args)
+    w.act_quant_kwargs = None  # torchao's FP8 dense linear then takes `xq` as it is
+    return lambda: nn.functional.linear(xq, w)
 
 
 def compiled(module: nn.Module, example: torch.Tensor, notes: dict, key: str):  # noqa: ANN201
@@ -181,11 +203,15 @@ def per_linear(args: argparse.Namespace, model_shapes: dict, rows: list, save) -
                 torch._dynamo.reset()  # nothing compiled for earlier shapes lingers in dynamo's caches
                 notes = dict(built)
                 # Only FP8 has something to fuse (the activations' quantization); a bf16 linear is one kernel.
-                run = {k: compiled(m, x, notes, k) if args.compile and "fp8" in k else m for k, m in made.items()}
+                fuse = args.compile and args.compile_linears
                 ms = dict.fromkeys(LINEAR_KERNELS)
-                for k, m in run.items():
+                for k, m in made.items():
                     try:
-                        call = lambda m=m, x=x: m(x)  # noqa: E731
+                        if k.endswith("-gemm"):
+                            call = fp8_gemm(m, x)
+                        else:
+                            m = compiled(m, x, notes, k) if fuse and "fp8" in k else m
+                            call = lambda m=m, x=x: m(x)  # noqa: E731
                         ms[k] = median_ms(
                             graphed(call, notes, k) if args.graphs else call, args.warmup, args.iters, args.reps
                         )
@@ -195,6 +221,7 @@ def per_linear(args: argparse.Namespace, model_shapes: dict, rows: list, save) -
                     "set": set_name, "layer": kind, "out": out_f, "in": in_f, "tokens": tokens, "ms": ms,
                     "notes": notes,
                     "fp8_24_speedup_vs_fp8_dense": ratio(ms["fp8-dense"], ms["fp8-2:4"]),
+                    "fp8_24_gemm_speedup_vs_fp8_dense_gemm": ratio(ms["fp8-dense-gemm"], ms["fp8-2:4-gemm"]),
                     "bf16_24_speedup_vs_bf16_dense": ratio(ms["bf16-dense"], ms["bf16-2:4"]),
                     "fp8_24_speedup_vs_bf16_dense": ratio(ms["bf16-dense"], ms["fp8-2:4"]),
                 }  # fmt: skip
@@ -203,7 +230,8 @@ def per_linear(args: argparse.Namespace, model_shapes: dict, rows: list, save) -
                 print(
                     f"{set_name:10s} {kind:8s} {out_f}x{in_f} @ {tokens}: "
                     + "  ".join(f"{k} {v} ms" for k, v in ms.items())
-                    + f"  fp8 dense / fp8 2:4 {row['fp8_24_speedup_vs_fp8_dense']}",
+                    + f"  fp8 dense / fp8 2:4 {row['fp8_24_speedup_vs_fp8_dense']}"
+                    + f" (GEMM alone {row['fp8_24_gemm_speedup_vs_fp8_dense_gemm']})",
                     flush=True,
                 )
 
@@ -321,6 +349,12 @@ def main() -> None:
     )
     p.add_argument("--prefill-iters", type=int, default=10)
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument(
+        "--compile-linears",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="with --compile, also compile each FP8 linear (one compile per shape and token count)",
+    )
     p.add_argument("--out", default="benchmarks/results/sparse24_gpu.json")
     args = p.parse_args()
     import torch._dynamo
@@ -337,17 +371,19 @@ def main() -> None:
     except ImportError:
         sys.exit("this benchmark needs torchao: pip install 'sparsefit[gpu]'")
 
-    from sparsefit.models import load_model
+    model_shapes = {}
+    if "builtin" in args.sets:
+        from sparsefit.models import load_model
 
-    if args.config:
-        from transformers import AutoConfig
+        if args.config:
+            from transformers import AutoConfig
 
-        config = AutoConfig.from_pretrained(args.config)
-    else:
-        config = load_model(args.model, "bfloat16", "cpu").config
-    model_shapes = shapes(
-        config.hidden_size, config.intermediate_size, config.num_attention_heads, config.num_key_value_heads
-    )
+            config = AutoConfig.from_pretrained(args.config)
+        else:
+            config = load_model(args.model, "bfloat16", "cpu").config
+        model_shapes = shapes(
+            config.hidden_size, config.intermediate_size, config.num_attention_heads, config.num_key_value_heads
+        )
     result = {
         "benchmark": "sparse24_gpu",
         "environment": {**environment("cuda"), "torchao": torchao.__version__},
