@@ -195,6 +195,8 @@ def per_linear(args: argparse.Namespace, model_shapes: dict, rows: list, save) -
     sets = {"llama-3-8b": shapes(**LLAMA3_8B), "builtin": model_shapes}
     for set_name, shape_set in ((name, sets[name]) for name in args.sets):
         for kind, (out_f, in_f) in shape_set.items():
+            if args.layers and kind not in args.layers:
+                continue
             weight = prune24(torch.randn(out_f, in_f, device="cuda", dtype=torch.bfloat16) * 0.02)
             built: dict[str, str] = {}
             made = kernels(weight, built)
@@ -340,6 +342,7 @@ def main() -> None:
     p.add_argument("--prefill", type=int, default=2048, help="tokens per sequence of the prefill")
     p.add_argument("--blocks", type=int, default=4, help="blocks of the Llama-3-8B-shaped stack")
     p.add_argument("--sets", nargs="+", choices=["llama-3-8b", "builtin"], default=["llama-3-8b", "builtin"])
+    p.add_argument("--layers", nargs="+", choices=["q/o", "k/v", "gate/up", "down"], help="per linear: only these")
     p.add_argument("--prefill-models", nargs="*", choices=["llama-3-8b", "builtin"], default=["llama-3-8b", "builtin"])
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--iters", type=int, default=50)
