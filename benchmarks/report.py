@@ -390,6 +390,8 @@ def sparse24_gpu(r: dict) -> str:
     args = r["args"]
     planned = len(args.get("sets", ["llama-3-8b", "builtin"])) * 4 * len(args["tokens"])
     timing = ("CUDA graph replays" if args.get("graphs") else "eager calls") + f", {args.get('reps', 1)} back to back"
+    fused = args.get("compile") and args.get("compile_linears", True)
+    timing += "; FP8 linears " + ("compiled" if fused else "eager, their activations' quantization unfused")
     notes = sorted({f"{k}: {v}" for x in r["per_linear"] for k, v in x.get("notes", {}).items()})
     parts = [
         f"Per linear ({timing}, median ms per call; ratios above 1: 2:4 is faster), "

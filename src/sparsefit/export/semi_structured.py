@@ -6,8 +6,9 @@ Two kernels take a 2:4 weight (two nonzeros in every four inputs of a row) and s
   `SPARSE_2D_DATA_2D_METADATA`, CUTLASS kernels for sm90, i.e. Hopper): activations are quantized
   to FP8 per token at run time, weights once, with the scaling fused into the sparse product.
 - `bf16`: PyTorch's `to_sparse_semi_structured` (cuSPARSELt or CUTLASS, sm80 and later): the same
-  values as the bf16 model, stored compressed. On Hopper, PyTorch's CUTLASS backend refuses sm90 and
-  its cuSPARSELt one ran slower than dense bf16 (`benchmarks/README.md`): use `fp8` there.
+  values as the bf16 model, stored compressed. On Hopper, PyTorch's CUTLASS backend refuses sm90; its
+  cuSPARSELt one beats dense bf16 per linear on the GPU, but a whole prefill ran at half dense bf16's
+  speed (`benchmarks/README.md`): use `fp8` there.
 
 Only decoder linears that are exactly 2:4 are converted; embeddings and the head stay dense. The
 converted model computes forwards only (no training, no safetensors save): convert after
