@@ -388,7 +388,9 @@ def sparse24_gpu(r: dict) -> str:
         "fp8 2:4 vs fp8 (GEMM alone)", "bf16 2:4 vs bf16",
     ]  # fmt: skip
     args = r["args"]
-    planned = len(args.get("sets", ["llama-3-8b", "builtin"])) * 4 * len(args["tokens"])
+    sets = args.get("sets", ["llama-3-8b", "builtin"])
+    earlier_rows = sum(x["set"] not in sets for x in r["per_linear"])  # kept from earlier runs (--append)
+    planned = len(sets) * len(args.get("layers") or range(4)) * len(args["tokens"]) + earlier_rows
     timing = ("CUDA graph replays" if args.get("graphs") else "eager calls") + f", {args.get('reps', 1)} back to back"
     fused = args.get("compile") and args.get("compile_linears", True)
     timing += "; FP8 linears " + ("compiled" if fused else "eager, their activations' quantization unfused")
@@ -411,6 +413,9 @@ def sparse24_gpu(r: dict) -> str:
         parts += ["", f"Prefill of {model}:", "", table(header, cells)]
     if not r.get("prefill"):
         parts += ["", "No prefill was measured in this run."]
+    for run in r.get("earlier_runs", []):
+        measured = ", ".join(run["args"]["sets"]) + "; prefill " + (", ".join(run["args"]["prefill_models"]) or "none")
+        parts += ["", f"Rows of an earlier run kept by `--append` (it measured {measured}):", environment_line(run)]
     return "\n".join(parts)
 
 

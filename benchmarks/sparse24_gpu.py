@@ -27,8 +27,10 @@ Needs a CUDA GPU (FP8 kernels: compute capability 9.0) and torchao (`sparsefit[g
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -359,6 +361,11 @@ def main() -> None:
         help="with --compile, also compile each FP8 linear (one compile per shape and token count)",
     )
     p.add_argument("--out", default="benchmarks/results/sparse24_gpu.json")
+    p.add_argument(
+        "--append",
+        action="store_true",
+        help="keep the rows of --out that this run does not measure (other shape sets and prefill models)",
+    )
     args = p.parse_args()
     import torch._dynamo
 
@@ -395,15 +402,27 @@ def main() -> None:
         "per_linear": [],
         "prefill": {},
     }
+    if args.append and Path(args.out).exists():
+        # Keep an earlier run's rows of the shape sets and prefill models this run does not measure.
+        earlier = json.loads(Path(args.out).read_text())
+        result["per_linear"] = [row for row in earlier["per_linear"] if row["set"] not in args.sets]
+        result["prefill"] = {k: v for k, v in earlier["prefill"].items() if k not in prefill_keys(args)}
+        kept = [earlier.get("earlier_runs", []), [{k: earlier[k] for k in ("environment", "args", "weights")}]]
+        result["earlier_runs"] = [run for runs in kept for run in runs]
     per_linear(args, model_shapes, result["per_linear"], lambda: write_json(args.out, result))
-    models = {
-        "llama-3-8b": (f"llama-3-8b-{args.blocks}-blocks", lambda: llama3_8b_stack(args.blocks)),
-        "builtin": (args.model, lambda: builtin_24(args.model, args.config)),
+    builds = {
+        "llama-3-8b": lambda: llama3_8b_stack(args.blocks),
+        "builtin": lambda: builtin_24(args.model, args.config),
     }
-    for name in args.prefill_models:
-        key, build = models[name]
-        result["prefill"][key] = prefill(args, key, build)
+    for name, key in zip(args.prefill_models, prefill_keys(args), strict=True):
+        result["prefill"][key] = prefill(args, key, builds[name])
         write_json(args.out, result)
+
+
+def prefill_keys(args: argparse.Namespace) -> list[str]:
+    """The JSON's name of each `--prefill-models` entry."""
+    names = {"llama-3-8b": f"llama-3-8b-{args.blocks}-blocks", "builtin": args.model}
+    return [names[m] for m in args.prefill_models]
 
 
 if __name__ == "__main__":
