@@ -262,11 +262,11 @@ def prepared(build, kernel: str) -> tuple[nn.Module, dict | None]:  # noqa: ANN0
     return model, None
 
 
-def prefill(args: argparse.Namespace, name: str, build) -> dict:  # noqa: ANN001
-    """Forward time of `--batch` x `--prefill` tokens for each kernel on a fresh copy of the model."""
+def prefill(args: argparse.Namespace, name: str, build, result: dict, save) -> None:  # noqa: ANN001
+    """Forward time of `--batch` x `--prefill` tokens for each kernel on a fresh copy of the model, into
+    `result`, calling `save` after each kernel."""
     from sparsefit.models.layout import decoder_layout
 
-    result: dict = {}
     for kernel in KERNELS:
         try:
             model, converted = prepared(build, kernel)
@@ -301,10 +301,11 @@ def prefill(args: argparse.Namespace, name: str, build) -> dict:  # noqa: ANN001
         model = None
         torch._dynamo.reset()
         torch.cuda.empty_cache()
-    for kernel in KERNELS:
         result[kernel]["speedup_vs_bf16_dense"] = ratio(result["bf16-dense"]["ms"], result[kernel]["ms"])
-    result["fp8_24_speedup_vs_fp8_dense"] = ratio(result["fp8-dense"]["ms"], result["fp8-2:4"]["ms"])
-    return result
+        result["fp8_24_speedup_vs_fp8_dense"] = ratio(
+            result.get("fp8-dense", {}).get("ms"), result.get("fp8-2:4", {}).get("ms")
+        )
+        save()
 
 
 def builtin_24(spec: str, config_path: str | None):  # noqa: ANN201
@@ -415,8 +416,8 @@ def main() -> None:
         "builtin": lambda: builtin_24(args.model, args.config),
     }
     for name, key in zip(args.prefill_models, prefill_keys(args), strict=True):
-        result["prefill"][key] = prefill(args, key, builds[name])
-        write_json(args.out, result)
+        result["prefill"][key] = {}
+        prefill(args, key, builds[name], result["prefill"][key], lambda: write_json(args.out, result))
 
 
 def prefill_keys(args: argparse.Namespace) -> list[str]:
