@@ -11,7 +11,9 @@ teacher):
 - `ast-slorb`: AST (magnitude) with SLoRB branches (k = 16);
 - `ast-wanda`: AST with Wanda masks (the default metric);
 - `ast-wanda-slorb`: AST with Wanda masks and SLoRB branches;
-- `ast-sparsegpt-wanda`: AST with Wanda masks started from the SparseGPT 2:4 model.
+- `ast-sparsegpt-wanda`: AST with Wanda masks started from the SparseGPT 2:4 model;
+- `fixed-sh`, `ast-wanda-sh`: `fixed` and `ast-wanda` with the recovery recipes' losses instead
+  (CE 1 + KL 3 at T = 1 + square-head 10 over every block's output, as `recovery.py`).
 
 Each is evaluated on WikiText-2 (8 windows of 2048) and GSM8K test answer perplexity (200 rows);
 the summary gives the fraction of the one-shot WikiText-2 gap each arm closes,
@@ -50,7 +52,11 @@ VARIANTS = (
     "ast-wanda",
     "ast-wanda-slorb",
     "ast-sparsegpt-wanda",
+    "fixed-sh",
+    "ast-wanda-sh",
 )
+# The recovery recipes' loss mix (`recovery.py`, builtin recipes), for the `-sh` arms.
+SQUARE_HEAD_MIX = {"ce_weight": 1.0, "kl_weight": 3.0, "temperature": 1.0, "square_head_weight": 10.0}
 
 
 def evaluate(model, tokenizer, args) -> dict:  # noqa: ANN001
@@ -161,12 +167,14 @@ def main() -> None:
         "ast-wanda": (dense, {"method": "ast", "ast": {"mask_metric": "wanda"}}),
         "ast-wanda-slorb": (dense, {"method": "ast", "ast": {"mask_metric": "wanda", "slorb": True}}),
         "ast-sparsegpt-wanda": (pruned, {"method": "ast", "ast": {"mask_metric": "wanda"}}),
+        "fixed-sh": (pruned, SQUARE_HEAD_MIX),
+        "ast-wanda-sh": (dense, {"method": "ast", "ast": {"mask_metric": "wanda"}, **SQUARE_HEAD_MIX}),
     }
     for name, (start, options) in runs.items():
         if name not in variants:
             continue
         model = copy.deepcopy(start)
-        config = FinetuneConfig(**base, **options)
+        config = FinetuneConfig(**{**base, **options})
         m = finetune(model, tok, config, work / name, teacher=teacher, overwrite=True, progress=False)
         flips = [json.loads(line).get("mask_flip_rate") for line in (work / name / "train_log.jsonl").open()]
         loop = {k: m[k] for k in ("steps", "tokens", "train_seconds", "tokens_per_second", "final_loss", "bf16")}
