@@ -5,8 +5,9 @@ Per linear: y = x W^T for x of `--tokens` rows, on a Llama-3-8B shape set and on
 shapes (`--sets`), each weight pruned 2:4 by magnitude. Each kernel's call is replayed from a CUDA
 graph (`--graphs`), so the time is the GPU's alone; the JSON keeps the median time per call of
 `--reps` calls back to back, and the ratios FP8 dense / FP8 2:4 and bf16 dense / bf16 2:4 (above 1:
-2:4 is faster). The FP8 kernels run through `torch.compile` (`--compile`), as torchao recommends,
-which fuses the activations' quantization into one kernel; a bf16 linear is one kernel already.
+2:4 is faster). The FP8 kernels run through `torch.compile` (`--compile`; `--no-compile-linears`
+keeps the per-linear ones eager), as torchao recommends, which fuses the activations' quantization
+into one kernel; a bf16 linear is one kernel already.
 bf16 2:4 is also timed through each of PyTorch's two backends by name (CUTLASS, cuSPARSELt), and
 each FP8 GEMM alone (`-gemm`: the activations quantized beforehand), which is what 2:4 can speed up.
 
