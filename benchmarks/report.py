@@ -34,6 +34,7 @@ SCRIPTS = {
     "adapters": "adapters.py",
     # the script's default budget, `--tokens 150000`, for task B's full, lora and rows-taylor arms
     "adapters_150k": "adapters.py",
+    "adaptive_lr4e-4": "adaptive.py",
     "gsm8k": "gsm8k_agreement.py",
     "reconstruct_error": "reconstruct_error.py",
     "reference_llmcompressor": "reference_llmcompressor.py",
@@ -432,6 +433,7 @@ RENDER: dict[str, Callable[[dict], str]] = {
     "adaptive": adaptive,
     "adapters": adapters,
     "adapters_150k": adapters,
+    "adaptive_lr4e-4": adaptive,
     "gsm8k": gsm8k,
     "reconstruct_error": reconstruct_error,
     "reference_llmcompressor": reference_llmcompressor,
