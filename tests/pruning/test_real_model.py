@@ -24,6 +24,7 @@ def test_wanda_two_four_on_the_embedded_model(shared_data):
     assert len(measured["per_layer"]) == 30 * 7
     assert all(s == pytest.approx(0.5, abs=1e-3) for s in measured["per_layer"].values())
     ppl = evaluate_perplexity(model, tok, "wikitext2", seq_len=2048, max_windows=2, progress=False)["ppl"]
-    # float32 forwards make the run the same on every CPU; measured 193.28 with the default (sequential)
-    # order and 187.19 with the paper's two-pass one on this small calibration (dense: 19.27 on 8 windows)
-    assert ppl == pytest.approx(193.28, rel=0.02)
+    # Measured 193.28 on an Intel Xeon (AMX) and 197.18 on an AMD EPYC with the default (sequential)
+    # order, 187.19 with the paper's two-pass one, on this small calibration (dense: 19.27 on 8 windows).
+    # The bf16 model's kernels differ between CPUs, and Wanda 2:4 near-ties fall either way.
+    assert ppl == pytest.approx(195.2, rel=0.04)
