@@ -26,5 +26,5 @@ def test_wanda_two_four_on_the_embedded_model(shared_data):
     ppl = evaluate_perplexity(model, tok, "wikitext2", seq_len=2048, max_windows=2, progress=False)["ppl"]
     # Measured 193.28 on an Intel Xeon (AMX) and 197.18 on an AMD EPYC with the default (sequential)
     # order, 187.19 with the paper's two-pass one, on this small calibration (dense: 19.27 on 8 windows).
-    # The bf16 model's kernels differ between CPUs, and Wanda 2:4 near-ties fall either way.
+    # Even in float32 the CPUs' matrix kernels sum in different orders, and Wanda 2:4's near-ties fall either way.
     assert ppl == pytest.approx(195.2, rel=0.04)
