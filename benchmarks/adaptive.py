@@ -12,6 +12,8 @@ teacher):
 - `ast-wanda`: AST with Wanda masks (the default metric);
 - `ast-wanda-slorb`: AST with Wanda masks and SLoRB branches;
 - `ast-sparsegpt-wanda`: AST with Wanda masks started from the SparseGPT 2:4 model;
+- `ast-sparsegpt-teacher`: AST with Wanda masks started from the SparseGPT 2:4 model and its mask,
+  the pruned weights set to the dense model's values (`pruned_start` 'teacher');
 - `fixed-sh`, `ast-wanda-sh`: `fixed` and `ast-wanda` with the recovery recipes' losses instead
   (CE 1 + KL 3 at T = 1 + square-head 10 over every block's output, as `recovery.py`).
 
@@ -54,6 +56,7 @@ VARIANTS = (
     "ast-sparsegpt-wanda",
     "fixed-sh",
     "ast-wanda-sh",
+    "ast-sparsegpt-teacher",
 )
 # The recovery recipes' loss mix (`recovery.py`, builtin recipes), for the `-sh` arms.
 SQUARE_HEAD_MIX = {"ce_weight": 1.0, "kl_weight": 3.0, "temperature": 1.0, "square_head_weight": 10.0}
@@ -167,6 +170,10 @@ def main() -> None:
         "ast-wanda": (dense, {"method": "ast", "ast": {"mask_metric": "wanda"}}),
         "ast-wanda-slorb": (dense, {"method": "ast", "ast": {"mask_metric": "wanda", "slorb": True}}),
         "ast-sparsegpt-wanda": (pruned, {"method": "ast", "ast": {"mask_metric": "wanda"}}),
+        "ast-sparsegpt-teacher": (
+            pruned,
+            {"method": "ast", "ast": {"mask_metric": "wanda", "pruned_start": "teacher"}},
+        ),
         "fixed-sh": (pruned, SQUARE_HEAD_MIX),
         "ast-wanda-sh": (dense, {"method": "ast", "ast": {"mask_metric": "wanda"}, **SQUARE_HEAD_MIX}),
     }

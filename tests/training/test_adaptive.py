@@ -11,9 +11,10 @@ from sparsefit.errors import UsageError
 from sparsefit.export import export_checkpoint
 from sparsefit.models import load_model
 from sparsefit.models.slorb import SLORB_FILE, slorb_modules
+from sparsefit.pruning import OneShotConfig, oneshot
 from sparsefit.pruning.structure import Structure
 from sparsefit.training import FinetuneConfig, finetune
-from sparsefit.training.adaptive import AdaptiveMasks
+from sparsefit.training.adaptive import AdaptiveMasks, setup_adaptive
 from sparsefit.training.loop import LOG_FILE
 from sparsefit.training.masks import decoder_linears
 from tests.conftest import tiny_model
@@ -169,6 +170,53 @@ def test_slorb_export_and_reload(tokenizer, data_dir, tmp_path):
     assert SLORB_FILE in kept["files"]
     with torch.no_grad():
         assert torch.allclose(load_model(tmp_path / "keep")(ids).logits, expected, atol=1e-5)
+
+
+def pruned_24(tokenizer, arch):
+    model = tiny_model(arch)
+    oneshot(model, tokenizer, OneShotConfig(method="magnitude", structure="2:4", calib=None), progress=False)
+    return model
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_pruned_start_teacher_keeps_the_mask_and_takes_the_teachers_pruned_values(arch, tokenizer):
+    model, teacher = pruned_24(tokenizer, arch), tiny_model(arch)
+    with torch.no_grad():  # a teacher unlike the model's own dense weights: its values must be the ones copied
+        for module in decoder_linears(teacher).values():
+            module.weight.mul_(3.0)
+    pruned = {name: m.weight.detach().clone() for name, m in decoder_linears(model).items()}
+    ids = torch.randint(0, 200, (2, 12))
+    with torch.no_grad():
+        expected = model(ids).logits
+    cfg = FinetuneConfig(method="ast", teacher="t", ast={"pruned_start": "teacher", "mask_metric": "magnitude"})
+    adaptive = setup_adaptive(model, cfg, steps=10, stats_batches=[], teacher=teacher)
+    theirs = decoder_linears(teacher)
+    for name, module, keep in adaptive.masks.items():
+        assert torch.equal(keep, pruned[name] != 0), name  # the one-shot mask is the starting mask
+        assert torch.equal(module.weight[keep], pruned[name][keep])  # kept weights unchanged
+        assert torch.equal(module.weight[~keep], theirs[name].weight[~keep])  # pruned ones: the teacher's
+        assert (module.weight[~keep] != 0).all()
+    adaptive.mask_weights()
+    with torch.no_grad():  # the forward still sees the one-shot model
+        assert torch.equal(model(ids).logits, expected)
+    adaptive.restore_weights()
+    assert adaptive.update() > 0  # the teacher's values compete for places at the first update
+
+
+def test_pruned_start_teacher_trains_to_an_exact_nm_model(tokenizer, data_dir, tmp_path):
+    cfg = FinetuneConfig(
+        **AST, max_steps=4, teacher="given", ast={"pruned_start": "teacher", "mask_every": 2, "mask_metric": "wanda"}
+    )
+    model = pruned_24(tokenizer, "llama")
+    metrics = finetune(model, tokenizer, cfg, tmp_path / "t", teacher=tiny_model("llama"), progress=False)
+    assert metrics["revived_weights"] == 0 and metrics["sparsity"] == pytest.approx(0.5, abs=1e-3)
+    for module in decoder_linears(model).values():
+        assert_nm(module, module.weight)
+    assert [r["step"] for r in log_records(tmp_path / "t") if "mask_flip_rate" in r] == [2]
+    with pytest.raises(UsageError, match="prune it first"):  # a dense model has no mask to start from
+        finetune(tiny_model("llama"), tokenizer, cfg, tmp_path / "d", teacher=tiny_model("llama"), progress=False)
+    with pytest.raises(ValueError, match="pruned_start 'teacher'.*set teacher"):
+        FinetuneConfig(method="ast", ast={"pruned_start": "teacher"})
 
 
 def test_ast_distillation_mix_and_option_errors(tokenizer):

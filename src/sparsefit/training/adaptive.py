@@ -204,21 +204,58 @@ class AdaptiveMasks:
             self.input_sq_sum = {name: state[f"{name}.input_sq_sum"].to(device[name]) for name in self.input_sq_sum}
 
 
+@torch.no_grad()
+def fill_pruned_from(linears: dict[str, nn.Module], keeps: dict[str, torch.Tensor], source: nn.Module) -> None:
+    """Give each pruned weight (keep False) the value of the same weight in `source` (the dense teacher),
+    so that a model pruned in one shot starts AST with dense shadow weights behind its own mask."""
+    theirs = dict(source.named_modules())
+    for name, module in linears.items():
+        other = theirs.get(name)
+        if other is None or getattr(other, "weight", None) is None or other.weight.shape != module.weight.shape:
+            raise UsageError(
+                f"the teacher has no weight shaped like {name}'s: pruned_start 'teacher' needs the same architecture"
+            )
+        pruned = ~keeps[name]
+        module.weight[pruned] = other.weight.detach().to(module.weight.device, module.weight.dtype)[pruned]
+
+
 def setup_adaptive(
-    model: PreTrainedModel, config: FinetuneConfig, steps: int, stats_batches: Iterable[dict[str, torch.Tensor]]
+    model: PreTrainedModel,
+    config: FinetuneConfig,
+    steps: int,
+    stats_batches: Iterable[dict[str, torch.Tensor]],
+    teacher: nn.Module | None = None,
 ) -> AdaptiveMasks:
     """The initial masks of the (full, unsharded) model for `config.ast`, with Wanda's statistics from
-    `stats_batches` when asked, and SLoRB branches initialised from the weights the masks prune."""
+    `stats_batches` when asked, and SLoRB branches initialised from the weights the masks prune.
+
+    With `pruned_start` 'teacher' the model must already be N:M sparse: its mask is the initial one and
+    its pruned weights take the teacher's values (the statistics are gathered before, on the sparse model)."""
     ast = config.ast
     linears = decoder_linears(model, config.targets, config.ignore)
+    structure = Structure.parse(ast.structure)
+    if ast.pruned_start == "teacher":
+        if teacher is None:
+            raise UsageError("ast pruned_start 'teacher' needs a teacher: set --teacher")
+        for name, module in linears.items():
+            if not structure.holds(weight_as_out_in(module)):
+                raise UsageError(
+                    f"ast pruned_start 'teacher' starts from a {structure} model, but {name} is not {structure}: "
+                    f"prune it first (sparsefit prune --structure {structure})"
+                )
     stats = None
     if ast.mask_metric == "wanda":
         was_training = model.training
         stats = input_sq_sums(model.eval(), linears, stats_batches)
         model.train(was_training)
     increase = ast.increase_steps if ast.increase_steps is not None else steps // 4
-    structure = Structure.parse(ast.structure)
-    adaptive = AdaptiveMasks.initial(linears, structure, ast.mask_every, ast.srste_decay, increase, stats)
+    # The initial masks: of the model's own magnitudes when it is sparse already (zeros lose), else by the metric.
+    adaptive = AdaptiveMasks.initial(
+        linears, structure, ast.mask_every, ast.srste_decay, increase, None if ast.pruned_start == "teacher" else stats
+    )
+    adaptive.input_sq_sum = stats
+    if ast.pruned_start == "teacher":
+        fill_pruned_from(linears, {name: keep for name, _, keep in adaptive.masks.items()}, teacher)
     if ast.slorb:
         init = {}
         try:

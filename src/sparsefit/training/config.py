@@ -46,6 +46,11 @@ class ASTConfig(BaseModel):
     increase_steps: int | None = Field(
         None, ge=0, description="steps over which the decay rises linearly to its peak (default a quarter of the run)"
     )
+    pruned_start: Literal["zero", "teacher"] = Field(
+        "zero",
+        description="a model that is already N:M sparse keeps its mask to start with; its pruned weights start at "
+        "zero (they seldom win back a place) | teacher (the teacher's values, so the masks can move)",
+    )
     slorb: bool = Field(False, description="add SLoRB side branches (sparse low-rank boosting)")
     slorb_k: int = Field(16, ge=1, description="inputs per SLoRB group (its size is 1/k of a layer)")
     slorb_init: Literal["mean", "zero"] = Field("mean", description="SLoRB init: mean of the pruned weights | zero")
@@ -229,6 +234,8 @@ class FinetuneConfig(BaseModel):
             raise ValueError("kl_weight / square_head_weight need a teacher: set teacher to a model")
         if self.ce_weight == 0 and not distilling:
             raise ValueError("every loss weight is 0: set ce_weight, or a teacher with kl_weight / square_head_weight")
+        if self.method == "ast" and self.ast.pruned_start == "teacher" and self.teacher is None:
+            raise ValueError("ast pruned_start 'teacher' takes the pruned weights' values from a teacher: set teacher")
         if self.method == "ast" and (self.gmp is not None or self.masks == "none"):
             raise ValueError("method ast computes its own N:M masks: drop gmp and masks='none'")
         if self.peft != "none" and (self.method == "ast" or self.gmp is not None):

@@ -336,7 +336,7 @@ def _setup(
     adaptive = None
     if config.method == "ast":  # before sharding and the optimizer: SLoRB adds parameters
         stats = micro_batches(config, examples, lengths, info, pad_id, device, config.ast.stats_batches)
-        adaptive = setup_adaptive(model, config, steps, stats)
+        adaptive = setup_adaptive(model, config, steps, stats, teacher)
         masks = adaptive.masks
 
     adapters = None
