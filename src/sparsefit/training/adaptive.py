@@ -249,13 +249,17 @@ def setup_adaptive(
         stats = input_sq_sums(model.eval(), linears, stats_batches)
         model.train(was_training)
     increase = ast.increase_steps if ast.increase_steps is not None else steps // 4
-    # The initial masks: of the model's own magnitudes when it is sparse already (zeros lose), else by the metric.
-    adaptive = AdaptiveMasks.initial(
-        linears, structure, ast.mask_every, ast.srste_decay, increase, None if ast.pruned_start == "teacher" else stats
-    )
-    adaptive.input_sq_sum = stats
-    if ast.pruned_start == "teacher":
-        fill_pruned_from(linears, {name: keep for name, _, keep in adaptive.masks.items()}, teacher)
+    if ast.pruned_start == "teacher":  # the model's own mask (its zeros lose to any kept weight), then fill
+        keeps = {
+            name: _rows_inputs(m, adaptive_keep_mask(_rows_inputs(m, m.weight), structure))
+            for name, m in linears.items()
+        }
+        adaptive = AdaptiveMasks(
+            SparsityMasks(linears, keeps), structure, ast.mask_every, ast.srste_decay, increase, stats
+        )
+        fill_pruned_from(linears, keeps, teacher)
+    else:
+        adaptive = AdaptiveMasks.initial(linears, structure, ast.mask_every, ast.srste_decay, increase, stats)
     if ast.slorb:
         init = {}
         try:
