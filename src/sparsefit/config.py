@@ -18,21 +18,51 @@ M = TypeVar("M", bound=BaseModel)
 
 
 def describe_validation_error(
-    err: ValidationError, where: str, as_flags: bool = False, flattened: tuple[str, ...] = ()
+    err: ValidationError,
+    where: str,
+    as_flags: bool = False,
+    flattened: tuple[str, ...] = (),
+    fields: frozenset[str] = frozenset(),
 ) -> str:
     """One line naming each bad field; with `as_flags`, a top-level field as its flag (`--seq-len`), and a
-    field of a nested config in `flattened` (whose fields are flags of their own) as that flag."""
+    field of a nested config in `flattened` (whose fields are flags of their own) as that flag. A check of
+    the whole config names fields in its message: those of `fields` become flags there too."""
     parts = []
     for e in err.errors():
         loc = ".".join(str(x) for x in e["loc"]) or "(root)"
-        if as_flags and e["loc"]:
-            path = e["loc"][1:] if e["loc"][0] in flattened and len(e["loc"]) > 1 else e["loc"]
-            loc = "--" + str(path[0]).replace("_", "-") + "".join(f".{x}" for x in path[1:])
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown field; check its spelling"
+        if as_flags:
+            msg = _fields_as_flags(msg, fields)
+            if not e["loc"]:  # a check of the whole config: its message names the fields
+                parts.append(msg)
+                continue
+            path = e["loc"][1:] if e["loc"][0] in flattened and len(e["loc"]) > 1 else e["loc"]
+            loc = "--" + str(path[0]).replace("_", "-") + "".join(f".{x}" for x in path[1:])
         parts.append(f"{loc}: {msg}")
     return f"invalid {where}: " + "; ".join(parts)
+
+
+def _fields_as_flags(message: str, fields: frozenset[str]) -> str:
+    """`kl_weight` -> `--kl-weight` for each field named in `message`: words with an underscore, and a
+    single word after "set " (plain words such as "teacher" are English elsewhere)."""
+
+    def flag(m: re.Match) -> str:
+        return "--" + m.group(0).replace("_", "-") if m.group(0) in fields else m.group(0)
+
+    message = re.sub(r"\b[a-z][a-z0-9]*(?:_[a-z0-9]+)+\b", flag, message)
+    return re.sub(r"(?<=\bset )[a-z]+\b", flag, message)
+
+
+def _field_names(model_cls: type[BaseModel], flattened: tuple[str, ...]) -> frozenset[str]:
+    """The fields of `model_cls` and those of its nested configs in `flattened`: the names that have flags."""
+    names = set(model_cls.model_fields)
+    for name in flattened:
+        nested = model_cls.model_fields[name].annotation
+        if isinstance(nested, type) and issubclass(nested, BaseModel):
+            names |= set(nested.model_fields)
+    return frozenset(names)
 
 
 def validate(model_cls: type[M], data: dict, where: str, as_flags: bool = False, flattened: tuple[str, ...] = ()) -> M:
@@ -40,7 +70,8 @@ def validate(model_cls: type[M], data: dict, where: str, as_flags: bool = False,
     try:
         return model_cls.model_validate(data)
     except ValidationError as err:
-        raise UsageError(describe_validation_error(err, where, as_flags, flattened)) from None
+        fields = _field_names(model_cls, flattened) if as_flags else frozenset()
+        raise UsageError(describe_validation_error(err, where, as_flags, flattened, fields)) from None
 
 
 def add_flags(parser: Any, model_cls: type[BaseModel], names: list[str]) -> None:

@@ -38,8 +38,9 @@ def test_prune_then_distill_from_the_dense_checkpoint(tiny_checkpoint, data_dir,
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--kl-weight", "1"], "need a teacher"),
-        (["--max-steps", "2", "--num-epochs", "1"], "only one of"),
+        (["--kl-weight", "1"], "options: --kl-weight / --square-head-weight need a teacher: set --teacher"),
+        (["--max-steps", "2", "--num-epochs", "1"], "only one of --max-steps, --num-epochs, --max-tokens"),
+        (["--method", "ast", "--pruned-start", "teacher"], "--pruned-start 'teacher' (method ast) takes"),
         (["--lr", "-1"], "lr"),
         (["--gmp", "0,0.5,10"], "--gmp takes"),
         (["--teacher", "./nowhere", "--kl-weight", "1"], "does not exist"),

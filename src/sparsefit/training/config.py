@@ -235,7 +235,9 @@ class FinetuneConfig(BaseModel):
         if self.ce_weight == 0 and not distilling:
             raise ValueError("every loss weight is 0: set ce_weight, or a teacher with kl_weight / square_head_weight")
         if self.method == "ast" and self.ast.pruned_start == "teacher" and self.teacher is None:
-            raise ValueError("ast pruned_start 'teacher' takes the pruned weights' values from a teacher: set teacher")
+            raise ValueError(
+                "pruned_start 'teacher' (method ast) takes the pruned weights' values from a teacher: set teacher"
+            )
         if self.method == "ast" and (self.gmp is not None or self.masks == "none"):
             raise ValueError("method ast computes its own N:M masks: drop gmp and masks='none'")
         if self.peft != "none" and (self.method == "ast" or self.gmp is not None):

@@ -162,7 +162,7 @@ def test_cli_flags(tiny_checkpoint, data_dir, tmp_path, capsys):
     code = main(["finetune", "--model", str(tiny_checkpoint), "--peft", "rows", "--row-init", "residual",
                  "--output", str(tmp_path / "x")])  # fmt: skip
     err = capsys.readouterr().err
-    assert code == 2 and "--row-init: 'residual' starts from the quantization residual: set base_bits 4" in err
+    assert code == 2 and "--row-init: 'residual' starts from the quantization residual: set --base-bits 4" in err
     code = main(
         ["finetune", "--model", str(tiny_checkpoint), "--peft", "lora", "--base-bits", "4", "--base-group-size", "16",
          "--max-steps", "1", "--seq-len", "64", "--format", "plain", "--bf16", "false", "--output", str(tmp_path / "q")]
