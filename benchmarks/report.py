@@ -35,6 +35,8 @@ SCRIPTS = {
     # the script's default budget, `--tokens 150000`, for task B's full, lora and rows-taylor arms
     "adapters_150k": "adapters.py",
     "adaptive_lr4e-4": "adaptive.py",
+    # twice the default budget (`--tokens 300000`, lr 4e-4): whether AST's lead grows with training
+    "adaptive_300k": "adaptive.py",
     "gsm8k": "gsm8k_agreement.py",
     "reconstruct_error": "reconstruct_error.py",
     "reference_llmcompressor": "reference_llmcompressor.py",
@@ -434,6 +436,7 @@ RENDER: dict[str, Callable[[dict], str]] = {
     "adapters": adapters,
     "adapters_150k": adapters,
     "adaptive_lr4e-4": adaptive,
+    "adaptive_300k": adaptive,
     "gsm8k": gsm8k,
     "reconstruct_error": reconstruct_error,
     "reference_llmcompressor": reference_llmcompressor,
