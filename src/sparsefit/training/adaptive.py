@@ -119,13 +119,15 @@ class AdaptiveMasks:
         decay: float,
         increase_steps: int,
         input_sq_sum: dict[str, torch.Tensor] | None = None,
+        own_mask: bool = False,
     ) -> AdaptiveMasks:
-        """Masks of the starting (full, unsharded) weights."""
+        """Masks of the starting (full, unsharded) weights: by the metric, or with `own_mask` by magnitude
+        alone, which keeps an N:M sparse model's own mask (its zeros lose to every kept weight)."""
         if not structure.is_nm:
             raise UsageError(f"adaptive masks need an N:M structure such as 2:4, got '{structure}'")
         for name, module in linears.items():
             structure.check_columns(weight_as_out_in(module).shape[1], name)
-        stats = input_sq_sum or {}
+        stats = {} if own_mask else input_sq_sum or {}
         keeps = {
             name: _rows_inputs(m, adaptive_keep_mask(_rows_inputs(m, m.weight), structure, stats.get(name)))
             for name, m in linears.items()
@@ -249,17 +251,10 @@ def setup_adaptive(
         stats = input_sq_sums(model.eval(), linears, stats_batches)
         model.train(was_training)
     increase = ast.increase_steps if ast.increase_steps is not None else steps // 4
-    if ast.pruned_start == "teacher":  # the model's own mask (its zeros lose to any kept weight), then fill
-        keeps = {
-            name: _rows_inputs(m, adaptive_keep_mask(_rows_inputs(m, m.weight), structure))
-            for name, m in linears.items()
-        }
-        adaptive = AdaptiveMasks(
-            SparsityMasks(linears, keeps), structure, ast.mask_every, ast.srste_decay, increase, stats
-        )
-        fill_pruned_from(linears, keeps, teacher)
-    else:
-        adaptive = AdaptiveMasks.initial(linears, structure, ast.mask_every, ast.srste_decay, increase, stats)
+    own = ast.pruned_start == "teacher"
+    adaptive = AdaptiveMasks.initial(linears, structure, ast.mask_every, ast.srste_decay, increase, stats, own)
+    if own:
+        fill_pruned_from(linears, adaptive.masks.masks, teacher)
     if ast.slorb:
         init = {}
         try:
