@@ -14,6 +14,8 @@ teacher):
 - `ast-sparsegpt-wanda`: AST with Wanda masks started from the SparseGPT 2:4 model;
 - `ast-sparsegpt-teacher`: AST with Wanda masks started from the SparseGPT 2:4 model and its mask,
   the pruned weights set to the dense model's values (`pruned_start` 'teacher');
+- `fixed-wanda`: the Wanda 2:4 model of the dense one (the mask `ast-wanda` starts from, dense values
+  kept) fine-tuned with that mask held: what `ast-wanda` gains by moving its mask;
 - `fixed-sh`, `ast-wanda-sh`: `fixed` and `ast-wanda` with the recovery recipes' losses instead
   (CE 1 + KL 3 at T = 1 + square-head 10 over every block's output, as `recovery.py`).
 
@@ -57,6 +59,7 @@ VARIANTS = (
     "fixed-sh",
     "ast-wanda-sh",
     "ast-sparsegpt-teacher",
+    "fixed-wanda",
 )
 # The recovery recipes' loss mix (`recovery.py`, builtin recipes), for the `-sh` arms.
 SQUARE_HEAD_MIX = {"ce_weight": 1.0, "kl_weight": 3.0, "temperature": 1.0, "square_head_weight": 10.0}
@@ -174,12 +177,16 @@ def main() -> None:
             pruned,
             {"method": "ast", "ast": {"mask_metric": "wanda", "pruned_start": "teacher"}},
         ),
+        "fixed-wanda": (None, {}),  # built below only when asked
         "fixed-sh": (pruned, SQUARE_HEAD_MIX),
         "ast-wanda-sh": (dense, {"method": "ast", "ast": {"mask_metric": "wanda"}, **SQUARE_HEAD_MIX}),
     }
     for name, (start, options) in runs.items():
         if name not in variants:
             continue
+        if start is None:  # fixed-wanda
+            start = copy.deepcopy(dense)
+            oneshot(start, tok, OneShotConfig(method="wanda", structure="2:4"), progress=False)
         model = copy.deepcopy(start)
         config = FinetuneConfig(**{**base, **options})
         m = finetune(model, tok, config, work / name, teacher=teacher, overwrite=True, progress=False)
