@@ -14,6 +14,8 @@ teacher):
 - `ast-sparsegpt-wanda`: AST with Wanda masks started from the SparseGPT 2:4 model;
 - `ast-sparsegpt-teacher`: AST with Wanda masks started from the SparseGPT 2:4 model and its mask,
   the pruned weights set to the dense model's values (`pruned_start` 'teacher');
+- `ast-sparsegpt-capped`: as `ast-sparsegpt-teacher`, the teacher's values capped below each group's
+  kept scores (`pruned_start` 'capped'), so the one-shot mask holds until training moves it;
 - `fixed-wanda`: the Wanda 2:4 model of the dense one (the mask `ast-wanda` starts from, dense values
   kept) fine-tuned with that mask held: what `ast-wanda` gains by moving its mask;
 - `fixed-sh`, `ast-wanda-sh`: `fixed` and `ast-wanda` with the recovery recipes' losses instead
@@ -60,6 +62,7 @@ VARIANTS = (
     "ast-wanda-sh",
     "ast-sparsegpt-teacher",
     "fixed-wanda",
+    "ast-sparsegpt-capped",
 )
 # The recovery recipes' loss mix (`recovery.py`, builtin recipes), for the `-sh` arms.
 SQUARE_HEAD_MIX = {"ce_weight": 1.0, "kl_weight": 3.0, "temperature": 1.0, "square_head_weight": 10.0}
@@ -176,6 +179,10 @@ def main() -> None:
         "ast-sparsegpt-teacher": (
             pruned,
             {"method": "ast", "ast": {"mask_metric": "wanda", "pruned_start": "teacher"}},
+        ),
+        "ast-sparsegpt-capped": (
+            pruned,
+            {"method": "ast", "ast": {"mask_metric": "wanda", "pruned_start": "capped"}},
         ),
         "fixed-wanda": (None, {}),  # built below only when asked
         "fixed-sh": (pruned, SQUARE_HEAD_MIX),

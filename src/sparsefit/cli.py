@@ -440,7 +440,7 @@ FINETUNE_GROUPS = {
 
 AST_FIELDS = [
     "structure", "mask_every", "mask_metric", "stats_batches", "stats_every", "srste_decay", "increase_steps",
-    "pruned_start", "slorb", "slorb_k", "slorb_init", "slorb_trainable_projection",
+    "pruned_start", "pruned_cap", "slorb", "slorb_k", "slorb_init", "slorb_trainable_projection",
 ]  # fmt: skip
 
 ADAPTER_FIELDS = [

@@ -215,10 +215,29 @@ def fill_pruned_from(linears: dict[str, nn.Module], keeps: dict[str, torch.Tenso
         other = theirs.get(name)
         if other is None or getattr(other, "weight", None) is None or other.weight.shape != module.weight.shape:
             raise UsageError(
-                f"the teacher has no weight shaped like {name}'s: pruned_start 'teacher' needs the same architecture"
+                f"the teacher has no weight shaped like {name}'s: starting from its values needs the same architecture"
             )
         pruned = ~keeps[name]
         module.weight[pruned] = other.weight.detach().to(module.weight.device, module.weight.dtype)[pruned]
+
+
+def cap_pruned_scores(
+    weight: torch.Tensor, keep: torch.Tensor, m: int, cap: float, input_sq_sum: torch.Tensor | None = None
+) -> torch.Tensor:
+    """`weight` (out, in) with each pruned weight (keep False) shrunk, sign kept, until its score (|w|, or
+    Wanda's |w| * ||x|| given the per-input sum of x^2) is at most `cap` (< 1) times the smallest kept
+    score of its group of `m` inputs. Recomputing the mask by that score then gives `keep` back: a
+    pruned weight wins a place only once training has moved it (or the kept ones) past that margin.
+    Inputs that never fire score 0 whatever their weight; those weights are left as they are."""
+    out, inp = weight.shape
+    w = weight.detach().float()
+    norms = torch.ones(inp, device=w.device) if input_sq_sum is None else input_sq_sum.detach().float().sqrt()
+    scores = w.abs() * norms
+    floor = scores.masked_fill(~keep, float("inf")).view(out, inp // m, m).amin(-1, keepdim=True)
+    limit = cap * floor.expand(out, inp // m, m).reshape(out, inp) / norms.clamp_min(torch.finfo(torch.float32).tiny)
+    limit = torch.where(norms > 0, limit, torch.full_like(limit, float("inf")))
+    capped = torch.where(keep, w, w.sign() * torch.minimum(w.abs(), limit))
+    return capped.to(weight.dtype)
 
 
 def setup_adaptive(
@@ -231,19 +250,21 @@ def setup_adaptive(
     """The initial masks of the (full, unsharded) model for `config.ast`, with Wanda's statistics from
     `stats_batches` when asked, and SLoRB branches initialised from the weights the masks prune.
 
-    With `pruned_start` 'teacher' the model must already be N:M sparse: its mask is the initial one and
-    its pruned weights take the teacher's values (the statistics are gathered before, on the sparse model)."""
+    With `pruned_start` 'teacher' or 'capped' the model must already be N:M sparse: its mask is the initial
+    one and its pruned weights take the teacher's values, 'capped' shrinking them below its group's kept
+    scores (`cap_pruned_scores`); the statistics are gathered before, on the sparse model."""
     ast = config.ast
     linears = decoder_linears(model, config.targets, config.ignore)
     structure = Structure.parse(ast.structure)
-    if ast.pruned_start == "teacher":
+    own = ast.pruned_start != "zero"
+    if own:
         if teacher is None:
-            raise UsageError("ast pruned_start 'teacher' needs a teacher: set --teacher")
+            raise UsageError(f"ast pruned_start '{ast.pruned_start}' needs a teacher: set --teacher")
         for name, module in linears.items():
             if not structure.holds(weight_as_out_in(module)):
                 raise UsageError(
-                    f"ast pruned_start 'teacher' starts from a {structure} model, but {name} is not {structure}: "
-                    f"prune it first (sparsefit prune --structure {structure})"
+                    f"ast pruned_start '{ast.pruned_start}' starts from a {structure} model, but {name} is not "
+                    f"{structure}: prune it first (sparsefit prune --structure {structure})"
                 )
     stats = None
     if ast.mask_metric == "wanda":
@@ -251,10 +272,15 @@ def setup_adaptive(
         stats = input_sq_sums(model.eval(), linears, stats_batches)
         model.train(was_training)
     increase = ast.increase_steps if ast.increase_steps is not None else steps // 4
-    own = ast.pruned_start == "teacher"
     adaptive = AdaptiveMasks.initial(linears, structure, ast.mask_every, ast.srste_decay, increase, stats, own)
     if own:
         fill_pruned_from(linears, adaptive.masks.masks, teacher)
+    if ast.pruned_start == "capped":
+        with torch.no_grad():
+            for name, module, keep in adaptive.masks.items():
+                w = _rows_inputs(module, module.weight)
+                sq_sum = (stats or {}).get(name)
+                w.copy_(cap_pruned_scores(w, _rows_inputs(module, keep), structure.m, ast.pruned_cap, sq_sum))
     if ast.slorb:
         init = {}
         try:
