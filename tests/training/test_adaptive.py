@@ -14,7 +14,7 @@ from sparsefit.models.slorb import SLORB_FILE, slorb_modules
 from sparsefit.pruning import OneShotConfig, oneshot
 from sparsefit.pruning.structure import Structure
 from sparsefit.training import FinetuneConfig, finetune
-from sparsefit.training.adaptive import AdaptiveMasks, setup_adaptive
+from sparsefit.training.adaptive import AdaptiveMasks, adaptive_keep_mask, cap_pruned_scores, setup_adaptive
 from sparsefit.training.loop import LOG_FILE
 from sparsefit.training.masks import decoder_linears
 from tests.conftest import tiny_model
@@ -217,6 +217,71 @@ def test_pruned_start_teacher_trains_to_an_exact_nm_model(tokenizer, data_dir, t
         finetune(tiny_model("llama"), tokenizer, cfg, tmp_path / "d", teacher=tiny_model("llama"), progress=False)
     with pytest.raises(ValueError, match="pruned_start 'teacher'.*set teacher"):
         FinetuneConfig(method="ast", ast={"pruned_start": "teacher"})
+
+
+@pytest.mark.parametrize("with_norms", [False, True])
+def test_cap_pruned_scores_puts_every_pruned_score_under_its_groups_kept_ones(with_norms):
+    torch.manual_seed(0)
+    weight = torch.randn(16, 32)
+    keep = adaptive_keep_mask(torch.randn(16, 32), Structure(2, 4))  # a mask that often prunes the larger weights
+    sq_sum = torch.rand(32) * 4 if with_norms else None
+    if with_norms:
+        sq_sum[5] = 0.0  # an input that never fires: score 0, its weights left alone
+    capped = cap_pruned_scores(weight, keep, 4, 0.8, sq_sum)
+    assert torch.equal(capped[keep], weight[keep])
+    moved = ~keep & (capped != 0)  # 0 where a kept weight of the group sits on the silent input
+    assert torch.equal(capped.sign()[moved], weight.sign()[moved])
+    assert (capped.abs() <= weight.abs()).all()
+    assert not torch.equal(capped, weight)  # this mask prunes weights that outscore kept ones
+    norms = torch.ones(32) if sq_sum is None else sq_sum.sqrt()
+    scores = (capped.abs() * norms).view(16, 8, 4)
+    floor = scores.masked_fill(~keep.view(16, 8, 4), float("inf")).amin(-1, keepdim=True)
+    pruned = ~keep.view(16, 8, 4)
+    assert (scores[pruned] <= (0.8 * floor.expand(16, 8, 4))[pruned] * (1 + 1e-6)).all()
+    below = (weight.abs() * norms <= 0.8 * floor.expand(16, 8, 4).reshape(16, 32)) & ~keep
+    assert torch.equal(capped[below], weight[below])  # already under the cap: unchanged
+    if with_norms:
+        assert torch.equal(capped[:, 5], weight[:, 5])
+        groups = torch.ones(16, 8, dtype=torch.bool)
+        groups[:, 1] = False  # the group holding the silent input may tie at 0
+    else:
+        groups = torch.ones(16, 8, dtype=torch.bool)
+    again = adaptive_keep_mask(capped, Structure(2, 4), sq_sum).view(16, 8, 4)
+    assert torch.equal(again[groups], keep.view(16, 8, 4)[groups])  # the mask recomputed is the same
+
+
+@pytest.mark.parametrize("arch,metric", [("llama", "wanda"), ("gpt2", "magnitude")])
+def test_pruned_start_capped_keeps_the_one_shot_model_until_training_moves_it(arch, metric, tokenizer):
+    model, teacher = pruned_24(tokenizer, arch), tiny_model(arch)
+    with torch.no_grad():  # the teacher's values outscore many kept weights
+        for module in decoder_linears(teacher).values():
+            module.weight.mul_(3.0)
+    pruned = {name: m.weight.detach().clone() for name, m in decoder_linears(model).items()}
+    ids = torch.randint(0, 200, (2, 12))
+    with torch.no_grad():
+        expected = model(ids).logits
+    cfg = FinetuneConfig(method="ast", teacher="t", ast={"pruned_start": "capped", "mask_metric": metric})
+    batches = [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}]
+    adaptive = setup_adaptive(model, cfg, steps=10, stats_batches=batches, teacher=teacher)
+    theirs = decoder_linears(teacher)
+    capped = 0
+    for name, module, keep in adaptive.masks.items():
+        assert torch.equal(keep, pruned[name] != 0), name
+        assert torch.equal(module.weight[keep], pruned[name][keep])
+        t = theirs[name].weight[~keep]
+        assert torch.equal(module.weight[~keep].sign(), t.sign())
+        assert (module.weight[~keep].abs() <= t.abs()).all()
+        capped += int((module.weight[~keep] != t).sum())
+    assert capped > 0  # some of the teacher's values outscored the kept weights
+    adaptive.mask_weights()
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, expected)
+    adaptive.restore_weights()
+    assert adaptive.update() == 0  # unlike 'teacher': nothing flips before training moves the weights
+    with pytest.raises(ValueError, match="pruned_start 'capped'.*set teacher"):
+        FinetuneConfig(method="ast", ast={"pruned_start": "capped"})
+    with pytest.raises(ValueError, match="pruned_cap"):
+        FinetuneConfig(method="ast", teacher="t", ast={"pruned_start": "capped", "pruned_cap": 1.0})
 
 
 def test_ast_distillation_mix_and_option_errors(tokenizer):

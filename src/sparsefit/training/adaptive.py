@@ -228,7 +228,8 @@ def cap_pruned_scores(
     Wanda's |w| * ||x|| given the per-input sum of x^2) is at most `cap` (< 1) times the smallest kept
     score of its group of `m` inputs. Recomputing the mask by that score then gives `keep` back: a
     pruned weight wins a place only once training has moved it (or the kept ones) past that margin.
-    Inputs that never fire score 0 whatever their weight; those weights are left as they are."""
+    Inputs that never fire score 0 whatever their weight: those weights are left as they are, and where
+    a kept weight sits on one, the pruned weights of its group become 0."""
     out, inp = weight.shape
     w = weight.detach().float()
     norms = torch.ones(inp, device=w.device) if input_sq_sum is None else input_sq_sum.detach().float().sqrt()
