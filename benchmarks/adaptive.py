@@ -7,7 +7,7 @@ teacher):
 - `oneshot`: SparseGPT 2:4 of the dense model, not trained (the starting point of `fixed`);
 - `fixed`: that model fine-tuned with its mask held (`--method standard`);
 - `ast`: the dense model trained with adaptive 2:4 masks (magnitude, SR-STE);
-- `ast-sparsegpt`: AST (magnitude) started from the SparseGPT 2:4 model;
+- `ast-sparsegpt`: AST (magnitude) started from the SparseGPT 2:4 model, its pruned weights at zero;
 - `ast-slorb`: AST (magnitude) with SLoRB branches (k = 16);
 - `ast-wanda`: AST with Wanda masks (the default metric);
 - `ast-wanda-slorb`: AST with Wanda masks and SLoRB branches;
@@ -171,11 +171,11 @@ def main() -> None:
     runs = {
         "fixed": (pruned, {}),
         "ast": (dense, {"method": "ast", "ast": {"mask_metric": "magnitude"}}),
-        "ast-sparsegpt": (pruned, {"method": "ast", "ast": {"mask_metric": "magnitude"}}),
+        "ast-sparsegpt": (pruned, {"method": "ast", "ast": {"mask_metric": "magnitude", "pruned_start": "zero"}}),
         "ast-slorb": (dense, {"method": "ast", "ast": {"mask_metric": "magnitude", "slorb": True}}),
         "ast-wanda": (dense, {"method": "ast", "ast": {"mask_metric": "wanda"}}),
         "ast-wanda-slorb": (dense, {"method": "ast", "ast": {"mask_metric": "wanda", "slorb": True}}),
-        "ast-sparsegpt-wanda": (pruned, {"method": "ast", "ast": {"mask_metric": "wanda"}}),
+        "ast-sparsegpt-wanda": (pruned, {"method": "ast", "ast": {"mask_metric": "wanda", "pruned_start": "zero"}}),
         "ast-sparsegpt-teacher": (
             pruned,
             {"method": "ast", "ast": {"mask_metric": "wanda", "pruned_start": "teacher"}},

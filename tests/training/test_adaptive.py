@@ -284,6 +284,31 @@ def test_pruned_start_capped_keeps_the_one_shot_model_until_training_moves_it(ar
         FinetuneConfig(method="ast", teacher="t", ast={"pruned_start": "capped", "pruned_cap": 1.0})
 
 
+def test_pruned_start_auto_is_capped_for_a_sparse_model_with_a_teacher(tokenizer):
+    def start(model, teacher, pruned_start):
+        cfg = FinetuneConfig(method="ast", teacher="t", ast={"pruned_start": pruned_start, "mask_metric": "magnitude"})
+        setup_adaptive(model, cfg, steps=10, stats_batches=[], teacher=teacher)
+        return {name: m.weight.detach().clone() for name, m in decoder_linears(model).items()}
+
+    teacher = tiny_model("llama")
+    with torch.no_grad():
+        for module in decoder_linears(teacher).values():
+            module.weight.mul_(3.0)
+    auto = start(pruned_24(tokenizer, "llama"), teacher, "auto")
+    capped = start(pruned_24(tokenizer, "llama"), teacher, "capped")
+    assert all(torch.equal(auto[n], capped[n]) for n in auto)
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(
+            start(pruned_24(tokenizer, "llama"), None, "auto").values(),
+            start(pruned_24(tokenizer, "llama"), None, "zero").values(),
+        )
+    )
+    dense = tiny_model("llama")  # a dense start has no mask of its own: auto is zero, its weights unchanged
+    before = {name: m.weight.detach().clone() for name, m in decoder_linears(dense).items()}
+    assert all(torch.equal(w, before[n]) for n, w in start(dense, teacher, "auto").items())
+
+
 def test_ast_distillation_mix_and_option_errors(tokenizer):
     cfg = FinetuneConfig(method="ast", teacher="t")
     assert (cfg.ce_weight, cfg.kl_weight, cfg.temperature) == (0.33, 0.67, 2.0)

@@ -253,18 +253,23 @@ def setup_adaptive(
 
     With `pruned_start` 'teacher' or 'capped' the model must already be N:M sparse: its mask is the initial
     one and its pruned weights take the teacher's values, 'capped' shrinking them below its group's kept
-    scores (`cap_pruned_scores`); the statistics are gathered before, on the sparse model."""
+    scores (`cap_pruned_scores`); the statistics are gathered before, on the sparse model. 'auto' is
+    'capped' for an N:M sparse model with a teacher, else 'zero'."""
     ast = config.ast
     linears = decoder_linears(model, config.targets, config.ignore)
     structure = Structure.parse(ast.structure)
-    own = ast.pruned_start != "zero"
+    start = ast.pruned_start
+    if start == "auto":
+        sparse = all(structure.holds(weight_as_out_in(m)) for m in linears.values())
+        start = "capped" if sparse and teacher is not None else "zero"
+    own = start != "zero"
     if own:
         if teacher is None:
-            raise UsageError(f"ast pruned_start '{ast.pruned_start}' needs a teacher: set --teacher")
+            raise UsageError(f"ast pruned_start '{start}' needs a teacher: set --teacher")
         for name, module in linears.items():
             if not structure.holds(weight_as_out_in(module)):
                 raise UsageError(
-                    f"ast pruned_start '{ast.pruned_start}' starts from a {structure} model, but {name} is not "
+                    f"ast pruned_start '{start}' starts from a {structure} model, but {name} is not "
                     f"{structure}: prune it first (sparsefit prune --structure {structure})"
                 )
     stats = None
@@ -276,7 +281,7 @@ def setup_adaptive(
     adaptive = AdaptiveMasks.initial(linears, structure, ast.mask_every, ast.srste_decay, increase, stats, own)
     if own:
         fill_pruned_from(linears, adaptive.masks.masks, teacher)
-    if ast.pruned_start == "capped":
+    if start == "capped":
         with torch.no_grad():
             for name, module, keep in adaptive.masks.items():
                 w = _rows_inputs(module, module.weight)

@@ -46,12 +46,15 @@ class ASTConfig(BaseModel):
     increase_steps: int | None = Field(
         None, ge=0, description="steps over which the decay rises linearly to its peak (default a quarter of the run)"
     )
-    pruned_start: Literal["zero", "teacher", "capped"] = Field(
-        "zero",
+    # On a SparseGPT 2:4 start, capped edged out zero (which trains like a fixed mask) on both
+    # benchmark metrics, and teacher lost on both (benchmarks/adaptive.py).
+    pruned_start: Literal["auto", "zero", "teacher", "capped"] = Field(
+        "auto",
         description="a model that is already N:M sparse keeps its mask to start with; its pruned weights start at "
         "zero (they seldom win back a place) | teacher (the teacher's values, so the masks can move) | capped (the "
         "teacher's values, each shrunk where needed until its score is at most pruned_cap times its group's "
-        "smallest kept score: the start's mask holds until training moves the weights)",
+        "smallest kept score: the start's mask holds until training moves the weights) | auto (default): capped "
+        "when the model is N:M sparse and a teacher is given, else zero",
     )
     pruned_cap: float = Field(
         0.8, gt=0, lt=1, description="capped: largest score of a pruned weight, a fraction of its group's kept scores"
@@ -239,7 +242,7 @@ class FinetuneConfig(BaseModel):
             raise ValueError("kl_weight / square_head_weight need a teacher: set teacher to a model")
         if self.ce_weight == 0 and not distilling:
             raise ValueError("every loss weight is 0: set ce_weight, or a teacher with kl_weight / square_head_weight")
-        if self.method == "ast" and self.ast.pruned_start != "zero" and self.teacher is None:
+        if self.method == "ast" and self.ast.pruned_start in ("teacher", "capped") and self.teacher is None:
             raise ValueError(
                 f"pruned_start '{self.ast.pruned_start}' (method ast) takes the pruned weights' values from a "
                 "teacher: set teacher"
