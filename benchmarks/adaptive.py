@@ -26,7 +26,8 @@ the summary gives the fraction of the one-shot WikiText-2 gap each arm closes,
 (one-shot - arm) / (one-shot - dense). Step costs come from alternating short runs of the fixed
 and the AST loops over the same batches (the long arms run far apart in time). Each arm
 takes about a quarter of an hour on 2 cores; arms run separately merge into one JSON (`--variants`,
-same other settings). Run it alone on the machine:
+same other settings; `--seed N` reruns arms with another data order, as NAME-seedN). Run it alone
+on the machine:
 
     SPARSEFIT_DATA_DIR=../shared/data python benchmarks/adaptive.py --out benchmarks/results/adaptive.json
 
@@ -115,6 +116,11 @@ def interleaved_speed(work: Path, tok, base: dict, pruned, dense, teacher, args)
     }
 
 
+def arm_name(variant: str, seed: int) -> str:
+    """The arm's name in the JSON: fine-tunes with another data order than seed 0's get '-seedN'."""
+    return variant if seed == 0 else f"{variant}-seed{seed}"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m")
@@ -126,6 +132,7 @@ def main() -> None:
     p.add_argument("--answer-rows", type=int, default=200)
     p.add_argument("--speed-rounds", type=int, default=2, help="alternating short runs of each loop (0 skips)")
     p.add_argument("--speed-steps", type=int, default=10, help="steps of each short run")
+    p.add_argument("--seed", type=int, default=0, help="fine-tunes' data order; arms of another seed get '-seedN'")
     p.add_argument("--work", default="runs/bench-ast")
     p.add_argument("--out", default="benchmarks/results/adaptive.json")
     args = p.parse_args()
@@ -139,7 +146,8 @@ def main() -> None:
     if Path(args.out).is_file():  # arms of an earlier run with the same settings merge into this one
         earlier = json.loads(Path(args.out).read_text())
         if all(earlier["args"].get(k) == getattr(args, k) for k in same):
-            result["runs"] = {k: v for k, v in earlier["runs"].items() if k not in variants}
+            redone = {arm_name(v, args.seed) for v in variants}
+            result["runs"] = {k: v for k, v in earlier["runs"].items() if k not in redone}
             commits = {**dict.fromkeys(earlier["runs"], earlier["environment"]["commit"]), **earlier.get("merged", {})}
             result["merged"] = {k: commits[k] for k in result["runs"]}
             if args.speed_rounds == 0 and "interleaved_speed" in earlier:
@@ -167,6 +175,7 @@ def main() -> None:
     base = dict(
         dataset="gsm8k", format="plain", max_tokens=args.tokens, batch_size=args.batch_size, lr=args.lr,
         teacher="dense", ce_weight=0.33, kl_weight=0.67, temperature=2.0, checkpoint_every=0, checkpoint_minutes=0,
+        seed=args.seed,
     )  # fmt: skip
     runs = {
         "fixed": (pruned, {}),
@@ -203,7 +212,7 @@ def main() -> None:
         loop["model_parameters"] = sum(p.numel() for p in dense.parameters())
         loop["nm_violations"] = nm_violations(model)
         loop["mask_flip_rate"] = [f for f in flips if f is not None]
-        record(name, {**evaluate(model, tok, args), "loop": loop})
+        record(arm_name(name, args.seed), {**evaluate(model, tok, args), "loop": loop})
 
     if args.speed_rounds > 0:
         result["interleaved_speed"] = interleaved_speed(work, tok, base, pruned, dense, teacher, args)
