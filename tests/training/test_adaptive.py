@@ -178,16 +178,23 @@ def pruned_24(tokenizer, arch):
     return model
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_pruned_start_teacher_keeps_the_mask_and_takes_the_teachers_pruned_values(arch, tokenizer):
+def sparse_start(tokenizer, arch):
+    """A 2:4 model, a teacher whose values outscore many of its kept weights (3x the dense ones), the
+    one-shot weights, a batch and the one-shot model's logits on it."""
     model, teacher = pruned_24(tokenizer, arch), tiny_model(arch)
-    with torch.no_grad():  # a teacher unlike the model's own dense weights: its values must be the ones copied
+    with torch.no_grad():
         for module in decoder_linears(teacher).values():
             module.weight.mul_(3.0)
     pruned = {name: m.weight.detach().clone() for name, m in decoder_linears(model).items()}
     ids = torch.randint(0, 200, (2, 12))
     with torch.no_grad():
         expected = model(ids).logits
+    return model, teacher, pruned, ids, expected
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_pruned_start_teacher_keeps_the_mask_and_takes_the_teachers_pruned_values(arch, tokenizer):
+    model, teacher, pruned, ids, expected = sparse_start(tokenizer, arch)  # the teacher's values must be copied
     cfg = FinetuneConfig(method="ast", teacher="t", ast={"pruned_start": "teacher", "mask_metric": "magnitude"})
     adaptive = setup_adaptive(model, cfg, steps=10, stats_batches=[], teacher=teacher)
     theirs = decoder_linears(teacher)
@@ -252,14 +259,7 @@ def test_cap_pruned_scores_puts_every_pruned_score_under_its_groups_kept_ones(wi
 
 @pytest.mark.parametrize("arch,metric", [("llama", "wanda"), ("gpt2", "magnitude")])
 def test_pruned_start_capped_keeps_the_one_shot_model_until_training_moves_it(arch, metric, tokenizer):
-    model, teacher = pruned_24(tokenizer, arch), tiny_model(arch)
-    with torch.no_grad():  # the teacher's values outscore many kept weights
-        for module in decoder_linears(teacher).values():
-            module.weight.mul_(3.0)
-    pruned = {name: m.weight.detach().clone() for name, m in decoder_linears(model).items()}
-    ids = torch.randint(0, 200, (2, 12))
-    with torch.no_grad():
-        expected = model(ids).logits
+    model, teacher, pruned, ids, expected = sparse_start(tokenizer, arch)
     cfg = FinetuneConfig(method="ast", teacher="t", ast={"pruned_start": "capped", "mask_metric": metric})
     batches = [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}]
     adaptive = setup_adaptive(model, cfg, steps=10, stats_batches=batches, teacher=teacher)
@@ -290,10 +290,7 @@ def test_pruned_start_auto_is_capped_for_a_sparse_model_with_a_teacher(tokenizer
         setup_adaptive(model, cfg, steps=10, stats_batches=[], teacher=teacher)
         return {name: m.weight.detach().clone() for name, m in decoder_linears(model).items()}
 
-    teacher = tiny_model("llama")
-    with torch.no_grad():
-        for module in decoder_linears(teacher).values():
-            module.weight.mul_(3.0)
+    teacher = sparse_start(tokenizer, "llama")[1]
     auto = start(pruned_24(tokenizer, "llama"), teacher, "auto")
     capped = start(pruned_24(tokenizer, "llama"), teacher, "capped")
     assert all(torch.equal(auto[n], capped[n]) for n in auto)
