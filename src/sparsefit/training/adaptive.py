@@ -258,20 +258,19 @@ def setup_adaptive(
     ast = config.ast
     linears = decoder_linears(model, config.targets, config.ignore)
     structure = Structure.parse(ast.structure)
+    not_nm = next((name for name, m in linears.items() if not structure.holds(weight_as_out_in(m))), None)
     start = ast.pruned_start
     if start == "auto":
-        sparse = all(structure.holds(weight_as_out_in(m)) for m in linears.values())
-        start = "capped" if sparse and teacher is not None else "zero"
+        start = "capped" if not_nm is None and teacher is not None else "zero"
     own = start != "zero"
     if own:
         if teacher is None:
             raise UsageError(f"ast pruned_start '{start}' needs a teacher: set --teacher")
-        for name, module in linears.items():
-            if not structure.holds(weight_as_out_in(module)):
-                raise UsageError(
-                    f"ast pruned_start '{start}' starts from a {structure} model, but {name} is not "
-                    f"{structure}: prune it first (sparsefit prune --structure {structure})"
-                )
+        if not_nm is not None:
+            raise UsageError(
+                f"ast pruned_start '{start}' starts from a {structure} model, but {not_nm} is not "
+                f"{structure}: prune it first (sparsefit prune --structure {structure})"
+            )
     stats = None
     if ast.mask_metric == "wanda":
         was_training = model.training
