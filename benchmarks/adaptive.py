@@ -21,6 +21,11 @@ teacher):
 - `fixed-sh`, `ast-wanda-sh`: `fixed` and `ast-wanda` with the recovery recipes' losses instead
   (CE 1 + KL 3 at T = 1 + square-head 10 over every block's output, as `recovery.py`).
 
+`--data self` trains the chosen arms on text sampled from the dense model instead of GSM8K (the same
+token budget, in sequences of 192 tokens, about a GSM8K example's length, so the arms take as many
+steps): data-free distillation stands in for the general corpus AST's paper trains on. Those arms are
+named NAME-self, and every one of them trains on the same sampled text (sampled once, kept in `--work`).
+
 Each is evaluated on WikiText-2 (8 windows of 2048) and GSM8K test answer perplexity (200 rows);
 the summary gives the fraction of the one-shot WikiText-2 gap each arm closes,
 (one-shot - arm) / (one-shot - dense). Step costs come from alternating short runs of the fixed
@@ -41,14 +46,19 @@ import copy
 import json
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from environment import environment
 from sparsefit.atomic import write_json
+from sparsefit.data.self_generated import sample_from_model
 from sparsefit.evaluation.gsm8k import evaluate_answer_ppl
 from sparsefit.evaluation.tasks import evaluate_perplexity
 from sparsefit.models import load_model_and_tokenizer
 from sparsefit.pruning import OneShotConfig, oneshot
 from sparsefit.training import FinetuneConfig, finetune
+
+if TYPE_CHECKING:
+    import torch
 
 VARIANTS = (
     "oneshot",
@@ -65,6 +75,9 @@ VARIANTS = (
     "fixed-wanda",
     "ast-sparsegpt-capped",
 )
+# Rows of the sampled training text (`--data self`): about the mean length of a GSM8K train example in
+# plain format, so a token budget takes as many steps on either data.
+SELF_LEN = 192
 # The recovery recipes' loss mix (`recovery.py`, builtin recipes), for the `-sh` arms.
 SQUARE_HEAD_MIX = {"ce_weight": 1.0, "kl_weight": 3.0, "temperature": 1.0, "square_head_weight": 10.0}
 
@@ -89,7 +102,7 @@ def nm_violations(model, n: int = 2, m: int = 4) -> int:  # noqa: ANN001
     return total
 
 
-def interleaved_speed(work: Path, tok, base: dict, pruned, dense, teacher, args) -> dict:  # noqa: ANN001
+def interleaved_speed(work: Path, tok, base: dict, pruned, dense, teacher, args, self_text) -> dict:  # noqa: ANN001
     """Tokens/s of the fixed-mask and the AST loop (with and without SLoRB) in alternating short runs
     over the same batches: the long arms run many minutes apart, and this machine's speed drifts."""
     short = {**base, "max_tokens": None, "max_steps": args.speed_steps}
@@ -103,7 +116,7 @@ def interleaved_speed(work: Path, tok, base: dict, pruned, dense, teacher, args)
         for name, (start, options) in loops.items():
             config = FinetuneConfig(**short, **options)
             m = finetune(copy.deepcopy(start), tok, config, work / f"speed-{name}", teacher=teacher, overwrite=True,
-                         progress=False)  # fmt: skip
+                         progress=False, self_text=self_text)  # fmt: skip
             seconds[name] += m["train_seconds"]
             tokens[name] += m["tokens"]
     rate = {k: tokens[k] / seconds[k] for k in loops}
@@ -116,9 +129,26 @@ def interleaved_speed(work: Path, tok, base: dict, pruned, dense, teacher, args)
     }
 
 
-def arm_name(variant: str, seed: int) -> str:
-    """The arm's name in the JSON: fine-tunes with another data order than seed 0's get '-seedN'."""
-    return variant if seed == 0 else f"{variant}-seed{seed}"
+def arm_name(variant: str, seed: int, data: str = "gsm8k") -> str:
+    """The arm's name in the JSON: fine-tunes on sampled text get '-self', with another data order than
+    seed 0's '-seedN'."""
+    return variant + ("-self" if data == "self" else "") + (f"-seed{seed}" if seed else "")
+
+
+def sampled_text(model, tok, tokens: int, work: Path) -> torch.Tensor:  # noqa: ANN001
+    """`tokens` tokens sampled from `model` (temperature 1, seed 0) in rows of SELF_LEN, kept in `work`
+    so every `-self` arm trains on the same text."""
+    from safetensors.torch import load_file, save
+
+    from sparsefit.atomic import write_bytes
+
+    rows = -(-tokens // SELF_LEN)
+    path = work / f"self-text-{rows}x{SELF_LEN}.safetensors"
+    if path.is_file():
+        return load_file(str(path))["input_ids"]
+    ids = sample_from_model(model, tok, rows, SELF_LEN, seed=0)
+    write_bytes(path, save({"input_ids": ids.contiguous()}))
+    return ids
 
 
 def main() -> None:
@@ -133,6 +163,8 @@ def main() -> None:
     p.add_argument("--speed-rounds", type=int, default=2, help="alternating short runs of each loop (0 skips)")
     p.add_argument("--speed-steps", type=int, default=10, help="steps of each short run")
     p.add_argument("--seed", type=int, default=0, help="fine-tunes' data order; arms of another seed get '-seedN'")
+    p.add_argument("--data", choices=("gsm8k", "self"), default="gsm8k",
+                   help="training text: GSM8K train, or sampled from the dense model (arms get '-self')")  # fmt: skip
     p.add_argument("--work", default="runs/bench-ast")
     p.add_argument("--out", default="benchmarks/results/adaptive.json")
     args = p.parse_args()
@@ -146,7 +178,7 @@ def main() -> None:
     if Path(args.out).is_file():  # arms of an earlier run with the same settings merge into this one
         earlier = json.loads(Path(args.out).read_text())
         if all(earlier["args"].get(k) == getattr(args, k) for k in same):
-            redone = {arm_name(v, args.seed) for v in variants}
+            redone = {arm_name(v, args.seed, args.data) for v in variants}
             result["runs"] = {k: v for k, v in earlier["runs"].items() if k not in redone}
             commits = {**dict.fromkeys(earlier["runs"], earlier["environment"]["commit"]), **earlier.get("merged", {})}
             result["merged"] = {k: commits[k] for k in result["runs"]}
@@ -177,6 +209,10 @@ def main() -> None:
         teacher="dense", ce_weight=0.33, kl_weight=0.67, temperature=2.0, checkpoint_every=0, checkpoint_minutes=0,
         seed=args.seed,
     )  # fmt: skip
+    self_text = None
+    if args.data == "self":
+        self_text = sampled_text(dense, tok, args.tokens, work)
+        base.update(dataset="self", self_samples=len(self_text), seq_len=SELF_LEN)
     runs = {
         "fixed": (pruned, {}),
         "ast": (dense, {"method": "ast", "ast": {"mask_metric": "magnitude"}}),
@@ -205,17 +241,18 @@ def main() -> None:
             oneshot(start, tok, OneShotConfig(method="wanda", structure="2:4"), progress=False)
         model = copy.deepcopy(start)
         config = FinetuneConfig(**{**base, **options})
-        m = finetune(model, tok, config, work / name, teacher=teacher, overwrite=True, progress=False)
-        flips = [json.loads(line).get("mask_flip_rate") for line in (work / name / "train_log.jsonl").open()]
+        out = work / arm_name(name, args.seed, args.data)
+        m = finetune(model, tok, config, out, teacher=teacher, overwrite=True, progress=False, self_text=self_text)
+        flips = [json.loads(line).get("mask_flip_rate") for line in (out / "train_log.jsonl").open()]
         loop = {k: m[k] for k in ("steps", "tokens", "train_seconds", "tokens_per_second", "final_loss", "bf16")}
         loop.update(sparsity=m["sparsity"], revived_weights=m["revived_weights"], slorb=m.get("slorb"))
         loop["model_parameters"] = sum(p.numel() for p in dense.parameters())
         loop["nm_violations"] = nm_violations(model)
         loop["mask_flip_rate"] = [f for f in flips if f is not None]
-        record(arm_name(name, args.seed), {**evaluate(model, tok, args), "loop": loop})
+        record(arm_name(name, args.seed, args.data), {**evaluate(model, tok, args), "loop": loop})
 
     if args.speed_rounds > 0:
-        result["interleaved_speed"] = interleaved_speed(work, tok, base, pruned, dense, teacher, args)
+        result["interleaved_speed"] = interleaved_speed(work, tok, base, pruned, dense, teacher, args, self_text)
         print("interleaved", json.dumps(result["interleaved_speed"]), flush=True)
     r = result["runs"]
     if {"dense", "oneshot"} <= set(r):
