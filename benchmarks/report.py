@@ -232,13 +232,12 @@ def adaptive(r: dict) -> str:
         )
     return "\n".join(
         [
-            f"{a['model']}, 2:4, {a['tokens']} tokens of GSM8K train per arm (batch {a['batch_size']}, lr "
-            f"{a['lr']}), CE 0.33 + KL 0.67 (T = 2) from the dense model (`-sh` arms: CE 1 + KL 3 at T = 1 + "
-            f"square-head 10); WikiText-2 over {a['wiki_windows']} "
-            f"windows of 2048, GSM8K answer perplexity over {a['answer_rows']} test rows. Gap closed: "
-            "(one-shot - arm) / (one-shot - dense) on WikiText-2. SLoRB: added parameters / model parameters. "
-            "Mask flips: fraction of positions changed, "
-            "first -> last update (updates).",
+            f"{a['model']}, 2:4, {a['tokens']} tokens of GSM8K train per arm (`-self` arms: text sampled from the "
+            f"dense model, in rows of 192 tokens; batch {a['batch_size']}, lr {a['lr']}), CE 0.33 + KL 0.67 "
+            "(T = 2) from the dense model (`-sh` arms: CE 1 + KL 3 at T = 1 + square-head 10); WikiText-2 over "
+            f"{a['wiki_windows']} windows of 2048, GSM8K answer perplexity over {a['answer_rows']} test rows. "
+            "Gap closed: (one-shot - arm) / (one-shot - dense) on WikiText-2. SLoRB: added parameters / model "
+            "parameters. Mask flips: fraction of positions changed, first -> last update (updates).",
             "",
             table(
                 [
