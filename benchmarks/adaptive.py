@@ -25,6 +25,8 @@ teacher):
 token budget, in sequences of 192 tokens, about a GSM8K example's length, so the arms take as many
 steps): data-free distillation stands in for the general corpus AST's paper trains on. Those arms are
 named NAME-self, and every one of them trains on the same sampled text (sampled once, kept in `--work`).
+`--data mix` (arms NAME-mix) trains on half of each: the first half of those sampled rows joined to as
+many GSM8K examples (`self_mix`), one pass over both.
 
 Each is evaluated on WikiText-2 (8 windows of 2048) and GSM8K test answer perplexity (200 rows);
 the summary gives the fraction of the one-shot WikiText-2 gap each arm closes,
@@ -130,9 +132,9 @@ def interleaved_speed(work: Path, tok, base: dict, pruned, dense, teacher, args,
 
 
 def arm_name(variant: str, seed: int, data: str = "gsm8k") -> str:
-    """The arm's name in the JSON: fine-tunes on sampled text get '-self', with another data order than
-    seed 0's '-seedN'."""
-    return variant + ("-self" if data == "self" else "") + (f"-seed{seed}" if seed else "")
+    """The arm's name in the JSON: fine-tunes on sampled text get '-self' (or '-mix'), with another data
+    order than seed 0's '-seedN'."""
+    return variant + ("" if data == "gsm8k" else f"-{data}") + (f"-seed{seed}" if seed else "")
 
 
 def sampled_text(model, tok, tokens: int, work: Path) -> torch.Tensor:  # noqa: ANN001
@@ -163,8 +165,8 @@ def main() -> None:
     p.add_argument("--speed-rounds", type=int, default=2, help="alternating short runs of each loop (0 skips)")
     p.add_argument("--speed-steps", type=int, default=10, help="steps of each short run")
     p.add_argument("--seed", type=int, default=0, help="fine-tunes' data order; arms of another seed get '-seedN'")
-    p.add_argument("--data", choices=("gsm8k", "self"), default="gsm8k",
-                   help="training text: GSM8K train, or sampled from the dense model (arms get '-self')")  # fmt: skip
+    p.add_argument("--data", choices=("gsm8k", "self", "mix"), default="gsm8k",
+                   help="training text: GSM8K train, sampled from the dense model, or half each")  # fmt: skip
     p.add_argument("--work", default="runs/bench-ast")
     p.add_argument("--out", default="benchmarks/results/adaptive.json")
     args = p.parse_args()
@@ -209,10 +211,12 @@ def main() -> None:
         teacher="dense", ce_weight=0.33, kl_weight=0.67, temperature=2.0, checkpoint_every=0, checkpoint_minutes=0,
         seed=args.seed,
     )  # fmt: skip
-    self_text = None
+    self_text = sampled_text(dense, tok, args.tokens, work) if args.data != "gsm8k" else None
     if args.data == "self":
-        self_text = sampled_text(dense, tok, args.tokens, work)
         base.update(dataset="self", self_samples=len(self_text), seq_len=SELF_LEN)
+    elif args.data == "mix":  # half the rows, joined to as many GSM8K examples of about the same mean length
+        self_text = self_text[: len(self_text) // 2]
+        base.update(self_mix=len(self_text), limit=len(self_text))
     runs = {
         "fixed": (pruned, {}),
         "ast": (dense, {"method": "ast", "ast": {"mask_metric": "magnitude"}}),

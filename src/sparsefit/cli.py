@@ -410,7 +410,7 @@ QUANTIZE_FIELDS = [
     "text_field", "num_samples", "seq_len", "seed", "batch_size", "block_size", "damp", "sequential", "compute_dtype",
 ]  # fmt: skip
 FINETUNE_GROUPS = {
-    "data": ["dataset", "self_samples", "split", "format", "text_field", "seq_len", "limit"],
+    "data": ["dataset", "self_samples", "self_mix", "split", "format", "text_field", "seq_len", "limit"],
     "length (one of)": ["max_steps", "num_epochs", "max_tokens"],
     "optimization": [
         "batch_size",

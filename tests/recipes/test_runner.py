@@ -192,3 +192,10 @@ def test_stages_that_sample_the_same_model_alike_share_one_text(tiny_checkpoint,
     run_dir = tmp_path / "run"
     run_recipe(recipe_from_data(recipe), run_dir, "cpu", progress=False)
     assert len(list(run_dir.glob("self-text-*.safetensors"))) == 2
+    # sampled text mixed into a dataset is sampled once by the runner too (another seed: another text)
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(json.dumps({"prompt": f"Q{i}:", "completion": " an answer"}) for i in range(4)))
+    mix = {**train, "name": "mix", "dataset": str(data), "format": "plain", "self_mix": 4}
+    recipe["stages"].append({**mix, "teacher": "input", "seed": 7})
+    run_recipe(recipe_from_data(recipe), run_dir, "cpu", progress=False)
+    assert len(list(run_dir.glob("self-text-*.safetensors"))) == 3

@@ -172,6 +172,8 @@ def test_bad_options_are_reported_by_field():
         validate(FinetuneConfig, {"gmp": {"start": 5, "end": 2}}, "finetune options")
     with pytest.raises(UsageError, match="teacher is given but every distillation weight is 0"):
         validate(FinetuneConfig, {"teacher": "dense", "kl_weight": 0.0}, "finetune options")
+    with pytest.raises(UsageError, match="self_mix adds sampled text to another dataset"):
+        validate(FinetuneConfig, {"dataset": "self", "self_mix": 8}, "finetune options")
     # a teacher alone is never ignored: it distills the logits
     assert validate(FinetuneConfig, {"teacher": "dense"}, "finetune options").kl_weight == 1.0
     assert validate(FinetuneConfig, {"teacher": "d", "square_head_weight": 2.0}, "").kl_weight == 0.0
@@ -203,5 +205,27 @@ def test_dataset_self_trains_on_text_given_instead_of_sampling(tokenizer, tmp_pa
     cfg = FinetuneConfig(dataset="self", self_samples=4, seq_len=16, max_steps=2, batch_size=2, bf16="false")
     metrics = finetune(tiny_model("llama"), tokenizer, cfg, tmp_path / "a", progress=False, self_text=ids)
     assert metrics["tokens"] == 2 * 2 * 16
-    with pytest.raises(ValueError, match=r"dataset self wants \(4, 16\)"):
+    with pytest.raises(ValueError, match=r"self_text is \(3, 16\); this run trains on 4 sampled rows"):
         finetune(tiny_model("llama"), tokenizer, cfg, tmp_path / "b", progress=False, self_text=ids[:3])
+
+
+def test_self_mix_adds_sampled_rows_to_the_dataset(tokenizer, tmp_path):
+    from sparsefit.training.data import load_examples
+
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(json.dumps({"prompt": f"Q{i}:", "completion": " the answer"}) for i in range(4)))
+    rows = load_examples(tokenizer, str(path), fmt="plain", seq_len=16)
+    ids = torch.randint(5, 100, (4, 12), generator=torch.Generator().manual_seed(0))
+    cfg = FinetuneConfig(
+        dataset=str(path), format="plain", self_mix=4, seq_len=16, num_epochs=1, batch_size=2, bf16="false"
+    )
+    metrics = finetune(tiny_model("llama"), tokenizer, cfg, tmp_path / "a", progress=False, self_text=ids)
+    # one epoch over the 4 rows and the 4 sampled sequences: every token once
+    assert metrics["steps"] == 4
+    assert metrics["tokens"] == sum(len(e.input_ids) for e in rows) + ids.numel()
+    with pytest.raises(ValueError, match="at most seq_len 16"):
+        long = torch.randint(5, 100, (4, 17))
+        finetune(tiny_model("llama"), tokenizer, cfg, tmp_path / "b", progress=False, self_text=long)
+    # not given: sampled from the model, seq_len tokens each
+    sampled = finetune(tiny_model("llama"), tokenizer, cfg, tmp_path / "c", progress=False)
+    assert sampled["tokens"] == sum(len(e.input_ids) for e in rows) + 4 * 16

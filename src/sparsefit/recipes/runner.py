@@ -179,8 +179,8 @@ def _run_stage(
             return {k: done[k] for k in keys}
         config = FinetuneConfig(**fields)
         tokens = None
-        if config.dataset == "self":  # sampled from the teacher, or the model itself, as finetune would
-            tokens = self_text(config.teacher or current, config.self_samples, config.seq_len, config.seed)
+        if config.sampled_rows:  # sampled from the teacher, or the model itself, as finetune would
+            tokens = self_text(config.teacher or current, config.sampled_rows, config.seq_len, config.seed)
         model, tok = load_model_and_tokenizer(current, "float32", device)
         metrics = finetune(model, tok, config, folder, resume=True, progress=progress, device=device, self_text=tokens)
         return {k: metrics[k] for k in keys}

@@ -142,6 +142,12 @@ class FinetuneConfig(BaseModel):
         "or the model itself)",
     )
     self_samples: int = Field(64, ge=1, description="sequences of seq_len tokens when dataset is self")
+    self_mix: int = Field(
+        0,
+        ge=0,
+        description="with another dataset: sequences of seq_len tokens sampled from the teacher (or the model "
+        "itself) that join its examples, general text against forgetting beside a task's (0: none)",
+    )
     split: str = Field("train", description="dataset split")
     format: Literal["auto", "chat", "plain"] = Field(
         "auto", description="supervised data: auto (default: the chat template when the model has one) | chat | plain"
@@ -242,6 +248,8 @@ class FinetuneConfig(BaseModel):
             raise ValueError("kl_weight / square_head_weight need a teacher: set teacher to a model")
         if self.ce_weight == 0 and not distilling:
             raise ValueError("every loss weight is 0: set ce_weight, or a teacher with kl_weight / square_head_weight")
+        if self.dataset == "self" and self.self_mix:
+            raise ValueError("self_mix adds sampled text to another dataset; dataset self takes self_samples alone")
         if self.method == "ast" and self.ast.pruned_start in ("teacher", "capped") and self.teacher is None:
             raise ValueError(
                 f"pruned_start '{self.ast.pruned_start}' (method ast) takes the pruned weights' values from a "
@@ -267,6 +275,11 @@ class FinetuneConfig(BaseModel):
         if self.gmp is not None and self.masks == "none":
             raise ValueError("gmp prunes during training and needs masks: drop masks='none'")
         return self
+
+    @property
+    def sampled_rows(self) -> int:
+        """Sequences of text sampled from the teacher (or the model) this run trains on."""
+        return self.self_samples if self.dataset == "self" else self.self_mix
 
     @property
     def distilling(self) -> bool:

@@ -195,9 +195,9 @@ def finetune(
 ) -> dict:
     """Train `model` in place as `config` says; write the final checkpoint, log and metrics into `output_dir`.
 
-    `teacher` (already loaded) overrides `config.teacher`. `self_text`, (self_samples, seq_len) token
-    ids, is the text of dataset `self` when it was sampled already (a recipe samples once for several
-    stages). `resume` continues from the newest whole
+    `teacher` (already loaded) overrides `config.teacher`. `self_text`, (config.sampled_rows, at most
+    seq_len) token ids, is the sampled text (dataset `self`, or `self_mix`) when it was sampled already
+    (a recipe samples once for several stages). `resume` continues from the newest whole
     checkpoint in `output_dir` (the configuration must match the one that wrote it); `overwrite`
     replaces an earlier sparsefit output there. SIGTERM / Ctrl-C end the current step, write a
     checkpoint and raise `Interrupted`. Returns the metrics dict.
@@ -295,20 +295,8 @@ def _setup(
     if teacher is not None:
         freeze(teacher)
         teacher.to(device)
-    if config.dataset == "self":
-        if self_text is None:  # sampled before any training step, from the teacher when there is one
-            from sparsefit.data.self_generated import sample_from_model
-
-            was_training = model.training
-            source = teacher or model.eval()
-            self_text = sample_from_model(source, tokenizer, config.self_samples, config.seq_len, config.seed)
-            model.train(was_training)
-        elif tuple(self_text.shape) != (config.self_samples, config.seq_len):
-            raise ValueError(
-                f"self_text is {tuple(self_text.shape)}; dataset self wants ({config.self_samples}, {config.seq_len})"
-            )
-        examples = token_examples(self_text)
-    else:
+    examples = []
+    if config.dataset != "self":
         examples = load_examples(
             tokenizer,
             config.dataset,
@@ -320,6 +308,20 @@ def _setup(
             config.completion_field,
             config.limit,
         )
+    if config.sampled_rows:
+        if self_text is None:  # sampled before any training step, from the teacher when there is one
+            from sparsefit.data.self_generated import sample_from_model
+
+            was_training = model.training
+            source = teacher or model.eval()
+            self_text = sample_from_model(source, tokenizer, config.sampled_rows, config.seq_len, config.seed)
+            model.train(was_training)
+        elif self_text.ndim != 2 or len(self_text) != config.sampled_rows or self_text.shape[1] > config.seq_len:
+            raise ValueError(
+                f"self_text is {tuple(self_text.shape)}; this run trains on {config.sampled_rows} sampled rows "
+                f"of at most seq_len {config.seq_len} tokens"
+            )
+        examples += token_examples(self_text)
     global_batch = config.batch_size * config.grad_accum * info.world
     lengths = [len(e.input_ids) for e in examples]
     steps = total_steps(config, len(examples), sum(lengths) / len(lengths), global_batch)
