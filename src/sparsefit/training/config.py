@@ -156,7 +156,7 @@ class FinetuneConfig(BaseModel):
     prompt_field: str = "prompt"
     completion_field: str = "completion"
     seq_len: int = Field(512, ge=2, description="longest sequence")
-    limit: int | None = Field(None, ge=1, description="use only the first N examples")
+    limit: int | None = Field(None, ge=1, description="use only the first N examples of the dataset")
     # length: exactly one of these; max_tokens converts to steps with the data's mean example length
     max_steps: int | None = Field(None, ge=1, description="optimizer steps")
     num_epochs: float | None = Field(None, gt=0, description="passes over the data (default 1 when no length is given)")
