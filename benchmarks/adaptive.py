@@ -77,7 +77,7 @@ VARIANTS = (
     "fixed-wanda",
     "ast-sparsegpt-capped",
 )
-# Rows of the sampled training text (`--data self`): about the mean length of a GSM8K train example in
+# Rows of the sampled training text (`--data self|mix`): about the mean length of a GSM8K train example in
 # plain format, so a token budget takes as many steps on either data.
 SELF_LEN = 192
 # The recovery recipes' loss mix (`recovery.py`, builtin recipes), for the `-sh` arms.
@@ -139,7 +139,7 @@ def arm_name(variant: str, seed: int, data: str = "gsm8k") -> str:
 
 def sampled_text(model, tok, tokens: int, work: Path) -> torch.Tensor:  # noqa: ANN001
     """`tokens` tokens sampled from `model` (temperature 1, seed 0) in rows of SELF_LEN, kept in `work`
-    so every `-self` arm trains on the same text."""
+    so every `-self` arm trains on the same text (and every `-mix` arm on its first half)."""
     from safetensors.torch import load_file, save
 
     from sparsefit.atomic import write_bytes
