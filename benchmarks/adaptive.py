@@ -18,6 +18,9 @@ teacher):
   kept scores (`pruned_start` 'capped'), so the one-shot mask holds until training moves it;
 - `fixed-wanda`: the Wanda 2:4 model of the dense one (the mask `ast-wanda` starts from, dense values
   kept) fine-tuned with that mask held: what `ast-wanda` gains by moving its mask;
+- `fixed-mixcal`, `ast-mixcal-capped`: `fixed` and `ast-sparsegpt-capped` from a SparseGPT 2:4 start
+  calibrated on half GSM8K, half sampled text (the same number of tokens as the default calibration),
+  for `--data self|mix`: the start is then fitted to both kinds of text the arms train on;
 - `fixed-sh`, `ast-wanda-sh`: `fixed` and `ast-wanda` with the recovery recipes' losses instead
   (CE 1 + KL 3 at T = 1 + square-head 10 over every block's output, as `recovery.py`).
 
@@ -45,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -76,6 +80,8 @@ VARIANTS = (
     "ast-sparsegpt-teacher",
     "fixed-wanda",
     "ast-sparsegpt-capped",
+    "fixed-mixcal",
+    "ast-mixcal-capped",
 )
 # Rows of the sampled training text (`--data self|mix`): about the mean length of a GSM8K train example in
 # plain format, so a token budget takes as many steps on either data.
@@ -153,6 +159,18 @@ def sampled_text(model, tok, tokens: int, work: Path) -> torch.Tensor:  # noqa: 
     return ids
 
 
+def mixed_calibration(model, tok, self_text: torch.Tensor) -> list[torch.Tensor]:  # noqa: ANN001
+    """Calibration batches of half GSM8K (the default draw's first half) and half sampled rows: as many
+    tokens as the default calibration, in its batch size."""
+    from sparsefit.pruning.oneshot import calibration_batch
+
+    config = OneShotConfig(method="sparsegpt", structure="2:4")
+    gsm8k, _ = calibration_batch(model, tok, config, progress=False)
+    half = gsm8k[: len(gsm8k) // 2]
+    rows = -(-half.numel() // self_text.shape[1])
+    return [*half.split(config.batch_size), *self_text[:rows].split(config.batch_size)]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m")
@@ -174,6 +192,8 @@ def main() -> None:
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown:
         raise SystemExit(f"unknown variants: {', '.join(unknown)}")
+    if args.data == "gsm8k" and any("mixcal" in v for v in variants):
+        raise SystemExit("the -mixcal variants calibrate on sampled text too: add --data self or --data mix")
     work = Path(args.work)
     result: dict = {"args": vars(args), "environment": environment(), "runs": {}}
     same = ("model", "tokens", "batch_size", "lr", "wiki_windows", "answer_rows")
@@ -217,6 +237,15 @@ def main() -> None:
     elif args.data == "mix":  # half the rows, joined to as many GSM8K examples of about the same mean length
         self_text = self_text[: len(self_text) // 2]
         base.update(self_mix=len(self_text), limit=len(self_text))
+    if self_text is not None:
+        result["self_text_sha256"] = hashlib.sha256(self_text.numpy().tobytes()).hexdigest()
+    mixcal = None
+    if any("mixcal" in v for v in variants):
+        mixcal = copy.deepcopy(dense)
+        calib = mixed_calibration(dense, tok, self_text)
+        oneshot(mixcal, tok, OneShotConfig(method="sparsegpt", structure="2:4"), calib=calib, progress=False)
+        if "oneshot-mixcal" not in result["runs"]:
+            record("oneshot-mixcal", evaluate(mixcal, tok, args))
     runs = {
         "fixed": (pruned, {}),
         "ast": (dense, {"method": "ast", "ast": {"mask_metric": "magnitude"}}),
@@ -234,6 +263,8 @@ def main() -> None:
             {"method": "ast", "ast": {"mask_metric": "wanda", "pruned_start": "capped"}},
         ),
         "fixed-wanda": (None, {}),  # built below only when asked
+        "fixed-mixcal": (mixcal, {}),
+        "ast-mixcal-capped": (mixcal, {"method": "ast", "ast": {"mask_metric": "wanda", "pruned_start": "capped"}}),
         "fixed-sh": (pruned, SQUARE_HEAD_MIX),
         "ast-wanda-sh": (dense, {"method": "ast", "ast": {"mask_metric": "wanda"}, **SQUARE_HEAD_MIX}),
     }
