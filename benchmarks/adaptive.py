@@ -56,7 +56,7 @@ from typing import TYPE_CHECKING
 
 from environment import environment
 from sparsefit.atomic import write_json
-from sparsefit.data.self_generated import sample_from_model
+from sparsefit.data.self_generated import load_or_sample, sample_from_model
 from sparsefit.evaluation.gsm8k import evaluate_answer_ppl
 from sparsefit.evaluation.tasks import evaluate_perplexity
 from sparsefit.models import load_model_and_tokenizer
@@ -146,17 +146,9 @@ def arm_name(variant: str, seed: int, data: str = "gsm8k") -> str:
 def sampled_text(model, tok, tokens: int, work: Path) -> torch.Tensor:  # noqa: ANN001
     """`tokens` tokens sampled from `model` (temperature 1, seed 0) in rows of SELF_LEN, kept in `work`
     so every `-self` arm trains on the same text (and every `-mix` arm on its first half)."""
-    from safetensors.torch import load_file, save
-
-    from sparsefit.atomic import write_bytes
-
     rows = -(-tokens // SELF_LEN)
     path = work / f"self-text-{rows}x{SELF_LEN}.safetensors"
-    if path.is_file():
-        return load_file(str(path))["input_ids"]
-    ids = sample_from_model(model, tok, rows, SELF_LEN, seed=0)
-    write_bytes(path, save({"input_ids": ids.contiguous()}))
-    return ids
+    return load_or_sample(path, lambda: sample_from_model(model, tok, rows, SELF_LEN, seed=0))
 
 
 def mixed_calibration(model, tok, self_text: torch.Tensor) -> list[torch.Tensor]:  # noqa: ANN001

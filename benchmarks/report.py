@@ -234,6 +234,7 @@ def adaptive(r: dict) -> str:
         [
             f"{a['model']}, 2:4, {a['tokens']} tokens of GSM8K train per arm (`-self` arms: text sampled from the "
             "dense model, in rows of 192 tokens; `-mix` arms: half of those rows and as many GSM8K examples; "
+            "`mixcal` arms start from `oneshot-mixcal`, SparseGPT 2:4 calibrated on half GSM8K, half sampled rows; "
             f"batch {a['batch_size']}, lr {a['lr']}), CE 0.33 + KL 0.67 "
             "(T = 2) from the dense model (`-sh` arms: CE 1 + KL 3 at T = 1 + square-head 10); WikiText-2 over "
             f"{a['wiki_windows']} windows of 2048, GSM8K answer perplexity over {a['answer_rows']} test rows. "

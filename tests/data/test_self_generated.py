@@ -2,7 +2,7 @@
 
 import torch
 
-from sparsefit.data.self_generated import sample_from_model
+from sparsefit.data.self_generated import load_or_sample, sample_from_model
 from tests.conftest import tiny_model
 
 
@@ -34,3 +34,18 @@ def test_samples_follow_the_model_distribution(tokenizer):
     uniform = torch.full_like(probs, 1 / probs.numel())
     distance = (freq - probs).abs().sum() / 2  # total variation
     assert distance < 0.1 < (probs - uniform).abs().sum() / 2
+
+
+def test_load_or_sample_samples_once_then_reads_the_file(tmp_path):
+    path = tmp_path / "text.safetensors"
+    ids = torch.arange(12).reshape(3, 4)
+    calls = []
+
+    def sample():
+        calls.append(1)
+        return ids
+
+    assert torch.equal(load_or_sample(path, sample), ids)
+    assert torch.equal(load_or_sample(path, sample), ids)  # read back, not sampled again
+    assert calls == [1]
+    assert list(tmp_path.iterdir()) == [path]  # no temporary file left beside it

@@ -9,11 +9,15 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
+from safetensors.torch import load_file, save
 from tqdm.auto import tqdm
 
 from sparsefit.models.decoding import SlotCache, with_cache
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+    from pathlib import Path
+
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
@@ -58,3 +62,15 @@ def sample_from_model(
         rows.append(ids.cpu())
     bar.close()
     return torch.cat(rows)
+
+
+def load_or_sample(path: Path, sample: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """The token ids kept in safetensors file `path`, or, when there is none, `sample()`'s, written there
+    atomically first: every caller asking for the same text (same file) then trains or calibrates on it."""
+    from sparsefit.atomic import write_bytes
+
+    if path.is_file():
+        return load_file(str(path))["input_ids"]
+    ids = sample().cpu().contiguous()
+    write_bytes(path, save({"input_ids": ids}))
+    return ids

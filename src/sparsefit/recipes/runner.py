@@ -225,21 +225,19 @@ def _self_text(
     """(num, seq_len) tokens sampled in float32 from model `spec`, once per run: stages asking the same
     model (same `stamp`: the run that made it) for the same text share one file, e.g. the pruning's
     calibration and the recovery's training text. `loaded`, when given, is `spec`'s (model, tokenizer)."""
-    from safetensors.torch import load_file, save
-
-    from sparsefit.atomic import write_bytes
-    from sparsefit.data.self_generated import sample_from_model
+    from sparsefit.data.self_generated import load_or_sample, sample_from_model
     from sparsefit.models import load_model_and_tokenizer
 
     key = hashlib.sha256(json.dumps([spec, stamp, num, seq_len, seed]).encode()).hexdigest()[:16]
     path = run_dir / f"self-text-{key}.safetensors"
-    if path.is_file():
-        return load_file(str(path))["input_ids"]
-    model, tok = loaded if loaded is not None else load_model_and_tokenizer(spec, "float32", device)
-    ids = sample_from_model(model, tok, num, seq_len, seed=seed, progress=progress).cpu()
-    mark(run_dir, path.name)
-    write_bytes(path, save({"input_ids": ids.contiguous()}))
-    return ids
+
+    def sample() -> torch.Tensor:
+        model, tok = loaded if loaded is not None else load_model_and_tokenizer(spec, "float32", device)
+        ids = sample_from_model(model, tok, num, seq_len, seed=seed, progress=progress)
+        mark(run_dir, path.name)  # recorded as the run's before it exists
+        return ids
+
+    return load_or_sample(path, sample)
 
 
 def _evaluate(stage: EvaluateStage, model, tok, progress: bool, self_tokens) -> dict:  # noqa: ANN001
