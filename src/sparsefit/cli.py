@@ -402,12 +402,13 @@ def cmd_models(args: argparse.Namespace) -> int:
 # The config fields that are flags, in --help order (each flag's type, default and help come from its field).
 PRUNE_FIELDS = [
     "preset", "method", "sparsity", "structure", "owl_m", "owl_lambda", "targets", "ignore", "calib", "calib_split",
-    "text_field", "num_samples", "seq_len", "seed", "batch_size", "block_size", "damp", "magnitude_scope",
+    "text_field", "num_samples", "self_mix", "seq_len", "seed", "batch_size", "block_size", "damp", "magnitude_scope",
     "preserve_mask", "reconstruct_iters", "sequential", "compute_dtype", "offload_dir",
 ]  # fmt: skip
 QUANTIZE_FIELDS = [
     "scheme", "method", "group_size", "export_dtype", "sparse_format", "targets", "ignore", "calib", "calib_split",
-    "text_field", "num_samples", "seq_len", "seed", "batch_size", "block_size", "damp", "sequential", "compute_dtype",
+    "text_field", "num_samples", "self_mix", "seq_len", "seed", "batch_size", "block_size", "damp", "sequential",
+    "compute_dtype",
 ]  # fmt: skip
 FINETUNE_GROUPS = {
     "data": ["dataset", "self_samples", "self_mix", "split", "format", "text_field", "seq_len", "limit"],

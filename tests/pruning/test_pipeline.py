@@ -6,6 +6,7 @@ import tempfile
 
 import pytest
 import torch
+from pydantic import ValidationError
 from transformers import AutoModelForCausalLM
 
 from sparsefit.cli import main
@@ -16,6 +17,7 @@ from sparsefit.export import save_checkpoint
 from sparsefit.models.layout import decoder_layout, select_linears, weight_as_out_in
 from sparsefit.models.offload import offload_tensor_, on_ram_filesystem
 from sparsefit.pruning import OneShotConfig, oneshot
+from sparsefit.pruning.oneshot import calibration_batch
 from sparsefit.pruning.pipeline import BlockRunner, capture_block_inputs
 from sparsefit.pruning.stats import InputStats
 from sparsefit.pruning.wanda import prune_wanda
@@ -568,6 +570,32 @@ def test_a_named_calibration_out_of_reach_is_an_error_with_the_fix(tokenizer, mo
     config = OneShotConfig(method="wanda", calib="gsm8k", num_samples=2, seq_len=16)
     with pytest.raises(UsageError, match=r"not found.*or calibrate on text the model writes: --calib self"):
         oneshot(tiny_model("llama"), tokenizer, config, progress=False)
+
+
+def test_self_mix_appends_sampled_sequences_to_the_dataset_draw(tokenizer, tmp_path):
+    texts = tmp_path / "calib.txt"
+    texts.write_text("\n\n".join(f"line {i} of a calibration text about pruning and sums" for i in range(40)))
+    model = tiny_model("llama")
+    plain = OneShotConfig(method="wanda", calib=str(texts), num_samples=3, seq_len=12, seed=5)
+    mixed = plain.model_copy(update={"self_mix": 2})
+    base, source = calibration_batch(model, tokenizer, plain, progress=False)
+    ids, mixed_source = calibration_batch(model, tokenizer, mixed, progress=False)
+    assert source == str(texts) and mixed_source == f"{texts}+self"
+    assert ids.shape == (5, 12) and torch.equal(ids[:3], base)  # the dataset's draw, unchanged
+    assert torch.equal(ids[3:], sample_from_model(model, tokenizer, 2, 12, seed=5, progress=False))
+    report = oneshot(model, tokenizer, mixed.model_copy(update={"compute_dtype": "float32"}), progress=False)
+    assert report.calibration.source == f"{texts}+self" and report.calibration.tokens == 5 * 12
+
+
+@pytest.mark.parametrize("calib", ["self", None])
+def test_self_mix_needs_a_calibration_dataset(calib):
+    with pytest.raises(ValidationError, match="self_mix adds sampled text to a calibration dataset"):
+        OneShotConfig(method="wanda" if calib else "magnitude", calib=calib, self_mix=4)
+
+
+def test_self_mix_is_a_prune_flag(tmp_path, capsys):
+    code = main(["prune", "--model", "x", "--output", str(tmp_path / "o"), "--calib", "self", "--self-mix", "4"])
+    assert code == 2 and "--self-mix" in capsys.readouterr().err
 
 
 def test_low_memory_mode_is_the_default_with_a_temp_directory_on_disk(monkeypatch, tmp_path):

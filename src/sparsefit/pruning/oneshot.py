@@ -43,7 +43,7 @@ class SparsityReport(BaseModel):
 
 
 class CalibrationReport(BaseModel):
-    source: str | None  # the config's `calib`, or None for batches passed in
+    source: str | None  # the config's `calib` ("+self" with self_mix), or None for batches passed in
     sequences: int
     tokens: int
 
@@ -102,9 +102,9 @@ def calibration_batch(
 ) -> tuple[torch.Tensor | None, str | None]:
     """The (N, L) token ids the config asks for (None when it names none) and their source.
 
-    When the default dataset is out of reach (no SPARSEFIT_DATA_DIR copy, no hub), the text comes
-    from the model itself (`self`), with a notice; a dataset the user named fails instead, with a
-    one-line fix.
+    `self_mix` sequences sampled from the model follow the dataset's. When the default dataset is out
+    of reach (no SPARSEFIT_DATA_DIR copy, no hub), all the text comes from the model itself (`self`),
+    with a notice; a dataset the user named fails instead, with a one-line fix.
     """
     from sparsefit.data.calibration import sample_calibration
     from sparsefit.data.self_generated import sample_from_model
@@ -116,7 +116,7 @@ def calibration_batch(
     if source != "self":
         try:
             texts = load_texts(source, config.calib_split, config.text_field)
-            return sample_calibration(tokenizer, texts, config.num_samples, config.seq_len, config.seed), source
+            calib = sample_calibration(tokenizer, texts, config.num_samples, config.seq_len, config.seed)
         except UsageError as err:
             if "calib" in config.model_fields_set:
                 raise UsageError(f"{err}; or calibrate on text the model writes: --calib self") from None
@@ -127,8 +127,15 @@ def calibration_batch(
                 flush=True,
             )
             source = "self"
-    calib = sample_from_model(model, tokenizer, config.num_samples, config.seq_len, config.seed, progress=progress)
-    return calib, source
+        else:
+            if config.self_mix:
+                mix = sample_from_model(
+                    model, tokenizer, config.self_mix, config.seq_len, config.seed, progress=progress
+                )
+                calib, source = torch.cat([calib, mix.cpu()]), f"{source}+self"
+            return calib, source
+    num = config.num_samples + config.self_mix
+    return sample_from_model(model, tokenizer, num, config.seq_len, config.seed, progress=progress), source
 
 
 def describe_calibration(calib: torch.Tensor | list[torch.Tensor], source: str | None) -> CalibrationReport:
