@@ -26,6 +26,7 @@ SCRIPTS = {
     "oneshot": "oneshot.py",
     # `--compute-dtype float32`: the block forwards a CPU without native bf16 runs (auto picks float32 there)
     "oneshot_float32": "oneshot.py",
+    "calibration": "calibration.py",
     "quantize": "quantize.py",
     "generation": "generation.py",
     "checkpoint_overhead": "checkpoint_overhead.py",
@@ -206,6 +207,29 @@ def recovery(r: dict) -> str:
             f"Sparse distilled loop vs dense loop, tokens/s: {f(s['throughput_ratio_sparse_vs_dense'])} "
             f"(interleaved short runs: {f(s['interleaved_throughput_ratio'])}). "
             f"Weights revived: {s['revived_weights']}.",
+        ]
+    )
+
+
+def calibration(r: dict) -> str:
+    a, runs = r["args"], r["runs"]
+    rows = []
+    for name, run in runs.items():
+        # time as a ratio to the default (GSM8K-calibrated) arm of the same structure, same run
+        base = runs.get(f"{name.split()[0]} gsm8k", {}).get("seconds")
+        ratio = f"{run['seconds'] / base:.2f}x" if base and "seconds" in run else "-"
+        rows.append([name, f(run["wikitext2_ppl"]), f(run["gsm8k_answer_ppl"], 3), ratio])
+    half = a["num_samples"] // 2
+    return "\n".join(
+        [
+            f"{a['model']}, SparseGPT with the default settings, {a['num_samples']} calibration sequences of 512 "
+            f"tokens (seed 0) per arm: `gsm8k` all GSM8K train (the default), `mix` {half} GSM8K + "
+            f"{a['num_samples'] - half} sampled from the model (`--num-samples {half} --self-mix "
+            f"{a['num_samples'] - half}`), `self` all sampled (`--calib self`). WikiText-2 over "
+            f"{a['wiki_windows']} windows of 2048, GSM8K answer perplexity over {a['answer_rows']} test rows. "
+            "Time includes sampling, as a ratio to the `gsm8k` arm of the same structure.",
+            "",
+            table(["run", "WikiText-2 ppl", "GSM8K answer ppl", "time vs gsm8k"], rows),
         ]
     )
 
@@ -429,6 +453,7 @@ RENDER: dict[str, Callable[[dict], str]] = {
     "quick": quick,
     "oneshot": oneshot,
     "oneshot_float32": oneshot,
+    "calibration": calibration,
     "quantize": quantize,
     "generation": generation,
     "checkpoint_overhead": checkpoint_overhead,
