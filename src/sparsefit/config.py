@@ -151,7 +151,8 @@ class LayerwiseOptions(BaseModel):
     text_field: str = Field("text", description="field of .jsonl / hub rows holding the text")
     num_samples: int = Field(64, ge=1, description="calibration sequences")
     # SparseGPT's refit fits the calibration text's statistics: on GSM8K alone, a 2:4 model loses much
-    # more general text than one whose calibration also holds text the model writes (benchmarks/adaptive.py).
+    # more general text than one whose calibration also holds text the model writes, for a little of the
+    # task (benchmarks/calibration.py).
     self_mix: int = Field(
         0,
         ge=0,
