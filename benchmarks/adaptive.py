@@ -196,6 +196,8 @@ def main() -> None:
             result["runs"] = {k: v for k, v in earlier["runs"].items() if k not in redone}
             commits = {**dict.fromkeys(earlier["runs"], earlier["environment"]["commit"]), **earlier.get("merged", {})}
             result["merged"] = {k: commits[k] for k in result["runs"]}
+            cpus = {**dict.fromkeys(earlier["runs"], earlier["environment"]["cpu"]), **earlier.get("merged_cpu", {})}
+            result["merged_cpu"] = {k: cpus[k] for k in result["runs"]}  # arms may come from different CPUs
             if args.speed_rounds == 0 and "interleaved_speed" in earlier:
                 result["interleaved_speed"] = earlier["interleaved_speed"]
                 result["merged"]["interleaved_speed"] = commits.get(

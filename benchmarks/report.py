@@ -59,13 +59,16 @@ def environment_line(result: dict) -> str:
     env = result.get("environment")
     if env is None:
         return "_Environment not recorded: measured before the benchmarks recorded it; rerun to refresh._"
-    cpu = env["cpu"]
-    bf16 = "native bf16" if cpu["native_bf16"] else ("AVX-512, no native bf16" if cpu["avx512"] else "no AVX-512")
     versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v and k != "sparsefit")
     return (
-        f"_Commit {env['commit'][:12]}, {env['date']}; {cpu['model']}, {cpu['cores']} cores ({bf16}), "
+        f"_Commit {env['commit'][:12]}, {env['date']}; {_cpu_words(env['cpu'])}, "
         f"{env['torch_threads']} torch threads; device {env['device']}; {versions}._"
     )
+
+
+def _cpu_words(cpu: dict) -> str:
+    bf16 = "native bf16" if cpu["native_bf16"] else ("AVX-512, no native bf16" if cpu["avx512"] else "no AVX-512")
+    return f"{cpu['model']}, {cpu['cores']} cores ({bf16})"
 
 
 def docstring_summary(script: str) -> str:
@@ -278,7 +281,7 @@ def adaptive(r: dict) -> str:
                 rows,
             ),
             *_interleaved_speed(r.get("interleaved_speed")),
-            *_merged(r.get("merged")),
+            *_merged(r.get("merged"), r.get("merged_cpu"), r["environment"]["cpu"]),
         ]
     )
 
@@ -327,14 +330,19 @@ def adapters(r: dict) -> str:
     return "\n".join([*lines, *_merged(r.get("merged"))])
 
 
-def _merged(merged: dict | None) -> list[str]:
+def _merged(merged: dict | None, cpus: dict | None = None, cpu: dict | None = None) -> list[str]:
     if not merged:
         return []
     by_commit: dict[str, list[str]] = {}
     for arm, commit in merged.items():
         by_commit.setdefault(commit[:12], []).append(arm)
     runs = "; ".join(f"{', '.join(arms)} at commit {commit}" for commit, arms in by_commit.items())
-    return ["", f"Arms merged from an earlier run with the same settings: {runs}."]
+    lines = ["", f"Arms merged from an earlier run with the same settings: {runs}."]
+    other = {arm: c for arm, c in (cpus or {}).items() if c != cpu}
+    for c in {json.dumps(c, sort_keys=True): c for c in other.values()}.values():
+        arms = ", ".join(arm for arm, value in other.items() if value == c)
+        lines.append(f"Measured on {_cpu_words(c)}, unlike this run: {arms}.")
+    return lines
 
 
 def _interleaved_speed(speed: dict | None) -> list[str]:
