@@ -337,12 +337,12 @@ def _merged(merged: dict | None, cpus: dict | None = None, cpu: dict | None = No
     for arm, commit in merged.items():
         by_commit.setdefault(commit[:12], []).append(arm)
     runs = "; ".join(f"{', '.join(arms)} at commit {commit}" for commit, arms in by_commit.items())
-    lines = ["", f"Arms merged from an earlier run with the same settings: {runs}."]
-    other = {arm: c for arm, c in (cpus or {}).items() if c != cpu}
-    for c in {json.dumps(c, sort_keys=True): c for c in other.values()}.values():
-        arms = ", ".join(arm for arm, value in other.items() if value == c)
-        lines.append(f"Measured on {_cpu_words(c)}, unlike this run: {arms}.")
-    return lines
+    by_cpu: dict[str, list[str]] = {}
+    for arm, c in (cpus or {}).items():
+        if c != cpu:
+            by_cpu.setdefault(_cpu_words(c), []).append(arm)
+    others = [f"Measured on {words}, unlike this run: {', '.join(arms)}." for words, arms in by_cpu.items()]
+    return ["", f"Arms merged from an earlier run with the same settings: {runs}.", *others]
 
 
 def _interleaved_speed(speed: dict | None) -> list[str]:
