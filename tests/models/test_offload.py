@@ -14,6 +14,7 @@ from sparsefit.models.offload import (
     HeapCeiling,
     offload_parameters,
     offload_tensor_,
+    prefault,
     prepare_offload_dir,
     release_free_heap,
     resident_mb,
@@ -62,6 +63,18 @@ def test_offloaded_tensor_keeps_its_values_in_place(tmp_path, dtype):
     assert list(tmp_path.iterdir()) == []  # unlinked once mapped
     t[0] = t[1]  # still writable (privately)
     assert torch.equal(t[0], expected[1]) and torch.equal(t[2], expected[2])
+
+
+def test_prefault_maps_an_offloaded_tensor_in_without_changing_it(tmp_path):
+    t = torch.randn(16 * 2**20 // 4)  # 16 MiB
+    expected = t.clone()
+    offload_tensor_(t, tmp_path)
+    before = resident_mb()
+    if not prefault(t):
+        pytest.skip("this kernel has no MADV_POPULATE_READ (Linux >= 5.14)")
+    assert resident_mb() - before > 12  # the file pages are now mapped, before anything reads them
+    assert torch.equal(t, expected)
+    assert not prefault(torch.empty(0))
 
 
 def test_tensors_that_share_their_storage_are_not_offloaded(tmp_path):

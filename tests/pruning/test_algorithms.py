@@ -10,6 +10,7 @@ from sparsefit.pruning.structure import (
     UNSTRUCTURED,
     Structure,
     check_sparsity,
+    float_mask,
     kth_smallest,
     lowest_k,
     nm_keep_mask,
@@ -241,6 +242,13 @@ def test_nm_that_does_not_divide_columns():
     ):
         with pytest.raises(ValueError, match="divisible by 4.*has 10"):
             call()
+
+
+def test_float_mask_matches_the_bool_conversion():
+    mask = torch.rand(37, 64) > 0.4
+    for m in (mask, mask.t(), mask[:, 3:40]):  # contiguous, transposed, sliced
+        f = float_mask(m)
+        assert f.dtype == torch.float32 and torch.equal(f, m.to(torch.float32))
 
 
 def test_mask_helpers_with_ties():

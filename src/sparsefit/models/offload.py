@@ -153,6 +153,21 @@ def release_free_heap() -> None:
 
 
 _TRIM = getattr(_LIBC, "malloc_trim", None)
+_MADV_POPULATE_READ = 22  # Linux 5.14 and later
+
+
+def prefault(tensor: torch.Tensor) -> bool:
+    """Map in the file pages behind an offloaded CPU tensor in one call, before it is read.
+
+    Read by a computation instead, each 4 KiB page costs its own fault; one `madvise` maps them all
+    at a fraction of that. Returns whether it did: not elsewhere than Linux, nor on a kernel without
+    MADV_POPULATE_READ (the pages then come in as they are read, as before).
+    """
+    if _LIBC is None or tensor.device.type != "cpu" or not tensor.numel():
+        return False
+    start = tensor.data_ptr() // _PAGE * _PAGE
+    end = tensor.data_ptr() + tensor.numel() * tensor.element_size()
+    return _LIBC.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_POPULATE_READ) == 0
 
 
 def resident_mb() -> float:

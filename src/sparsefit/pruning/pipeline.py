@@ -31,7 +31,13 @@ from sparsefit.models.layout import (
     set_weight_out_in,
     weight_as_out_in,
 )
-from sparsefit.models.offload import HeapCeiling, offload_parameters, offload_tensor_, release_free_heap
+from sparsefit.models.offload import (
+    HeapCeiling,
+    offload_parameters,
+    offload_tensor_,
+    prefault,
+    release_free_heap,
+)
 from sparsefit.pruning.methods import GroupSolver, LayerMethod
 from sparsefit.pruning.owl import outlier_ratio
 from sparsefit.pruning.stats import InputStats
@@ -165,13 +171,16 @@ class BlockRunner:
             def hook(module: nn.Module, args: tuple) -> None:
                 if group in solved:
                     return
+                offloaded = 0
                 if self.offload_dir is not None and args[0].numel() > widths[stats.scope]:
                     # Wider than the block's input: the MLP's intermediate, the largest thing a paused
                     # forward holds. A narrower input is read again before the next stop (q's by k
                     # and v, gate's by up), so moving it would save nothing there.
-                    offload_tensor_(args[0], self.offload_dir)
+                    offloaded = offload_tensor_(args[0], self.offload_dir)
                 self.check_heap()
                 driver.switch(group)
+                if offloaded:
+                    prefault(args[0])  # resumed: the linear reads it next
 
             return hook
 

@@ -28,6 +28,8 @@ from collections.abc import Callable
 
 import torch
 
+from sparsefit.pruning.structure import float_mask
+
 OVERSAMPLE = 8  # extra subspace vectors: the top `rank` Ritz pairs converge in two power steps
 POWER_STEPS = 2
 
@@ -63,7 +65,7 @@ def reconstruct(
     H = hessian.detach().to(torch.float32, copy=True)
     live = torch.diag(H) != 0
     H.diagonal().add_(damp * H.diagonal().mean())
-    mask = keep.to(torch.float32)
+    mask = float_mask(keep)
     X = pruned.detach().to(torch.float32, copy=True) * mask
     if iters == 0:
         return X.to(weight.dtype)
@@ -116,8 +118,8 @@ def low_rank_preconditioner(
 
     def apply(R: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         coeff = torch.bmm(g_inv, (R @ V).unsqueeze(2)).squeeze(2)  # G^-1 U_K^T r~ per row: (rows, k)
-        correction = (coeff @ V.t()).mul_(mask)
-        return torch.mul(R, inv_diag, out=out).sub_(correction)
+        # D^-1 r - V coeff, restricted to the mask (R is zero off it); the product subtracts in place.
+        return torch.mul(R, inv_diag, out=out).addmm_(coeff, V.t(), alpha=-1.0).mul_(mask)
 
     return apply
 

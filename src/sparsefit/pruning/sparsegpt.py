@@ -17,7 +17,7 @@ from itertools import accumulate
 
 import torch
 
-from sparsefit.pruning.structure import UNSTRUCTURED, Structure, check_sparsity, preserved, topk_keep_mask
+from sparsefit.pruning.structure import UNSTRUCTURED, Structure, check_sparsity, float_mask, lowest_k, preserved
 
 # Columns whose OBS updates run one by one; the rest of the column block gets them as one product.
 SUB_BLOCK = 16
@@ -34,7 +34,7 @@ def inverse_hessian(hessian: torch.Tensor, damp: float = 0.01) -> tuple[torch.Te
     if damp < 0:
         raise ValueError(f"damp {damp} is negative; use a small positive fraction such as 0.01")
     H = hessian.detach().to(torch.float32, copy=True)
-    if not torch.isfinite(H).all():
+    if not torch.isfinite(H.sum(dtype=torch.float64)):  # NaN/inf propagate; one pass, no bool tensor
         raise ValueError("Hessian has NaN/inf entries; check the calibration activations (e.g. fp16 overflow)")
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
@@ -69,15 +69,15 @@ def _lower_triangular_inverse(L: torch.Tensor, leaf: int = 128) -> torch.Tensor:
 def _choose_nm(
     w: torch.Tensor, d2: torch.Tensor, pruned: torch.Tensor, keep: torch.Tensor | None, n_prune: int
 ) -> None:
-    """Mark the `n_prune` lowest w^2/d^2 of one N:M group as pruned, in place.
+    """Mark the `n_prune` lowest w^2/d^2 of one N:M group as pruned (1.0), in place.
 
-    All arguments are the group's rows of the transposed block: `w` and `pruned` (M, rows), `d2`
-    the (M, 1) [H^-1]_cc^2, `keep` the (M, rows) preserve mask or None.
+    All arguments are the group's rows of the transposed block: `w` and the float 0/1 `pruned`
+    (M, rows), `d2` the (M, 1) [H^-1]_cc^2, `keep` the (M, rows) preserve mask or None.
     """
     scores = preserved(w.square().div_(d2), keep)
-    pruned.scatter_(0, torch.topk(scores, n_prune, dim=0, largest=False).indices, True)
+    pruned.scatter_(0, torch.topk(scores, n_prune, dim=0, largest=False).indices, 1.0)
     if keep is not None:
-        pruned |= ~keep  # more than M - N already pruned: all stay pruned
+        pruned.masked_fill_(~keep, 1.0)  # more than M - N already pruned: all stay pruned
 
 
 def prune_sparsegpt(
@@ -127,6 +127,8 @@ def prune_sparsegpt(
     keep = torch.ones_like(W, dtype=torch.bool)
     nm, m, n_prune = structure.is_nm, structure.m, structure.m - structure.n
     sub = m * max(1, SUB_BLOCK // m) if nm else SUB_BLOCK
+    # The pruned set is held as float 0/1: on CPUs, arithmetic and conversions from bool tensors
+    # take slow paths (a bool / float division costs 50x a float one), and the per-block work adds up.
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
         # The block is held transposed, (count, rows), so each step reads one contiguous column.
@@ -135,16 +137,24 @@ def prune_sparsegpt(
         Hinv1 = hinv[i1:i2, i1:i2]
         d = torch.diag(Hinv1).unsqueeze(1)  # (count, 1), to scale rows of the transposed block
         keep_block = None if preserve_mask is None else preserve_mask[:, i1:i2].t()
-        pruned = torch.zeros_like(W1, dtype=torch.bool)
-        if not nm:
+        if nm:
+            pruned = torch.zeros_like(W1)
+        else:
             # over the whole block, by count: ties (dead columns) never over-prune
-            scores = preserved(W1**2 / d**2, keep_block)
-            pruned = torch.cat([~topk_keep_mask(scores[:, a:b], s) for a, b, s in spans], dim=1)
+            scores = preserved(W1.square().div_(d.square()), keep_block)
+            prune = torch.cat(
+                [
+                    lowest_k(scores[:, a:b].flatten(), round(scores[:, a:b].numel() * s)).view(-1, b - a)
+                    for a, b, s in spans
+                ],
+                dim=1,
+            )
             if keep_block is not None:
-                pruned |= ~keep_block
+                prune |= ~keep_block
+            pruned = float_mask(prune)
         # err_i = (w_i - q_i) / [H^-1]_ii with q_i = 0 where pruned and w_i where kept: err_i = w_i * scale_i.
         scale = pruned / d
-        d2 = d**2 if nm else None
+        d2 = d.square() if nm else None
         count = i2 - i1
         # Row and group views made once per block: indexing costs more than the small products of each step.
         w_rows, err_rows, scale_rows, hinv_rows = W1.unbind(0), Err1.unbind(0), scale.unbind(0), Hinv1.unbind(0)
@@ -165,9 +175,10 @@ def prune_sparsegpt(
                 W1[i + 1 : j2].addr_(hinv_rows[i][i + 1 : j2], err, alpha=-1.0)
             # The same updates for the rest of the block, as one product (exact: they are linear in Err1).
             W1[j2:].addmm_(Hinv1[j1:j2, j2:].t(), Err1[j1:j2], alpha=-1.0)
-        W[:, i1:i2] = W1.masked_fill_(pruned, 0).t()  # exact zeros where pruned
+        # Exact zeros where pruned: w * 0 is -0.0 for a negative w, and -0.0 + 0.0 is +0.0.
+        W[:, i1:i2] = W1.mul_(1.0 - pruned).add_(0.0).t()
         W[:, i2:].addmm_(Err1.t(), hinv[i1:i2, i2:], alpha=-1.0)  # lazy update of later blocks
-        keep[:, i1:i2] = ~pruned.t()
+        keep[:, i1:i2] = ~pruned.bool().t()
     return W.to(weight.dtype), keep
 
 

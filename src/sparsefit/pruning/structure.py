@@ -145,6 +145,11 @@ def nm_keep_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     return mask.reshape(rows, cols)
 
 
+def float_mask(mask: torch.Tensor) -> torch.Tensor:
+    """A bool mask as float32 0/1, converted from its bytes: on CPUs several times faster than from bool."""
+    return mask.contiguous().view(torch.uint8).to(torch.float32)
+
+
 def preserved(scores: torch.Tensor, preserve_mask: torch.Tensor | None) -> torch.Tensor:
     """Scores where earlier-pruned weights (preserve_mask False) rank below everything, so they are pruned first."""
     if preserve_mask is None:
