@@ -292,21 +292,23 @@ def test_targets_matching_nothing():
 
 
 @pytest.mark.parametrize(
-    "given, sequential, iters",
+    "given, sequential, iters, damp",
     [
-        ({}, True, 4),
-        ({"method": "wanda"}, True, 0),
-        ({"method": "magnitude"}, True, 0),
-        ({"preset": "paper"}, False, 0),
-        ({"preset": "paper", "method": "wanda"}, False, 0),
-        ({"preset": "paper", "reconstruct_iters": 2}, False, 2),
-        ({"sequential": False}, False, 4),
-        ({"method": "wanda", "reconstruct_iters": 3}, True, 3),
+        ({}, True, 4, 0.03),
+        ({"method": "wanda"}, True, 0, 0.03),
+        ({"method": "magnitude"}, True, 0, 0.03),
+        ({"preset": "paper"}, False, 0, 0.01),
+        ({"preset": "paper", "method": "wanda"}, False, 0, 0.01),
+        ({"preset": "paper", "reconstruct_iters": 2}, False, 2, 0.01),
+        ({"preset": "paper", "damp": 0.05}, False, 0, 0.05),
+        ({"sequential": False}, False, 4, 0.03),
+        ({"damp": 0.02}, True, 4, 0.02),
+        ({"method": "wanda", "reconstruct_iters": 3}, True, 3, 0.03),
     ],
 )
-def test_presets_fill_only_what_is_not_given(given, sequential, iters):
+def test_presets_fill_only_what_is_not_given(given, sequential, iters, damp):
     config = OneShotConfig(**given)
-    assert (config.sequential, config.reconstruct_iters) == (sequential, iters)
+    assert (config.sequential, config.reconstruct_iters, config.damp) == (sequential, iters, damp)
 
 
 def test_an_unknown_preset_names_the_field():
