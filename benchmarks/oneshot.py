@@ -2,7 +2,8 @@
 
 Every run is a fresh `sparsefit prune` process (so its peak RSS is its own), followed by
 `sparsefit eval` on the output. A run without `--preset` measures the defaults; `-paper` runs
-the paper-faithful preset, `-inmemory` keeps everything in memory (no offload). The yardstick,
+the paper-faithful preset, `-inmemory` keeps everything in memory (no offload), `-damp1` the
+best preset with the paper's 1% dampening. The yardstick,
 measured in the same invocation before and again after the runs, is one plain dense float32
 forward over the same calibration set (64 x 512 from GSM8K train, batches of 8); the ratios are to the mean of the two.
 Run it with nothing else on the machine:
@@ -31,9 +32,11 @@ RUNS = {
     "sparsegpt-50": ["--method", "sparsegpt", "--sparsity", "0.5"],
     "sparsegpt-50-paper": ["--method", "sparsegpt", "--sparsity", "0.5", "--preset", "paper"],
     "sparsegpt-50-inmemory": ["--method", "sparsegpt", "--sparsity", "0.5", "--offload-dir", "none"],
+    "sparsegpt-50-damp1": ["--method", "sparsegpt", "--sparsity", "0.5", "--damp", "0.01"],  # the paper's dampening
     "wanda-2:4": ["--method", "wanda", "--structure", "2:4"],
     "sparsegpt-2:4": ["--method", "sparsegpt", "--structure", "2:4"],
     "sparsegpt-2:4-paper": ["--method", "sparsegpt", "--structure", "2:4", "--preset", "paper"],
+    "sparsegpt-2:4-damp1": ["--method", "sparsegpt", "--structure", "2:4", "--damp", "0.01"],
     "wanda-50-owl": ["--method", "wanda", "--sparsity", "0.5", "--profile", "owl"],
     "sparsegpt-50-owl": ["--method", "sparsegpt", "--sparsity", "0.5", "--profile", "owl"],
     "wanda-70": ["--method", "wanda", "--sparsity", "0.7"],

@@ -105,7 +105,7 @@ def oneshot(r: dict) -> str:
     out.append("")
     out.append(
         "Runs without `-paper` use the defaults (`--preset best`); `-paper` adds `--preset paper`; "
-        "`-inmemory` adds `--offload-dir none`. Seeds are calibration draws."
+        "`-inmemory` adds `--offload-dir none`; `-damp1` adds `--damp 0.01`. Seeds are calibration draws."
     )
     for added in r.get("appended", []):
         env = added["environment"]
