@@ -127,8 +127,8 @@ def prune_sparsegpt(
     keep = torch.ones_like(W, dtype=torch.bool)
     nm, m, n_prune = structure.is_nm, structure.m, structure.m - structure.n
     sub = m * max(1, SUB_BLOCK // m) if nm else SUB_BLOCK
-    # The pruned set is held as float 0/1: on CPUs, arithmetic and conversions from bool tensors
-    # take slow paths (a bool / float division costs 50x a float one), and the per-block work adds up.
+    # The pruned set is held as float 0/1: on CPUs, arithmetic on bool tensors (a bool / float
+    # division, conversion from bool, masked_fill) takes slow paths, and the per-block work adds up.
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
         # The block is held transposed, (count, rows), so each step reads one contiguous column.
