@@ -17,7 +17,7 @@ from itertools import accumulate
 
 import torch
 
-from sparsefit.pruning.structure import UNSTRUCTURED, Structure, check_sparsity, float_mask, lowest_k, preserved
+from sparsefit.pruning.structure import UNSTRUCTURED, Structure, check_sparsity, float_mask, preserved, topk_keep_mask
 
 # Columns whose OBS updates run one by one; the rest of the column block gets them as one product.
 SUB_BLOCK = 16
@@ -142,13 +142,7 @@ def prune_sparsegpt(
         else:
             # over the whole block, by count: ties (dead columns) never over-prune
             scores = preserved(W1.square().div_(d.square()), keep_block)
-            prune = torch.cat(
-                [
-                    lowest_k(scores[:, a:b].flatten(), round(scores[:, a:b].numel() * s)).view(-1, b - a)
-                    for a, b, s in spans
-                ],
-                dim=1,
-            )
+            prune = torch.cat([~topk_keep_mask(scores[:, a:b], s) for a, b, s in spans], dim=1)
             if keep_block is not None:
                 prune |= ~keep_block
             pruned = float_mask(prune)
