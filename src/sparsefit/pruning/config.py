@@ -11,9 +11,16 @@ from pydantic import Field, field_validator, model_validator
 
 from sparsefit.config import LayerwiseOptions, check_regexes
 
+# The fields each preset sets, unless they are given explicitly; the one place their values live.
+PRESETS: dict[str, dict] = {
+    "best": {"sequential": True, "reconstruct_iters": 4, "damp": 0.03},
+    "paper": {"sequential": False, "reconstruct_iters": 0, "damp": 0.01},
+}
+_BEST, _PAPER = PRESETS["best"], PRESETS["paper"]
+
 
 def preset_settings(preset: str, method: str) -> dict:
-    """The fields a preset sets, unless they are given explicitly.
+    """The fields a preset sets for a method, unless they are given explicitly.
 
     "best": what measured best on perplexity and time (benchmarks/README.md): the sequential order
     and, for SparseGPT, a 4-step least-squares refit of the kept weights and 3x the paper's dampening
@@ -21,9 +28,10 @@ def preset_settings(preset: str, method: str) -> dict:
     paper's own procedure (SparseGPT, Wanda: every linear of a block from the dense block's
     statistics, no refit; SparseGPT's 1% dampening).
     """
-    if preset == "paper":
-        return {"sequential": False, "reconstruct_iters": 0, "damp": 0.01}
-    return {"sequential": True, "reconstruct_iters": 4 if method == "sparsegpt" else 0, "damp": 0.03}
+    settings = dict(PRESETS[preset])
+    if method != "sparsegpt":
+        settings["reconstruct_iters"] = 0  # Wanda stays a cheap method; magnitude has no statistics to refit
+    return settings
 
 
 class OneShotConfig(LayerwiseOptions):
@@ -31,8 +39,9 @@ class OneShotConfig(LayerwiseOptions):
 
     preset: Literal["best", "paper"] = Field(
         "best",
-        description="best: the settings that measured best (sequential order; with sparsegpt a 4-step refit, "
-        "damp 0.03) | paper: each paper's own procedure (two-pass order, no refit, damp 0.01); explicit options win",
+        description="best: the settings that measured best (sequential order; with sparsegpt a "
+        f"{_BEST['reconstruct_iters']}-step refit, damp {_BEST['damp']}) | paper: each paper's own procedure "
+        f"(two-pass order, no refit, damp {_PAPER['damp']}); explicit options win",
     )
     method: Literal["magnitude", "wanda", "sparsegpt"] = "sparsegpt"
     sparsity: float = Field(0.5, ge=0.0, lt=1.0, description="target fraction of zeros, in [0, 1)")
@@ -44,8 +53,8 @@ class OneShotConfig(LayerwiseOptions):
     owl_lambda: float = Field(0.08, ge=0, lt=1, description="OWL sparsity spread lambda")
     block_size: int = Field(128, ge=1, description="SparseGPT column block")
     damp: float = Field(
-        0.03, gt=0, description="dampening of SparseGPT and the refit, a fraction of the Hessian's mean diagonal "
-        "(default: the preset's, 0.03; paper 0.01)"
+        _BEST["damp"], gt=0, description="dampening of SparseGPT and the refit, a fraction of the Hessian's mean "
+        f"diagonal (default: the preset's, {_BEST['damp']}; paper {_PAPER['damp']})"
     )  # fmt: skip
     magnitude_scope: Literal["layer", "row"] = Field(
         "layer", description="magnitude: rank weights per layer or per row"
@@ -53,13 +62,13 @@ class OneShotConfig(LayerwiseOptions):
     # A least-squares refit (conjugate gradient on the calibration inputs) of the kept weights to the
     # dense layer's outputs, after each mask is chosen.
     reconstruct_iters: int = Field(
-        4, ge=0, description="refit steps of the kept weights after each mask (default: the preset's, 4 with "
-        "sparsegpt, else 0; 0: the method's own weights)"
+        _BEST["reconstruct_iters"], ge=0, description="refit steps of the kept weights after each mask (default: "
+        f"the preset's, {_BEST['reconstruct_iters']} with sparsegpt, else 0; 0: the method's own weights)"
     )  # fmt: skip
     preserve_mask: bool = Field(False, description="keep existing zeros pruned (iterative pruning)")
     # The GPTQ reference code's --true-sequential.
     sequential: bool = Field(
-        True,
+        _BEST["sequential"],
         description="prune each linear with the earlier linears of its block already pruned, one forward per block "
         "instead of two (default: the preset's, on); off: every linear sees the dense block",
     )
@@ -85,8 +94,6 @@ class OneShotConfig(LayerwiseOptions):
             return data  # the field validators name what is wrong
         method = data.get("method", "sparsegpt")
         settings = preset_settings(data.get("preset", "best"), method)
-        if method == "magnitude":
-            settings["reconstruct_iters"] = 0  # it has no calibration statistics to refit with
         return {**settings, **data}
 
     @field_validator("structure")
