@@ -10,6 +10,9 @@ from importlib import metadata
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# Variables that keep torch, oneDNN and MKL below the CPU's best instructions: set to AVX2 on an
+# AVX-512 machine, they stand in for a CPU without AVX-512 (and without native bf16).
+ISA_LIMITS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
 
 
 def _cpu() -> dict:
@@ -53,6 +56,9 @@ def environment(device: str = "cpu") -> dict:
         "python": platform.python_version(),
         "versions": versions,
         "cpu": _cpu(),
+        # What torch's kernels use (AVX2 on an AVX-512 CPU when limited), and any limits set.
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "isa_limits": {k: os.environ[k] for k in ISA_LIMITS if k in os.environ},
         "torch_threads": torch.get_num_threads(),
         "device": torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu",
     }

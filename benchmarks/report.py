@@ -60,8 +60,14 @@ def environment_line(result: dict) -> str:
     if env is None:
         return "_Environment not recorded: measured before the benchmarks recorded it; rerun to refresh._"
     versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v and k != "sparsefit")
+    limits = env.get("isa_limits")
+    limited = (
+        f", its kernels limited to {env['cpu_capability']} ({', '.join(f'{k}={v}' for k, v in limits.items())})"
+        if limits
+        else ""
+    )
     return (
-        f"_Commit {env['commit'][:12]}, {env['date']}; {_cpu_words(env['cpu'])}, "
+        f"_Commit {env['commit'][:12]}, {env['date']}; {_cpu_words(env['cpu'])}{limited}, "
         f"{env['torch_threads']} torch threads; device {env['device']}; {versions}._"
     )
 

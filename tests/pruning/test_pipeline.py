@@ -17,7 +17,7 @@ from sparsefit.export import save_checkpoint
 from sparsefit.models.layout import decoder_layout, select_linears, weight_as_out_in
 from sparsefit.models.offload import offload_tensor_, on_ram_filesystem
 from sparsefit.pruning import OneShotConfig, oneshot
-from sparsefit.pruning.oneshot import calibration_batch
+from sparsefit.pruning.oneshot import calibration_batch, cpu_has_bf16, use_bf16
 from sparsefit.pruning.pipeline import BlockRunner, capture_block_inputs
 from sparsefit.pruning.stats import InputStats
 from sparsefit.pruning.wanda import prune_wanda
@@ -635,3 +635,10 @@ def test_low_memory_mode_engages_when_memory_would_not_suffice(monkeypatch, caps
     assert ("notice: pruning needs about" in err) == engaged
     for a, b in zip(linears(plain).values(), linears(pruned).values()):
         assert torch.equal(a.weight, b.weight)  # the same model either way
+
+
+def test_kernels_limited_to_avx2_count_as_no_native_bf16(monkeypatch):
+    # ATEN_CPU_CAPABILITY=avx2 on an AVX512-BF16 CPU: bf16 would be emulated, so auto computes float32.
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert not cpu_has_bf16()
+    assert not use_bf16("auto", torch.device("cpu"))

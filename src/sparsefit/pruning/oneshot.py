@@ -75,7 +75,12 @@ class OneShotReport(BaseModel):
 
 
 def cpu_has_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX); otherwise bf16 is emulated and slow."""
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX); otherwise bf16 is emulated and slow.
+
+    torch's kernels limited below AVX-512 (ATEN_CPU_CAPABILITY=avx2) count as no native bf16.
+    """
+    if torch.backends.cpu.get_cpu_capability() in ("DEFAULT", "NO AVX", "AVX2"):
+        return False
     try:
         with open("/proc/cpuinfo") as f:
             flags = f.read()
