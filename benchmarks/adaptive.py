@@ -240,7 +240,7 @@ def main() -> None:
         base.update(self_mix=len(self_text), limit=len(self_text))
     if self_text is not None:
         result["self_text_sha256"] = hashlib.sha256(self_text.numpy().tobytes()).hexdigest()
-    mixcal = None
+    mixcal = mixcal_eval = None
     if any("mixcal" in v for v in variants):
         mixcal = copy.deepcopy(dense)
         # Arms on GSM8K alone sample only the calibration's rows: each row has its own seed, so they
@@ -248,11 +248,13 @@ def main() -> None:
         text = self_text if self_text is not None else sampled_text(dense, tok, MIXCAL_SELF_TOKENS, work)
         calib = mixed_calibration(dense, tok, text)
         oneshot(mixcal, tok, OneShotConfig(**START), calib=calib, progress=False)
-        start = evaluate(mixcal, tok, args)
+        mixcal_eval = evaluate(mixcal, tok, args)
         if "oneshot-mixcal" not in result["runs"]:
-            record("oneshot-mixcal", start)
-        else:  # the start of earlier arms: a check that this one is the same, not a new arm
-            print("oneshot-mixcal now", json.dumps(start), "recorded", json.dumps(result["runs"]["oneshot-mixcal"]))
+            record("oneshot-mixcal", mixcal_eval)
+        else:  # sampled text can differ across CPUs: each mixcal arm records its own start below
+            print(
+                "oneshot-mixcal now", json.dumps(mixcal_eval), "recorded", json.dumps(result["runs"]["oneshot-mixcal"])
+            )
     runs = {
         "fixed": (pruned, {}),
         "ast": (dense, {"method": "ast", "ast": {"mask_metric": "magnitude"}}),
@@ -291,7 +293,10 @@ def main() -> None:
         loop["model_parameters"] = sum(p.numel() for p in dense.parameters())
         loop["nm_violations"] = nm_violations(model)
         loop["mask_flip_rate"] = [f for f in flips if f is not None]
-        record(arm_name(name, args.seed, args.data), {**evaluate(model, tok, args), "loop": loop})
+        arm = {**evaluate(model, tok, args), "loop": loop}
+        if "mixcal" in name:
+            arm["start"] = mixcal_eval
+        record(arm_name(name, args.seed, args.data), arm)
 
     if args.speed_rounds > 0:
         result["interleaved_speed"] = interleaved_speed(work, tok, base, pruned, dense, teacher, args, self_text)

@@ -286,6 +286,7 @@ def adaptive(r: dict) -> str:
                 ],
                 rows,
             ),
+            *_own_starts(runs),
             *_interleaved_speed(r.get("interleaved_speed")),
             *_merged(r.get("merged"), r.get("merged_cpu"), r["environment"]["cpu"]),
         ]
@@ -334,6 +335,18 @@ def adapters(r: dict) -> str:
             f"{c['spearman_zo_taylor_vs_taylor']:.3f}, l1 {c['spearman_l1_vs_taylor']:.3f}.",
         ]
     return "\n".join([*lines, *_merged(r.get("merged"))])
+
+
+def _own_starts(runs: dict) -> list[str]:
+    """Arms that recorded the one-shot start they trained from (its calibration text is sampled per run)."""
+    own = [
+        f"{name} {f(run['start']['wikitext2_ppl'])} / {f(run['start']['gsm8k_answer_ppl'], 3)}"
+        for name, run in runs.items()
+        if run.get("start")
+    ]
+    return (
+        ["", f"Start of each arm that recorded its own (WikiText-2 / GSM8K answers): {'; '.join(own)}."] if own else []
+    )
 
 
 def _merged(merged: dict | None, cpus: dict | None = None, cpu: dict | None = None) -> list[str]:
