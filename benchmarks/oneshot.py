@@ -9,6 +9,10 @@ forward over the same calibration set (64 x 512 from GSM8K train, batches of 8);
 Run it with nothing else on the machine:
 
     SPARSEFIT_DATA_DIR=../shared/data python benchmarks/oneshot.py --seeds 0 1 2
+
+On an AVX-512 machine, `ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2`
+keeps torch, oneDNN and MKL to AVX2, as on a CPU without AVX-512 or native bf16 (auto then computes
+in float32, the yardstick runs the same kernels); the JSON records the limits.
 """
 
 from __future__ import annotations

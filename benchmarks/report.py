@@ -24,8 +24,8 @@ README = HERE / "README.md"
 SCRIPTS = {
     "quick": "quick.py",
     "oneshot": "oneshot.py",
-    # `--compute-dtype float32`: the block forwards a CPU without native bf16 runs (auto picks float32 there)
-    "oneshot_float32": "oneshot.py",
+    # torch, oneDNN and MKL limited to AVX2 (see oneshot.py): a CPU without AVX-512 or native bf16
+    "oneshot_avx2": "oneshot.py",
     "calibration": "calibration.py",
     "quantize": "quantize.py",
     "generation": "generation.py",
@@ -479,7 +479,7 @@ def sparse24_gpu(r: dict) -> str:
 RENDER: dict[str, Callable[[dict], str]] = {
     "quick": quick,
     "oneshot": oneshot,
-    "oneshot_float32": oneshot,
+    "oneshot_avx2": oneshot,
     "calibration": calibration,
     "quantize": quantize,
     "generation": generation,
