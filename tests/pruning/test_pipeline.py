@@ -7,6 +7,7 @@ import tempfile
 import pytest
 import torch
 from pydantic import ValidationError
+from torch import nn
 from transformers import AutoModelForCausalLM
 
 from sparsefit.cli import main
@@ -172,6 +173,23 @@ def test_shared_inputs_share_one_accumulator():
     assert stats.root("b.self_attn.o_proj") == "b.self_attn.o_proj"
     assert stats.root("b.mlp.down_proj") == "b.mlp.down_proj"
     assert set(stats.xtx) == {"b.self_attn.q_proj", "b.self_attn.o_proj", "b.mlp.gate_proj", "b.mlp.down_proj"}
+
+
+def test_hessian_is_the_mirrored_average_and_ends_its_accumulation():
+    """The accumulator becomes 2 X^T X / n in place: exactly symmetric, read once, and any later
+    input of the group is an error rather than a restart from zero."""
+    linear = nn.Linear(300, 4)
+    x = torch.randn(3, 10, 300, generator=torch.Generator().manual_seed(0))
+    with InputStats({"l": linear}, hessian=True) as stats, torch.no_grad():
+        linear(x)
+        stats.end_forward()
+        H = stats.hessian("l")
+        xs = x.reshape(-1, 300).double()
+        torch.testing.assert_close(H.double(), 2 * xs.t() @ xs / 30, rtol=1e-5, atol=1e-4)
+        assert torch.equal(H, H.t())
+        assert stats.hessian("l") is H and not stats.xtx
+        with pytest.raises(RuntimeError, match="after its Hessian was read"):
+            linear(x)
 
 
 @pytest.mark.parametrize("d, leaf", [(7, 160), (160, 160), (161, 160), (577, 32), (1536, 160)])

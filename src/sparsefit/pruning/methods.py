@@ -81,13 +81,6 @@ class BlockSolver:
     def __init__(self, options: MethodOptions, stats: InputStats | None) -> None:
         self.options, self.stats = options, stats
         self._hinv: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._hessian: dict[str, torch.Tensor] = {}
-
-    def hessian(self, name: str) -> torch.Tensor:
-        root = self.stats.root(name)
-        if root not in self._hessian:
-            self._hessian[root] = self.stats.hessian(name)
-        return self._hessian[root]
 
     def solve(
         self, name: str, weight: torch.Tensor, sparsity: float, preserve: torch.Tensor | None
@@ -104,7 +97,7 @@ class BlockSolver:
     def _inverse(self, name: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         root = self.stats.root(name)
         if root not in self._hinv:
-            self._hinv[root] = inverse_hessian(self.hessian(name).to(device), self.options.damp)
+            self._hinv[root] = inverse_hessian(self.stats.hessian(name).to(device), self.options.damp)
         return self._hinv[root]
 
     def solve_shared(
@@ -138,5 +131,5 @@ class BlockSolver:
 
         Rows are independent, so linears that share `name`'s input may come stacked by rows.
         """
-        H = self.hessian(name).to(weight.device)
+        H = self.stats.hessian(name).to(weight.device)
         return reconstruct(weight, pruned, keep, H, self.options.reconstruct_iters, self.options.damp)

@@ -33,7 +33,8 @@ class InputStats:
         self.want_sq, self.want_hessian = sq_sum, hessian
         self.count: dict[str, int] = {}
         self.sq: dict[str, torch.Tensor] = {}
-        self.xtx: dict[str, torch.Tensor] = {}
+        self.xtx: dict[str, torch.Tensor] = {}  # upper triangles of X^T X, until `hessian` mirrors them
+        self._hessians: dict[str, torch.Tensor] = {}
         self.owner = {name: group[0] for group in self.groups for name in group}  # member -> group's first
         # Groups already fed in the current forward, per scope (a forward that may be paused beside others).
         self._seen: dict[Hashable, set[str]] = {}
@@ -74,6 +75,8 @@ class InputStats:
             sq = (x * x).sum(0)
             self.sq[name] = self.sq[name] + sq if name in self.sq else sq
         if self.want_hessian:
+            if name in self._hessians:
+                raise RuntimeError(f"inputs of {name} arrived after its Hessian was read; read it once all are in")
             if name not in self.xtx:
                 self.xtx[name] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float32, device=x.device)
             accumulate_upper(self.xtx[name], x)
@@ -86,10 +89,14 @@ class InputStats:
         return self.sq[self.root(name)]
 
     def hessian(self, name: str) -> torch.Tensor:
-        """H = 2 X^T X / n in float32, shape (in, in)."""
+        """H = 2 X^T X / n in float32, shape (in, in). Ends the accumulation of `name`'s group: its
+        accumulator becomes H in place (one buffer of in x in, not four), and later calls return it."""
         root = self.root(name)
-        upper = self.xtx[root]
-        return (upper.triu() + upper.triu(1).t()) * (2.0 / self.count[root])
+        if root not in self._hessians:
+            H = self.xtx.pop(root).triu_()
+            H += H.t().tril(-1)
+            self._hessians[root] = H.mul_(2.0 / self.count[root])
+        return self._hessians[root]
 
 
 def accumulate_upper(xtx: torch.Tensor, x: torch.Tensor, leaf: int = 160) -> None:
