@@ -4,7 +4,8 @@ Every variant trains on the same token budget of GSM8K train (plain format, batc
 `recovery.py`) with the same losses (AST's mix: CE 0.33 + KL 0.67 at T = 2 from the dense model as
 teacher):
 
-- `oneshot`: SparseGPT 2:4 of the dense model (1% dampening), not trained (the starting point of `fixed`);
+- `oneshot`: SparseGPT 2:4 of the dense model (the default one-shot settings; `--damp 0.01` is the
+  dampening of the arms recorded before it became 3%), not trained (the starting point of `fixed`);
 - `fixed`: that model fine-tuned with its mask held (`--method standard`);
 - `ast`: the dense model trained with adaptive 2:4 masks (magnitude, SR-STE);
 - `ast-sparsegpt`: AST (magnitude) started from the SparseGPT 2:4 model, its pruned weights at zero;
@@ -62,6 +63,7 @@ from sparsefit.evaluation.gsm8k import evaluate_answer_ppl
 from sparsefit.evaluation.tasks import evaluate_perplexity
 from sparsefit.models import load_model_and_tokenizer
 from sparsefit.pruning import OneShotConfig, oneshot
+from sparsefit.pruning.config import PRESETS
 from sparsefit.training import FinetuneConfig, finetune
 
 if TYPE_CHECKING:
@@ -152,20 +154,21 @@ def sampled_text(model, tok, tokens: int, work: Path) -> torch.Tensor:  # noqa: 
     return load_or_sample(path, lambda: sample_from_model(model, tok, rows, SELF_LEN, seed=0))
 
 
-# Every arm's one-shot start: SparseGPT 2:4 with the 1% dampening the defaults had when the recorded
-# arms were measured (arms merge only from one start; the default is now 3%, a better start).
-START = dict(method="sparsegpt", structure="2:4", damp=0.01)
+# Every arm's one-shot start: SparseGPT 2:4 with the default settings, its dampening from `--damp`.
+START = dict(method="sparsegpt", structure="2:4")
+# Arguments that runs recorded before they existed had, for merging: the 1% dampening of the old default.
+LEGACY_ARGS = {"damp": 0.01}
 
 # The sampled half of the mixed calibration: half the default 64 x 512 tokens.
 MIXCAL_SELF_TOKENS = 64 * 512 // 2
 
 
-def mixed_calibration(model, tok, self_text: torch.Tensor) -> list[torch.Tensor]:  # noqa: ANN001
+def mixed_calibration(model, tok, self_text: torch.Tensor, damp: float) -> list[torch.Tensor]:  # noqa: ANN001
     """Calibration batches of half GSM8K (the default draw's first half) and half sampled rows: as many
     tokens as the default calibration, in its batch size."""
     from sparsefit.pruning.oneshot import calibration_batch
 
-    config = OneShotConfig(**START)
+    config = OneShotConfig(**START, damp=damp)
     gsm8k, _ = calibration_batch(model, tok, config, progress=False)
     half = gsm8k[: len(gsm8k) // 2]
     rows = -(-half.numel() // self_text.shape[1])
@@ -186,6 +189,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0, help="fine-tunes' data order; arms of another seed get '-seedN'")
     p.add_argument("--data", choices=("gsm8k", "self", "mix"), default="gsm8k",
                    help="training text: GSM8K train, sampled from the dense model, or half each")  # fmt: skip
+    p.add_argument("--damp", type=float, default=PRESETS["best"]["damp"], help="dampening of the one-shot start")
     p.add_argument("--work", default="runs/bench-ast")
     p.add_argument("--out", default="benchmarks/results/adaptive.json")
     args = p.parse_args()
@@ -195,10 +199,10 @@ def main() -> None:
         raise SystemExit(f"unknown variants: {', '.join(unknown)}")
     work = Path(args.work)
     result: dict = {"args": vars(args), "environment": environment(), "runs": {}}
-    same = ("model", "tokens", "batch_size", "lr", "wiki_windows", "answer_rows")
+    same = ("model", "tokens", "batch_size", "lr", "wiki_windows", "answer_rows", "damp")
     if Path(args.out).is_file():  # arms of an earlier run with the same settings merge into this one
         earlier = json.loads(Path(args.out).read_text())
-        if all(earlier["args"].get(k) == getattr(args, k) for k in same):
+        if all(earlier["args"].get(k, LEGACY_ARGS.get(k)) == getattr(args, k) for k in same):
             redone = {arm_name(v, args.seed, args.data) for v in variants}
             result["runs"] = {k: v for k, v in earlier["runs"].items() if k not in redone}
             commits = {**dict.fromkeys(earlier["runs"], earlier["environment"]["commit"]), **earlier.get("merged", {})}
@@ -222,7 +226,7 @@ def main() -> None:
     teacher = copy.deepcopy(dense)  # frozen by the loop; the starting models stay trainable
     t = time.perf_counter()
     pruned = copy.deepcopy(dense)
-    oneshot(pruned, tok, OneShotConfig(**START), progress=False)
+    oneshot(pruned, tok, OneShotConfig(**START, damp=args.damp), progress=False)
     seconds = time.perf_counter() - t
     if "oneshot" in variants:
         record("oneshot", {**evaluate(pruned, tok, args), "seconds": seconds})
@@ -246,8 +250,8 @@ def main() -> None:
         # Arms on GSM8K alone sample only the calibration's rows: each row has its own seed, so they
         # are the first rows of the training text the other arms sample (to rounding across CPUs).
         text = self_text if self_text is not None else sampled_text(dense, tok, MIXCAL_SELF_TOKENS, work)
-        calib = mixed_calibration(dense, tok, text)
-        oneshot(mixcal, tok, OneShotConfig(**START), calib=calib, progress=False)
+        calib = mixed_calibration(dense, tok, text, args.damp)
+        oneshot(mixcal, tok, OneShotConfig(**START, damp=args.damp), calib=calib, progress=False)
         mixcal_eval = evaluate(mixcal, tok, args)
         if "oneshot-mixcal" not in result["runs"]:
             record("oneshot-mixcal", mixcal_eval)

@@ -265,7 +265,8 @@ def adaptive(r: dict) -> str:
         )
     return "\n".join(
         [
-            f"{a['model']}, 2:4, {a['tokens']} tokens of GSM8K train per arm (`-self` arms: text sampled from the "
+            f"{a['model']}, 2:4 (one-shot start: SparseGPT, best preset, dampening {a.get('damp', 0.01)}), "
+            f"{a['tokens']} tokens of GSM8K train per arm (`-self` arms: text sampled from the "
             "dense model, in rows of 192 tokens; `-mix` arms: half of those rows and as many GSM8K examples; "
             "`mixcal` arms start from `oneshot-mixcal`, SparseGPT 2:4 calibrated on half GSM8K, half sampled rows; "
             f"batch {a['batch_size']}, lr {a['lr']}), CE 0.33 + KL 0.67 "
