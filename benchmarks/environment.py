@@ -31,6 +31,7 @@ def _cpu() -> dict:
         "cores": os.cpu_count(),
         "avx512": "avx512f" in flags,
         "native_bf16": bool({"avx512_bf16", "amx_bf16"} & flags),
+        "amx": "amx_bf16" in flags,  # bf16 matrix units (Intel AMX)
     }
 
 

@@ -38,6 +38,8 @@ SCRIPTS = {
     "adaptive_lr4e-4": "adaptive.py",
     # twice the default budget (`--tokens 300000`, lr 4e-4): whether AST's lead grows with training
     "adaptive_300k": "adaptive.py",
+    # lr 4e-4, from the default one-shot start (3% dampening): the arms of the task's definition
+    "adaptive_damp3": "adaptive.py",
     "gsm8k": "gsm8k_agreement.py",
     "reconstruct_error": "reconstruct_error.py",
     "reference_llmcompressor": "reference_llmcompressor.py",
@@ -74,6 +76,7 @@ def environment_line(result: dict) -> str:
 
 def _cpu_words(cpu: dict) -> str:
     bf16 = "native bf16" if cpu["native_bf16"] else ("AVX-512, no native bf16" if cpu["avx512"] else "no AVX-512")
+    bf16 += ", AMX" if cpu.get("amx") else ""  # bf16 matrix units: bf16 training runs much faster
     return f"{cpu['model']}, {cpu['cores']} cores ({bf16})"
 
 
@@ -265,7 +268,7 @@ def adaptive(r: dict) -> str:
         )
     return "\n".join(
         [
-            f"{a['model']}, 2:4 (one-shot start: SparseGPT, best preset, dampening {a.get('damp', 0.01)}), "
+            f"{a['model']}, 2:4 (one-shot start: SparseGPT, dampening {a.get('damp', 0.01)}), "
             f"{a['tokens']} tokens of GSM8K train per arm (`-self` arms: text sampled from the "
             "dense model, in rows of 192 tokens; `-mix` arms: half of those rows and as many GSM8K examples; "
             "`mixcal` arms start from `oneshot-mixcal`, SparseGPT 2:4 calibrated on half GSM8K, half sampled rows; "
@@ -491,6 +494,7 @@ RENDER: dict[str, Callable[[dict], str]] = {
     "adapters_150k": adapters,
     "adaptive_lr4e-4": adaptive,
     "adaptive_300k": adaptive,
+    "adaptive_damp3": adaptive,
     "gsm8k": gsm8k,
     "reconstruct_error": reconstruct_error,
     "reference_llmcompressor": reference_llmcompressor,
