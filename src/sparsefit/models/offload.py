@@ -176,8 +176,8 @@ _STATM: list[int] = []  # the open /proc/self/statm of this process, once read
 def resident_mb() -> float:
     """This process's resident memory now, in MiB (Linux; 0 elsewhere).
 
-    Called before every pause of every calibration batch: the file stays open and is read again
-    from its start, a tenth of the cost of opening it each time.
+    Called before every pause of every calibration batch, so the file stays open and is read again
+    from its start rather than opened each time.
     """
     try:
         if not _STATM or _STATM[1] != os.getpid():  # a forked child has its own /proc/self
