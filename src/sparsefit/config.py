@@ -161,8 +161,8 @@ class LayerwiseOptions(BaseModel):
     )
     seq_len: int = Field(512, ge=2, description="tokens per calibration sequence")
     seed: int = Field(0, ge=0, lt=2**32, description="calibration draw (torch, random and numpy all take it)")
-    # Small batches keep each forward's activations in cache: on CPUs computing in float32, 2 was
-    # the fastest of 1/2/4/8/16; with native bf16 2 and 4 tie (benchmarks/README.md).
+    # 2 measured fastest of 1/2/4/8/16 with float32 block forwards and tied with 4 under native
+    # bf16; smaller batches also hold less memory at each pause of the sequential order.
     batch_size: int = Field(2, ge=1, description="calibration sequences per block forward")
     compute_dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto",
