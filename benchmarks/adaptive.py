@@ -163,12 +163,11 @@ LEGACY_ARGS = {"damp": 0.01}
 MIXCAL_SELF_TOKENS = 64 * 512 // 2
 
 
-def mixed_calibration(model, tok, self_text: torch.Tensor, damp: float) -> list[torch.Tensor]:  # noqa: ANN001
-    """Calibration batches of half GSM8K (the default draw's first half) and half sampled rows: as many
-    tokens as the default calibration, in its batch size."""
+def mixed_calibration(model, tok, self_text: torch.Tensor, config: OneShotConfig) -> list[torch.Tensor]:  # noqa: ANN001
+    """Calibration batches of half GSM8K (`config`'s draw's first half) and half sampled rows: as many
+    tokens as that calibration, in its batch size."""
     from sparsefit.pruning.oneshot import calibration_batch
 
-    config = OneShotConfig(**START, damp=damp)
     gsm8k, _ = calibration_batch(model, tok, config, progress=False)
     half = gsm8k[: len(gsm8k) // 2]
     rows = -(-half.numel() // self_text.shape[1])
@@ -226,7 +225,8 @@ def main() -> None:
     teacher = copy.deepcopy(dense)  # frozen by the loop; the starting models stay trainable
     t = time.perf_counter()
     pruned = copy.deepcopy(dense)
-    oneshot(pruned, tok, OneShotConfig(**START, damp=args.damp), progress=False)
+    start_config = OneShotConfig(**START, damp=args.damp)
+    oneshot(pruned, tok, start_config, progress=False)
     seconds = time.perf_counter() - t
     if "oneshot" in variants:
         record("oneshot", {**evaluate(pruned, tok, args), "seconds": seconds})
@@ -250,8 +250,8 @@ def main() -> None:
         # Arms on GSM8K alone sample only the calibration's rows: each row has its own seed, so they
         # are the first rows of the training text the other arms sample (to rounding across CPUs).
         text = self_text if self_text is not None else sampled_text(dense, tok, MIXCAL_SELF_TOKENS, work)
-        calib = mixed_calibration(dense, tok, text, args.damp)
-        oneshot(mixcal, tok, OneShotConfig(**START, damp=args.damp), calib=calib, progress=False)
+        calib = mixed_calibration(dense, tok, text, start_config)
+        oneshot(mixcal, tok, start_config, calib=calib, progress=False)
         mixcal_eval = evaluate(mixcal, tok, args)
         if "oneshot-mixcal" not in result["runs"]:
             record("oneshot-mixcal", mixcal_eval)

@@ -12,6 +12,7 @@ the sequential order's paused forwards wait with (`offload_tensor_`).
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import sys
 import uuid
@@ -170,7 +171,10 @@ def prefault(tensor: torch.Tensor) -> bool:
     return _LIBC.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_POPULATE_READ) == 0
 
 
-_STATM: list[int] = []  # the open /proc/self/statm of this process, once read
+@functools.cache
+def _statm(pid: int) -> int:
+    """An open descriptor of process `pid`'s statm (keyed by pid: a forked child has its own)."""
+    return os.open(f"/proc/{pid}/statm", os.O_RDONLY)
 
 
 def resident_mb() -> float:
@@ -180,9 +184,7 @@ def resident_mb() -> float:
     from its start rather than opened each time.
     """
     try:
-        if not _STATM or _STATM[1] != os.getpid():  # a forked child has its own /proc/self
-            _STATM[:] = [os.open("/proc/self/statm", os.O_RDONLY), os.getpid()]
-        return int(os.pread(_STATM[0], 128, 0).split()[1]) * _PAGE / 2**20
+        return int(os.pread(_statm(os.getpid()), 128, 0).split()[1]) * _PAGE / 2**20
     except OSError:
         return 0.0
 
