@@ -1,6 +1,6 @@
 """Datasets by name or path, and the calibration sampler."""
 
-from sparsefit.data.calibration import sample_calibration, sample_windows, tokenize_stream
+from sparsefit.data.calibration import sample_calibration, sample_windows, token_stream, tokenize_stream
 from sparsefit.data.sources import NAMED, format_gsm8k, load_rows, load_texts
 
 __all__ = [
@@ -10,5 +10,6 @@ __all__ = [
     "load_texts",
     "sample_calibration",
     "sample_windows",
+    "token_stream",
     "tokenize_stream",
 ]

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import os
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save
 
 from sparsefit.errors import UsageError
 
@@ -27,6 +33,63 @@ def tokenize_stream(tokenizer: PreTrainedTokenizerBase, texts: list[str], chunk:
     return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
 
 
+# Bumped whenever `tokenize_stream` changes what it returns for the same tokenizer and texts.
+_STREAM_FORMAT = b"sparsefit token stream 1: texts joined by a blank line, no special tokens"
+CACHED_STREAMS = 16  # the cache keeps the most recently used streams, a few MB per dataset each
+
+
+def token_stream(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> torch.Tensor:
+    """`tokenize_stream(tokenizer, texts)`, kept in `SPARSEFIT_CACHE/tokens` for the next call.
+
+    Tokenizing a whole dataset (all of GSM8K train: 1.4M tokens) is a fixed cost of every prune,
+    quantization and fine-tuning run that samples from it, the same each time. The entry
+    is named by a hash of the tokenizer's full definition and of the texts, so any change to either
+    misses. Tokenizers without a serialisable definition (slow, Python ones) are not cached; an
+    unreadable or unwritable cache only costs the tokenization.
+    """
+    from sparsefit.atomic import write_bytes
+    from sparsefit.models.builtin import cache_root
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return tokenize_stream(tokenizer, texts)
+    digest = hashlib.sha256(_STREAM_FORMAT)
+    digest.update(f"{type(tokenizer).__module__}.{type(tokenizer).__qualname__}\n".encode())
+    digest.update(backend.to_str().encode())
+    for text in texts:
+        digest.update(len(text).to_bytes(8, "little"))  # lengths too: ["ab", "c"] is not ["a", "bc"]
+        digest.update(text.encode("utf-8", "surrogatepass"))
+    folder = cache_root() / "tokens"
+    path = folder / f"{digest.hexdigest()[:32]}.safetensors"
+    try:
+        stream = load_file(path)["ids"].long()
+    except (OSError, SafetensorError, KeyError):
+        pass
+    else:
+        with contextlib.suppress(OSError):
+            os.utime(path)  # recently used: the last to be evicted
+        return stream
+    stream = tokenize_stream(tokenizer, texts)
+    try:
+        write_bytes(path, save({"ids": stream.to(torch.int32)}))
+        _evict(folder, keep=CACHED_STREAMS)
+    except OSError:
+        pass
+    return stream
+
+
+def _evict(folder: Path, keep: int) -> None:
+    """Delete all but the `keep` most recently used streams of `folder`."""
+    entries = []
+    for path in folder.glob("*.safetensors"):
+        try:
+            entries.append((path.stat().st_mtime, path))
+        except FileNotFoundError:  # evicted by another process meanwhile
+            pass
+    for _, path in sorted(entries, reverse=True)[keep:]:
+        path.unlink(missing_ok=True)
+
+
 def sample_windows(stream: torch.Tensor, num_samples: int, seq_len: int, seed: int = 0) -> torch.Tensor:
     """`num_samples` windows of `seq_len` tokens at random offsets of `stream`: shape (N, L)."""
     if num_samples < 1 or seq_len < 2:
@@ -45,4 +108,4 @@ def sample_calibration(
     tokenizer: PreTrainedTokenizerBase, texts: list[str], num_samples: int, seq_len: int, seed: int = 0
 ) -> torch.Tensor:
     """Tokenize `texts`, concatenate (blank lines between) and cut `num_samples` windows of `seq_len` tokens (N, L)."""
-    return sample_windows(tokenize_stream(tokenizer, texts), num_samples, seq_len, seed)
+    return sample_windows(token_stream(tokenizer, texts), num_samples, seq_len, seed)

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
-from sparsefit.data.calibration import tokenize_stream
+from sparsefit.data.calibration import token_stream
 from sparsefit.data.sources import load_rows, load_texts, read_jsonl
 from sparsefit.errors import UsageError
 from sparsefit.evaluation.gsm8k import question_prompt
@@ -74,7 +74,7 @@ def supervised_examples(
 
 def packed_examples(tokenizer: PreTrainedTokenizerBase, texts: list[str], seq_len: int) -> list[Example]:
     """Plain text concatenated and cut into consecutive windows of `seq_len` tokens, loss on every token."""
-    stream = tokenize_stream(tokenizer, texts)
+    stream = token_stream(tokenizer, texts)
     count = stream.numel() // seq_len
     if count == 0:
         raise UsageError(f"dataset too short: {stream.numel()} tokens, fewer than one sequence of {seq_len}")
