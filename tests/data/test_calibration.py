@@ -86,3 +86,13 @@ def test_least_recently_used_streams_are_evicted(cache, tokenizer, monkeypatch):
     for texts in (a, c, b):
         token_stream(tokenizer, texts)
     assert tokenized == [b]
+
+
+def test_leftovers_of_killed_writes_go_once_stale(cache, tokenizer):
+    cache.mkdir(parents=True)
+    old, fresh = cache / ".0123.safetensors.tmp-old", cache / ".4567.safetensors.tmp-new"
+    for path in (old, fresh):
+        path.write_bytes(b"half a stream")
+    os.utime(old, (1000, 1000))  # killed long ago; `fresh` may be a write in progress
+    token_stream(tokenizer, TEXTS)
+    assert not old.exists() and fresh.exists() and len(entries(cache)) == 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -36,6 +37,7 @@ def tokenize_stream(tokenizer: PreTrainedTokenizerBase, texts: list[str], chunk:
 # Bumped whenever `tokenize_stream` changes what it returns for the same tokenizer and texts.
 _STREAM_FORMAT = b"sparsefit token stream 1: texts joined by a blank line, no special tokens"
 CACHED_STREAMS = 16  # the cache keeps the most recently used streams, a few MB per dataset each
+STALE_WRITE_SECONDS = 3600
 
 
 def token_stream(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> torch.Tensor:
@@ -79,7 +81,12 @@ def token_stream(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> torch.
 
 
 def _evict(folder: Path, keep: int) -> None:
-    """Delete all but the `keep` most recently used streams of `folder`."""
+    """Delete all but the `keep` most recently used streams of `folder`, and the temporary files of
+    writes killed long ago (a recent one may be another process's write in progress)."""
+    for path in folder.glob(".*.safetensors.tmp-*"):
+        with contextlib.suppress(OSError):
+            if time.time() - path.stat().st_mtime > STALE_WRITE_SECONDS:
+                path.unlink()
     entries = []
     for path in folder.glob("*.safetensors"):
         try:
