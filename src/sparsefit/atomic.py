@@ -27,6 +27,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -273,6 +274,19 @@ def clean_stale_in(directory: str | os.PathLike) -> None:
     targets = {m["target"] for p in directory.iterdir() if (m := _TRANSIENT.fullmatch(p.name))}
     for target in sorted(targets):
         clean_stale(directory / target)
+
+
+def remove_old_temporaries(directory: str | os.PathLike, older_than: float) -> None:
+    """Delete the temporary files killed `write_bytes` calls left in `directory`, once older than
+    `older_than` seconds: a younger one may be another process's write in progress, which
+    `clean_stale_in` would break (it serves folders one command owns)."""
+    now = time.time()
+    for p in Path(directory).iterdir():
+        transient = _TRANSIENT.fullmatch(p.name)
+        if transient is not None and transient["kind"] == "tmp":
+            with contextlib.suppress(OSError):
+                if now - p.stat().st_mtime > older_than:
+                    p.unlink()
 
 
 def make_dir(path: str | os.PathLike) -> Path:

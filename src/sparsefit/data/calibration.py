@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -83,10 +82,9 @@ def token_stream(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> torch.
 def _evict(folder: Path, keep: int) -> None:
     """Delete all but the `keep` most recently used streams of `folder`, and the temporary files of
     writes killed long ago (a recent one may be another process's write in progress)."""
-    for path in folder.glob(".*.safetensors.tmp-*"):
-        with contextlib.suppress(OSError):
-            if time.time() - path.stat().st_mtime > STALE_WRITE_SECONDS:
-                path.unlink()
+    from sparsefit.atomic import remove_old_temporaries
+
+    remove_old_temporaries(folder, older_than=STALE_WRITE_SECONDS)
     entries = []
     for path in folder.glob("*.safetensors"):
         try:
