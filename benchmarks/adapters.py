@@ -82,8 +82,10 @@ def base_config(args, task: str) -> dict:  # noqa: ANN001
 def run_arm(args) -> None:  # noqa: ANN001
     """One arm in this process; prints its result as the last line."""
     from sparsefit.models import load_model_and_tokenizer
+    from sparsefit.models.offload import reuse_freed_memory
     from sparsefit.training import FinetuneConfig, finetune
 
+    reuse_freed_memory()  # as the CLI's training commands do
     work = Path(args.work)
     start = args.model if args.task == "A" else str(work / "oneshot-b")
     model, tok = load_model_and_tokenizer(start, "float32", "cpu")

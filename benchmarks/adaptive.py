@@ -62,6 +62,7 @@ from sparsefit.data.self_generated import load_or_sample, sample_from_model
 from sparsefit.evaluation.gsm8k import evaluate_answer_ppl
 from sparsefit.evaluation.tasks import evaluate_perplexity
 from sparsefit.models import load_model_and_tokenizer
+from sparsefit.models.offload import reuse_freed_memory
 from sparsefit.pruning import OneShotConfig, oneshot
 from sparsefit.pruning.config import PRESETS
 from sparsefit.training import FinetuneConfig, finetune
@@ -192,6 +193,7 @@ def main() -> None:
     p.add_argument("--work", default="runs/bench-ast")
     p.add_argument("--out", default="benchmarks/results/adaptive.json")
     args = p.parse_args()
+    reuse_freed_memory()  # as the CLI's training commands do
     variants = args.variants.split(",")
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown:

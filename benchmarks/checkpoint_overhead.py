@@ -23,6 +23,7 @@ from environment import environment
 from recovery import CHECKPOINT_EVERY
 from sparsefit.atomic import write_json
 from sparsefit.models import load_model_and_tokenizer
+from sparsefit.models.offload import reuse_freed_memory
 from sparsefit.pruning import OneShotConfig, oneshot
 from sparsefit.training import FinetuneConfig, SparsityMasks, finetune
 from sparsefit.training.state import damage, save_training_state
@@ -36,6 +37,7 @@ def main() -> None:
     p.add_argument("--work", default="runs/bench-checkpoint")
     p.add_argument("--out", default="benchmarks/results/checkpoint_overhead.json")
     args = p.parse_args()
+    reuse_freed_memory()  # as the CLI's training commands do
     work = Path(args.work)
 
     teacher, tok = load_model_and_tokenizer(args.model, "float32", "cpu")

@@ -29,6 +29,7 @@ from sparsefit.atomic import write_json
 from sparsefit.evaluation.gsm8k import evaluate_answer_ppl
 from sparsefit.evaluation.tasks import evaluate_perplexity
 from sparsefit.models import load_model_and_tokenizer
+from sparsefit.models.offload import reuse_freed_memory
 from sparsefit.pruning import OneShotConfig, oneshot
 from sparsefit.training import FinetuneConfig, finetune
 from sparsefit.training.loop import BOOKKEEPING
@@ -83,6 +84,7 @@ def main() -> None:
     )
     p.add_argument("--out", default="benchmarks/results/recovery.json")
     args = p.parse_args()
+    reuse_freed_memory()  # as the CLI's training commands do
     work = Path(args.work)
     result: dict = {"args": vars(args), "stages": {}, "threads": torch.get_num_threads()}
 

@@ -268,6 +268,7 @@ def finetune_options(args: argparse.Namespace) -> dict:
 def cmd_finetune(args: argparse.Namespace) -> int:
     from sparsefit.config import validate
     from sparsefit.models import load_model_and_tokenizer, parse_device
+    from sparsefit.models.offload import reuse_freed_memory
     from sparsefit.outputs import check_writable_file, claim_output
     from sparsefit.training import FinetuneConfig, finetune, iterative_prune_finetune
     from sparsefit.training.loop import fingerprint_changes, finished_run, options_fingerprint
@@ -295,6 +296,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
             )
         print(f"{args.output} already holds a finished fine-tune ({done['steps']} steps); nothing to resume")
         return 0
+    reuse_freed_memory()
     model, tokenizer = load_model_and_tokenizer(args.model, args.dtype, device, args.trust_remote_code)
     if args.cycles:
         from sparsefit.pruning import OneShotConfig
@@ -326,6 +328,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from sparsefit.models.offload import reuse_freed_memory
     from sparsefit.recipes import load_recipe, run_recipe
     from sparsefit.recipes.report import format_table
 
@@ -339,6 +342,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"  note: {note}")
         return 0
     output = args.output or str(Path("runs") / recipe.name)  # the name is a plain folder name (validated)
+    if any(stage.kind == "finetune" for stage in recipe.stages):
+        reuse_freed_memory()
     report = run_recipe(recipe, output, args.device)
     print(format_table(report["stages"], markdown=False))
     print(f"report: {Path(output) / 'report.md'}")

@@ -4,6 +4,10 @@ and nothing stays on disk.
 That pruning with offload gives the same model is tested with the pipeline (tests/pruning/test_pipeline.py).
 """
 
+import platform
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -124,3 +128,29 @@ def test_resident_mb_sees_memory_being_touched():
     block = torch.ones(64 * 2**20 // 4)  # 64 MiB, written
     assert resident_mb() - before > 48
     del block
+
+
+_REALLOCATE = """
+import resource, sys, torch
+from sparsefit.models.offload import reuse_freed_memory
+tuned = sys.argv[1] == "1" and reuse_freed_memory()
+x = torch.ones(16 * 2**20); del x  # 64 MB: above glibc's largest threshold for mapping afresh
+faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+x = torch.ones(16 * 2**20)
+print(int(tuned), resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults)
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's allocator only")
+def test_reuse_freed_memory_serves_a_large_allocation_again_without_faults():
+    """A freed 64 MB tensor's pages serve the next one: far fewer page faults than its 16384 pages."""
+
+    def faults(tune: bool) -> tuple[int, int]:
+        out = subprocess.run([sys.executable, "-c", _REALLOCATE, str(int(tune))], capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        tuned, count = map(int, out.stdout.split())
+        return tuned, count
+
+    assert faults(False) == (0, pytest.approx(16384, rel=0.2))  # mapped afresh: every page faults
+    tuned, count = faults(True)
+    assert tuned == 1 and count < 1000

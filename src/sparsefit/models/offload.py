@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
+import platform
 import sys
 import uuid
 from collections.abc import Iterable
@@ -154,6 +155,25 @@ def release_free_heap() -> None:
 
 
 _TRIM = getattr(_LIBC, "malloc_trim", None)
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's mallopt parameters
+
+
+def reuse_freed_memory() -> bool:
+    """Serve every allocation from the C heap and keep what is freed there (glibc; elsewhere a no-op).
+
+    A training step allocates and frees tensors of hundreds of MB (logits over the vocabulary, their
+    softmaxes and gradients). glibc maps each allocation above 32 MB afresh and unmaps it when freed,
+    so every step faults all of those pages in again, zeroed by the kernel. Kept in the heap, the next
+    step reuses them; `release_free_heap` still returns free pages when asked. The setting is
+    process-wide: the CLI makes it for the commands that train, a library call never does. Returns
+    whether it took.
+    """
+    mallopt = getattr(_LIBC, "mallopt", None)
+    if mallopt is None or platform.libc_ver()[0] != "glibc":
+        return False
+    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+
+
 _MADV_POPULATE_READ = 22  # Linux 5.14 and later
 
 
