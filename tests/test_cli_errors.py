@@ -458,7 +458,7 @@ def test_the_table_is_large_and_distinct():
 
 
 def test_an_unexpected_error_is_one_line_and_debug_shows_the_trace(monkeypatch, capsys):
-    import sparsefit.cli as cli
+    import sparsefit.cli.models as cli
 
     def broken(args):
         raise RuntimeError("something no one foresaw")

@@ -1,0 +1,5 @@
+"""The `sparsefit` command line (`sparsefit.cli.main`)."""
+
+from sparsefit.cli.main import build_parser, main
+
+__all__ = ["build_parser", "main"]

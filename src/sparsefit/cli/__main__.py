@@ -1,0 +1,5 @@
+import sys
+
+from sparsefit.cli.main import main
+
+sys.exit(main())

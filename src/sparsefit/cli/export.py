@@ -1,0 +1,66 @@
+"""`sparsefit export`: any model as a plain or compact checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from sparsefit.cli.common import OVERWRITE_HELP, add_model_args, write_json
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from sparsefit.export import export_checkpoint
+    from sparsefit.models import load_model_and_tokenizer
+    from sparsefit.outputs import check_writable_file, claim_output
+
+    check_writable_file(args.json, "--json", args.output, (args.model,))
+    claim = claim_output(args.output, overwrite=args.overwrite, inputs=(args.model,))
+    model, tokenizer = load_model_and_tokenizer(args.model, args.dtype, "cpu", args.trust_remote_code)
+    info = export_checkpoint(model, tokenizer, claim.path, args.model, args.format, args.slorb, args.row_adapters)
+    print(
+        f"exported {args.model} as {info['format']}: {len(info['files'])} files, {info['bytes'] / 2**20:.1f} MiB, "
+        f"sparsity {info['sparsity']:.4f} -> {args.output}"
+    )
+    if info.get("slorb") in ("dropped", "merged"):
+        what = (
+            "left out: the export is the N:M model alone"
+            if info["slorb"] == "dropped"
+            else ("merged into the weights: the export is one plain checkpoint, no longer N:M")
+        )
+        print(f"notice: the model's SLoRB branches were {what}", file=sys.stderr)
+    write_json(info, args.json)
+    return 0
+
+
+def register(sub: argparse._SubParsersAction, parents: list, only: str | None) -> None:
+    """The `export` command."""
+    p = sub.add_parser(
+        "export",
+        help="write a model as a plain HF checkpoint (or compact sparse storage) with sparsity.json",
+        parents=parents,
+    )
+    add_model_args(p)
+    p.add_argument(
+        "--format",
+        default="hf",
+        help="hf (default): a plain Hugging Face checkpoint | sparse-bitmask | sparse-24-bitmask: compact "
+        "sparse storage in the layouts of compressed-tensors <= 0.14 (sparsefit reads them back)",
+    )
+    p.add_argument(
+        "--slorb",
+        default="keep",
+        choices=["keep", "drop", "merge"],
+        help="a model trained with SLoRB branches: keep them beside the weights (default; sparsefit restores "
+        "them) | drop them (the N:M model alone) | merge them into dense weights (one plain checkpoint)",
+    )
+    p.add_argument(
+        "--row-adapters",
+        default="keep",
+        choices=["keep", "merge"],
+        help="a model with unmerged row adapters (finetune --merge none): keep them beside the weights (default) "
+        "| merge them into the weights (the sparsity is kept)",
+    )
+    p.add_argument("--output", required=True, help="directory for the exported checkpoint")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+    p.add_argument("--json", default=None, help="write what was exported (files, bytes, sparsity) here")
+    p.set_defaults(func=cmd_export)
