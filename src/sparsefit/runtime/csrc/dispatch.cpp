@@ -1,0 +1,98 @@
+// The dispatch table and the threaded launch of the kernels (dispatch.h).
+
+#include "dispatch.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+
+namespace sparsefit {
+namespace {
+
+bool has_avx512() {
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vbmi") &&
+         __builtin_cpu_supports("avx512vbmi2") && __builtin_cpu_supports("popcnt") && __builtin_cpu_supports("fma");
+}
+
+bool has_avx2() {
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("popcnt");
+}
+
+// Best first.
+const IsaRow kIsas[] = {
+    {"avx512", has_avx512, avx512::bf16, avx512::int8},
+    {"avx2", has_avx2, avx2::bf16, avx2::int8},
+};
+
+// Work below this many multiply-adds per thread is not worth a thread's wake-up.
+constexpr int64_t kMinWorkPerThread = 1 << 16;
+
+}  // namespace
+
+const IsaRow* find_isa(const std::string& name) {
+  for (const IsaRow& row : kIsas) {
+    if (name == row.name) return row.supported() ? &row : nullptr;
+  }
+  return nullptr;
+}
+
+std::string best_isa() {
+  for (const IsaRow& row : kIsas) {
+    if (row.supported()) return row.name;
+  }
+  return "none";
+}
+
+PackedLinear packed_linear(const at::Tensor& masks, const at::Tensor& values, const at::Tensor& block_offsets,
+                           const at::Tensor& scales, const at::Tensor& bias, int64_t rows, int64_t cols,
+                           int64_t row_block, const char* what) {
+  TORCH_CHECK(row_block == 4 || row_block == 8 || row_block == 16, "sparsefit: ", what, ": row_block must be 4, 8 or 16");
+  TORCH_CHECK(rows > 0 && cols > 0, "sparsefit: ", what, ": empty weight");
+  const bool int8 = values.scalar_type() == at::kChar;
+  TORCH_CHECK(int8 || values.scalar_type() == at::kBFloat16, "sparsefit: ", what, ": values must be bfloat16 or int8");
+  const int64_t groups = (cols + kGroup - 1) / kGroup, blocks = (rows + row_block - 1) / row_block;
+  const bool dense = masks.numel() == 0;
+  TORCH_CHECK(dense || (masks.scalar_type() == at::kLong && masks.numel() == blocks * groups * row_block &&
+                        masks.is_contiguous()),
+              "sparsefit: ", what, ": masks must be int64, blocks * groups * row_block words");
+  TORCH_CHECK(block_offsets.scalar_type() == at::kLong && block_offsets.numel() == blocks + 1 &&
+                  block_offsets.is_contiguous(),
+              "sparsefit: ", what, ": block_offsets must be int64, blocks + 1 entries");
+  const int64_t* offsets = block_offsets.data_ptr<int64_t>();
+  TORCH_CHECK(offsets[0] == 0 && (!dense || offsets[blocks] == blocks * groups * row_block * kGroup),
+              "sparsefit: ", what, ": block_offsets do not describe this layout");
+  TORCH_CHECK(values.is_contiguous() && values.numel() >= offsets[blocks] + kGroup,
+              "sparsefit: ", what, ": values are shorter than block_offsets say (or lack the 64-value tail pad)");
+  const bool scaled = scales.defined() && scales.numel() > 0;
+  TORCH_CHECK(int8 == scaled && (!scaled || (scales.scalar_type() == at::kFloat && scales.numel() == rows &&
+                                             scales.is_contiguous())),
+              "sparsefit: ", what, ": int8 values need float32 scales, one per row (and only they)");
+  const bool biased = bias.defined() && bias.numel() > 0;
+  TORCH_CHECK(!biased || (bias.scalar_type() == at::kFloat && bias.numel() == rows && bias.is_contiguous()),
+              "sparsefit: ", what, ": bias must be float32, one per row");
+  PackedLinear p;
+  p.int8 = int8;
+  p.view.rows = rows;
+  p.view.cols = cols;
+  p.view.groups = groups;
+  p.view.row_block = row_block;
+  p.view.blocks = blocks;
+  p.view.masks = dense ? nullptr : reinterpret_cast<const uint64_t*>(masks.data_ptr<int64_t>());
+  p.view.values = values.data_ptr();
+  p.view.block_offsets = offsets;
+  p.view.scales = scaled ? scales.data_ptr<float>() : nullptr;
+  p.view.bias = biased ? bias.data_ptr<float>() : nullptr;
+  return p;
+}
+
+void matmul(const IsaRow& isa, const PackedLinear& w, const float* x, int64_t batch, int64_t x_stride, float* y,
+            int64_t y_stride) {
+  const Kernel kernel = w.int8 ? isa.int8 : isa.bf16;
+  const int64_t work_per_block = w.view.row_block * w.view.groups * kGroup * batch;
+  const int64_t grain = std::max<int64_t>(1, kMinWorkPerThread / std::max<int64_t>(1, work_per_block));
+  at::parallel_for(0, w.view.blocks, grain,
+                   [&](int64_t b0, int64_t b1) { kernel(w.view, x, batch, x_stride, y, y_stride, b0, b1); });
+}
+
+}  // namespace sparsefit
