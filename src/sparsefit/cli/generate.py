@@ -29,9 +29,9 @@ def _prompts(args: argparse.Namespace) -> list[str]:
                 try:
                     row = json.loads(line)
                 except ValueError:
-                    raise UsageError(f"--prompt-file line {n} is not JSON; each JSONL row needs a \"prompt\"") from None
+                    raise UsageError(f'--prompt-file line {n} is not JSON; each JSONL row needs a "prompt"') from None
                 if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
-                    raise UsageError(f"--prompt-file line {n} has no string \"prompt\" field")
+                    raise UsageError(f'--prompt-file line {n} has no string "prompt" field')
                 prompts.append(row["prompt"])
             else:
                 prompts.append(line)
@@ -74,7 +74,7 @@ def register(sub: argparse._SubParsersAction, parents: list, only: str | None) -
                        parents=parents)  # fmt: skip
     p.add_argument("--model", default="smollm2-135m", help="builtin name, checkpoint dir or hub id")
     p.add_argument("--prompt", action="append", default=None, help="prompt text (repeat for a batch)")
-    p.add_argument("--prompt-file", default=None, help="a text file (one prompt a line) or JSONL with \"prompt\"")
+    p.add_argument("--prompt-file", default=None, help='a text file (one prompt a line) or JSONL with "prompt"')
     p.add_argument("--json", default=None, help="write text, tokens, speeds, memory and the kernel used here")
     p.add_argument("--quiet", action="store_true", help="print no text (speeds only)")
     if only in (None, "generate"):

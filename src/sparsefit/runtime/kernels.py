@@ -28,7 +28,13 @@ import torch
 
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = (
-    "ops.cpp", "dispatch.cpp", "llama.cpp", "bf16_avx512.cpp", "int8_avx512.cpp", "bf16_avx2.cpp", "int8_avx2.cpp",
+    "ops.cpp",
+    "dispatch.cpp",
+    "llama.cpp",
+    "bf16_avx512.cpp",
+    "int8_avx512.cpp",
+    "bf16_avx2.cpp",
+    "int8_avx2.cpp",
 )
 HEADERS = ("packed.h", "dispatch.h", "avx512.h", "avx2.h")
 ISAS = ("avx512", "avx2")  # the dispatch table's rows, best first (ops.cpp)
