@@ -17,12 +17,84 @@ kernels do not do: such checkpoints are refused with the export command that fol
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from sparsefit.errors import UsageError
+
+# safetensors' dtype names
+DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}  # fmt: skip
+MAX_HEADER = 100 << 20
+
+
+class SafetensorsFile:
+    """One .safetensors file read with `pread`: its header checked against the file's size before
+    anything is allocated, each tensor copied out on request. (Memory-mapping would keep every page
+    read so far resident, which is the dense model again.)"""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if not 2 <= n <= min(MAX_HEADER, size - 8):
+                raise UsageError(f"{path} is not a safetensors file (header length {n} for a {size}-byte file)")
+            try:
+                header = json.loads(f.read(n))
+            except ValueError:
+                raise UsageError(f"{path}: the safetensors header is not JSON; the file is damaged") from None
+        if not isinstance(header, dict):
+            raise UsageError(f"{path}: the safetensors header is not a mapping; the file is damaged")
+        header.pop("__metadata__", None)
+        self.start, self.entries = 8 + n, {}
+        for key, e in header.items():
+            ok = isinstance(e, dict) and e.get("dtype") in DTYPES and isinstance(e.get("shape"), list)
+            shape = e.get("shape") if ok else None
+            offsets = e.get("data_offsets") if ok else None
+            ok = ok and all(isinstance(d, int) and d >= 0 for d in shape)
+            ok = ok and isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
+            if ok:
+                numel = 1
+                for d in shape:
+                    numel *= d
+                nbytes = numel * torch.empty(0, dtype=DTYPES[e["dtype"]]).element_size()
+                ok = 0 <= offsets[0] <= offsets[1] == offsets[0] + nbytes and self.start + offsets[1] <= size
+            if not ok:
+                raise UsageError(f"{path}: tensor '{key}' has a header entry that does not fit the file ({e})")
+            self.entries[key] = (DTYPES[e["dtype"]], tuple(shape), offsets[0], offsets[1])
+
+    def read(self, key: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """Tensor `key`, or only its rows [start, stop) (of the first dimension)."""
+        dtype, shape, begin, end = self.entries[key]
+        if rows is not None:
+            start, stop = max(0, rows[0]), min(shape[0], rows[1])
+            row_bytes = (end - begin) // shape[0] if shape and shape[0] else 0
+            begin, end, shape = (
+                begin + start * row_bytes,
+                begin + max(stop, start) * row_bytes,
+                (max(stop - start, 0), *shape[1:]),
+            )
+        data = bytearray(end - begin)
+        with open(self.path, "rb", buffering=0) as f:
+            view, done = memoryview(data), 0
+            while done < len(data):
+                got = os.preadv(f.fileno(), [view[done:]], self.start + begin + done)
+                if got <= 0:
+                    raise UsageError(f"{self.path}: the file ended inside tensor '{key}'")
+                done += got
+        if not data:
+            return torch.empty(shape, dtype=dtype)
+        return torch.frombuffer(data, dtype=dtype).reshape(shape)
+
 
 SIDE_FILES = {
     "slorb.safetensors": "sparsefit export --slorb merge (or drop)",
@@ -45,8 +117,6 @@ class CheckpointTensors:
     """The tensors of the checkpoint in `folder`, read lazily by name."""
 
     def __init__(self, folder: str | Path) -> None:
-        from safetensors import safe_open
-
         self.folder = Path(folder)
         try:
             self.config = json.loads((self.folder / "config.json").read_text())
@@ -58,15 +128,13 @@ class CheckpointTensors:
                     f"{self.folder} keeps {name} beside its weights, which the sparse runtime does not run; "
                     f"fold it in first with `{fix}`, or use --runtime hf"
                 )
-        self._where: dict[str, Path] = {}
+        self._where: dict[str, SafetensorsFile] = {}
         files = sorted(self.folder.glob("*.safetensors"))
         if not files:
             raise UsageError(f"{self.folder} holds no .safetensors weights")
-        for file in files:
-            with safe_open(str(file), "pt") as f:
-                for key in f.keys():
-                    self._where[key] = file
-        self._open: dict[Path, object] = {}
+        for path in files:
+            file = SafetensorsFile(path)
+            self._where.update(dict.fromkeys(file.entries, file))
         block = self.config.get("quantization_config") or self.config.get("compression_config") or {}
         self.quantization = block if isinstance(block, dict) else {}
         sparsity = self.quantization.get("sparsity_config") or {}
@@ -81,14 +149,21 @@ class CheckpointTensors:
 
     def tensor(self, key: str) -> torch.Tensor:
         """A stored tensor as it is (norms, biases, embeddings)."""
-        from safetensors import safe_open
-
         file = self._where.get(key)
         if file is None:
             raise UsageError(f"{self.folder} lacks the tensor '{key}' its config implies")
-        if file not in self._open:
-            self._open[file] = safe_open(str(file), "pt")
-        return self._open[file].get_tensor(key)
+        return file.read(key)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        if key not in self._where:
+            raise UsageError(f"{self.folder} lacks the tensor '{key}' its config implies")
+        return self._where[key].entries[key][1]
+
+    def row_chunks(self, key: str, step: int) -> Iterator[torch.Tensor]:
+        """Tensor `key` as float32 runs of `step` rows, read one run at a time."""
+        rows = self.shape(key)[0]
+        for r in range(0, rows, step):
+            yield self._where[key].read(key, (r, r + step)).float()
 
     def has_linear(self, name: str) -> bool:
         return any(f"{name}.{s}" in self._where for s in ("weight", "weight_packed", "bitmask"))

@@ -221,6 +221,8 @@ def load_decoder(
     (default: the same); `layout`: auto | bitmask | dense (see `SparseLinear.from_weight`)."""
     from tqdm.auto import tqdm
 
+    from sparsefit.models.offload import release_free_heap
+
     config = src.config
     shape = decoder_shape(config, row_block)
     isa = choose_isa(isa)
@@ -240,10 +242,21 @@ def load_decoder(
                 down=_fused(src, [p + fam.DOWN], values, layout, isa, row_block),
             )
         )
+        release_free_heap()  # the block's dense temporaries, so resident memory stays near what is packed
     head_values = head_values or values
-    embed = SparseLinear.from_weight(src.tensor("model.embed_tokens.weight").float(), None, head_values, "dense",
-                                     isa, row_block=row_block)  # fmt: skip
+
+    def table(key: str) -> SparseLinear:  # read and packed 4096 rows at a time
+        rows, cols = src.shape(key)
+        return SparseLinear.from_chunks(src.row_chunks(key, 4096), cols, head_values, isa, row_block, rows)
+
+    embed = table("model.embed_tokens.weight")
     tied = config.get("tie_word_embeddings", False) or "lm_head.weight" not in src
-    head = embed if tied else _fused(src, ["lm_head"], head_values, "dense", isa, row_block)
+    release_free_heap()
+    if tied:
+        head = embed
+    else:
+        head = SparseLinear.from_chunks(
+            src.row_chunks("lm_head.weight", 4096), shape.hidden, head_values, isa, row_block
+        )
     cos, sin = rotary_tables(config, shape.max_positions)
     return Decoder(shape, layers, src.tensor("model.norm.weight").float().contiguous(), head, embed, cos, sin, isa)

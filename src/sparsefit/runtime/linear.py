@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from torch import nn
 
 from sparsefit.runtime.kernels import choose_isa
-from sparsefit.runtime.packing import ROW_BLOCK, PackedWeight, pack, unpack
+from sparsefit.runtime.packing import ROW_BLOCK, PackedWeight, pack, pack_chunks, unpack
 
 # Above this density the dense layout (no masks, no expansion) runs faster than the bitmask one:
 # the measured crossover of benchmarks/runtime.py, per value type.
@@ -62,6 +64,19 @@ class SparseLinear(nn.Module):
             layout = "dense" if density > DENSE_ABOVE.get(values, 1.0) else "bitmask"
         packed = pack(weight, values, layout == "dense", row_block, scales)
         return cls(packed, bias, isa)
+
+    @classmethod
+    def from_chunks(
+        cls,
+        chunks: Iterable[torch.Tensor],
+        cols: int,
+        values: str = "bfloat16",
+        isa: str | None = None,
+        row_block: int = ROW_BLOCK,
+        rows: int | None = None,
+    ) -> SparseLinear:
+        """A dense-layout layer from runs of rows (a large embedding table read piece by piece)."""
+        return cls(pack_chunks(chunks, cols, values, True, row_block, total_rows=rows), None, isa)
 
     @property
     def packed(self) -> PackedWeight:

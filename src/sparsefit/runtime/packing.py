@@ -17,6 +17,7 @@ too high for the masks to pay, the same kernels run it.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -88,27 +89,59 @@ def pack(
     """Pack a (rows, cols) weight, zeros pruned, in one pass; `scales` only with int8 values."""
     if weight.dim() != 2:
         raise ValueError(f"pack takes a 2-D weight, got shape {tuple(weight.shape)}")
+    step = CHUNK_ROWS // row_block * row_block
+    chunks = (weight[r : r + step] for r in range(0, weight.shape[0], step))
+    return pack_chunks(chunks, weight.shape[1], values, dense, row_block, scales, weight.shape[0])
+
+
+def pack_chunks(
+    chunks: Iterable[torch.Tensor],
+    cols: int,
+    values: str = "bfloat16",
+    dense: bool = False,
+    row_block: int = ROW_BLOCK,
+    scales: torch.Tensor | None = None,
+    total_rows: int | None = None,
+) -> PackedWeight:
+    """Pack a weight handed over as consecutive runs of rows (each a multiple of `row_block` rows but
+    the last), so that no more than one run need be dense at a time (an embedding read in pieces).
+    With `total_rows` a dense layout is written straight into its final buffer (no copy at the end)."""
     if values not in VALUE_TYPES:
         raise ValueError(f"unknown value type '{values}'; use one of: {', '.join(VALUE_TYPES)}")
     if row_block not in (4, 8, 16):
         raise ValueError(f"row_block must be 4, 8 or 16, got {row_block}")
-    if not torch.isfinite(weight).all():
-        raise ValueError("the weight holds NaN or inf values; sparse layers pack finite weights only")
-    if values == "int8":
-        scales = _row_scales(weight, scales)
-    elif scales is not None:
+    if scales is not None and values != "int8":
         raise ValueError("scales are for int8 values only")
-    rows = weight.shape[0]
-    step = CHUNK_ROWS // row_block * row_block
-    chunks = [(weight[r : r + step], None if scales is None else scales[r : r + step]) for r in range(0, rows, step)]
-    parts = [_pack_rows(w, values, dense, row_block, s) for w, s in chunks]
+    parts, row_scales, rows = [], [], 0
+    groups, dtype = -(-cols // GROUP), VALUE_TYPES[values]
+    direct = None
+    if dense and total_rows is not None:  # every value is stored: the buffer's size is known
+        direct = torch.zeros(-(-total_rows // row_block) * row_block * groups * GROUP + TAIL, dtype=dtype)
+    for chunk in chunks:
+        if chunk.dim() != 2 or chunk.shape[1] != cols or (rows % row_block and chunk.shape[0]):
+            raise ValueError(f"rows come in runs of whole row blocks of {cols} columns, got {tuple(chunk.shape)}")
+        if not torch.isfinite(chunk).all():
+            raise ValueError("the weight holds NaN or inf values; sparse layers pack finite weights only")
+        if values == "int8":
+            given = None if scales is None else scales.reshape(-1)[rows : rows + chunk.shape[0]]
+            row_scales.append(_row_scales(chunk, given))
+        part = _pack_rows(chunk, values, dense, row_block, row_scales[-1] if row_scales else None)
+        if direct is not None:
+            at = rows * groups * GROUP
+            direct[at : at + part[1].numel()] = part[1]
+            part = (part[0], torch.empty(0, dtype=dtype), part[2])  # (a view would keep the run alive)
+        parts.append(part)
+        rows += chunk.shape[0]
+    if scales is not None and scales.numel() != rows:
+        raise ValueError(f"int8 scales must be {rows} finite positive numbers, one per row")
     masks = torch.cat([m for m, _, _ in parts]) if parts else torch.empty(0, dtype=torch.int64)
     counts = torch.cat([c for _, _, c in parts]) if parts else torch.empty(0, dtype=torch.int64)
     offsets = torch.zeros(counts.numel() + 1, dtype=torch.int64)
     torch.cumsum(counts, 0, out=offsets[1:])
-    kept = [v for _, v, _ in parts]
-    padded = torch.cat([*kept, torch.zeros(TAIL, dtype=VALUE_TYPES[values])])
-    return PackedWeight(rows, weight.shape[1], row_block, masks, padded, offsets, scales)
+    if direct is not None and direct.numel() != offsets[-1] + TAIL:
+        raise ValueError(f"total_rows {total_rows} but {rows} rows were given")
+    padded = direct if direct is not None else torch.cat([*(v for _, v, _ in parts), torch.zeros(TAIL, dtype=dtype)])
+    return PackedWeight(rows, cols, row_block, masks, padded, offsets, torch.cat(row_scales) if row_scales else None)
 
 
 def _row_scales(weight: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:
