@@ -43,3 +43,23 @@ def test_stop_strings_end_a_row_as_the_harness_criterion_does(tokenizer):
     expected = [alone(model, tokenizer, p, 24, [stop]) for p in PROMPTS]
     got, _ = generate_greedy(model, tokenizer, PROMPTS, [stop], 24, batch_size=3, progress=False)
     assert got == expected and any(len(e) < len(f) for e, f in zip(expected, free))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_the_sparse_runtime_gives_what_generate_gives_on_the_same_bf16_weights(arch, tokenizer):
+    from sparsefit.evaluation.generation import generate_texts
+    from sparsefit.runtime.kernels import load_kernels
+
+    if not load_kernels().available:
+        pytest.skip("kernels unavailable")
+    model = tiny_model(arch)
+    with torch.no_grad():  # the runtime multiplies by bf16 weights: give transformers the same ones
+        for p in model.parameters():
+            p.copy_(p.bfloat16().float())
+    free = [alone(model, tokenizer, p, 24, []) for p in PROMPTS]
+    stop = next(text[5:8] for text in free if len(text) > 10)
+    expected = [alone(model, tokenizer, p, 24, [stop]) for p in PROMPTS]
+    got, stats = generate_texts(model, tokenizer, PROMPTS, [stop], 24, batch_size=3, runtime="sparse", progress=False)
+    assert got == expected and stats["runtime"].startswith("sparse")
+    _, stats = generate_texts(tiny_model("gpt2"), tokenizer, PROMPTS[:2], [], 4, runtime="auto", progress=False)
+    assert stats["runtime"] == "hf"  # a family the fast decoder does not run

@@ -73,6 +73,7 @@ def _run_eval_task(args: argparse.Namespace, model: object, tokenizer: object) -
             batch_size=args.batch_size,
             max_new_tokens=args.max_new_tokens,
             samples_path=samples,
+            runtime=args.runtime,
         ),
     }[args.task]
     result = tasks.run_task(args.task, model, tokenizer, **given(**options))
@@ -120,6 +121,13 @@ def register(sub: argparse._SubParsersAction, parents: list, only: str | None) -
     p.add_argument("--chat", action="store_true", help="wrap prompts in the model's chat template")
     p.add_argument("--max-new-tokens", type=int, default=None, help="generation bound for gsm8k (default 256)")
     p.add_argument("--samples", default=None, help="per-sample JSONL for gsm8k (default: beside --json)")
+    p.add_argument(
+        "--runtime",
+        default=None,
+        choices=["auto", "sparse", "hf"],
+        help="gsm8k generation: sparse (the packed kernels, bf16 weights) | hf (transformers in the loaded "
+        "dtype) | auto (default: sparse where the model's family has the fast decoder)",
+    )
     p.add_argument("--baseline", default=None, help="result JSON of the dense model: report recovery against it")
     # Unset (None) flags leave the evaluation functions' own defaults in force.
     p.add_argument("--dataset", default=None, help="wikitext2 (default) | gsm8k | file.txt | file.jsonl | hub id")

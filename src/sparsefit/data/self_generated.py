@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save
 from tqdm.auto import tqdm
 
-from sparsefit.models.decoding import SlotCache, with_cache
+from sparsefit.runtime.hf_cache import SlotCache, with_cache
 
 if TYPE_CHECKING:
     from collections.abc import Callable

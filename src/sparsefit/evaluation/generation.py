@@ -1,4 +1,9 @@
-"""Greedy batched generation: continuous batching over a slot cache, stop strings, a new-token bound."""
+"""Greedy batched generation: continuous batching over a slot cache, stop strings, a new-token bound.
+
+`generate_texts` runs the sparse runtime's decoder (`sparsefit.runtime`: packed bf16 weights, the
+kernels) for the families it serves, and `generate_greedy` (transformers' own modules in float32,
+token for token what `generate` gives) for the rest or when asked.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,8 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm.auto import tqdm
 
-from sparsefit.models.decoding import SlotCache, prefill, with_cache
+from sparsefit.errors import UsageError
+from sparsefit.runtime.hf_cache import SlotCache, prefill, with_cache
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -37,6 +43,69 @@ class _Row:
     start: int
 
 
+RUNTIMES = ("auto", "sparse", "hf")
+
+
+def generate_texts(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    stops: list[str],
+    max_new_tokens: int = 256,
+    batch_size: int = 64,
+    runtime: str = "auto",
+    progress: bool = True,
+) -> tuple[list[str], dict]:
+    """Greedy continuations through the runtime `runtime` (auto: sparse where the model's family has
+    the fast decoder and the kernels built, else hf), and throughput statistics."""
+    from sparsefit.runtime.families import FAMILIES
+    from sparsefit.runtime.kernels import load_kernels
+
+    if runtime not in RUNTIMES:
+        raise UsageError(f"unknown generation runtime '{runtime}'; use one of: {', '.join(RUNTIMES)}")
+    fast = model.config.model_type in FAMILIES and next(model.parameters()).device.type == "cpu"
+    if runtime == "sparse" and not (fast and load_kernels().available):
+        raise UsageError(f"the sparse runtime cannot run this model ({model.config.model_type}); use --runtime hf")
+    if runtime == "hf" or not (fast and load_kernels().available):
+        texts, stats = generate_greedy(model, tokenizer, prompts, stops, max_new_tokens, batch_size, progress)
+        return texts, {**stats, "runtime": "hf"}
+    return _generate_sparse(model, tokenizer, prompts, stops, max_new_tokens, batch_size, progress)
+
+
+def _generate_sparse(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    stops: list[str],
+    max_new_tokens: int,
+    batch_size: int,
+    progress: bool,
+) -> tuple[list[str], dict]:
+    from sparsefit.runtime.checkpoint import ModelTensors
+    from sparsefit.runtime.decoder import load_decoder
+    from sparsefit.runtime.engine import Engine, Request
+
+    decoder = load_decoder(ModelTensors(model))
+    encoded = [tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
+    eos = {t for t in (tokenizer.eos_token_id, model.generation_config.eos_token_id) if isinstance(t, int)}
+    capacity = min(decoder.shape.max_positions, max(len(e) for e in encoded) + max_new_tokens)
+    engine = Engine(decoder, tokenizer, min(batch_size, len(prompts)), capacity, eos)
+    stops = tuple(s for s in stops if s)
+    ids = {engine.submit(Request(e, max_new_tokens, stop=stops)): i for i, e in enumerate(encoded)}
+    outputs = [""] * len(prompts)
+    bar = tqdm(total=len(prompts), desc="generate", unit="prompt", disable=not progress)
+    start, new_tokens = time.perf_counter(), 0
+    while engine.busy:
+        for event in engine.step():
+            outputs[ids[event.request]] += event.text
+            new_tokens += len(event.tokens)
+            bar.update(event.finish_reason is not None)
+    bar.close()
+    seconds = time.perf_counter() - start
+    stats = {"generated_tokens": new_tokens, "seconds": seconds, "tokens_per_second": new_tokens / seconds}
+    return outputs, {**stats, "runtime": f"sparse ({decoder.isa}, bfloat16)"}
+
+
 @torch.no_grad()
 def generate_greedy(
     model: PreTrainedModel,
@@ -49,7 +118,7 @@ def generate_greedy(
 ) -> tuple[list[str], dict]:
     """Greedy continuations of `prompts`, in the input order, and throughput statistics.
 
-    Continuous batching over `batch_size` slots (`models/decoding.py`): a row leaves as soon as it
+    Continuous batching over `batch_size` slots (`runtime/hf_cache.py`): a row leaves as soon as it
     emits EOS, a stop string (looked for in its last 10 tokens, as the harness's stopping criterion
     does) or `max_new_tokens` tokens, and a waiting prompt takes its slot, so no slot decodes
     padding while the batch's longest row finishes. Each row's tokens are what `generate` would

@@ -225,3 +225,31 @@ class CheckpointTensors:
             w is not None and w.num_bits == 8 and w.type == "int" and w.strategy == "channel" and w.symmetric
         )
         return Weight(weight, scale.float().reshape(-1) if per_channel_int8 and scale is not None else None)
+
+
+class ModelTensors:
+    """The same reader over a model already in memory (a model being evaluated), by state-dict name."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.config = model.config.to_dict()
+        self.quantization: dict = {}
+        self._state = model.state_dict()
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._state
+
+    def tensor(self, key: str) -> torch.Tensor:
+        if key not in self._state:
+            raise UsageError(f"the model lacks the tensor '{key}' its config implies")
+        return self._state[key].detach()
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self.tensor(key).shape)
+
+    def row_chunks(self, key: str, step: int) -> Iterator[torch.Tensor]:
+        t = self.tensor(key)
+        for r in range(0, t.shape[0], step):
+            yield t[r : r + step].float()
+
+    def linear(self, name: str) -> Weight:
+        return Weight(self.tensor(f"{name}.weight").float())

@@ -1,4 +1,4 @@
-"""A key/value cache for batched decoding where rows come and go (continuous batching).
+"""A key/value cache for batched decoding through transformers' own modules, where rows come and go.
 
 Plain `generate` grows its cache by concatenation (a copy of every layer's cache per token) and
 keeps decoding a batch until its longest row ends. `SlotCache` preallocates one buffer per layer
