@@ -10,3 +10,4 @@ if ! command -v nvidia-smi >/dev/null 2>&1; then
     $py -m pip install --quiet "torch==2.13.0"
 fi
 $py -m pip install --quiet -e ".[all,gpu]"  # gpu: torchao, so the FP8 2:4 config is tested here too
+.venv/bin/python -m sparsefit.runtime  # build the sparse CPU kernels once, not inside the first test

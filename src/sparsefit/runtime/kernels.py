@@ -124,8 +124,3 @@ def choose_isa(requested: str | None = None) -> str:
     if not k.supports(name):
         raise ValueError(f"this CPU cannot run the {name} kernels (best here: {k.isa})")
     return name
-
-
-if __name__ == "__main__":  # the set-up command builds the kernels here
-    k = load_kernels(verbose="-v" in sys.argv)
-    print(f"sparse kernels: {k.isa} in {build_dir()}" if k.available else f"sparse kernels unavailable: {k.reason}")
