@@ -44,6 +44,7 @@ SCRIPTS = {
     "reconstruct_error": "reconstruct_error.py",
     "reference_llmcompressor": "reference_llmcompressor.py",
     "sparse24_gpu": "sparse24_gpu.py",
+    "runtime": "runtime.py",
 }
 
 
@@ -480,6 +481,53 @@ def sparse24_gpu(r: dict) -> str:
     return "\n".join(parts)
 
 
+def runtime(r: dict) -> str:
+    flags = ", ".join(r.get("cpu_flags", []))
+    out = [f"Kernel path {r['kernel_isa']}, {r['threads']} threads; DRAM read bandwidth measured in the run: "
+           f"{f(r['dram_read_gbps'], 1)} GB/s. CPU flags: {flags}.", ""]  # fmt: skip
+    if "linears_summary" in r:
+        out += ["Per linear, Llama-2-7B shapes (geomean over 4096x4096, 11008x4096, 4096x11008), each call on a "
+                "different copy of the weight (a rotation larger than the L3): speed against torch's best dense "
+                "(fp32 or bf16) and against fp32; the fraction of the bandwidth floor reached; bytes against the "
+                "dense bf16 weight.", ""]  # fmt: skip
+        rows = [[k.removeprefix("7b_"), f(v["vs_torch_best"]), f(v["vs_torch_fp32"]), f(v["floor_fraction"]),
+                 f(v["bytes_vs_dense_bf16"])] for k, v in r["linears_summary"].items()]  # fmt: skip
+        out += [table(["sparsity, values, batch", "x torch best", "x torch fp32", "of floor", "bytes"], rows), ""]
+        rows = [[f"{x['shape'][0]}x{x['shape'][1]}", x["batch"], f"{x['sparsity']:.0%}", x["values"],
+                 f(x["seconds"] * 1e6, 1), f(x["gbps"], 1), f(x["vs_torch_best"]), f(x["vs_torch_fp32"])]
+                for x in r["linears"] if x["batch"] in (1, 16)]  # fmt: skip
+        out += ["<details><summary>every linear (batch 1 and 16)</summary>", "",
+                table(["shape", "batch", "sparsity", "values", "us", "GB/s", "x torch best", "x fp32"], rows),
+                "", "</details>", ""]  # fmt: skip
+    if "crossover" in r:
+        rows = [[x["values"], f(x["density"]), f(x["bitmask_vs_dense"])] for x in r["crossover"]]
+        out += ["Bitmask layout against the packed dense layout near full density (4096x11008, batch 1):", "",
+                table(["values", "density", "bitmask speed / dense"], rows), ""]  # fmt: skip
+    e2e = r.get("end_to_end")
+    if e2e:
+        out += [f"End to end, builtin model ({e2e['pruning']} pruning), {e2e['new_tokens']} new tokens:", ""]
+        rows = [[k, f(v["decode_tokens_per_s"], 1), f(v["prefill_tokens_per_s"], 0), f(v["weight_bytes"] / 2**20, 0)]
+                for k, v in e2e["sparsefit"].items()]  # fmt: skip
+        rows += [[f"transformers generate {k} b1", f(v["decode_tokens_per_s"], 1), "-", "-"]
+                 for k, v in e2e["transformers"].items()]  # fmt: skip
+        if isinstance(e2e["llama_cpp"], dict):
+            rows += [[f"llama.cpp {k} b1 (dense)", f(v["decode_tokens_per_s"], 1), f(v["prefill_tokens_per_s"], 0), "-"]
+                     for k, v in e2e["llama_cpp"].items()]  # fmt: skip
+        else:
+            out += [f"llama.cpp: {e2e['llama_cpp']}", ""]
+        out += [table(["run", "decode tok/s", "prefill tok/s", "weights MiB"], rows), ""]
+        ratio_keys = sorted({k for v in e2e["decode_ratios_batch1"].values() for k in v})
+        rows = [[k, *(f(v.get(c)) for c in ratio_keys)] for k, v in e2e["decode_ratios_batch1"].items()]
+        out += ["Batch-1 decode ratios:", "", table(["run", *ratio_keys], rows), ""]
+    layers = r.get("layers_7b")
+    if layers:
+        rows = [[k, f(v["ms_per_layer"]), f(v["vs_torch_fp32"])] for k, v in layers.items() if isinstance(v, dict)]
+        head = ["run", "ms per layer", "x torch fp32"]
+        out += [f"Llama-2-7B-shaped decoder layers ({layers['layers']}, random weights), batch-1 decode after "
+                f"{layers['context_tokens']} tokens:", "", table(head, rows)]  # fmt: skip
+    return "\n".join(out)
+
+
 RENDER: dict[str, Callable[[dict], str]] = {
     "quick": quick,
     "oneshot": oneshot,
@@ -499,6 +547,7 @@ RENDER: dict[str, Callable[[dict], str]] = {
     "reconstruct_error": reconstruct_error,
     "reference_llmcompressor": reference_llmcompressor,
     "sparse24_gpu": sparse24_gpu,
+    "runtime": runtime,
 }
 
 

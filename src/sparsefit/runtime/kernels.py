@@ -59,6 +59,7 @@ def _build_key() -> str:
     for name in (*SOURCES, *HEADERS):
         h.update(name.encode() + b"\0" + (CSRC / name).read_bytes())
     h.update(f"{torch.__version__}|{platform.machine()}|{shutil.which('c++') or shutil.which('g++')}".encode())
+    h.update(" ".join(CFLAGS).encode())
     return h.hexdigest()[:16]
 
 
@@ -66,6 +67,12 @@ def build_dir() -> Path:
     from sparsefit.models.builtin import cache_root
 
     return cache_root() / "kernels" / _build_key()
+
+
+# -ffp-contract=off: FMAs only where the sources write them (sums in one order, whatever the
+# batch). -fopenmp: at::parallel_for is an OpenMP pragma inside ATen's headers; without the flag it
+# compiles to a serial loop. The GOMP symbols resolve to the OpenMP runtime torch already loaded.
+CFLAGS = ["-O3", "-fno-math-errno", "-ffp-contract=off", "-fopenmp"]
 
 
 @functools.cache
@@ -83,8 +90,7 @@ def load_kernels(verbose: bool = False) -> Kernels:
         load(
             name="sparsefit_kernels",
             sources=[str(CSRC / s) for s in SOURCES],
-            # FMAs only where the sources write them: sums in one order, whatever the batch
-            extra_cflags=["-O3", "-fno-math-errno", "-ffp-contract=off"],
+            extra_cflags=CFLAGS,
             build_directory=str(folder),
             is_python_module=False,
             verbose=verbose,

@@ -1,0 +1,5 @@
+"""`python -m sparsefit ...`: the same CLI as the `sparsefit` command."""
+
+from sparsefit.cli import main
+
+main()
