@@ -112,6 +112,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         f"{FORMATS[config.scheme]}, {info['weight_bytes'] / 2**20:.1f} MiB of weights "
         f"({info['ratio_to_dense_bf16']:.2f}x dense bf16) -> {args.output}"
     )
+    if r.not_quantized:
+        print(f"  not quantized (stored as floats): {', '.join(r.not_quantized)}")
     write_json({**r.to_json(), "export": info}, args.json)
     return 0
 
