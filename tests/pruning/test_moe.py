@@ -24,20 +24,25 @@ def expert_layers(model):
     return {n: m for n, m in linears(model).items() if isinstance(m, ExpertMatrix)}
 
 
-def routed_reference(model, x, block=0):
-    """Per expert of block `block`: the tokens the router sends it and its down input, computed from
-    the router's own output and the eager formula (independent of sparsefit's capture)."""
-    mlp = model.model.layers[block].mlp
+def moe_input(model, x, block=0):
+    """What the MoE layer of block `block` receives, one row per token."""
     seen = {}
 
     def grab(module, args):
         seen["hidden"] = args[0].detach().reshape(-1, args[0].shape[-1])
 
-    handle = mlp.register_forward_pre_hook(grab)
+    handle = model.model.layers[block].mlp.register_forward_pre_hook(grab)
     with torch.no_grad():
         model(x)
     handle.remove()
-    hidden = seen["hidden"]
+    return seen["hidden"]
+
+
+def routed_reference(model, x, block=0):
+    """Per expert of block `block`: the tokens the router sends it and its down input, computed from
+    the router's own output and the eager formula (independent of sparsefit's capture)."""
+    mlp = model.model.layers[block].mlp
+    hidden = moe_input(model, x, block)
     with torch.no_grad():
         _, _, index = mlp.gate(hidden)
     experts = mlp.experts
@@ -244,3 +249,15 @@ def test_quantize_measures_experts_and_names_them_unquantized():
         "model.layers.*.mlp.experts.down_proj",
         "model.layers.*.mlp.experts.gate_up_proj",
     ]  # the shared expert's gate is a router: kept in float, not counted as a matrix
+
+
+def test_all_expert_calibration_feeds_every_token_to_every_expert():
+    model, x = tiny_model("olmoe"), calib()
+    every = moe_input(model, x)
+    dense = model.model.layers[0].mlp.experts.gate_up_proj.detach().clone()
+    config = cfg(method="wanda", expert_calibration="all")
+    report = oneshot(model, None, config, calib=x, progress=False)
+    assert not report.sparsity.starved_experts
+    for e in range(dense.shape[0]):
+        expected = prune_wanda(dense[e], (every * every).sum(0), 0.5)[0]
+        torch.testing.assert_close(model.model.layers[0].mlp.experts.gate_up_proj[e], expected)

@@ -15,6 +15,7 @@ PRUNE_FIELDS = [
     "preset", "method", "sparsity", "structure", "owl_m", "owl_lambda", "targets", "ignore", "calib", "calib_split",
     "text_field", "num_samples", "self_mix", "seq_len", "seed", "batch_size", "block_size", "damp", "magnitude_scope",
     "preserve_mask", "reconstruct_iters", "sequential", "compute_dtype", "offload_dir", "min_expert_tokens",
+    "expert_calibration",
 ]  # fmt: skip
 QUANTIZE_FIELDS = [
     "scheme", "method", "group_size", "export_dtype", "sparse_format", "targets", "ignore", "calib", "calib_split",

@@ -52,17 +52,24 @@ def experts_module_name(name: str) -> str:
 
 @torch.no_grad()
 def routed_inputs(
-    module: nn.Module, spec: FusedExperts, hidden: torch.Tensor, top_k_index: torch.Tensor
+    module: nn.Module, spec: FusedExperts, hidden: torch.Tensor, top_k_index: torch.Tensor, every_token: bool = False
 ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
     """(expert, input of its gate_up (n, hidden), input of its down (n, intermediate)) for every expert
-    that receives tokens, as the eager forward of the experts module computes them (current weights)."""
+    that receives tokens, as the eager forward of the experts module computes them (current weights).
+
+    `every_token`: every expert takes every token, as if routed to all (llm-compressor's
+    `moe_calibrate_all_experts`); the model's own output is unchanged.
+    """
     hidden = hidden.reshape(-1, hidden.shape[-1])
     gate_up = getattr(module, spec.gate_up)
     for e in range(gate_up.shape[0]):
-        tokens = (top_k_index == e).any(dim=-1).nonzero().squeeze(-1)
-        if tokens.numel() == 0:
-            continue
-        x = hidden[tokens]
+        if every_token:
+            x = hidden
+        else:
+            tokens = (top_k_index == e).any(dim=-1).nonzero().squeeze(-1)
+            if tokens.numel() == 0:
+                continue
+            x = hidden[tokens]
         gate, up = nn.functional.linear(x, gate_up[e].to(x.dtype)).chunk(2, dim=-1)
         yield e, x, module.act_fn(gate) * up
 

@@ -71,6 +71,10 @@ class OneShotConfig(LayerwiseOptions):
         16, ge=0, description="mixture of experts: an expert routed fewer calibration tokens than this is pruned "
         "by magnitude (data-free), and reported"
     )  # fmt: skip
+    expert_calibration: Literal["routed", "all"] = Field(
+        "routed", description="mixture of experts: each expert's statistics from the tokens routed to it (routed) "
+        "or from every calibration token (all, as llm-compressor's moe_calibrate_all_experts)"
+    )  # fmt: skip
     preserve_mask: bool = Field(False, description="keep existing zeros pruned (iterative pruning)")
     # The GPTQ reference code's --true-sequential.
     sequential: bool = Field(

@@ -339,6 +339,7 @@ def oneshot(
         prune_layerwise(
             model, options, sparsity_of, inputs, per_block, runner, config.preserve_mask, progress, report,
             sequential=config.sequential, offload_dir=offload_dir, min_expert_tokens=config.min_expert_tokens,
+            expert_calibration=config.expert_calibration,
         )  # fmt: skip
 
     if device.type == "cuda":

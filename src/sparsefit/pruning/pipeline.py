@@ -327,6 +327,7 @@ class _BlockPruner:
     sequential: bool
     report: LayerwiseReport
     min_expert_tokens: int = 0
+    expert_calibration: str = "routed"  # "routed" | "all": which tokens an expert's statistics come from
 
     def prune(
         self,
@@ -344,7 +345,13 @@ class _BlockPruner:
             for group in groups:
                 self.solve(index, group, layers, solver)
             return
-        stats = InputStats(layers, groups, sq_sum=self.options.needs_sq_sum, hessian=self.options.needs_hessian)
+        stats = InputStats(
+            layers,
+            groups,
+            sq_sum=self.options.needs_sq_sum,
+            hessian=self.options.needs_hessian,
+            experts_see_every_token=self.expert_calibration == "all",
+        )
         solver = self.options.solver(stats)
         by_stop: dict[str, list[list[str]]] = {}  # a linear's group by its first; an experts module's groups
         for group in groups:
@@ -434,6 +441,7 @@ def prune_layerwise(
     sequential: bool = False,
     offload_dir: Path | None = None,
     min_expert_tokens: int = 0,
+    expert_calibration: str = "routed",
 ) -> LayerwiseReport:
     """Prune every selected linear block by block; `sparsity_of(block_index, name)` gives each target.
 
@@ -449,7 +457,9 @@ def prune_layerwise(
     if options.needs_data and inputs is None:
         raise UsageError(f"{options.name} needs calibration data; pass --calib DATASET or --calib self")
     last = max(i for i, layers in enumerate(per_block) if layers)
-    pruner = _BlockPruner(options, sparsity_of, runner, preserve_zeros, sequential, report, min_expert_tokens)
+    pruner = _BlockPruner(
+        options, sparsity_of, runner, preserve_zeros, sequential, report, min_expert_tokens, expert_calibration
+    )
     for i, (block, layers) in enumerate(
         tqdm(list(zip(layout.blocks, per_block))[: last + 1], desc=options.name, unit="block", disable=not progress)
     ):

@@ -34,10 +34,12 @@ class InputStats:
         groups: list[list[str]] | None = None,
         sq_sum: bool = False,
         hessian: bool = False,
+        experts_see_every_token: bool = False,
     ) -> None:
         self.layers = layers
         self.groups = groups if groups is not None else [[name] for name in layers]
         self.want_sq, self.want_hessian = sq_sum, hessian
+        self.every_token = experts_see_every_token  # expert matrices: all tokens, not the routed ones
         self.count: dict[str, int] = {}
         self.sq: dict[str, torch.Tensor] = {}
         self.xtx: dict[str, torch.Tensor] = {}  # upper triangles of X^T X, until `hessian` mirrors them
@@ -97,7 +99,8 @@ class InputStats:
 
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             given = dict(zip(("hidden_states", "top_k_index"), args)) | kwargs
-            for e, x_gate_up, x_down in routed_inputs(module, spec, given["hidden_states"], given["top_k_index"]):
+            hidden, index = given["hidden_states"], given["top_k_index"]
+            for e, x_gate_up, x_down in routed_inputs(module, spec, hidden, index, self.every_token):
                 for param, x in ((spec.gate_up, x_gate_up), (spec.down, x_down)):
                     name = f"{prefix}.{param}.{e}"
                     if name in self.layers:
