@@ -99,3 +99,12 @@ def test_an_unknown_family_prunes_each_linear_alone(sequential):
     report = oneshot(model, None, config, calib=calib, progress=False)
     assert report.sparsity.overall == pytest.approx(0.5, abs=0.005)
     assert len(report.sparsity.per_layer) == 8
+
+
+def test_readme_lists_every_row():
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    table = [line for line in readme.splitlines() if line.strip().startswith("| `")]
+    listed = {name for line in table for name in line.split("|")[1].replace("`", "").replace(",", " ").split()}
+    assert listed == set(ARCHITECTURES)
