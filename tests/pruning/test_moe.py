@@ -261,3 +261,34 @@ def test_all_expert_calibration_feeds_every_token_to_every_expert():
     for e in range(dense.shape[0]):
         expected = prune_wanda(dense[e], (every * every).sum(0), 0.5)[0]
         torch.testing.assert_close(model.model.layers[0].mlp.experts.gate_up_proj[e], expected)
+
+
+def test_prune_finetune_export_a_mixture_of_experts(tmp_path, data_dir, tokenizer, capsys):
+    """The command line end to end: 2:4 pruning, a few fine-tuning steps (masks on the fused expert
+    tensors: no pruned weight revives), a bitmask export that reloads with every expert still 2:4."""
+    from sparsefit.models.loading import load_model
+    from tests.conftest import run_cli
+
+    src = tmp_path / "moe"
+    tiny_model("qwen3_moe").save_pretrained(src)
+    tokenizer.save_pretrained(src)
+    args = ["prune", "--model", str(src), "--method", "wanda", "--structure", "2:4", "--calib", "gsm8k"]
+    code, out, err = run_cli([*args, "--num-samples", "8", "--seq-len", "32", "--output", str(tmp_path / "p")], capsys)
+    assert code == 0, err
+    ft = tmp_path / "ft"
+    code, out, err = run_cli(
+        ["finetune", "--model", str(tmp_path / "p"), "--max-steps", "3", "--batch-size", "2", "--seq-len", "64",
+         "--format", "plain", "--output", str(ft), "--json", str(tmp_path / "m.json")],
+        capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    assert "revived weights 0" in out
+    code, out, err = run_cli(
+        ["export", "--model", str(ft), "--format", "sparse-bitmask", "--output", str(tmp_path / "e")], capsys
+    )
+    assert code == 0, err
+    back = load_model(str(tmp_path / "e"))
+    for layer in back.model.layers:
+        for w in (layer.mlp.experts.gate_up_proj, layer.mlp.experts.down_proj):
+            assert ((w != 0).reshape(-1, 4).sum(-1) == 2).all()
+    assert measure_sparsity(back)["overall"] == pytest.approx(0.5)
