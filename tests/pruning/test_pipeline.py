@@ -141,7 +141,9 @@ def test_sequential_sparsegpt_every_family(arch, structure):
     # The first linear of block 0 sees the embeddings either way: both orders prune it alike.
     oneshot(reference, None, config.model_copy(update={"sequential": False}), calib=calib(), progress=False)
     layout = decoder_layout(model)
-    first = f"{layout.prefix}.0.{layout.groups[0][0]}"  # in forward order (Phi-3 registers o_proj first)
+    block0 = linears(model)
+    # in forward order (Phi-3 registers o_proj first); DeepSeek-V2 has q_proj, not the q_a/q_b pair
+    first = next(f"{layout.prefix}.0.{r}" for r in layout.groups[0] if f"{layout.prefix}.0.{r}" in block0)
     assert torch.allclose(dict(linears(model))[first].weight, dict(linears(reference))[first].weight, atol=1e-6)
 
 
@@ -663,3 +665,15 @@ def test_kernels_limited_to_avx2_count_as_no_native_bf16(monkeypatch):
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
     assert not cpu_has_bf16()
     assert not use_bf16("auto", torch.device("cpu"))
+
+
+def test_a_block_with_nothing_selected_still_feeds_the_next():
+    """--ignore of a whole block: the next block is calibrated on that (dense) block's outputs."""
+    x = calib()
+    model, dense = tiny_model("llama"), tiny_model("llama")
+    oneshot(model, None, cfg(method="wanda", ignore=[r"layers\.0\."]), calib=x, progress=False)
+    q1 = dense.model.layers[1].self_attn.q_proj
+    with InputStats({"q": q1}, sq_sum=True) as stats, torch.no_grad():
+        dense(x)
+    expected, _ = prune_wanda(q1.weight, stats.sq_sum("q"), 0.5)
+    assert torch.equal(model.model.layers[1].self_attn.q_proj.weight, expected)

@@ -344,6 +344,10 @@ class _BlockPruner:
             solver = self.options.solver(None)
             for group in groups:
                 self.solve(index, group, layers, solver)
+            if propagate and inputs is not None:  # a block with nothing to prune still feeds the next one
+                t = time.perf_counter()
+                self.runner.run(block, inputs, replace=True)
+                self.report.add_time("propagate", time.perf_counter() - t)
             return
         stats = InputStats(
             layers,
