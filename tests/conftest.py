@@ -7,6 +7,8 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import (
     AutoModelForCausalLM,
+    DeepseekV2Config,
+    DeepseekV3Config,
     Gemma2Config,
     Gemma3TextConfig,
     GPT2Config,
@@ -83,10 +85,17 @@ def tiny_config(arch: str, vocab: int = VOCAB):
         )
     if arch == "gpt2":
         return GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=256, **common)
+    if arch in ("deepseek_v2", "deepseek_v3"):  # MLA attention; block 0 dense, block 1 routed + shared experts
+        mla = dict(kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, n_group=1, topk_group=1)
+        config = DeepseekV2Config if arch == "deepseek_v2" else DeepseekV3Config
+        return config(
+            n_routed_experts=4, n_shared_experts=1, moe_intermediate_size=32, first_k_dense_replace=1,
+            q_lora_rank=None if arch == "deepseek_v2" else 32, **mla, **{**moe, "num_key_value_heads": 4},
+        )  # fmt: skip
     raise ValueError(arch)
 
 
-MOE_ARCHS = ["qwen3_moe", "mixtral", "olmoe", "qwen2_moe"]
+MOE_ARCHS = ["qwen3_moe", "mixtral", "olmoe", "qwen2_moe", "deepseek_v2", "deepseek_v3"]
 ARCHS = ["llama", "qwen2", "qwen3", "mistral", "opt", "gpt2", "gemma2", "gemma3_text", "olmo2", "phi3", *MOE_ARCHS]
 
 

@@ -44,11 +44,12 @@ def test_overall_is_the_measured_zeros_over_every_block_matrix(arch):
 @pytest.mark.parametrize("arch", MOE_ARCHS)
 def test_experts_are_counted_each_and_routers_listed_as_excluded(arch):
     model = tiny_model(arch)
-    experts = model.model.layers[0].mlp.experts
+    b = next(i for i, layer in enumerate(model.model.layers) if hasattr(layer.mlp, "experts"))  # DeepSeek: 1
+    experts = model.model.layers[b].mlp.experts
     with torch.no_grad():
         experts.gate_up_proj[1].zero_()  # one expert's matrix all zeros, the others dense
     measured = measure_sparsity(model)
-    name = "model.layers.0.mlp.experts.gate_up_proj"
+    name = f"model.layers.{b}.mlp.experts.gate_up_proj"
     per = measured["per_expert"][name]
     assert per == [0.0, 1.0, 0.0, 0.0]
     assert measured["per_layer"][name] == pytest.approx(0.25)

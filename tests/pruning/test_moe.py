@@ -24,6 +24,11 @@ def expert_layers(model):
     return {n: m for n, m in linears(model).items() if isinstance(m, ExpertMatrix)}
 
 
+def moe_block(model):
+    """The first block with experts (DeepSeek's first blocks are dense)."""
+    return next(i for i, layer in enumerate(model.model.layers) if hasattr(layer.mlp, "experts"))
+
+
 def moe_input(model, x, block=0):
     """What the MoE layer of block `block` receives, one row per token."""
     seen = {}
@@ -39,12 +44,19 @@ def moe_input(model, x, block=0):
 
 
 def routed_reference(model, x, block=0):
-    """Per expert of block `block`: the tokens the router sends it and its down input, computed from
-    the router's own output and the eager formula (independent of sparsefit's capture)."""
+    """Per expert of block `block`: the tokens the router sends it and its down input, from the
+    routing the MoE layer hands its experts module and the eager formula (not sparsefit's capture)."""
     mlp = model.model.layers[block].mlp
-    hidden = moe_input(model, x, block)
+    seen = {}
+
+    def grab(module, args):
+        seen["hidden"], seen["index"] = args[0].detach(), args[1]
+
+    handle = mlp.experts.register_forward_pre_hook(grab)
     with torch.no_grad():
-        _, _, index = mlp.gate(hidden)
+        model(x)
+    handle.remove()
+    hidden, index = seen["hidden"].reshape(-1, seen["hidden"].shape[-1]), seen["index"]
     experts = mlp.experts
     out = {}
     for e in range(experts.gate_up_proj.shape[0]):
@@ -60,13 +72,14 @@ def routed_reference(model, x, block=0):
 @pytest.mark.parametrize("arch", MOE_ARCHS)
 def test_statistics_come_from_the_tokens_routed_to_each_expert(arch):
     model, x = tiny_model(arch), calib()
-    reference = routed_reference(model, x)
-    layers = {n: m for n, m in expert_layers(model).items() if ".layers.0." in n}
+    b = moe_block(model)
+    reference = routed_reference(model, x, b)
+    layers = {n: m for n, m in expert_layers(model).items() if f".layers.{b}." in n}
     with InputStats(layers, sq_sum=True, hessian=True) as stats, torch.no_grad():
         model(x)
     for e, (xe, down_in) in reference.items():
         for param, inp in (("gate_up_proj", xe), ("down_proj", down_in)):
-            name = f"model.layers.0.mlp.experts.{param}.{e}"
+            name = f"model.layers.{b}.mlp.experts.{param}.{e}"
             assert stats.count[name] == inp.shape[0] > 0
             torch.testing.assert_close(stats.sq_sum(name), (inp * inp).sum(0), rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(stats.hessian(name), 2 * inp.t() @ inp / inp.shape[0], rtol=1e-4, atol=1e-5)
@@ -78,9 +91,12 @@ def test_each_expert_is_pruned_as_its_own_linear(arch, method):
     """Paper order (statistics of the dense block 0): each expert's matrices equal the method applied
     to that expert alone, with its routed inputs."""
     model, x = tiny_model(arch), calib()
-    reference = routed_reference(model, x)
-    dense = {n: m.weight.clone() for n, m in expert_layers(model).items() if ".layers.0." in n}
-    report = oneshot(model, None, cfg(method=method, sparsity=0.5, damp=0.01), calib=x, progress=False)
+    b = moe_block(model)
+    reference = routed_reference(model, x, b)
+    dense = {n: m.weight.clone() for n, m in expert_layers(model).items() if f".layers.{b}." in n}
+    earlier = [rf"layers\.{i}\." for i in range(b)]  # dense blocks before the first MoE stay dense: same inputs
+    config = cfg(method=method, sparsity=0.5, damp=0.01, ignore=earlier)
+    report = oneshot(model, None, config, calib=x, progress=False)
     for name, w in dense.items():
         param, e = name.rsplit(".", 2)[1:]
         inp = reference[int(e)][0 if param == "gate_up_proj" else 1]
@@ -95,7 +111,7 @@ def test_each_expert_is_pruned_as_its_own_linear(arch, method):
         assert torch.equal(got == 0, expected == 0), name
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
     assert report.sparsity.overall == pytest.approx(measure_sparsity(model)["overall"])
-    assert report.sparsity.overall == pytest.approx(0.5, abs=0.005)
+    assert report.sparsity.pruned == pytest.approx(0.5, abs=0.005)
     for per in report.sparsity.per_expert.values():
         assert per == pytest.approx([0.5] * len(per), abs=0.01)
 
@@ -172,7 +188,7 @@ def test_finetune_masks_keep_every_expert_zero(arch):
         masks.apply_to_weights()
     assert masks.revived() == 0
     assert measure_sparsity(model)["overall"] == pytest.approx(before)
-    experts = model.model.layers[0].mlp.experts
+    experts = model.model.layers[moe_block(model)].mlp.experts
     assert experts.gate_up_proj.grad is None or (experts.gate_up_proj.grad == 0).sum() > 0
 
 
@@ -189,7 +205,9 @@ def test_export_keeps_expert_zeros(tmp_path, fmt, arch):
     info = export_checkpoint(model, None, tmp_path / "out", "tiny", fmt=fmt)
     assert info["sparsity"] == pytest.approx(measure_sparsity(model)["overall"])
     recorded = json.loads((tmp_path / "out" / "sparsity.json").read_text())["sparsity"]
-    assert recorded["per_expert"]["model.layers.0.mlp.experts.down_proj"] == pytest.approx([0.5] * 4, abs=0.01)
+    assert recorded["per_expert"][f"model.layers.{moe_block(model)}.mlp.experts.down_proj"] == pytest.approx(
+        [0.5] * 4, abs=0.01
+    )
     back = load_model(str(tmp_path / "out"))
     for (name, a), b in zip(back.model.layers.named_parameters(), model.model.layers.parameters()):
         assert torch.equal(a, b), name

@@ -58,6 +58,21 @@ _ATTENTION = _LLAMA.groups[:2]
 # Qwen3-MoE, Mixtral, OLMoE: Llama attention, routed experts only (router `mlp.gate`).
 _ROUTED = Architecture(blocks="model.layers", groups=_ATTENTION, experts=FusedExperts(), routers=("mlp.gate",))
 
+_DEEPSEEK = Architecture(
+    blocks="model.layers",
+    groups=(
+        ("self_attn.q_a_proj", "self_attn.q_proj", "self_attn.kv_a_proj_with_mqa"),
+        ("self_attn.q_b_proj",),
+        ("self_attn.kv_b_proj",),
+        ("self_attn.o_proj",),
+        ("mlp.gate_proj", "mlp.up_proj", "mlp.shared_experts.gate_proj", "mlp.shared_experts.up_proj"),
+        ("mlp.down_proj",),
+        ("mlp.shared_experts.down_proj",),
+    ),
+    experts=FusedExperts(),
+    routers=("mlp.gate",),
+)
+
 ARCHITECTURES: dict[str, Architecture] = {
     "llama": _LLAMA,
     "mistral": _LLAMA,
@@ -100,4 +115,9 @@ ARCHITECTURES: dict[str, Architecture] = {
         blocks="transformer.h",
         groups=(("attn.c_attn",), ("attn.c_proj",), ("mlp.c_fc",), ("mlp.c_proj",)),
     ),
+    # DeepSeek-V2/V3: MLA attention (q through a low-rank pair unless q_lora_rank is None; k/v from a
+    # compressed latent), a dense MLP in the first `first_k_dense_replace` blocks, routed experts plus
+    # shared experts after them.
+    "deepseek_v2": _DEEPSEEK,
+    "deepseek_v3": _DEEPSEEK,
 }

@@ -118,12 +118,20 @@ def select_linears(
         full = f"{block_name}.{name}"
         if selected(full, targets, ignore):
             found[full] = module
-    if arch is not None and arch.experts is not None:
-        module = block.get_submodule(arch.experts.module)
+    experts = arch.experts if arch is not None else None
+    module = _submodule(block, experts.module) if experts is not None else None
+    if module is not None:  # not every block has experts (DeepSeek's first are dense)
         for full, matrix in expert_matrices(module, arch.experts, f"{block_name}.{arch.experts.module}").items():
             if selected(full, targets, ignore):
                 found[full] = matrix
     return found
+
+
+def _submodule(block: nn.Module, name: str) -> nn.Module | None:
+    try:
+        return block.get_submodule(name)
+    except AttributeError:
+        return None
 
 
 def decoder_linears(model: nn.Module) -> dict[str, nn.Module | ExpertMatrix]:
