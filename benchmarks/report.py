@@ -43,6 +43,7 @@ SCRIPTS = {
     "gsm8k": "gsm8k_agreement.py",
     "reconstruct_error": "reconstruct_error.py",
     "reference_llmcompressor": "reference_llmcompressor.py",
+    "moe_calibration": "moe_calibration.py",
     "sparse24_gpu": "sparse24_gpu.py",
     "runtime": "runtime.py",
 }
@@ -526,6 +527,30 @@ def runtime(r: dict) -> str:
         out += [f"Llama-2-7B-shaped decoder layers ({layers['layers']}, random weights), batch-1 decode after "
                 f"{layers['context_tokens']} tokens:", "", table(head, rows)]  # fmt: skip
     return "\n".join(out)
+def moe_calibration(r: dict) -> str:
+    a, t, runs = r["args"], r["train"], r["runs"]
+    rows = [
+        [
+            name,
+            f(run["ppl"], 3),
+            f(run.get("measured"), 4) if "measured" in run else "-",
+            run.get("starved_experts", "-"),
+        ]
+        for name, run in runs.items()
+    ]
+    share = max(max(block) for block in r["routing_share"])
+    return "\n".join(
+        [
+            f"Tiny Mixtral layout ({t['params'] / 1e6:.1f}M parameters, 8 experts, 2 per token) trained "
+            f"{t['steps']} steps on GSM8K train (busiest expert takes {share:.0%} of a block's routed slots on "
+            f"test text); pruned to 50% with {a['calib_samples']} calibration windows of {a['seq_len']} tokens; "
+            f"perplexity over {a['eval_windows']} GSM8K test windows. `routed`: each expert's statistics from "
+            "its routed tokens (default); `all`: from every token. Starved: expert matrices with fewer than "
+            "16 routed tokens, pruned by magnitude.",
+            "",
+            table(["run", "GSM8K test ppl", "measured sparsity", "starved expert matrices"], rows),
+        ]
+    )
 
 
 RENDER: dict[str, Callable[[dict], str]] = {
@@ -548,6 +573,7 @@ RENDER: dict[str, Callable[[dict], str]] = {
     "reference_llmcompressor": reference_llmcompressor,
     "sparse24_gpu": sparse24_gpu,
     "runtime": runtime,
+    "moe_calibration": moe_calibration,
 }
 
 

@@ -7,13 +7,23 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import (
     AutoModelForCausalLM,
+    DeepseekV2Config,
+    DeepseekV3Config,
+    Gemma2Config,
+    Gemma3TextConfig,
     GPT2Config,
     LlamaConfig,
     MistralConfig,
+    MixtralConfig,
+    Olmo2Config,
+    OlmoeConfig,
     OPTConfig,
+    Phi3Config,
     PreTrainedTokenizerFast,
     Qwen2Config,
+    Qwen2MoeConfig,
     Qwen3Config,
+    Qwen3MoeConfig,
 )
 
 VOCAB = 256
@@ -45,6 +55,24 @@ def tiny_config(arch: str, vocab: int = VOCAB):
         return Qwen3Config(**llama_like, head_dim=16)
     if arch == "mistral":
         return MistralConfig(**llama_like)
+    if arch == "gemma2":
+        return Gemma2Config(**llama_like, head_dim=16)
+    if arch == "gemma3_text":
+        return Gemma3TextConfig(**llama_like, head_dim=16, sliding_window=8)
+    if arch == "olmo2":
+        return Olmo2Config(**llama_like)
+    if arch == "phi3":  # fused qkv_proj and gate_up_proj
+        return Phi3Config(**llama_like)
+    # Mixtures of experts: 4 experts, 2 per token, the expert tensors fused as (experts, out, in).
+    moe = dict(num_experts_per_tok=2, **llama_like)
+    if arch == "qwen3_moe":
+        return Qwen3MoeConfig(num_experts=4, moe_intermediate_size=32, head_dim=16, **moe)
+    if arch == "mixtral":
+        return MixtralConfig(num_local_experts=4, **moe)
+    if arch == "olmoe":
+        return OlmoeConfig(num_experts=4, **moe)
+    if arch == "qwen2_moe":  # plus a shared expert behind a one-output gate
+        return Qwen2MoeConfig(num_experts=4, moe_intermediate_size=32, shared_expert_intermediate_size=64, **moe)
     if arch == "opt":
         return OPTConfig(
             hidden_size=64,
@@ -57,10 +85,18 @@ def tiny_config(arch: str, vocab: int = VOCAB):
         )
     if arch == "gpt2":
         return GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=256, **common)
+    if arch in ("deepseek_v2", "deepseek_v3"):  # MLA attention; block 0 dense, block 1 routed + shared experts
+        mla = dict(kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, n_group=1, topk_group=1)
+        config = DeepseekV2Config if arch == "deepseek_v2" else DeepseekV3Config
+        return config(
+            n_routed_experts=4, n_shared_experts=1, moe_intermediate_size=32, first_k_dense_replace=1,
+            q_lora_rank=None if arch == "deepseek_v2" else 32, **mla, **{**moe, "num_key_value_heads": 4},
+        )  # fmt: skip
     raise ValueError(arch)
 
 
-ARCHS = ["llama", "qwen2", "qwen3", "mistral", "opt", "gpt2"]
+MOE_ARCHS = ["qwen3_moe", "mixtral", "olmoe", "qwen2_moe", "deepseek_v2", "deepseek_v3"]
+ARCHS = ["llama", "qwen2", "qwen3", "mistral", "opt", "gpt2", "gemma2", "gemma3_text", "olmo2", "phi3", *MOE_ARCHS]
 
 
 def tiny_model(arch: str = "llama", seed: int = 0):
@@ -70,7 +106,7 @@ def tiny_model(arch: str = "llama", seed: int = 0):
     # outputs depend on its inputs, so pruning errors are visible.
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if p.dim() == 2 and "embed" not in name and "wte" not in name and "wpe" not in name:
+            if p.dim() >= 2 and "embed" not in name and "wte" not in name and "wpe" not in name:
                 p.normal_(0, 0.1)
     return model.eval()
 

@@ -17,6 +17,7 @@ from sparsefit.errors import UsageError
 from sparsefit.export import save_checkpoint
 from sparsefit.models.layout import decoder_layout, select_linears, weight_as_out_in
 from sparsefit.models.offload import offload_tensor_, on_ram_filesystem
+from sparsefit.models.sparsity import block_matrices
 from sparsefit.pruning import OneShotConfig, oneshot
 from sparsefit.pruning.oneshot import calibration_batch, cpu_has_bf16, use_bf16
 from sparsefit.pruning.pipeline import BlockRunner, capture_block_inputs
@@ -38,8 +39,8 @@ def linears(model):
     layout = decoder_layout(model)
     out = {}
     for i, block in enumerate(layout.blocks):
-        out.update(select_linears(block, f"{layout.prefix}.{i}", None, None))
-    return out
+        out.update(select_linears(block, f"{layout.prefix}.{i}", None, None, layout.arch))
+    return out  # each expert's matrix of a fused tensor included
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -48,8 +49,8 @@ def test_every_family_and_method_hits_the_target(arch, method):
     model = tiny_model(arch)
     report = oneshot(model, None, cfg(method=method, sparsity=0.5), calib=calib(), progress=False)
     layers = linears(model)
-    assert set(report.sparsity.per_layer) == set(layers)
-    for name, module in layers.items():
+    assert set(report.sparsity.per_layer) == {m.name for m in block_matrices(model)[0]}
+    for name, module in layers.items():  # every expert's matrix included
         w = module.weight
         assert (w == 0).float().mean().item() == pytest.approx(0.5, abs=0.01), name
     assert report.sparsity.overall == pytest.approx(0.5, abs=0.005)
@@ -107,7 +108,7 @@ def test_reconstruction_refits_weights_under_the_same_masks(arch, method, struct
     x = calib()
     dense, plain, refit = tiny_model(arch), tiny_model(arch), tiny_model(arch)
     layout = decoder_layout(dense)
-    block0 = select_linears(layout.blocks[0], f"{layout.prefix}.0", None, None)
+    block0 = select_linears(layout.blocks[0], f"{layout.prefix}.0", None, None, layout.arch)
     with InputStats(block0, hessian=True) as stats, torch.no_grad():
         dense(x)
     options = {"method": method, "structure": structure, "sparsity": 0.5}
@@ -139,7 +140,10 @@ def test_sequential_sparsegpt_every_family(arch, structure):
             assert ((w != 0).reshape(-1, 4).sum(1) == 2).all(), name
     # The first linear of block 0 sees the embeddings either way: both orders prune it alike.
     oneshot(reference, None, config.model_copy(update={"sequential": False}), calib=calib(), progress=False)
-    first = next(iter(linears(model)))
+    layout = decoder_layout(model)
+    block0 = linears(model)
+    # in forward order (Phi-3 registers o_proj first); DeepSeek-V2 has q_proj, not the q_a/q_b pair
+    first = next(f"{layout.prefix}.0.{r}" for r in layout.groups[0] if f"{layout.prefix}.0.{r}" in block0)
     assert torch.allclose(dict(linears(model))[first].weight, dict(linears(reference))[first].weight, atol=1e-6)
 
 
@@ -226,8 +230,9 @@ def test_explicit_profile_and_ignore():
         cfg(method="magnitude", profile={r"mlp\.down_proj": 0.7}, ignore=[r"layers\.0\."], sparsity=0.4),
         progress=False,
     )
-    per_layer = report.sparsity.per_layer
-    assert not any(".layers.0." in n for n in per_layer)
+    per_layer = report.sparsity.per_layer  # measured over every block matrix, the ignored ones too
+    assert all(s == 0 for n, s in per_layer.items() if ".layers.0." in n)
+    assert report.sparsity.pruned > report.sparsity.overall  # block 0 is dense and counted
     assert per_layer["model.layers.1.mlp.down_proj"] == pytest.approx(0.7, abs=0.01)
     assert per_layer["model.layers.1.mlp.up_proj"] == pytest.approx(0.4, abs=0.01)
     assert (model.model.layers[0].mlp.up_proj.weight != 0).all()
@@ -479,7 +484,7 @@ def test_sequential_error_in_a_solve_surfaces_and_leaves_no_hooks():
             raise ValueError("no solution for o_proj")
 
     with InputStats(layers, groups, sq_sum=True) as stats, pytest.raises(ValueError, match="o_proj"):
-        BlockRunner(torch.device("cpu")).run_sequential(block, inputs, layers, stats, solve)
+        BlockRunner(torch.device("cpu")).run_sequential(block, inputs, stats, solve)
     assert all(not m._forward_pre_hooks for m in layers.values())
     assert stats.scope is None
 
@@ -502,7 +507,7 @@ def test_sequential_stops_only_where_a_linear_has_a_new_input(tmp_path, monkeypa
     seen = {}  # name -> how many batches had run each linear when it was solved
     runner = BlockRunner(torch.device("cpu"), offload_dir=tmp_path if offload else None)
     with InputStats(layers, groups, sq_sum=True) as stats:
-        runner.run_sequential(block, inputs, layers, stats, lambda first: seen.__setitem__(first, dict(ran)))
+        runner.run_sequential(block, inputs, stats, lambda first: seen.__setitem__(first, dict(ran)))
     for h in handles:
         h.remove()
     assert list(seen) == ["b.self_attn.q_proj", "b.self_attn.o_proj", "b.mlp.gate_proj", "b.mlp.down_proj"]
@@ -660,3 +665,15 @@ def test_kernels_limited_to_avx2_count_as_no_native_bf16(monkeypatch):
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
     assert not cpu_has_bf16()
     assert not use_bf16("auto", torch.device("cpu"))
+
+
+def test_a_block_with_nothing_selected_still_feeds_the_next():
+    """--ignore of a whole block: the next block is calibrated on that (dense) block's outputs."""
+    x = calib()
+    model, dense = tiny_model("llama"), tiny_model("llama")
+    oneshot(model, None, cfg(method="wanda", ignore=[r"layers\.0\."]), calib=x, progress=False)
+    q1 = dense.model.layers[1].self_attn.q_proj
+    with InputStats({"q": q1}, sq_sum=True) as stats, torch.no_grad():
+        dense(x)
+    expected, _ = prune_wanda(q1.weight, stats.sq_sum("q"), 0.5)
+    assert torch.equal(model.model.layers[1].self_attn.q_proj.weight, expected)

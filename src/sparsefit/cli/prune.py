@@ -14,7 +14,8 @@ from sparsefit.errors import UsageError
 PRUNE_FIELDS = [
     "preset", "method", "sparsity", "structure", "owl_m", "owl_lambda", "targets", "ignore", "calib", "calib_split",
     "text_field", "num_samples", "self_mix", "seq_len", "seed", "batch_size", "block_size", "damp", "magnitude_scope",
-    "preserve_mask", "reconstruct_iters", "sequential", "compute_dtype", "offload_dir",
+    "preserve_mask", "reconstruct_iters", "sequential", "compute_dtype", "offload_dir", "min_expert_tokens",
+    "expert_calibration",
 ]  # fmt: skip
 QUANTIZE_FIELDS = [
     "scheme", "method", "group_size", "export_dtype", "sparse_format", "targets", "ignore", "calib", "calib_split",
@@ -57,6 +58,13 @@ def _layerwise_setup(args: argparse.Namespace, config_cls: type, fields: list[st
     return config, device, claim, model, tokenizer
 
 
+def describe_sparsity(summary: dict) -> str:
+    """One line: the measured sparsity by kind of block matrix, and what it does not count."""
+    kinds = ", ".join(f"{k} {v['sparsity']:.3f}" for k, v in summary["per_kind"].items())
+    excluded = sorted(set(summary["excluded"].values()))
+    return f"  over {summary['weights']} block weights, by kind: {kinds}; not counted: {'; '.join(excluded)}"
+
+
 def cmd_prune(args: argparse.Namespace) -> int:
     from sparsefit.export import save_checkpoint
     from sparsefit.pruning import OneShotConfig, oneshot
@@ -76,6 +84,14 @@ def cmd_prune(args: argparse.Namespace) -> int:
         f"sparsity {report.sparsity.overall:.4f} in {report.seconds:.1f} s ({phases}); "
         f"peak RSS {report.peak_rss_mb:.0f} MB -> {args.output}"
     )
+    print(describe_sparsity(report.sparsity.model_dump()))
+    if report.sparsity.starved_experts:
+        starved = report.sparsity.starved_experts
+        print(
+            f"{len(starved)} expert matrices got fewer than {config.min_expert_tokens} calibration tokens and were "
+            f"pruned by magnitude: {', '.join(f'{n} ({t})' for n, t in list(starved.items())[:6])}"
+            + (" ..." if len(starved) > 6 else "")
+        )
     write_json(report.to_json(), args.json)
     return 0
 
@@ -97,6 +113,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         f"{FORMATS[config.scheme]}, {info['weight_bytes'] / 2**20:.1f} MiB of weights "
         f"({info['ratio_to_dense_bf16']:.2f}x dense bf16) -> {args.output}"
     )
+    if r.not_quantized:
+        print(f"  not quantized (stored as floats): {', '.join(r.not_quantized)}")
     write_json({**r.to_json(), "export": info}, args.json)
     return 0
 

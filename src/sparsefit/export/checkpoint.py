@@ -16,8 +16,10 @@ from sparsefit.errors import UsageError
 from sparsefit.export.bitmask import FORMATS as BITMASK_FORMATS
 from sparsefit.export.bitmask import compress_state_dict, legacy_quantization_config
 from sparsefit.models.builtin import strip_gguf_quantization
+from sparsefit.models.experts import ExpertMatrix
 from sparsefit.models.layout import decoder_linears
 from sparsefit.models.slorb import detach_slorb, merge_slorb, save_slorb, slorb_info, slorb_state
+from sparsefit.models.sparsity import measure_sparsity
 from sparsefit.training.adapters.rows import merge_row_deltas, row_delta_info, row_delta_state, save_row_deltas
 
 if TYPE_CHECKING:
@@ -27,16 +29,10 @@ SPARSITY_FILE = "sparsity.json"
 
 
 def sparsity_summary(model: nn.Module, state_dict: dict[str, torch.Tensor] | None = None) -> dict:
-    """Overall (weighted by size) and per-layer sparsity of the decoder linears, measured on the weights
-    (those of `state_dict` when given: the full weights of a sharded model)."""
-    zeros = numel = 0
-    per_layer = {}
-    for name, module in decoder_linears(model).items():
-        w = state_dict[f"{name}.weight"] if state_dict is not None else module.weight
-        z = (w == 0).sum().item()
-        zeros, numel = zeros + z, numel + w.numel()
-        per_layer[name] = z / w.numel()
-    return {"overall": zeros / max(numel, 1), "per_layer": per_layer}
+    """The sparsity measured over every weight matrix of the decoder blocks, with what is not counted
+    (`models.sparsity.measure_sparsity`), on the weights of `state_dict` when given (the full weights of
+    a sharded model)."""
+    return measure_sparsity(model, state_dict)
 
 
 def save_checkpoint(
@@ -100,9 +96,11 @@ def _save_bitmask(
 ) -> None:
     linears = decoder_linears(model)
     for module in linears.values():
-        if not isinstance(module, nn.Linear):
+        if not isinstance(module, (nn.Linear, ExpertMatrix)):
             raise UsageError(f"{fmt} stores torch Linear weights; {type(module).__name__} layers: use --format hf")
-    names = list(linears)
+    # Fused expert tensors (experts, out, in) are stored whole and dense, their zeros kept: the format
+    # describes 2-D weights of linears only.
+    names = [name for name, module in linears.items() if isinstance(module, nn.Linear)]
     try:
         state = compress_state_dict(dict(model.state_dict()), names, fmt)
     except ValueError as err:

@@ -2,7 +2,9 @@
 which of those share an input.
 
 The blocks and the input groups come from the family's row in `architectures.ARCHITECTURES`;
-prunable layers are `nn.Linear` and GPT-2's `Conv1D` (whose weight is stored transposed, (in, out)).
+prunable layers are `nn.Linear`, GPT-2's `Conv1D` (whose weight is stored transposed, (in, out)) and,
+in the mixture-of-experts rows, each expert's slice of the fused expert tensors (`ExpertMatrix`,
+named `<experts module>.<parameter>.<expert>`). Routers the row names are never selected.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from sparsefit.errors import UsageError
-from sparsefit.models.architectures import ARCHITECTURES
+from sparsefit.models.architectures import ARCHITECTURES, Architecture
+from sparsefit.models.experts import ExpertMatrix, expert_matrices
 
 
 @dataclass
@@ -25,6 +28,7 @@ class DecoderLayout:
     prefix: str  # module name of the block list, e.g. "model.layers"
     blocks: nn.ModuleList
     groups: tuple[tuple[str, ...], ...] = ()  # linears of a block that share an input (names inside the block)
+    arch: Architecture | None = None  # the family's row; None under the generic rule
 
     def input_groups(self, layers: dict[str, nn.Module], block_name: str) -> list[list[str]]:
         """`layers` (full names, all in block `block_name`) as groups fed one input, in forward order.
@@ -46,7 +50,7 @@ def decoder_layout(model: nn.Module) -> DecoderLayout:
     arch = ARCHITECTURES.get(model_type)
     if arch is not None:
         blocks = model.get_submodule(arch.blocks)
-        return DecoderLayout(arch.blocks, blocks, arch.groups)
+        return DecoderLayout(arch.blocks, blocks, arch.groups, arch)
     best: tuple[str, nn.ModuleList] | None = None
     for name, module in model.named_modules():
         if isinstance(module, nn.ModuleList) and len(module) > 0 and (best is None or len(module) > len(best[1])):
@@ -84,29 +88,58 @@ def set_weight_out_in(module: nn.Module, weight: torch.Tensor) -> None:
     target.copy_(weight.t() if isinstance(module, Conv1D) else weight)
 
 
+def is_router(arch: Architecture | None, name: str) -> bool:
+    """Whether `name` (inside a block) is, or is inside, a router of the family's row."""
+    return arch is not None and any(name == r or name.startswith(r + ".") for r in arch.routers)
+
+
+def selected(name: str, targets: list[str] | None, ignore: list[str] | None) -> bool:
+    """Whether the user's `targets` regexes (any; none given: all) and none of `ignore` match `name`."""
+    if targets and not any(re.search(t, name) for t in targets):
+        return False
+    return not (ignore and any(re.search(i, name) for i in ignore))
+
+
 def select_linears(
-    block: nn.Module, block_name: str, targets: list[str] | None, ignore: list[str] | None
-) -> dict[str, nn.Module]:
-    """Prunable linears of one block by full module name: matching any `targets` regex, none of `ignore`."""
+    block: nn.Module,
+    block_name: str,
+    targets: list[str] | None,
+    ignore: list[str] | None,
+    arch: Architecture | None = None,
+) -> dict[str, nn.Module | ExpertMatrix]:
+    """Prunable linears of one block by full name: matching any `targets` regex, none of `ignore`.
+
+    With a mixture-of-experts row, every expert matrix too (`<module>.<param>.<expert>`); routers never.
+    """
     found = {}
     for name, module in block.named_modules():
-        if not is_prunable(module):
+        if not is_prunable(module) or is_router(arch, name):
             continue
         full = f"{block_name}.{name}"
-        if targets and not any(re.search(t, full) for t in targets):
-            continue
-        if ignore and any(re.search(i, full) for i in ignore):
-            continue
-        found[full] = module
+        if selected(full, targets, ignore):
+            found[full] = module
+    experts = arch.experts if arch is not None else None
+    module = _submodule(block, experts.module) if experts is not None else None
+    if module is not None:  # not every block has experts (DeepSeek's first are dense)
+        for full, matrix in expert_matrices(module, arch.experts, f"{block_name}.{arch.experts.module}").items():
+            if selected(full, targets, ignore):
+                found[full] = matrix
     return found
 
 
-def decoder_linears(model: nn.Module) -> dict[str, nn.Module]:
-    """Every prunable linear of the decoder blocks, by full module name, in block order."""
+def _submodule(block: nn.Module, name: str) -> nn.Module | None:
+    try:
+        return block.get_submodule(name)
+    except AttributeError:
+        return None
+
+
+def decoder_linears(model: nn.Module) -> dict[str, nn.Module | ExpertMatrix]:
+    """Every prunable linear (expert matrices included) of the decoder blocks, by full name, in block order."""
     layout = decoder_layout(model)
     found = {}
     for i, block in enumerate(layout.blocks):
-        found.update(select_linears(block, f"{layout.prefix}.{i}", None, None))
+        found.update(select_linears(block, f"{layout.prefix}.{i}", None, None, layout.arch))
     return found
 
 

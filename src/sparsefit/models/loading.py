@@ -245,6 +245,7 @@ def _load_bitmask(resolved: ResolvedModel, fmt: str, dtype: torch.dtype, trust_r
     longer opens bitmask-compressed checkpoints, so they are read here (`sparsefit.export.bitmask`)."""
     from safetensors import SafetensorError, safe_open
     from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     from sparsefit.export.bitmask import decompress_state_dict
     from sparsefit.models.slorb import SLORB_FILE
@@ -262,12 +263,21 @@ def _load_bitmask(resolved: ResolvedModel, fmt: str, dtype: torch.dtype, trust_r
             with safe_open(file, "pt") as f:
                 state.update({key: f.get_tensor(key) for key in f.keys()})
         state, notes = decompress_state_dict(state, fmt)
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+        model_class = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
+        if model_class is not None:
+            # transformers' own loading maps the checkpoint's names onto the model's: a mixture of experts
+            # is saved with one linear per expert and loaded as fused (experts, out, in) tensors.
+            model, info = model_class.from_pretrained(
+                None, config=config, state_dict=state, dtype=dtype, output_loading_info=True
+            )
+            missing, unexpected = info["missing_keys"], info["unexpected_keys"]
+        else:
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+            missing, unexpected = model.load_state_dict(state, strict=False)
     except (*_load_errors(), SafetensorError) as err:
         raise _load_error(resolved, err) from None
     for note in notes:
         print(f"notice: {note}", file=sys.stderr)
-    missing, unexpected = model.load_state_dict(state, strict=False)
     head, embed = model.get_output_embeddings(), model.get_input_embeddings()
     tied = head is not None and head.weight is embed.weight  # saved once, under the embedding's name
     absent = sorted(k for k in missing if not (tied and k == "lm_head.weight"))

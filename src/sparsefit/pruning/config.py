@@ -65,6 +65,16 @@ class OneShotConfig(LayerwiseOptions):
         _BEST["reconstruct_iters"], ge=0, description="refit steps of the kept weights after each mask (default: "
         f"the preset's, {_BEST['reconstruct_iters']} with sparsegpt, else 0; 0: the method's own weights)"
     )  # fmt: skip
+    # Fewer tokens than this give noisy norms and a rank-deficient Hessian: such an expert's matrices are
+    # pruned by magnitude (data-free) instead, and the report lists them with their token counts.
+    min_expert_tokens: int = Field(
+        16, ge=0, description="mixture of experts: an expert routed fewer calibration tokens than this is pruned "
+        "by magnitude (data-free), and reported"
+    )  # fmt: skip
+    expert_calibration: Literal["routed", "all"] = Field(
+        "routed", description="mixture of experts: each expert's statistics from the tokens routed to it (routed) "
+        "or from every calibration token (all, as llm-compressor's moe_calibrate_all_experts)"
+    )  # fmt: skip
     preserve_mask: bool = Field(False, description="keep existing zeros pruned (iterative pruning)")
     # The GPTQ reference code's --true-sequential.
     sequential: bool = Field(

@@ -16,9 +16,10 @@ import torch
 from pydantic import BaseModel
 
 from sparsefit.config import LayerwiseOptions
-from sparsefit.errors import UsageError
-from sparsefit.models.layout import decoder_layout, params_outside_blocks, weight_as_out_in
+from sparsefit.errors import SparsefitError, UsageError
+from sparsefit.models.layout import decoder_layout, params_outside_blocks, selected, weight_as_out_in
 from sparsefit.models.offload import offload_parameters, on_ram_filesystem, prepare_offload_dir
+from sparsefit.models.sparsity import block_matrices, dense_patterns, measure_sparsity, name_pattern
 from sparsefit.pruning.config import OneShotConfig
 from sparsefit.pruning.methods import MethodOptions
 from sparsefit.pruning.owl import owl_sparsities
@@ -37,9 +38,19 @@ if TYPE_CHECKING:
 
 
 class SparsityReport(BaseModel):
-    overall: float  # zeros / weights over every pruned linear
-    per_layer: dict[str, float]
+    """Measured on the pruned weights over every weight matrix of the decoder blocks (`models.sparsity`)."""
+
+    overall: float  # zeros / weights over every block matrix, pruned or not
+    weights: int  # how many weights `overall` counts
+    measured_over: str
+    pruned: float  # zeros / weights over the matrices this run pruned
+    per_layer: dict[str, float]  # by matrix (a fused expert tensor as a whole)
+    per_expert: dict[str, list[float]]  # fused expert tensors: one figure per expert
+    per_kind: dict[str, dict[str, float]]  # kind (name inside a block) -> sparsity, weights
+    excluded: dict[str, str]  # what is not counted, by name pattern, and why
     per_block: list[float]  # each block's target
+    # expert matrix -> routed calibration tokens, for those pruned by magnitude for want of tokens
+    starved_experts: dict[str, int] = {}
 
 
 class CalibrationReport(BaseModel):
@@ -207,6 +218,28 @@ def _check_structure(per_block: list[dict], structure: Structure) -> None:
             structure.check_columns(weight_as_out_in(module).shape[1], name)
 
 
+def check_coverage(
+    model: torch.nn.Module, per_block: list[dict], targets: list[str] | None, ignore: list[str] | None
+) -> None:
+    """Refuse, before any work, to leave a block matrix dense that the user did not exclude: one no
+    layout rule can prune (a module type or tensor layout sparsefit does not know) would make the
+    sparsity overstate what was pruned. Small matrices (`models.sparsity.SMALL_SIDE`) pass."""
+    names = {name for layers in per_block for name in layers}
+    missed: dict[str, tuple] = {}
+    for m in block_matrices(model)[0]:
+        covered = m.name in names or f"{m.name}.0" in names
+        if covered or m.small or not selected(m.name, targets, ignore):
+            continue
+        missed.setdefault(name_pattern(m.name), (type(m.tensor).__name__, tuple(m.tensor.shape)))
+    if missed:
+        listed = ", ".join(f"{p} (shape {s})" for p, (_, s) in missed.items())
+        leaf = next(iter(missed)).rsplit(".", 1)[-1]
+        raise UsageError(
+            f"sparsefit cannot prune these block matrices in this layout, and they would stay dense: {listed}; "
+            f"keep them dense on purpose with --ignore (e.g. --ignore '{leaf}'; still counted in the sparsity)"
+        )
+
+
 def oneshot(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -229,6 +262,7 @@ def oneshot(
     structure = Structure.parse(config.structure)
     layout = decoder_layout(model)
     per_block = select_block_linears(layout, config.targets, config.ignore)
+    check_coverage(model, per_block, config.targets, config.ignore)
     try:
         _check_structure(per_block, structure)
     except ValueError as err:  # the math raises ValueError; at this boundary it is the user's input
@@ -304,22 +338,40 @@ def oneshot(
             report.add_time("offload", time.perf_counter() - t)
         prune_layerwise(
             model, options, sparsity_of, inputs, per_block, runner, config.preserve_mask, progress, report,
-            sequential=config.sequential, offload_dir=offload_dir,
+            sequential=config.sequential, offload_dir=offload_dir, min_expert_tokens=config.min_expert_tokens,
+            expert_calibration=config.expert_calibration,
         )  # fmt: skip
 
     if device.type == "cuda":
         torch.cuda.synchronize(device)  # queued kernels belong to this call's time
     zeros = sum(r["sparsity"] * r["shape"][0] * r["shape"][1] for r in report.per_layer.values())
     numel = sum(r["shape"][0] * r["shape"][1] for r in report.per_layer.values())
+    measured = measure_sparsity(model)
+    if config.target_sparsity >= 0.02:  # behind `check_coverage`, a check of what pruning did
+
+        def deliberate(name: str) -> bool:  # excluded by the user, or given a (near) zero target
+            low = any(re.search(p, name) and s < 0.02 for p, s in explicit.items())
+            return low or not selected(name, config.targets, config.ignore)
+
+        left = dense_patterns(model, deliberate, measured)
+        if left:
+            raise SparsefitError(f"pruning left block matrices dense: {', '.join(left)}; please report this")
     return OneShotReport(
         method=config.method,
         structure=str(structure),
         profile=config.profile,
         target=config.target_sparsity,
         sparsity=SparsityReport(
-            overall=zeros / numel,
-            per_layer={name: r["sparsity"] for name, r in report.per_layer.items()},
+            overall=measured["overall"],
+            weights=measured["weights"],
+            measured_over=measured["measured_over"],
+            pruned=zeros / numel,
+            per_layer=measured["per_layer"],
+            per_expert=measured["per_expert"],
+            per_kind=measured["per_kind"],
+            excluded=measured["excluded"],
             per_block=block_sparsity,
+            starved_experts=report.starved_experts,
         ),
         owl_outlier_ratios=owl_ratios,
         calibration=None if calib is None else describe_calibration(calib, source),

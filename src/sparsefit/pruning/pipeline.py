@@ -7,6 +7,12 @@ linears, prunes them, and runs it again for the outputs. `sequential` (like `--t
 of the GPTQ reference code) runs it once: each batch's forward stops before every linear until all
 batches have fed that linear's statistics, the linear is pruned, and the forwards go on, so later
 linears of the block see the pruned outputs of earlier ones.
+
+Expert matrices (slices of fused expert tensors) are solved each as a linear, from the tokens routed
+to their expert. In the sequential order the forwards stop before the experts module and all its
+matrices are solved there, the down projections from the dense gate/up activations. An expert that
+receives fewer than `min_expert_tokens` calibration tokens is pruned by magnitude (data-free)
+instead, and reported (`LayerwiseReport.starved_experts`).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from sparsefit.errors import SparsefitError, UsageError
+from sparsefit.models.experts import ExpertMatrix, experts_module_name
 from sparsefit.models.layout import (
     DecoderLayout,
     decoder_layout,
@@ -38,7 +45,7 @@ from sparsefit.models.offload import (
     prefault,
     release_free_heap,
 )
-from sparsefit.pruning.methods import GroupSolver, LayerMethod
+from sparsefit.pruning.methods import GroupSolver, LayerMethod, MethodOptions
 from sparsefit.pruning.owl import outlier_ratio
 from sparsefit.pruning.stats import InputStats
 from sparsefit.pruning.wanda import wanda_scores
@@ -59,6 +66,8 @@ class _StatisticsDone(Exception):
 class LayerwiseReport:
     per_layer: dict[str, dict] = field(default_factory=dict)  # name -> target, sparsity, shape
     phases: dict[str, float] = field(default_factory=dict)  # seconds per phase
+    # expert matrix -> routed calibration tokens, for those pruned by magnitude for want of tokens
+    starved_experts: dict[str, int] = field(default_factory=dict)
 
     def add_time(self, phase: str, seconds: float) -> None:
         self.phases[phase] = self.phases.get(phase, 0.0) + seconds
@@ -121,7 +130,7 @@ class BlockRunner:
         linears runs last, later forwards end once it has its input: in a Llama block with every
         linear targeted that skips the down projection, about a fifth of the block."""
         order: list[nn.Module] = []
-        handles = [m.register_forward_pre_hook(lambda m, a: order.append(m)) for m in stats.layers.values()]
+        handles = [m.register_forward_pre_hook(lambda m, a: order.append(m)) for m in stats.hook_points().values()]
 
         def end(module: nn.Module, args: tuple) -> None:
             raise _StatisticsDone
@@ -148,7 +157,6 @@ class BlockRunner:
         self,
         block: nn.Module,
         inputs: list[BlockInput],
-        layers: dict[str, nn.Module],
         stats: InputStats,
         solve: Callable[[str], None],
     ) -> None:
@@ -159,7 +167,8 @@ class BlockRunner:
         When all batches have stopped there, `stats` holds the group's statistics over every batch:
         `solve(first)` prunes the whole group (named by its first member) and the batches resume with
         the pruned weights, so the group's other linears (k/v after q, up after gate) run pruned with
-        no stop of their own. Activations of all batches are alive at a stop, about what one large
+        no stop of their own. An experts module is one stop for all its matrices (`solve(module name)`).
+        Activations of all batches are alive at a stop, about what one large
         batch of the whole calibration set would hold between two linears.
         """
         driver = greenlet.getcurrent()
@@ -191,7 +200,8 @@ class BlockRunner:
             self.check_heap()
 
         # Registered after `stats`' hooks, so a batch stops only once its input is counted.
-        handles = [module.register_forward_pre_hook(stop_before(name)) for name, module in layers.items()]
+        points = stats.hook_points()
+        handles = [module.register_forward_pre_hook(stop_before(name)) for name, module in points.items()]
         pending = [(i, greenlet(forward), batch) for i, batch in enumerate(inputs)]
         widths = [hidden.numel() for hidden, _, _ in inputs]
         try:
@@ -257,11 +267,18 @@ def capture_block_inputs(
 
 
 def select_block_linears(
-    layout: DecoderLayout, targets: list[str] | None, ignore: list[str] | None
+    layout: DecoderLayout, targets: list[str] | None, ignore: list[str] | None, experts: bool = True
 ) -> list[dict[str, nn.Module]]:
+    """Per block, the prunable linears `targets`/`ignore` select; expert matrices too unless not `experts`."""
     per_block = [
-        select_linears(block, f"{layout.prefix}.{i}", targets, ignore) for i, block in enumerate(layout.blocks)
+        select_linears(block, f"{layout.prefix}.{i}", targets, ignore, layout.arch if experts else None)
+        for i, block in enumerate(layout.blocks)
     ]
+    if not experts and layout.arch is not None:  # the routers of the row stay out all the same
+        per_block = [
+            {n: m for n, m in layers.items() if not any(f".{r}" in n for r in layout.arch.routers)}
+            for layers in per_block
+        ]
     if not any(per_block):
         raise UsageError(
             f"no prunable layer matches targets {targets} (ignore {ignore}); layers look like "
@@ -288,7 +305,11 @@ def owl_outlier_ratios(
         block.to(runner.device)
         with InputStats(layers, sq_sum=True) as stats:  # one sum per linear: no groups needed
             runner.run(block, inputs, stats.end_forward, replace=True)  # dense outputs feed the next block
-        scores = [wanda_scores(weight_as_out_in(mod), stats.sq_sum(name)) for name, mod in layers.items()]
+        scores = [  # an expert no calibration token reaches has no score to count
+            wanda_scores(weight_as_out_in(mod), stats.sq_sum(name))
+            for name, mod in layers.items()
+            if stats.root(name) in stats.sq
+        ]
         ratios.append(outlier_ratio(scores, m) if scores else 0.0)
         block.to(home)
     return ratios
@@ -305,6 +326,8 @@ class _BlockPruner:
     preserve_zeros: bool
     sequential: bool
     report: LayerwiseReport
+    min_expert_tokens: int = 0
+    expert_calibration: str = "routed"  # "routed" | "all": which tokens an expert's statistics come from
 
     def prune(
         self,
@@ -321,17 +344,33 @@ class _BlockPruner:
             solver = self.options.solver(None)
             for group in groups:
                 self.solve(index, group, layers, solver)
+            if propagate and inputs is not None:  # a block with nothing to prune still feeds the next one
+                t = time.perf_counter()
+                self.runner.run(block, inputs, replace=True)
+                self.report.add_time("propagate", time.perf_counter() - t)
             return
-        stats = InputStats(layers, groups, sq_sum=self.options.needs_sq_sum, hessian=self.options.needs_hessian)
+        stats = InputStats(
+            layers,
+            groups,
+            sq_sum=self.options.needs_sq_sum,
+            hessian=self.options.needs_hessian,
+            experts_see_every_token=self.expert_calibration == "all",
+        )
         solver = self.options.solver(stats)
-        by_first = {group[0]: group for group in groups}
+        by_stop: dict[str, list[list[str]]] = {}  # a linear's group by its first; an experts module's groups
+        for group in groups:
+            expert = isinstance(layers[group[0]], ExpertMatrix)
+            by_stop.setdefault(experts_module_name(group[0]) if expert else group[0], []).append(group)
         t = time.perf_counter()
         if self.sequential:
             before = self.report.solving_seconds()
+
+            def solve_stop(stop: str) -> None:
+                for group in by_stop[stop]:
+                    self.solve(index, group, layers, solver)
+
             with stats:
-                self.runner.run_sequential(
-                    block, inputs, layers, stats, lambda first: self.solve(index, by_first[first], layers, solver)
-                )
+                self.runner.run_sequential(block, inputs, stats, solve_stop)
             # One pruned forward is statistics and propagation at once; solving is counted apart.
             self.report.add_time("forward", time.perf_counter() - t - (self.report.solving_seconds() - before))
             self._check_all_ran([name for name in layers if name not in self.report.per_layer])
@@ -339,7 +378,9 @@ class _BlockPruner:
         with stats:
             self.runner.run_statistics(block, inputs, stats)
         self.report.add_time("statistics", time.perf_counter() - t)
-        self._check_all_ran([group[0] for group in groups if group[0] not in stats.count])
+        self._check_all_ran(
+            [g[0] for g in groups if g[0] not in stats.count and not isinstance(layers[g[0]], ExpertMatrix)]
+        )
         for group in groups:
             self.solve(index, group, layers, solver)
         solver = stats = None  # free the block's statistics before the second forward
@@ -351,6 +392,12 @@ class _BlockPruner:
     def solve(self, index: int, group: list[str], layers: dict[str, nn.Module], solver: GroupSolver) -> None:
         """Prune the linears of one input group, then (with `reconstruct_iters`) refit their kept weights."""
         t = time.perf_counter()
+        if isinstance(layers[group[0]], ExpertMatrix) and self.options.needs_data:
+            tokens = solver.stats.count.get(solver.stats.root(group[0]), 0) if solver.stats is not None else 0
+            if tokens < max(self.min_expert_tokens, 1):
+                # Too few routed tokens for meaningful statistics: the data-free rule.
+                self.report.starved_experts.update({n: tokens for n in group})
+                solver = self._magnitude_solver()
         weights = [weight_as_out_in(layers[n]) for n in group]
         targets = [self.sparsity_of(index, n) for n in group]
         preserves = [w != 0 if self.preserve_zeros else None for w in weights]
@@ -359,7 +406,7 @@ class _BlockPruner:
         except ValueError as err:  # the math's message, e.g. a Hessian that is not positive definite
             raise SparsefitError(f"pruning {group[0]} failed: {err}") from None
         self.report.add_time("solve", time.perf_counter() - t)
-        if self.options.reconstruct_iters:
+        if self.options.reconstruct_iters and getattr(solver, "stats", None) is not None:
             t = time.perf_counter()
             # Rows are independent: one stacked refit for the whole group.
             stacked = [torch.cat(parts) for parts in (weights, *zip(*results))]
@@ -373,6 +420,11 @@ class _BlockPruner:
                 "sparsity": 1.0 - mask.sum().item() / mask.numel(),
                 "shape": list(pruned.shape),
             }
+
+    def _magnitude_solver(self) -> GroupSolver:
+        if not isinstance(self.options, MethodOptions):
+            raise SparsefitError(f"{self.options.name} has no data-free rule for experts that no token reaches")
+        return MethodOptions("magnitude", self.options.structure).solver(None)
 
     @staticmethod
     def _check_all_ran(unused: list[str]) -> None:
@@ -392,6 +444,8 @@ def prune_layerwise(
     report: LayerwiseReport | None = None,
     sequential: bool = False,
     offload_dir: Path | None = None,
+    min_expert_tokens: int = 0,
+    expert_calibration: str = "routed",
 ) -> LayerwiseReport:
     """Prune every selected linear block by block; `sparsity_of(block_index, name)` gives each target.
 
@@ -407,7 +461,9 @@ def prune_layerwise(
     if options.needs_data and inputs is None:
         raise UsageError(f"{options.name} needs calibration data; pass --calib DATASET or --calib self")
     last = max(i for i, layers in enumerate(per_block) if layers)
-    pruner = _BlockPruner(options, sparsity_of, runner, preserve_zeros, sequential, report)
+    pruner = _BlockPruner(
+        options, sparsity_of, runner, preserve_zeros, sequential, report, min_expert_tokens, expert_calibration
+    )
     for i, (block, layers) in enumerate(
         tqdm(list(zip(layout.blocks, per_block))[: last + 1], desc=options.name, unit="block", disable=not progress)
     ):

@@ -4,6 +4,11 @@ Wanda needs the squared norm of every input feature; SparseGPT needs X^T X. Line
 input (q/k/v, gate/up: the groups of the architecture table) share one accumulator, owned by the
 group's first member, so each distinct input costs one X^T X. The hooks run before each linear,
 so the statistics are complete before a linear that is pruned mid-forward runs.
+
+Expert matrices (`ExpertMatrix`, slices of fused expert tensors) have no module to hook: one hook on
+their experts module takes its call (the tokens and the routing) and feeds each expert's matrices
+the inputs routed to that expert (`models.experts.routed_inputs`). An expert no token reaches has
+no statistics (`count` lacks it).
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ from collections.abc import Hashable
 
 import torch
 from torch import nn
+
+from sparsefit.models.experts import ExpertMatrix, experts_module_name, routed_inputs
 
 
 class InputStats:
@@ -27,10 +34,12 @@ class InputStats:
         groups: list[list[str]] | None = None,
         sq_sum: bool = False,
         hessian: bool = False,
+        experts_see_every_token: bool = False,
     ) -> None:
         self.layers = layers
         self.groups = groups if groups is not None else [[name] for name in layers]
         self.want_sq, self.want_hessian = sq_sum, hessian
+        self.every_token = experts_see_every_token  # expert matrices: all tokens, not the routed ones
         self.count: dict[str, int] = {}
         self.sq: dict[str, torch.Tensor] = {}
         self.xtx: dict[str, torch.Tensor] = {}  # upper triangles of X^T X, until `hessian` mirrors them
@@ -41,9 +50,23 @@ class InputStats:
         self.scope: Hashable = None
         self._handles: list = []
 
-    def __enter__(self) -> InputStats:
+    def hook_points(self) -> dict[str, nn.Module]:
+        """Modules the statistics come from, by name: each linear, and each experts module (by its
+        name) for its expert matrices."""
+        points = {}
         for name, module in self.layers.items():
-            self._handles.append(module.register_forward_pre_hook(self._hook(name)))
+            if isinstance(module, ExpertMatrix):
+                points.setdefault(experts_module_name(name), module.module)
+            else:
+                points[name] = module
+        return points
+
+    def __enter__(self) -> InputStats:
+        for name, module in self.hook_points().items():
+            if name in self.layers:
+                self._handles.append(module.register_forward_pre_hook(self._hook(name)))
+            else:
+                self._handles.append(module.register_forward_pre_hook(self._experts_hook(name), with_kwargs=True))
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -66,6 +89,22 @@ class InputStats:
             seen.add(root)
             x = args[0]
             self._accumulate(root, x.detach().reshape(-1, x.shape[-1]).float())  # (n, in)
+
+        return hook
+
+    def _experts_hook(self, prefix: str):  # noqa: ANN202
+        spec = next(
+            m.spec for n, m in self.layers.items() if isinstance(m, ExpertMatrix) and n.startswith(prefix + ".")
+        )
+
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            given = dict(zip(("hidden_states", "top_k_index"), args)) | kwargs
+            hidden, index = given["hidden_states"], given["top_k_index"]
+            for e, x_gate_up, x_down in routed_inputs(module, spec, hidden, index, self.every_token):
+                for param, x in ((spec.gate_up, x_gate_up), (spec.down, x_down)):
+                    name = f"{prefix}.{param}.{e}"
+                    if name in self.layers:
+                        self._accumulate(self.root(name), x.detach().float())
 
         return hook
 

@@ -18,6 +18,7 @@ from pydantic import BaseModel
 
 from sparsefit.errors import UsageError
 from sparsefit.models.layout import decoder_layout, weight_as_out_in
+from sparsefit.models.sparsity import block_matrices, measure_sparsity, name_pattern
 from sparsefit.pruning.oneshot import CalibrationReport, calibration_batch, describe_calibration, peak_rss_mb, use_bf16
 from sparsefit.pruning.pipeline import (
     BlockRunner,
@@ -42,8 +43,11 @@ class QuantizeReport(BaseModel):
     group_size: int | None  # of the weights: None is one scale per output channel
     layers: int
     revived_weights: int  # pruned (zero) weights that quantization made nonzero: always 0, verified per layer
-    sparsity_before: float
+    sparsity_before: float  # over every block matrix (`models.sparsity`), the unquantized ones too
     sparsity_after: float  # kept weights that round to 0 add a little
+    # Block matrices left in float, by name pattern: those --targets/--ignore leave out, and fused expert
+    # tensors (the quantized formats store torch Linears only).
+    not_quantized: list[str] = []
     calibration: CalibrationReport | None
     compute_dtype: str
     phases: dict[str, float]
@@ -119,11 +123,12 @@ def quantize(
     start = time.perf_counter()
     device = torch.device(device) if device is not None else next(model.parameters()).device
     layout = decoder_layout(model)
-    per_block = select_block_linears(layout, config.targets, config.ignore)
+    # Expert matrices are not quantized (the quantized export stores torch Linears); they are measured.
+    per_block = select_block_linears(layout, config.targets, config.ignore, experts=False)
     grid = _fitting_grid(weight_grid(config), per_block, explicit="group_size" in config.model_fields_set)
-    weights = [weight_as_out_in(m) for layers in per_block for m in layers.values()]
-    zeros_before = sum((w == 0).sum().item() for w in weights)
-    numel = sum(w.numel() for w in weights)
+    quantized = {name for layers in per_block for name in layers}
+    not_quantized = sorted({name_pattern(m.name) for m in block_matrices(model)[0] if m.name not in quantized})
+    sparsity_before = measure_sparsity(model)["overall"]  # over every block matrix, experts included
 
     report = LayerwiseReport()
     t = time.perf_counter()
@@ -144,15 +149,15 @@ def quantize(
         model, options, lambda block, name: 0.0, inputs, per_block, runner, preserve_zeros=True,
         progress=progress, report=report, sequential=config.sequential,
     )  # fmt: skip
-    zeros_after = sum((w == 0).sum().item() for w in weights)
     quant_report = QuantizeReport(
         scheme=config.scheme,
         method=config.method,
         group_size=grid.group_size,
         layers=len(sink.scales),
         revived_weights=sum(sink.revived.values()),
-        sparsity_before=zeros_before / numel,
-        sparsity_after=zeros_after / numel,
+        sparsity_before=sparsity_before,
+        sparsity_after=measure_sparsity(model)["overall"],
+        not_quantized=not_quantized,
         calibration=None if calib is None else describe_calibration(calib, source),
         compute_dtype="bfloat16" if runner.bf16 else "float32",
         phases=report.phases,

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from sparsefit.models.experts import fuse_expert_matrices
 from sparsefit.models.layout import decoder_layout
 from sparsefit.pruning.pipeline import select_block_linears
 from sparsefit.training.sharding import full, global_sum, like, local
@@ -107,7 +108,10 @@ class SparsityMasks:
 
 def decoder_linears(model: nn.Module, targets: list[str] | None = None, ignore: list[str] | None = None) -> dict:
     """The prunable linears of every decoder block, by full module name (embeddings and head excluded);
-    the same selection one-shot pruning makes, so masks cover exactly what was pruned."""
+    the same selection one-shot pruning makes, so masks cover exactly what was pruned. A fused expert
+    tensor is one entry (`FusedWeight`, its 3-D parameter), by its parameter's name."""
     return {
-        name: m for block in select_block_linears(decoder_layout(model), targets, ignore) for name, m in block.items()
+        name: m
+        for block in select_block_linears(decoder_layout(model), targets, ignore)
+        for name, m in fuse_expert_matrices(block).items()
     }
