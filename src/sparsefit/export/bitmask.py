@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from sparsefit.models.finite import bad_values
 from sparsefit.pruning.structure import Structure
 
 FORMATS = ("sparse-bitmask", "sparse-24-bitmask")
@@ -161,6 +162,10 @@ def decompress_state_dict(state: dict[str, torch.Tensor], fmt: str) -> tuple[dic
         except (KeyError, ValueError) as err:
             raise ValueError(f"{prefix}: {err}") from None
         quant = {s: out.pop(f"{prefix}.{s}") for s in _QUANT_SUFFIXES if f"{prefix}.{s}" in out}
+        for suffix, t in {"compressed": parts["compressed"], **quant}.items():
+            n = bad_values(t)
+            if n:  # a NaN scale dequantizes its whole row to NaN
+                raise ValueError(f"{prefix}.{suffix} holds {n} NaN or infinite values")
         codes = not weight.is_floating_point() or weight.dtype == torch.float8_e4m3fn
         if quant and not codes:
             notes.append(f"{prefix}: quantization parameters beside float values ignored (already dequantized)")

@@ -50,6 +50,9 @@ def side_state(model: nn.Module, attr: str, state_dict: dict[str, torch.Tensor] 
 def save_side_file(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
     from safetensors.torch import save_file
 
+    from sparsefit.models.finite import refuse_non_finite
+
+    refuse_non_finite(tensors, f"cannot write {path}", "the side modules' values are damaged (a diverged fine-tune)")
     data = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
     save_file(data, str(path), metadata=metadata)
 
