@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from sparsefit.errors import UsageError, first_line
+from sparsefit.errors import UsageError, first_line, missing_package
 from sparsefit.models.builtin import BUILTIN_MODELS, builtin_path, strip_gguf_quantization
 
 if TYPE_CHECKING:
@@ -86,6 +86,9 @@ def parse_device(name: str) -> torch.device:
 
 def _load_error(resolved: ResolvedModel, err: Exception, what: str = "model") -> UsageError:
     """One line that names where the failure is: the hub for a hub id, the files for a local model."""
+    missing = missing_package(err)
+    if missing is not None:  # not a damaged checkpoint: a package to install
+        return UsageError(f"cannot load '{resolved.spec}': {missing}")
     first = first_line(err, 160)
     if resolved.source == "hub":
         return UsageError(
