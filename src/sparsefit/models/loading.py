@@ -245,7 +245,11 @@ def _hub_snapshot(resolved: ResolvedModel) -> str:
 
 def _load_bitmask(resolved: ResolvedModel, fmt: str, dtype: torch.dtype, trust_remote_code: bool) -> PreTrainedModel:
     """Build the model from its config and load the weights decompressed: current transformers no
-    longer opens bitmask-compressed checkpoints, so they are read here (`sparsefit.export.bitmask`)."""
+    longer opens bitmask-compressed checkpoints, so they are read here (`sparsefit.export.bitmask`).
+
+    Every tensor is checked against the config (built on the meta device: no memory) before the
+    model is allocated or any weight decompressed, so a small file whose config claims a large
+    model fails at once, naming the file and the tensor."""
     from safetensors import SafetensorError, safe_open
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -259,14 +263,26 @@ def _load_bitmask(resolved: ResolvedModel, fmt: str, dtype: torch.dtype, trust_r
         for key in ("quantization_config", "compression_config"):
             if hasattr(config, key):
                 delattr(config, key)
-        state = {}
+        state, where = {}, {}
         side = (SLORB_FILE, ROWS_FILE)  # side modules: restored below
         for file in sorted(f for f in path.glob("*.safetensors") if f.name not in side):
             with safe_open(file, "pt") as f:
-                state.update({key: f.get_tensor(key) for key in f.keys()})
-        state, notes = decompress_state_dict(state, fmt)
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+                state.update({key: f.get_tensor(key) for key in f.keys()})  # views of the mapped file
+                where.update(dict.fromkeys(f.keys(), file))
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     except (*_load_errors(), SafetensorError) as err:
+        raise _load_error(resolved, err) from None
+    _check_against_config(resolved, skeleton, state, where, fmt)
+    try:
+        state, notes = decompress_state_dict(state, fmt)
+    except ValueError as err:
+        prefix = str(err).split(":", 1)[0]
+        file = where.get(f"{prefix}.bitmask") or where.get(f"{prefix}.compressed") or path
+        raise UsageError(f"{file}: {first_line(err)}; the checkpoint is damaged: re-export it") from None
+    try:
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    except _load_errors() as err:
         raise _load_error(resolved, err) from None
     for note in notes:
         print(f"notice: {note}", file=sys.stderr)
@@ -280,6 +296,42 @@ def _load_bitmask(resolved: ResolvedModel, fmt: str, dtype: torch.dtype, trust_r
             f"{'missing ' + ', '.join(absent[:2]) if absent else 'unexpected ' + ', '.join(sorted(unexpected)[:2])}"
         )
     return model
+
+
+def _check_against_config(
+    resolved: ResolvedModel, skeleton: torch.nn.Module, state: dict, where: dict, fmt: str
+) -> None:
+    """A UsageError naming the file and tensor when a stored tensor (or a compressed weight's parts)
+    does not have the shape the config implies; the model is still on the meta device."""
+    from sparsefit.export.bitmask import check_parts
+
+    expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+    head, embed = skeleton.get_output_embeddings(), skeleton.get_input_embeddings()
+    tied = head is not None and head.weight is embed.weight
+    folder = Path(resolved.path)
+    for key, shape in expected.items():
+        prefix = key.removesuffix(".weight")
+        if key in state:
+            got = tuple(state[key].shape)
+        elif key.endswith(".weight") and f"{prefix}.bitmask" in state:
+            parts = {k.removeprefix(f"{prefix}."): v for k, v in state.items() if k.startswith(f"{prefix}.")}
+            try:
+                got = check_parts(fmt, parts)
+            except ValueError as err:
+                raise UsageError(f"{where[prefix + '.bitmask']}: {prefix}: {first_line(err)}") from None
+            key = f"{prefix}.shape"
+        elif tied and key == "lm_head.weight":
+            continue
+        else:
+            raise UsageError(
+                f"{folder}: no tensor {key} (shape {shape}) that its config.json implies; config and weights "
+                "do not belong together"
+            )
+        if got != shape:
+            raise UsageError(
+                f"{where.get(key, folder)}: tensor {key} is {got}, but config.json implies {shape}; config and "
+                "weights do not belong together"
+            )
 
 
 def load_model_and_tokenizer(
