@@ -16,6 +16,14 @@ from sparsefit.errors import UsageError
 
 M = TypeVar("M", bound=BaseModel)
 
+# Upper bounds of the numeric options: far beyond any real run, so only a typo or a unit mix-up hits them
+# (and is named at parse time instead of allocating, looping or overflowing later).
+MAX_STEPS = 10**9  # optimizer steps, schedule points, step intervals
+MAX_SEQ_LEN = 1 << 20  # tokens per sequence
+MAX_SAMPLES = 1 << 20  # calibration sequences, statistics batches, sampled sequences
+MAX_BATCH = 1 << 16  # sequences per batch, micro-batches per step
+MAX_DIM = 1 << 20  # ranks, group sizes, column blocks: no layer of any model is this wide
+
 
 def describe_validation_error(
     err: ValidationError,
@@ -23,6 +31,7 @@ def describe_validation_error(
     as_flags: bool = False,
     flattened: tuple[str, ...] = (),
     fields: frozenset[str] = frozenset(),
+    model_cls: type[BaseModel] | None = None,
 ) -> str:
     """One line naming each bad field; with `as_flags`, a top-level field as its flag (`--seq-len`), and a
     field of a nested config in `flattened` (whose fields are flags of their own) as that flag. A check of
@@ -30,7 +39,7 @@ def describe_validation_error(
     parts = []
     for e in err.errors():
         loc = ".".join(str(x) for x in e["loc"]) or "(root)"
-        msg = e["msg"].removeprefix("Value error, ")
+        msg = describe_bound(e, model_cls) or e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown field; check its spelling"
         if as_flags:
@@ -42,6 +51,50 @@ def describe_validation_error(
             loc = "--" + str(path[0]).replace("_", "-") + "".join(f".{x}" for x in path[1:])
         parts.append(f"{loc}: {msg}")
     return f"invalid {where}: " + "; ".join(parts)
+
+
+_BOUNDS = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "<=", "less_than": "<"}
+_WORDS = {"ge": "from", "gt": "above", "le": "to", "lt": "below"}
+
+
+def describe_bound(e: dict, model_cls: type[BaseModel] | None, loc: tuple = ()) -> str | None:
+    """For a number out of its field's range, the whole allowed range and the value given, e.g.
+    "must be from 1 to 1000000000 (got 1e+30)"; None for any other error. The bounds are those of the
+    field `loc` (default the error's) names in `model_cls`, else the one pydantic reports."""
+    if e["type"] not in _BOUNDS:
+        return None
+    field = _field_of(model_cls, loc or e["loc"]) if model_cls is not None else None
+    bounds = {}
+    for m in getattr(field, "metadata", ()):
+        for key in _WORDS:
+            if getattr(m, key, None) is not None:
+                bounds["low" if key[0] == "g" else "high"] = (_WORDS[key], getattr(m, key))
+    if not bounds:  # the violated bound alone
+        key = {"greater_than_equal": "ge", "greater_than": "gt", "less_than_equal": "le", "less_than": "lt"}[e["type"]]
+        bounds["low" if key[0] == "g" else "high"] = (_WORDS[key], next(iter((e.get("ctx") or {}).values()), "?"))
+    low, high = bounds.get("low", (None, None)), bounds.get("high", (None, None))
+    if (low[0], high[0]) == ("from", "to"):
+        allowed = f"from {low[1]} to {high[1]}"
+    else:
+        words = {"from": "at least", "above": "above", "to": "at most", "below": "below"}
+        allowed = " and ".join(f"{words[w]} {v}" for w, v in (low, high) if w)
+    return f"must be {allowed} (got {e.get('input')!r})"
+
+
+def _field_of(model_cls: type[BaseModel], loc: tuple) -> Any:
+    """The FieldInfo that `loc` (an error's location: names, list indices) names in `model_cls`, through
+    nested configs; None when it names none."""
+    cls, found = model_cls, None
+    for part in loc:
+        if not isinstance(part, str):
+            continue
+        field = cls.model_fields.get(part) if cls is not None else None
+        if field is None:
+            return None
+        found = field
+        nested = _strip_none(field.annotation)
+        cls = nested if isinstance(nested, type) and issubclass(nested, BaseModel) else None
+    return found
 
 
 def _fields_as_flags(message: str, fields: frozenset[str]) -> str:
@@ -71,7 +124,7 @@ def validate(model_cls: type[M], data: dict, where: str, as_flags: bool = False,
         return model_cls.model_validate(data)
     except ValidationError as err:
         fields = _field_names(model_cls, flattened) if as_flags else frozenset()
-        raise UsageError(describe_validation_error(err, where, as_flags, flattened, fields)) from None
+        raise UsageError(describe_validation_error(err, where, as_flags, flattened, fields, model_cls)) from None
 
 
 def add_flags(parser: Any, model_cls: type[BaseModel], names: list[str]) -> None:
@@ -149,21 +202,22 @@ class LayerwiseOptions(BaseModel):
     )
     calib_split: str = Field("train", description="split of the calibration dataset")
     text_field: str = Field("text", description="field of .jsonl / hub rows holding the text")
-    num_samples: int = Field(64, ge=1, description="calibration sequences")
+    num_samples: int = Field(64, ge=1, le=MAX_SAMPLES, description="calibration sequences")
     # SparseGPT's refit fits the calibration text's statistics: on GSM8K alone, a 2:4 model loses much
     # more general text than one whose calibration also holds text the model writes, for a little of the
     # task (benchmarks/calibration.py).
     self_mix: int = Field(
         0,
         ge=0,
+        le=MAX_SAMPLES,
         description="with a calibration dataset: sequences of seq_len tokens sampled from the model that join "
         "its num_samples, general text beside a task's (0: none)",
     )
-    seq_len: int = Field(512, ge=2, description="tokens per calibration sequence")
+    seq_len: int = Field(512, ge=2, le=MAX_SEQ_LEN, description="tokens per calibration sequence")
     seed: int = Field(0, ge=0, lt=2**32, description="calibration draw (torch, random and numpy all take it)")
     # 2 measured fastest of 1/2/4/8/16 with float32 block forwards and tied with 4 under native
     # bf16; smaller batches also hold less memory at each pause of the sequential order.
-    batch_size: int = Field(2, ge=1, description="calibration sequences per block forward")
+    batch_size: int = Field(2, ge=1, le=MAX_BATCH, description="calibration sequences per block forward")
     compute_dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto",
         description="dtype of the block forwards, statistics stay float32 (default auto: bfloat16 on a CPU with "

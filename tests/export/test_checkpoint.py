@@ -88,3 +88,31 @@ def test_the_cli_export_writes_a_loadable_checkpoint(tiny_checkpoint, tmp_path, 
     assert main(["export", "--model", str(tiny_checkpoint), "--output", str(tmp_path / "e")]) == 2  # exists
     assert main(["export", "--model", str(tiny_checkpoint), "--output", str(tmp_path / "e"), "--overwrite"]) == 0
     load_model(str(tmp_path / "e"))
+
+
+@pytest.mark.parametrize("fmt", ["hf", "sparse-bitmask"])
+def test_nan_weights_are_never_written(tmp_path, tokenizer, fmt):
+    from sparsefit.models.finite import NonFiniteError
+
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.model.layers[0].mlp.gate_proj.weight[1, 2] = float("nan")
+    match = r"model.layers.0.mlp.gate_proj.(weight|compressed) holds 1 NaN or infinite value"
+    with pytest.raises(NonFiniteError, match=match):
+        export_checkpoint(model, tokenizer, tmp_path / "out", "src", fmt)
+    assert not (tmp_path / "out").exists()
+
+
+def test_nan_in_a_side_file_is_never_written(tmp_path, tokenizer):
+    from sparsefit.models.finite import NonFiniteError
+    from sparsefit.models.layout import decoder_linears
+    from sparsefit.models.slorb import attach_slorb
+
+    model = tiny_model("llama")
+    linears = decoder_linears(model)
+    attach_slorb({k: v for k, v in linears.items() if "mlp" in k}, 4)
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.slorb.weight[0, 0] = float("inf")
+    with pytest.raises(NonFiniteError, match=r"tensor model.layers.1.mlp.up_proj.slorb.weight holds 1 NaN"):
+        save_checkpoint(model, tokenizer, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -133,3 +133,44 @@ def test_legacy_sparse_quantized_export_reads_back_with_the_same_weights(tmp_pat
 def test_sparse_format_needs_8_bit_codes():
     with pytest.raises(ValueError, match="w8a8-int8 or w8a8-fp8"):
         QuantizeConfig(scheme="w4a16", sparse_format="sparse-bitmask")
+
+
+def test_a_tensor_that_overflows_the_export_dtype_is_refused_and_nothing_written(tmp_path, tokenizer):
+    """float16 holds up to 65504: an embedding beyond it would be written as inf."""
+    from sparsefit.models.finite import NonFiniteError
+
+    model, result = quantized("w4a16", dtype="float16")
+    with torch.no_grad():
+        model.model.embed_tokens.weight[5, 0] = 1e5
+    with pytest.raises(NonFiniteError, match=r"model.embed_tokens.weight holds 1 value .*beyond what float16") as info:
+        save_quantized(model, tokenizer, tmp_path / "out", result)
+    assert info.value.exit_code == 2 and not (tmp_path / "out").exists()
+
+
+def test_an_infinite_scale_is_refused_before_anything_is_written(tmp_path, tokenizer):
+    from sparsefit.models.finite import NonFiniteError
+
+    model, result = quantized("w4a16", dtype="float16")
+    name = next(iter(result.scales))
+    result.scales[name][0, 0] = float("inf")
+    with pytest.raises(NonFiniteError, match=rf"tensor {name}.weight_scale holds 1 NaN or infinite value"):
+        save_quantized(model, tokenizer, tmp_path / "out", result)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_compact_int8_checkpoint_with_a_nan_scale_is_refused_naming_the_tensor(tmp_path, tokenizer):
+    from safetensors.torch import load_file, save_file
+
+    from sparsefit.models import load_model
+
+    model = tiny_model("llama")
+    oneshot(model, None, OneShotConfig(method="magnitude", sparsity=0.5), progress=False)
+    config = QuantizeConfig(method="rtn", scheme="w8a8-int8", sparse_format="sparse-bitmask")
+    save_quantized(model, tokenizer, tmp_path / "out", quantize(model, None, config, progress=False))
+    weights = tmp_path / "out" / "model.safetensors"
+    state = load_file(str(weights))
+    key = "model.layers.1.mlp.down_proj.weight_scale"
+    state[key][3] = float("nan")
+    save_file(state, str(weights), metadata={"format": "pt"})
+    with pytest.raises(UsageError, match=rf"{key} holds 1 NaN or infinite values"):
+        load_model(tmp_path / "out")

@@ -95,3 +95,43 @@ def test_side_file_round_trip(tmp_path):
         assert torch.equal(fresh(ids).logits, expected)
     assert detach_slorb(fresh) == len(linears)
     assert load_slorb(tiny_model("llama"), tmp_path / "nowhere") is None
+
+
+def _slorb_file(tmp_path, **changes):
+    """A SLoRB side file of the tiny Llama's up_proj layers (k 16), with `changes` to its tensors."""
+    from safetensors.torch import save_file
+
+    model = tiny_model("llama")
+    linears = {n: m for n, m in model.named_modules() if n.endswith("up_proj")}
+    attach_slorb(linears, 16)
+    state = {k: v.contiguous() for k, v in slorb_state(model).items()}
+    for key, value in changes.items():
+        state[key] = value
+    save_file(state, str(tmp_path / "slorb.safetensors"), metadata={"format": "sparsefit-slorb-1", "k": "16"})
+
+
+UP = "model.layers.0.mlp.up_proj.slorb.weight"
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        (UP, torch.zeros(128, 3), r"is float32 \(128, 3\); expected float \(128, 4\)"),
+        (UP, torch.zeros(128, 4, dtype=torch.int64), r"is int64 .*expected float"),
+        ("model.layers.1.mlp.up_proj.slorb.weight", torch.full((128, 4), float("nan")), r"holds 512 NaN or infinite"),
+        ("model.layers.0.mlp.nope.slorb.weight", torch.zeros(2, 2), r"names modules the model lacks"),
+        ("stray", torch.zeros(2), r"tensor stray is not a SLoRB tensor"),
+    ],
+)  # fmt: skip
+def test_a_wrong_slorb_file_names_file_tensor_and_expected(tmp_path, key, value, message):
+    _slorb_file(tmp_path, **{key: value})
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match=message) as info:
+        load_slorb(model, tmp_path)
+    assert "slorb.safetensors" in str(info.value) and not slorb_modules(model)  # nothing half attached
+
+
+def test_a_garbage_slorb_file_is_refused_as_unreadable(tmp_path):
+    (tmp_path / "slorb.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    with pytest.raises(ValueError, match=r"slorb.safetensors is not a readable safetensors file"):
+        load_slorb(tiny_model("llama"), tmp_path)

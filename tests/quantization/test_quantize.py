@@ -90,3 +90,39 @@ def test_default_group_size_that_does_not_divide_falls_back_with_a_notice(capsys
     result = quantize(tiny_model("llama"), None, QuantizeConfig(method="rtn"), progress=False)
     assert result.grid.group_size == 64 and result.report.group_size == 64
     assert "groups of 64 instead" in capsys.readouterr().err
+
+
+def test_nan_weights_are_refused_naming_the_layer_before_any_is_changed():
+    model = tiny_model("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[3, 5] = float("nan")
+    config = QuantizeConfig(method="rtn", scheme="w4a16", group_size=32)
+    with pytest.raises(UsageError, match=r"model.layers.1.mlp.up_proj.weight holds 1 NaN or infinite values"):
+        quantize(model, None, config, progress=False)
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items() if "layers.1.mlp.up_proj" not in k)
+
+
+def test_scales_that_overflow_float16_are_refused_with_the_fix():
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_proj.weight[0, 0] = 1e6  # scale 1e6 / 7.5 > 65504
+    config = QuantizeConfig(method="rtn", scheme="w4a16", group_size=32, export_dtype="float16")
+    with pytest.raises(UsageError, match=r"q_proj: weights up to 1e\+06 need scales beyond float16.*bfloat16"):
+        quantize(model, None, config, progress=False)
+    result = quantize(model, None, config.model_copy(update={"export_dtype": "bfloat16"}), progress=False)
+    assert all(torch.isfinite(s).all() for s in result.scales.values())
+
+
+def test_the_solver_refuses_a_scale_that_is_inf_in_its_dtype():
+    """The backstop behind the check up front: GPTQ's updated weights could outgrow the first scales."""
+    from sparsefit.quantization.methods import QuantizeSink, QuantOptions, QuantSolver
+    from sparsefit.quantization.scheme import Grid
+
+    options = QuantOptions("rtn", Grid("int", 4, 32), QuantizeSink(), scale_dtype=torch.float16)
+    weight = torch.randn(4, 64)
+    weight[2, 7] = 1e6
+    with pytest.raises(UsageError, match=r"layer: its weight scales overflow float16 .*--export-dtype bfloat16"):
+        QuantSolver(options, None).solve_shared(["layer"], [weight], [0.0], [None])
+    assert options.sink.scales == {}

@@ -243,3 +243,18 @@ def test_a_file_added_to_the_output_during_training_keeps_the_work(tokenizer, da
     (out / "notes.txt").rename(tmp_path / "notes.txt")
     metrics = finetune(tiny_model("llama"), tokenizer, FinetuneConfig(**BASE), out, resume=True, progress=False)
     assert metrics["resumed_from"] == 8 and (out / "model.safetensors").is_file()
+
+
+def test_a_non_finite_optimizer_state_is_never_written(tmp_path):
+    from sparsefit.models.finite import NonFiniteError
+    from sparsefit.training.state import save_training_state
+
+    model = torch.nn.Linear(4, 3)
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.randn(2, 4)).sum().backward()
+    optimizer.step()
+    optimizer.state[model.weight]["exp_avg_sq"][0, 0] = float("nan")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    with pytest.raises(NonFiniteError, match=r"tensor 0.exp_avg_sq holds 1 NaN or infinite value"):
+        save_training_state(tmp_path / "ck", model, None, optimizer, scheduler, {"step": 1})
+    assert published_steps(tmp_path / "ck") == []

@@ -19,7 +19,7 @@ from sparsefit import __version__
 from sparsefit.cli import eval as eval_cmd
 from sparsefit.cli import export, finetune, generate, models, prune, run
 from sparsefit.cli.common import Parser
-from sparsefit.errors import SparsefitError, first_line
+from sparsefit.errors import SparsefitError, first_line, missing_package
 
 COMMAND_MODULES = (eval_cmd, prune, finetune, run, export, generate, models)
 
@@ -57,6 +57,9 @@ def _one_line(err: BaseException) -> tuple[str, int]:
         return f"no space left on the device{where}; free some space and rerun (a fine-tune: with --resume)", 1
     if isinstance(err, PermissionError):
         return f"permission denied: {err.filename or first_line(err)}; pass a path you may read and write", 2
+    missing = missing_package(err)
+    if missing is not None:
+        return missing, 2
     if isinstance(err, MemoryError):
         return "out of memory; lower --batch-size or --seq-len, or use a smaller model", 1
     frames = traceback.extract_tb(err.__traceback__)

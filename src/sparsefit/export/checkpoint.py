@@ -17,6 +17,7 @@ from sparsefit.export.bitmask import FORMATS as BITMASK_FORMATS
 from sparsefit.export.bitmask import compress_state_dict, legacy_quantization_config
 from sparsefit.models.builtin import strip_gguf_quantization
 from sparsefit.models.experts import ExpertMatrix
+from sparsefit.models.finite import refuse_non_finite
 from sparsefit.models.layout import decoder_linears
 from sparsefit.models.slorb import detach_slorb, merge_slorb, save_slorb, slorb_info, slorb_state
 from sparsefit.models.sparsity import measure_sparsity
@@ -74,6 +75,13 @@ def save_checkpoint(
             metadata = {**(metadata or {}), "slorb": slorb_info(model)}
         if deltas:
             metadata = {**(metadata or {}), "row_adapters": row_delta_info(model)}
+    # Every tensor that goes out, checked before the first byte does (the side files' tensors too).
+    written = state_dict if state_dict is not None else model.state_dict()
+    refuse_non_finite(
+        [*written.items(), *branches.items(), *deltas.items()],
+        f"cannot write {out_dir}",
+        "the model's weights are damaged (a diverged fine-tune, a damaged checkpoint): start from a sound one",
+    )
     with staging_dir(out_dir, carry=carry, label=label) as stage:
         info = {"sparsity": sparsity or sparsity_summary(model, state_dict), **(metadata or {})}
         given = None if state_dict is None else dict(state_dict)  # a copy: save_pretrained empties its dict

@@ -24,6 +24,7 @@ from torch import nn
 from sparsefit.errors import UsageError
 from sparsefit.export.bitmask import compress_state_dict, legacy_quantization_config
 from sparsefit.export.checkpoint import save_checkpoint, sparsity_summary
+from sparsefit.models.finite import refuse_non_finite
 from sparsefit.quantization.config import SCHEMES
 
 if TYPE_CHECKING:
@@ -75,6 +76,12 @@ def compressed_state_dict(model: nn.Module, result: QuantizeResult) -> dict[str,
     scheme = ct_scheme(config.scheme, result.grid.group_size)
     compressor = BaseCompressor.get_value_from_registry(FORMATS[config.scheme])
     state = dict(model.state_dict())
+    where = f"cannot export in {config.export_dtype}"
+    fix = "use --export-dtype bfloat16 or float32" if dtype == torch.float16 else "start from a sound checkpoint"
+    # The scales and the tensors cast to `dtype` below: finite, and within its range, before any is packed.
+    refuse_non_finite({f"{n}.weight_scale": s for n, s in result.scales.items()}, where, fix, cast_to=dtype)
+    cast_to = {k: v for k, v in state.items() if v.is_floating_point() and v.dtype != torch.float8_e4m3fn}
+    refuse_non_finite(cast_to, where, fix, cast_to=dtype)
     for name, scale in result.scales.items():
         weight = state.pop(f"{name}.weight")
         # The scale was rounded to `dtype` before the codes were chosen: storing it there is exact.

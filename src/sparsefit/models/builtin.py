@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sparsefit.atomic import clean_stale, sha256_file, staging_dir
-from sparsefit.errors import SparsefitError
+from sparsefit.errors import SparsefitError, UsageError, first_line, missing_package
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -115,8 +115,14 @@ def gguf_to_checkpoint(gguf_file: Path, out_dir: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kwargs = {"gguf_file": gguf_file.name}
-    tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, dtype=torch.float32, **kwargs)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, dtype=torch.float32, **kwargs)
+    except (ImportError, ValueError, OSError, RuntimeError, KeyError) as err:
+        missing = missing_package(err)
+        if missing is not None:  # transformers reads GGUF through optional packages (gguf, accelerate)
+            raise UsageError(f"cannot read the GGUF file {gguf_file.name}: {missing}") from None
+        raise SparsefitError(f"cannot read the GGUF file {gguf_file}: {first_line(err)}; nothing was cached") from None
     strip_gguf_quantization(model)
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)

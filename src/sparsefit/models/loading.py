@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from sparsefit.errors import UsageError, first_line
+from sparsefit.errors import UsageError, first_line, missing_package
 from sparsefit.models.builtin import BUILTIN_MODELS, builtin_path, strip_gguf_quantization
 
 if TYPE_CHECKING:
@@ -86,6 +86,9 @@ def parse_device(name: str) -> torch.device:
 
 def _load_error(resolved: ResolvedModel, err: Exception, what: str = "model") -> UsageError:
     """One line that names where the failure is: the hub for a hub id, the files for a local model."""
+    missing = missing_package(err)
+    if missing is not None:  # not a damaged checkpoint: a package to install
+        return UsageError(f"cannot load '{resolved.spec}': {missing}")
     first = first_line(err, 160)
     if resolved.source == "hub":
         return UsageError(
@@ -242,7 +245,11 @@ def _hub_snapshot(resolved: ResolvedModel) -> str:
 
 def _load_bitmask(resolved: ResolvedModel, fmt: str, dtype: torch.dtype, trust_remote_code: bool) -> PreTrainedModel:
     """Build the model from its config and load the weights decompressed: current transformers no
-    longer opens bitmask-compressed checkpoints, so they are read here (`sparsefit.export.bitmask`)."""
+    longer opens bitmask-compressed checkpoints, so they are read here (`sparsefit.export.bitmask`).
+
+    Every tensor is checked against the config (built on the meta device: no memory) before the
+    model is allocated or any weight decompressed, so a small file whose config claims a large
+    model fails at once, naming the file and the tensor."""
     from safetensors import SafetensorError, safe_open
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
@@ -257,12 +264,24 @@ def _load_bitmask(resolved: ResolvedModel, fmt: str, dtype: torch.dtype, trust_r
         for key in ("quantization_config", "compression_config"):
             if hasattr(config, key):
                 delattr(config, key)
-        state = {}
+        state, where = {}, {}
         side = (SLORB_FILE, ROWS_FILE)  # side modules: restored below
         for file in sorted(f for f in path.glob("*.safetensors") if f.name not in side):
             with safe_open(file, "pt") as f:
-                state.update({key: f.get_tensor(key) for key in f.keys()})
+                state.update({key: f.get_tensor(key) for key in f.keys()})  # views of the mapped file
+                where.update(dict.fromkeys(f.keys(), file))
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except (*_load_errors(), SafetensorError) as err:
+        raise _load_error(resolved, err) from None
+    _check_against_config(resolved, skeleton, state, where, fmt)
+    try:
         state, notes = decompress_state_dict(state, fmt)
+    except ValueError as err:
+        prefix = str(err).split(":", 1)[0]
+        file = where.get(f"{prefix}.bitmask") or where.get(f"{prefix}.compressed") or path
+        raise UsageError(f"{file}: {first_line(err)}; the checkpoint is damaged: re-export it") from None
+    try:
         model_class = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
         if model_class is not None:
             # transformers' own loading maps the checkpoint's names onto the model's: a mixture of experts
@@ -274,7 +293,7 @@ def _load_bitmask(resolved: ResolvedModel, fmt: str, dtype: torch.dtype, trust_r
         else:
             model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
             missing, unexpected = model.load_state_dict(state, strict=False)
-    except (*_load_errors(), SafetensorError) as err:
+    except _load_errors() as err:
         raise _load_error(resolved, err) from None
     for note in notes:
         print(f"notice: {note}", file=sys.stderr)
@@ -287,6 +306,44 @@ def _load_bitmask(resolved: ResolvedModel, fmt: str, dtype: torch.dtype, trust_r
             f"{'missing ' + ', '.join(absent[:2]) if absent else 'unexpected ' + ', '.join(sorted(unexpected)[:2])}"
         )
     return model
+
+
+def _check_against_config(
+    resolved: ResolvedModel, skeleton: torch.nn.Module, state: dict, where: dict, fmt: str
+) -> None:
+    """A UsageError naming the file and tensor when a stored tensor (or a compressed weight's parts)
+    does not have the shape the config implies; the model is still on the meta device."""
+    from sparsefit.export.bitmask import check_parts
+
+    expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+    head, embed = skeleton.get_output_embeddings(), skeleton.get_input_embeddings()
+    tied = head is not None and head.weight is embed.weight
+    folder = Path(resolved.path)
+    for key, shape in expected.items():
+        prefix = key.removesuffix(".weight")
+        if key in state:
+            got = tuple(state[key].shape)
+        elif key.endswith(".weight") and f"{prefix}.bitmask" in state:
+            parts = {k.removeprefix(f"{prefix}."): v for k, v in state.items() if k.startswith(f"{prefix}.")}
+            try:
+                got = check_parts(fmt, parts)
+            except ValueError as err:
+                raise UsageError(f"{where[prefix + '.bitmask']}: {prefix}: {first_line(err)}") from None
+            key = f"{prefix}.shape"
+        elif tied and key == "lm_head.weight":
+            continue
+        elif len(shape) >= 3:  # fused experts: stored one linear per expert, mapped by transformers' loading
+            continue
+        else:
+            raise UsageError(
+                f"{folder}: no tensor {key} (shape {shape}) that its config.json implies; config and weights "
+                "do not belong together"
+            )
+        if got != shape:
+            raise UsageError(
+                f"{where.get(key, folder)}: tensor {key} is {got}, but config.json implies {shape}; config and "
+                "weights do not belong together"
+            )
 
 
 def load_model_and_tokenizer(

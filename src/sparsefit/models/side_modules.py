@@ -18,6 +18,11 @@ from torch import nn
 Hook = Callable[[nn.Module, tuple, torch.Tensor], torch.Tensor]
 
 
+def describe(t: torch.Tensor) -> str:
+    """`dtype (shape)`, as error messages show a tensor."""
+    return f"{str(t.dtype).removeprefix('torch.')} {tuple(t.shape)}"
+
+
 def attach_side(module: nn.Module, attr: str, side: nn.Module, hook: Hook, name: str) -> None:
     """Make `side` the child `attr` of `module`, applied by `hook` after the module's forward."""
     if isinstance(getattr(module, attr, None), type(side)):
@@ -50,6 +55,9 @@ def side_state(model: nn.Module, attr: str, state_dict: dict[str, torch.Tensor] 
 def save_side_file(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
     from safetensors.torch import save_file
 
+    from sparsefit.models.finite import refuse_non_finite
+
+    refuse_non_finite(tensors, f"cannot write {path}", "the side modules' values are damaged (a diverged fine-tune)")
     data = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
     save_file(data, str(path), metadata=metadata)
 
@@ -60,16 +68,28 @@ def read_side_file(
     """The tensors and metadata of `folder/filename` and the modules they belong to, by name; None
     when there is no such file. A ValueError when the file is not of format `fmt` or names modules
     `model` lacks (`what` names the kind in the message)."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
+
+    from sparsefit.models.finite import bad_values
 
     path = Path(folder) / filename
     if not path.is_file():
         return None
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata() or {}
-        tensors = {key: f.get_tensor(key) for key in f.keys()}
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}  # views of the mapped file: no copy
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise ValueError(f"{path} is not a readable safetensors file ({str(err).splitlines()[0][:120]})") from None
     if meta.get("format") != fmt:
         raise ValueError(f"{path} is not a sparsefit {what} file")
+    bad = [key for key in tensors if f".{attr}." not in key]
+    if bad:
+        raise ValueError(f"{path}: tensor {bad[0]} is not a {what} tensor (names end in .{attr}.<part>)")
+    for key, t in tensors.items():
+        n = bad_values(t)
+        if n:
+            raise ValueError(f"{path}: tensor {key} holds {n} NaN or infinite values")
     modules = dict(model.named_modules())
     names = sorted({key.rsplit(f".{attr}.", 1)[0] for key in tensors})
     unknown = [n for n in names if n not in modules]

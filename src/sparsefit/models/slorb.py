@@ -152,10 +152,25 @@ def load_slorb(model: nn.Module, folder: str | os.PathLike) -> int | None:
         return None
     tensors, meta, modules = found
     path = Path(folder) / SLORB_FILE
-    if not meta.get("k", "").isdigit():
-        raise ValueError(f"{path} is not a sparsefit SLoRB file (no group size k)")
+    if not meta.get("k", "").isdigit() or int(meta["k"]) < 1:
+        raise ValueError(f"{path} is not a sparsefit SLoRB file (no group size k >= 1)")
+    k = int(meta["k"])
     trainable = any(key.endswith(".slorb.projection") for key in tensors)
-    attach_slorb(modules, int(meta["k"]), trainable_projection=trainable)
+    for name, module in modules.items():  # every tensor checked before any branch is attached
+        out_features, in_features = weight_as_out_in(module).shape
+        if in_features % k:
+            raise ValueError(f"{path}: k {k} does not divide the {in_features} inputs of {name}")
+        expected = {"weight": (out_features, in_features // k)}
+        if trainable:
+            expected["projection"] = (in_features // k, in_features)
+        for part, shape in expected.items():
+            key = f"{name}.slorb.{part}"
+            t = tensors.get(key)
+            if t is None:
+                raise ValueError(f"{path} lacks tensor {key} (float {shape})")
+            if not t.is_floating_point() or tuple(t.shape) != shape:
+                raise ValueError(f"{path}: tensor {key} is {sides.describe(t)}; expected float {shape}")
+    attach_slorb(modules, k, trainable_projection=trainable)
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     wrong = [m for m in missing if ".slorb." in m] + list(unexpected)
     if wrong:

@@ -9,7 +9,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from sparsefit.config import LayerwiseOptions, check_regexes
+from sparsefit.config import MAX_DIM, LayerwiseOptions, check_regexes
 
 # The fields each preset sets, unless they are given explicitly; the one place their values live.
 PRESETS: dict[str, dict] = {
@@ -49,12 +49,13 @@ class OneShotConfig(LayerwiseOptions):
     profile: Literal["uniform", "owl"] | dict[str, float] = Field(
         "uniform", description="uniform (default) | owl | file.yaml mapping layer regexes to sparsities"
     )
-    owl_m: float = Field(5.0, gt=0, description="OWL outlier threshold M")
+    owl_m: float = Field(5.0, gt=0, le=1e6, description="OWL outlier threshold M")
     owl_lambda: float = Field(0.08, ge=0, lt=1, description="OWL sparsity spread lambda")
-    block_size: int = Field(128, ge=1, description="SparseGPT column block")
+    block_size: int = Field(128, ge=1, le=MAX_DIM, description="SparseGPT column block")
     damp: float = Field(
-        _BEST["damp"], gt=0, description="dampening of SparseGPT and the refit, a fraction of the Hessian's mean "
-        f"diagonal (default: the preset's, {_BEST['damp']}; paper {_PAPER['damp']})"
+        _BEST["damp"], gt=0, le=10,
+        description="dampening of SparseGPT and the refit, a fraction of the Hessian's mean diagonal "
+        f"(default: the preset's, {_BEST['damp']}; paper {_PAPER['damp']})"
     )  # fmt: skip
     magnitude_scope: Literal["layer", "row"] = Field(
         "layer", description="magnitude: rank weights per layer or per row"
@@ -62,7 +63,8 @@ class OneShotConfig(LayerwiseOptions):
     # A least-squares refit (conjugate gradient on the calibration inputs) of the kept weights to the
     # dense layer's outputs, after each mask is chosen.
     reconstruct_iters: int = Field(
-        _BEST["reconstruct_iters"], ge=0, description="refit steps of the kept weights after each mask (default: "
+        _BEST["reconstruct_iters"], ge=0, le=10_000,
+        description="refit steps of the kept weights after each mask (default: "
         f"the preset's, {_BEST['reconstruct_iters']} with sparsegpt, else 0; 0: the method's own weights)"
     )  # fmt: skip
     # Fewer tokens than this give noisy norms and a rank-deficient Hessian: such an expert's matrices are

@@ -9,7 +9,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from sparsefit.config import LayerwiseOptions
+from sparsefit.config import MAX_DIM, LayerwiseOptions
 
 # scheme -> (weight grid kind, bits, per-group by default, activations quantized at inference)
 SCHEMES: dict[str, tuple[str, int, bool, bool]] = {
@@ -34,6 +34,7 @@ class QuantizeConfig(LayerwiseOptions):
     group_size: int | None = Field(
         128,
         ge=1,
+        le=MAX_DIM,
         description="input columns per weight scale for w4a16 / w8a16 (default 128, or 64 / 32 when 128 does "
         "not divide a layer's columns; 0: one scale per output channel); w8a8 schemes scale per channel",
     )
@@ -47,8 +48,8 @@ class QuantizeConfig(LayerwiseOptions):
         description="legacy storage for w8a8 schemes: the int8 / float8 codes as bitmask plus values, as "
         "compressed-tensors <= 0.14 wrote them (sparsefit reads these; current transformers and vLLM do not)",
     )
-    block_size: int = Field(128, ge=1, description="GPTQ column block (lazy batch updates)")
-    damp: float = Field(0.01, gt=0, description="GPTQ dampening, a fraction of the Hessian's mean diagonal")
+    block_size: int = Field(128, ge=1, le=MAX_DIM, description="GPTQ column block (lazy batch updates)")
+    damp: float = Field(0.01, gt=0, le=10, description="GPTQ dampening, a fraction of the Hessian's mean diagonal")
     sequential: bool = Field(
         True,
         description="quantize each linear with the earlier linears of its block already quantized, one forward "

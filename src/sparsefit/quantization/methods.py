@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from sparsefit.errors import UsageError
 from sparsefit.pruning.sparsegpt import inverse_hessian
 from sparsefit.pruning.stats import InputStats
 from sparsefit.quantization.gptq import quantize_gptq
@@ -76,7 +77,13 @@ class QuantSolver:
             quantized, scale = quantize_gptq(stacked, hinv, dead, o.grid, keep, o.block_size, o.scale_dtype)
         rows = [w.shape[0] for w in weights]
         results = []
-        for name, q, s, k in zip(names, quantized.split(rows), scale.split(rows), keep.split(rows)):
+        for name, w, q, s, k in zip(names, weights, quantized.split(rows), scale.split(rows), keep.split(rows)):
+            if not torch.isfinite(s).all():  # a scale beyond the export dtype's range is inf there
+                dtype = str(o.scale_dtype).removeprefix("torch.")
+                raise UsageError(
+                    f"{name}: its weight scales overflow {dtype} (weights up to "
+                    f"{float(w.abs().max()):.4g}); use --export-dtype bfloat16 or float32"
+                )
             revived = int(((q != 0) & ~k).sum())
             if revived:  # the math guarantees none; a revived weight is a bug, never a silent result
                 raise RuntimeError(f"quantizing {name} revived {revived} pruned weights")

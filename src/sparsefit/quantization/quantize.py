@@ -17,6 +17,7 @@ import torch
 from pydantic import BaseModel
 
 from sparsefit.errors import UsageError
+from sparsefit.models.finite import bad_values
 from sparsefit.models.layout import decoder_layout, weight_as_out_in
 from sparsefit.models.sparsity import block_matrices, measure_sparsity, name_pattern
 from sparsefit.pruning.oneshot import CalibrationReport, calibration_batch, describe_calibration, peak_rss_mb, use_bf16
@@ -99,6 +100,28 @@ def _fitting_grid(grid: Grid, per_block: list[dict], explicit: bool) -> Grid:
     return Grid(grid.kind, grid.bits, size)
 
 
+def _refuse_unquantizable(per_block: list[dict], grid: Grid, scale_dtype: torch.dtype) -> None:
+    """A usage error naming the first layer whose weight holds NaN / inf (its scales and codes would
+    too), or whose largest weight needs a scale beyond `scale_dtype`'s range (inf there: the layer's
+    codes would all be zero). Checked before any layer is touched."""
+    limit = torch.finfo(scale_dtype).max
+    for layers in per_block:
+        for name, module in layers.items():
+            weight = weight_as_out_in(module)
+            n = bad_values(weight)
+            if n:
+                raise UsageError(
+                    f"{name}.weight holds {n} NaN or infinite values, which cannot be quantized; "
+                    "start from a checkpoint with finite weights (this one is damaged, or its fine-tune diverged)"
+                )
+            amax = float(weight.detach().abs().max()) if weight.numel() else 0.0
+            if torch.isinf(torch.tensor(amax / grid.half_range).to(scale_dtype)):
+                raise UsageError(
+                    f"{name}: weights up to {amax:.4g} need scales beyond {str(scale_dtype).removeprefix('torch.')} "
+                    f"(max {limit:.4g}); use --export-dtype bfloat16 or float32"
+                )
+
+
 def quantize(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -126,6 +149,7 @@ def quantize(
     # Expert matrices are not quantized (the quantized export stores torch Linears); they are measured.
     per_block = select_block_linears(layout, config.targets, config.ignore, experts=False)
     grid = _fitting_grid(weight_grid(config), per_block, explicit="group_size" in config.model_fields_set)
+    _refuse_unquantizable(per_block, grid, getattr(torch, config.export_dtype))
     quantized = {name for layers in per_block for name in layers}
     not_quantized = sorted({name_pattern(m.name) for m in block_matrices(model)[0] if m.name not in quantized})
     sparsity_before = measure_sparsity(model)["overall"]  # over every block matrix, experts included

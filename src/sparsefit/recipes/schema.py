@@ -24,6 +24,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
+from sparsefit.config import MAX_SAMPLES, MAX_SEQ_LEN, describe_bound
 from sparsefit.errors import UsageError
 from sparsefit.pruning import OneShotConfig
 from sparsefit.quantization.config import QuantizeConfig
@@ -58,14 +59,14 @@ class EvaluateStage(_Stage):
     kind: Literal["evaluate"]
     tasks: list[Literal["self-ppl", "perplexity", "gsm8k-answer-ppl", "gsm8k"]] = ["perplexity", "gsm8k-answer-ppl"]
     dataset: str = "wikitext2"  # perplexity dataset
-    seq_len: int = Field(2048, ge=2)
-    max_windows: int | None = Field(8, ge=1)
-    limit: int | None = Field(200, ge=1)  # GSM8K rows
+    seq_len: int = Field(2048, ge=2, le=MAX_SEQ_LEN)
+    max_windows: int | None = Field(8, ge=1, le=10**9)
+    limit: int | None = Field(200, ge=1, le=10**9)  # GSM8K rows
     chat: bool = False
     baseline: bool = False  # recovery in the report is relative to this evaluation (default: the first)
     # self-ppl: perplexity on held-out text sampled once from the recipe's input model (needs no dataset)
-    self_samples: int = Field(16, ge=1)
-    self_seq_len: int = Field(256, ge=2)
+    self_samples: int = Field(16, ge=1, le=MAX_SAMPLES)
+    self_seq_len: int = Field(256, ge=2, le=MAX_SEQ_LEN)
     missing_data: Literal["error", "skip"] = "error"  # skip: a task whose dataset is unreachable is reported skipped
 
 
@@ -79,6 +80,7 @@ Stage = Annotated[
     OneshotStage | FinetuneStage | QuantizeStage | EvaluateStage | ExportStage, Field(discriminator="kind")
 ]
 STAGE_KINDS = ("oneshot", "finetune", "quantize", "evaluate", "export")
+_STAGE_CLASSES = dict(zip(STAGE_KINDS, (OneshotStage, FinetuneStage, QuantizeStage, EvaluateStage, ExportStage)))
 
 
 class Recipe(BaseModel):
@@ -143,7 +145,8 @@ def validate_recipe(data: dict, source: str = "recipe") -> Recipe:
 
 def _describe(e: dict, data: dict) -> str:
     loc = list(e["loc"])
-    msg = e["msg"].removeprefix("Value error, ")
+    stage = _STAGE_CLASSES.get(loc[2]) if len(loc) > 3 and loc[0] == "stages" else None
+    msg = describe_bound(e, stage or Recipe, tuple(loc[3:]) if stage else ()) or e["msg"].removeprefix("Value error, ")
     if e["type"] == "extra_forbidden":
         msg = "unknown field; check its spelling"
     if len(loc) >= 2 and loc[0] == "stages" and isinstance(loc[1], int):

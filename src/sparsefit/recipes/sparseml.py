@@ -154,22 +154,35 @@ _SCHEMES = {"W4A16": "w4a16", "W8A16": "w8a16", "W8A8": "w8a8-int8", "INT8": "w8
             "FP8_DYNAMIC": "w8a8-fp8", "FP8": "w8a8-fp8"}  # fmt: skip
 
 
+def _typed(args: dict, key: str, kinds: tuple[type, ...], where: str, default: Any = None) -> Any:
+    """`args[key]` (or `default`) when it is one of `kinds`, else a UsageError naming the field and the type."""
+    value = args.get(key, default)
+    if value is None or (isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)):
+        return value
+    names = " or ".join({bool: "true/false", int: "an integer", float: "a number", str: "a name", dict: "a mapping"}[k]
+                        for k in kinds)  # fmt: skip
+    raise UsageError(f"SparseML recipe: {where}.{key} must be {names}, got {value!r}")
+
+
 def _scheme_of_group(group: Any, where: str, notes: list[str]) -> tuple[str, int | None]:
     """(scheme, group size) of a `config_groups` entry: its weights' bits and type, quantized inputs or not."""
     if not isinstance(group, dict) or not isinstance(group.get("weights"), dict):
         raise UsageError(f"SparseML recipe: {where} must give 'weights' (num_bits, type, strategy, ...)")
-    weights, inputs = group["weights"], group.get("input_activations")
-    bits, kind = weights.get("num_bits", 8), weights.get("type", "int")
-    if weights.get("symmetric") is False:
+    weights = group["weights"]
+    inputs = _typed(group, "input_activations", (dict,), where)
+    bits = _typed(weights, "num_bits", (int,), f"{where}.weights", 8)
+    kind = _typed(weights, "type", (str,), f"{where}.weights", "int")
+    if _typed(weights, "symmetric", (bool,), f"{where}.weights") is False:
         notes.append(f"{where}.weights.symmetric: false is not mapped; symmetric (zero stays exact) is used")
     if inputs:
         scheme = "w8a8-fp8" if kind == "float" else "w8a8-int8"
-        if bits != 8 or inputs.get("num_bits", 8) != 8:
+        if bits != 8 or _typed(inputs, "num_bits", (int,), f"{where}.input_activations", 8) != 8:
             raise UsageError(f"SparseML recipe: {where}: only 8-bit weights with 8-bit activations are supported")
         return scheme, None
     if kind != "int" or bits not in (4, 8):
         raise UsageError(f"SparseML recipe: {where}: weight-only schemes are 4- or 8-bit integers here")
-    return ("w4a16" if bits == 4 else "w8a16"), (weights.get("group_size") if weights.get("strategy") == "group" else 0)
+    strategy = _typed(weights, "strategy", (str,), f"{where}.weights")
+    return ("w4a16" if bits == 4 else "w8a16"), (weights.get("group_size") if strategy == "group" else 0)
 
 
 def _quantize(stage_name: str, mod_name: str, args: dict, notes: list[str]) -> dict:
@@ -235,7 +248,7 @@ def _finetune(stage_name: str, mods: dict[str, dict], notes: list[str]) -> dict:
         notes.append(
             f"{stage_name}.OutputDistillationModifier: teacher = the recipe's input model (SparseML's distill_teacher)"
         )
-        comparison = distill.get("comparison", "square_head")
+        comparison = _typed(distill, "comparison", (str,), f"{stage_name}.OutputDistillationModifier", "square_head")
         weight_key = {"square_head": "square_head_weight", "kl_divergence": "kl_weight"}.get(comparison)
         if weight_key is None:
             raise UsageError(

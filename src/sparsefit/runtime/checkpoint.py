@@ -168,6 +168,31 @@ class CheckpointTensors:
     def has_linear(self, name: str) -> bool:
         return any(f"{name}.{s}" in self._where for s in ("weight", "weight_packed", "bitmask"))
 
+    def linear_shape(self, name: str) -> tuple[int, ...]:
+        """The (out, in) shape of linear `name` as its checkpoint states it, read from headers and the
+        tiny shape tensors only; a compressed weight's stated shape must fit the parts it is stored in."""
+        for suffix, packed in (("shape", f"{name}.bitmask"), ("weight_shape", f"{name}.weight_packed")):
+            key = f"{name}.{suffix}"
+            if key not in self._where:
+                continue
+            stated = self.tensor(key)
+            if stated.dtype not in (torch.int64, torch.int32) or stated.numel() != 2:
+                raise UsageError(f"{self._where[key].path}: {key} must hold 2 integers, got {tuple(stated.shape)}")
+            rows, cols = (int(d) for d in stated.flatten().tolist())
+            if packed not in self._where and f"{name}.weight" in self._where:  # unpacked codes beside it
+                packed = f"{name}.weight"
+                fits = self.shape(packed) == (rows, cols)
+            else:  # a bitmask holds a bit per weight; packed int32 words at most 8 weights each
+                stored = self.shape(packed) if packed in self._where else ()
+                fits = len(stored) == 2 and stored[0] == rows and 0 < cols <= stored[1] * 8
+            if not fits:
+                stored = self.shape(packed) if packed in self._where else "absent"
+                raise UsageError(
+                    f"{self._where[key].path}: {key} says ({rows}, {cols}), which {packed} {stored} cannot hold"
+                )
+            return rows, cols
+        return self.shape(f"{name}.weight")
+
     def linear(self, name: str) -> Weight:
         """The weight of linear `name` (e.g. model.layers.0.mlp.down_proj) as float32, whatever the format."""
         if f"{name}.bitmask" in self._where:
@@ -250,6 +275,12 @@ class ModelTensors:
         t = self.tensor(key)
         for r in range(0, t.shape[0], step):
             yield t[r : r + step].float()
+
+    def has_linear(self, name: str) -> bool:
+        return f"{name}.weight" in self._state
+
+    def linear_shape(self, name: str) -> tuple[int, ...]:
+        return self.shape(f"{name}.weight")
 
     def linear(self, name: str) -> Weight:
         return Weight(self.tensor(f"{name}.weight").float())

@@ -78,8 +78,8 @@ def decoder_shape(config: dict, row_block: int) -> DecoderShape:
             "use --runtime hf (transformers' modules)"
         )
     family = fam.FAMILIES[model_type]
-    hidden, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
-    head_dim = int(config.get("head_dim") or hidden // heads)
+    hidden, heads = _field(config, "hidden_size"), _field(config, "num_attention_heads")
+    head_dim = _field(config, "head_dim", hidden // heads)
     window = config.get("sliding_window") or 0
     if family.window_flag is not None and not config.get(family.window_flag, False):
         window = 0
@@ -88,19 +88,66 @@ def decoder_shape(config: dict, row_block: int) -> DecoderShape:
         raise UsageError(f"'{model_type}' mixes sliding and full attention layers; use --runtime hf")
     if config.get("hidden_act", "silu") != "silu":
         raise UsageError(f"the decoder's MLP is SiLU-gated; this model uses {config.get('hidden_act')}: --runtime hf")
+    kv_heads = _field(config, "num_key_value_heads", heads)
+    if heads % kv_heads:
+        raise UsageError(
+            f"config.json: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}"
+        )
+    eps = config.get("rms_norm_eps", 1e-6)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
+        raise UsageError(f"config.json: rms_norm_eps must be a number in (0, 1), got {eps!r}")
     return DecoderShape(
         hidden=hidden,
         heads=heads,
-        kv_heads=int(config.get("num_key_value_heads") or heads),
+        kv_heads=kv_heads,
         head_dim=head_dim,
-        intermediate=int(config["intermediate_size"]),
+        intermediate=_field(config, "intermediate_size"),
         row_block=row_block,
-        window=int(window),
-        layers=int(config["num_hidden_layers"]),
-        eps=float(config.get("rms_norm_eps", 1e-6)),
-        vocab=int(config["vocab_size"]),
-        max_positions=int(config.get("max_position_embeddings", 2048)),
+        window=_field(config, "sliding_window", 0, low=0) if window else 0,
+        layers=_field(config, "num_hidden_layers"),
+        eps=float(eps),
+        vocab=_field(config, "vocab_size"),
+        max_positions=_field(config, "max_position_embeddings", 2048, high=MAX_POSITIONS),
     )
+
+
+MAX_DIM = 1 << 20  # no decoder dimension (hidden, heads, vocab, layers) of any model comes near this
+MAX_POSITIONS = 1 << 21  # the rotary tables are (positions, head_dim) float32, allocated whole
+
+
+def _field(config: dict, key: str, default: int | None = None, low: int = 1, high: int = MAX_DIM) -> int:
+    """An integer field of config.json within [low, high], or a UsageError naming it."""
+    value = config.get(key)
+    if value is None and default is not None:
+        value = default
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise UsageError(f"config.json: {key} must be an integer from {low} to {high}, got {value!r}")
+    return value
+
+
+def check_tensors(shape: DecoderShape, src: CheckpointTensors) -> None:
+    """A UsageError naming the tensor whose shape the config does not imply, before anything is packed
+    (the operator trusts these shapes; a mismatch must never reach it)."""
+    attn, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
+    h, inter = shape.hidden, shape.intermediate
+    linears = {fam.QKV[0]: (attn, h), fam.QKV[1]: (kv, h), fam.QKV[2]: (kv, h), fam.OUT: (h, attn),
+               fam.GATE_UP[0]: (inter, h), fam.GATE_UP[1]: (inter, h), fam.DOWN: (h, inter)}  # fmt: skip
+    expected = {"model.embed_tokens.weight": (shape.vocab, h), "model.norm.weight": (h,)}
+    for i in range(shape.layers):
+        p = f"model.layers.{i}."
+        if not src.has_linear(p + fam.DOWN):  # the first missing block: name it, not 7 of its tensors
+            raise UsageError(f"config.json says num_hidden_layers {shape.layers}, but the weights lack block {i}")
+        expected.update({f"{p}{n}.weight": (h,) for n in fam.NORMS})
+        for name, dims in linears.items():
+            got = src.linear_shape(p + name)
+            if got != dims:
+                raise UsageError(f"tensor {p}{name} is {got}, but config.json implies {dims}")
+    if "lm_head.weight" in src:
+        expected["lm_head.weight"] = (shape.vocab, h)
+    for key, dims in expected.items():
+        got = src.shape(key)
+        if got != dims:
+            raise UsageError(f"tensor {key} is {got}, but config.json implies {dims}")
 
 
 def rotary_tables(config: dict, positions: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -225,6 +272,7 @@ def load_decoder(
 
     config = src.config
     shape = decoder_shape(config, row_block)
+    check_tensors(shape, src)
     isa = choose_isa(isa)
     layers = []
     for i in tqdm(range(shape.layers), desc="pack", unit="layer", disable=not progress):

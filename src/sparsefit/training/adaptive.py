@@ -89,6 +89,16 @@ def input_sq_sums(
     return sums
 
 
+def _check_columns(structure: Structure, linears: dict[str, nn.Module]) -> None:
+    """A usage error naming the first layer whose inputs the structure's M does not divide (AST
+    groups run along the inputs of every masked layer), before anything is gathered or changed."""
+    for name, module in linears.items():
+        try:
+            structure.check_columns(weight_as_out_in(module).shape[1], name)
+        except ValueError as err:
+            raise UsageError(f"--structure {structure} for method ast: {err}") from None
+
+
 class AdaptiveMasks:
     """The AST steps around one optimizer step, over the loop's `SparsityMasks` (see the module doc)."""
 
@@ -125,8 +135,7 @@ class AdaptiveMasks:
         alone, which keeps an N:M sparse model's own mask (its zeros lose to every kept weight)."""
         if not structure.is_nm:
             raise UsageError(f"adaptive masks need an N:M structure such as 2:4, got '{structure}'")
-        for name, module in linears.items():
-            structure.check_columns(weight_as_out_in(module).shape[1], name)
+        _check_columns(structure, linears)
         stats = {} if own_mask else input_sq_sum or {}
         keeps = {
             name: _rows_inputs(m, adaptive_keep_mask(_rows_inputs(m, m.weight), structure, stats.get(name)))
@@ -258,6 +267,7 @@ def setup_adaptive(
     ast = config.ast
     linears = decoder_linears(model, config.targets, config.ignore)
     structure = Structure.parse(ast.structure)
+    _check_columns(structure, linears)
     not_nm = next((name for name, m in linears.items() if not structure.holds(weight_as_out_in(m))), None)
     start = ast.pruned_start
     if start == "auto":

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from sparsefit.config import check_regexes
+from sparsefit.config import MAX_BATCH, MAX_DIM, MAX_SAMPLES, MAX_SEQ_LEN, MAX_STEPS, check_regexes
 
 
 class GMPConfig(BaseModel):
@@ -16,9 +16,9 @@ class GMPConfig(BaseModel):
 
     initial: float = Field(0.0, ge=0.0, lt=1.0)
     final: float = Field(0.5, ge=0.0, lt=1.0)
-    start: int = Field(0, ge=0)
-    end: int = Field(100, ge=0)
-    every: int = Field(10, ge=1)
+    start: int = Field(0, ge=0, le=MAX_STEPS)
+    end: int = Field(100, ge=0, le=MAX_STEPS)
+    every: int = Field(10, ge=1, le=MAX_STEPS)
 
     @model_validator(mode="after")
     def _order(self) -> GMPConfig:
@@ -35,16 +35,21 @@ class ASTConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     structure: str = Field("2:4", description="N:M pattern along each row's inputs")
-    mask_every: int = Field(10, ge=1, description="steps between mask updates")
+    mask_every: int = Field(10, ge=1, le=MAX_STEPS, description="steps between mask updates")
     # Wanda measured far better than magnitude from a dense start (benchmarks/adaptive.py).
     mask_metric: Literal["magnitude", "wanda"] = Field(
         "wanda", description="mask score: wanda (|W| x input norm of the starting model) | magnitude"
     )
-    stats_batches: int = Field(8, ge=1, description="micro-batches whose inputs give Wanda's norms")
-    stats_every: int = Field(0, ge=0, description="steps between refreshes of Wanda's norms (0: gathered once)")
-    srste_decay: float = Field(1e-4, ge=0, description="SR-STE decay on pruned weights' gradients (peak)")
+    stats_batches: int = Field(8, ge=1, le=MAX_SAMPLES, description="micro-batches whose inputs give Wanda's norms")
+    stats_every: int = Field(
+        0, ge=0, le=MAX_STEPS, description="steps between refreshes of Wanda's norms (0: gathered once)"
+    )
+    srste_decay: float = Field(1e-4, ge=0, le=1, description="SR-STE decay on pruned weights' gradients (peak)")
     increase_steps: int | None = Field(
-        None, ge=0, description="steps over which the decay rises linearly to its peak (default a quarter of the run)"
+        None,
+        ge=0,
+        le=MAX_STEPS,
+        description="steps over which the decay rises linearly to its peak (default a quarter of the run)",
     )
     # On a SparseGPT 2:4 start, capped edged out zero (which trains like a fixed mask) on both
     # benchmark metrics, and teacher lost on both (benchmarks/adaptive.py).
@@ -60,7 +65,7 @@ class ASTConfig(BaseModel):
         0.8, gt=0, lt=1, description="capped: largest score of a pruned weight, a fraction of its group's kept scores"
     )
     slorb: bool = Field(False, description="add SLoRB side branches (sparse low-rank boosting)")
-    slorb_k: int = Field(16, ge=1, description="inputs per SLoRB group (its size is 1/k of a layer)")
+    slorb_k: int = Field(16, ge=1, le=MAX_DIM, description="inputs per SLoRB group (its size is 1/k of a layer)")
     slorb_init: Literal["mean", "zero"] = Field("mean", description="SLoRB init: mean of the pruned weights | zero")
     slorb_trainable_projection: bool = Field(False, description="train SLoRB's group-sum projection too")
 
@@ -83,7 +88,7 @@ class AdapterConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    rank: int = Field(8, ge=1, description="rows per linear (rows) | LoRA rank (lora)")
+    rank: int = Field(8, ge=1, le=MAX_DIM, description="rows per linear (rows) | LoRA rank (lora)")
     row_fraction: float | None = Field(
         None, gt=0, le=1, description="rows: this fraction of each linear's output rows instead of rank"
     )
@@ -95,14 +100,16 @@ class AdapterConfig(BaseModel):
         description="rows: importance criterion that picks the rows (default taylor: sum |W x G| over "
         "importance_batches, which measured best)",
     )
-    importance_batches: int = Field(8, ge=1, description="micro-batches of training data for taylor")
-    zo_directions: int = Field(16, ge=1, description="zo-taylor: random directions, each on its own micro-batch")
-    zo_eps: float = Field(1e-3, gt=0, description="zo-taylor: perturbation size")
+    importance_batches: int = Field(8, ge=1, le=MAX_SAMPLES, description="micro-batches of training data for taylor")
+    zo_directions: int = Field(
+        16, ge=1, le=MAX_SAMPLES, description="zo-taylor: random directions, each on its own micro-batch"
+    )
+    zo_eps: float = Field(1e-3, gt=0, le=1, description="zo-taylor: perturbation size")
     dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapter's input")
-    lora_alpha: float | None = Field(None, gt=0, description="lora: scale numerator (default 2 x rank)")
+    lora_alpha: float | None = Field(None, gt=0, le=1e6, description="lora: scale numerator (default 2 x rank)")
     exclude: list[str] = Field([], description="regexes of decoder linears without an adapter (e.g. q_proj|k_proj)")
     base_bits: Literal[16, 4] = Field(16, description="4: the frozen base in group-wise INT4 (QLoRA-style)")
-    base_group_size: int = Field(64, ge=2, description="inputs per INT4 scale of a 4-bit base")
+    base_group_size: int = Field(64, ge=2, le=MAX_DIM, description="inputs per INT4 scale of a 4-bit base")
     row_init: Literal["auto", "zero", "residual"] = Field(
         "auto",
         description="rows: zero | residual (the rows of W - dequant(quant(W)), with base_bits 4); auto (default): "
@@ -141,10 +148,11 @@ class FinetuneConfig(BaseModel):
         description="gsm8k | file.jsonl (prompt/completion) | text dataset | self (text sampled from the teacher, "
         "or the model itself)",
     )
-    self_samples: int = Field(64, ge=1, description="sequences of seq_len tokens when dataset is self")
+    self_samples: int = Field(64, ge=1, le=MAX_SAMPLES, description="sequences of seq_len tokens when dataset is self")
     self_mix: int = Field(
         0,
         ge=0,
+        le=MAX_SAMPLES,
         description="with another dataset: sequences of seq_len tokens sampled from the teacher (or the model "
         "itself) that join its examples, general text against forgetting beside a task's (0: none)",
     )
@@ -155,21 +163,25 @@ class FinetuneConfig(BaseModel):
     text_field: str = Field("text", description="field of .jsonl / hub rows holding the text")
     prompt_field: str = "prompt"
     completion_field: str = "completion"
-    seq_len: int = Field(512, ge=2, description="longest sequence")
-    limit: int | None = Field(None, ge=1, description="use only the first N examples of the dataset")
+    seq_len: int = Field(512, ge=2, le=MAX_SEQ_LEN, description="longest sequence")
+    limit: int | None = Field(None, ge=1, le=10**12, description="use only the first N examples of the dataset")
     # length: exactly one of these; max_tokens converts to steps with the data's mean example length
-    max_steps: int | None = Field(None, ge=1, description="optimizer steps")
-    num_epochs: float | None = Field(None, gt=0, description="passes over the data (default 1 when no length is given)")
-    max_tokens: int | None = Field(None, ge=1, description="token budget, converted to steps")
+    max_steps: int | None = Field(None, ge=1, le=MAX_STEPS, description="optimizer steps")
+    num_epochs: float | None = Field(
+        None, gt=0, le=10**6, description="passes over the data (default 1 when no length is given)"
+    )
+    max_tokens: int | None = Field(None, ge=1, le=10**15, description="token budget, converted to steps")
     # optimization
-    batch_size: int = Field(4, ge=1, description="sequences per micro-batch per process")
-    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
-    lr: float = Field(5e-5, gt=0, description="peak learning rate")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    batch_size: int = Field(4, ge=1, le=MAX_BATCH, description="sequences per micro-batch per process")
+    grad_accum: int = Field(1, ge=1, le=MAX_BATCH, description="micro-batches per optimizer step")
+    lr: float = Field(5e-5, gt=0, le=10, description="peak learning rate")
+    weight_decay: float = Field(0.0, ge=0, le=10, description="AdamW weight decay")
     betas: tuple[float, float] = (0.9, 0.999)
-    warmup_steps: int | None = Field(None, ge=0, description="linear warm-up steps (default 10% of the steps)")
+    warmup_steps: int | None = Field(
+        None, ge=0, le=MAX_STEPS, description="linear warm-up steps (default 10% of the steps)"
+    )
     scheduler: Literal["linear", "cosine", "constant"] = Field("linear", description="learning-rate schedule")
-    max_grad_norm: float = Field(1.0, ge=0, description="gradient clipping norm (0 disables)")
+    max_grad_norm: float = Field(1.0, ge=0, le=1e6, description="gradient clipping norm (0 disables)")
     bf16: Literal["auto", "true", "false"] = Field(
         "auto",
         description="bf16 autocast of training (default auto: on where the CPU or GPU computes bf16 natively)",
@@ -202,24 +214,31 @@ class FinetuneConfig(BaseModel):
     # distillation (needs a teacher; a teacher with neither weight set distills with kl_weight 1)
     teacher: str | None = Field(None, description="dense teacher model (any --model spec)")
     ce_weight: float = Field(
-        1.0, ge=0, description="task cross-entropy weight (default 1; 0.33 for method ast with a teacher)"
+        1.0, ge=0, le=1e6, description="task cross-entropy weight (default 1; 0.33 for method ast with a teacher)"
     )
     kl_weight: float = Field(
-        0.0, ge=0, description="logit KL weight (default 0; 1 with a teacher alone; 0.67 for method ast with a teacher)"
+        0.0,
+        ge=0,
+        le=1e6,
+        description="logit KL weight (default 0; 1 with a teacher alone; 0.67 for method ast with a teacher)",
     )
-    square_head_weight: float = Field(0.0, ge=0, description="per-layer square-head weight")
-    temperature: float = Field(1.0, gt=0, description="KL temperature (default 1; 2 for method ast with a teacher)")
+    square_head_weight: float = Field(0.0, ge=0, le=1e6, description="per-layer square-head weight")
+    temperature: float = Field(
+        1.0, gt=0, le=100, description="KL temperature (default 1; 2 for method ast with a teacher)"
+    )
     distill_layers: list[int] | None = Field(None, description="decoder blocks for square-head (default all)")
     teacher_dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto", description="teacher weights (default auto: bfloat16 when bf16 training is on)"
     )
     # bookkeeping (a resumed run may change these)
-    checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints (default 0: by time only)")
-    checkpoint_minutes: float = Field(
-        15.0, ge=0, description="also checkpoint after this many minutes; 0: by steps only"
+    checkpoint_every: int = Field(
+        0, ge=0, le=MAX_STEPS, description="steps between checkpoints (default 0: by time only)"
     )
-    keep_checkpoints: int = Field(2, ge=1, description="newest checkpoints kept")
-    log_every: int = Field(1, ge=1)
+    checkpoint_minutes: float = Field(
+        15.0, ge=0, le=1e6, description="also checkpoint after this many minutes; 0: by steps only"
+    )
+    keep_checkpoints: int = Field(2, ge=1, le=1000, description="newest checkpoints kept")
+    log_every: int = Field(1, ge=1, le=MAX_STEPS)
 
     @field_validator("targets", "ignore")
     @classmethod

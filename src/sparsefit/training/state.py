@@ -21,6 +21,7 @@ from torch import nn
 
 from sparsefit.atomic import crash_point, discard_dir, sha256_file, staging_dir
 from sparsefit.errors import SparsefitError, first_line
+from sparsefit.models.finite import refuse_non_finite
 from sparsefit.training import sharding
 
 TRAINER_FILE = "trainer_state.json"
@@ -139,6 +140,9 @@ def save_training_state(
     final = checkpoint_dir(root, trainer["step"])
     if not write:
         return final
+    tensors, groups = _optimizer_to_flat(optim)
+    written = [*(weights if sharded else model.state_dict()).items(), *(extra or {}).items(), *tensors.items()]
+    refuse_non_finite(written, f"cannot write checkpoint {final}", "lower the learning rate and resume")
     with staging_dir(final, label="checkpoint") as stage:
         crash_point("checkpoint:begin")
         if sharded:
@@ -150,7 +154,6 @@ def save_training_state(
             save_file(masks, str(stage / "masks.safetensors"))
         if extra:
             save_file({k: v.detach().cpu().contiguous() for k, v in extra.items()}, str(stage / EXTRA_FILE))
-        tensors, groups = _optimizer_to_flat(optim)
         save_file(tensors, str(stage / "optimizer.safetensors"))
         rng = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():

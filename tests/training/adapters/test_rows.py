@@ -126,3 +126,50 @@ def test_bad_rows_are_refused():
     attach_row_deltas({"l": layer}, {"l": torch.tensor([0])})
     with pytest.raises(ValueError, match="already"):
         attach_row_deltas({"l": layer}, {"l": torch.tensor([0])})
+
+
+def _rows_file(tmp_path, **changes):
+    from safetensors.torch import save_file
+
+    state = {
+        "model.layers.0.mlp.down_proj.row_delta.rows": torch.tensor([1, 5, 9]),
+        "model.layers.0.mlp.down_proj.row_delta.delta": torch.zeros(3, 128),
+    }
+    state.update(changes)
+    save_file(state, str(tmp_path / ROWS_FILE), metadata={"format": "sparsefit-rows-1"})
+
+
+P = "model.layers.0.mlp.down_proj.row_delta"
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({f"{P}.rows": torch.tensor([1, 64, 9])}, r"rows holds rows outside 0..63 or repeats one"),
+        ({f"{P}.rows": torch.tensor([1, -1, 9])}, r"rows holds rows outside 0..63"),
+        ({f"{P}.rows": torch.tensor([1, 1, 9])}, r"repeats one"),
+        ({f"{P}.rows": torch.tensor([1.0, 5.0, 9.0])}, r"rows is float32 \(3,\); expected int64 \(R,\), R from 1 to"),
+        ({f"{P}.rows": torch.zeros(3, 1, dtype=torch.int64)}, r"rows is int64 \(3, 1\); expected int64 \(R,\)"),
+        ({f"{P}.delta": torch.zeros(3, 127)}, r"delta is float32 \(3, 127\); expected float \(3, 128\)"),
+        ({f"{P}.delta": torch.zeros(3, 128, dtype=torch.int8)}, r"delta is int8 .*expected float"),
+        ({f"{P}.keep": torch.ones(2, 128, dtype=torch.bool)}, r"keep is bool \(2, 128\); expected bool \(3, 128\)"),
+        ({f"{P}.delta": torch.full((3, 128), float("inf"))}, r"delta holds 384 NaN or infinite values"),
+    ],
+)  # fmt: skip
+def test_a_wrong_row_adapter_file_names_file_tensor_and_expected(tmp_path, changes, message):
+    _rows_file(tmp_path, **changes)
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match=message) as info:
+        load_row_deltas(model, tmp_path)
+    assert ROWS_FILE in str(info.value) and not row_delta_modules(model)
+
+
+def test_a_row_adapter_file_of_garbage_is_refused_through_load_model(tmp_path, tokenizer):
+    from sparsefit.errors import UsageError
+    from sparsefit.models import load_model
+
+    model = tiny_model("llama")
+    model.save_pretrained(tmp_path)
+    (tmp_path / ROWS_FILE).write_bytes(b"\xff" * 64)
+    with pytest.raises(UsageError, match=r"cannot restore the row adapters .*is not a readable safetensors file"):
+        load_model(tmp_path)

@@ -145,6 +145,8 @@ def load_row_deltas(model: nn.Module, folder: str | os.PathLike) -> int | None:
     tensors, _, modules = found
     path = Path(folder) / ROWS_FILE
     names = list(modules)
+    for name in names:  # every tensor checked before any delta is attached
+        _check_row_tensors(path, name, tensors, modules[name])
     rows = {n: tensors[f"{n}.row_delta.rows"] for n in names if f"{n}.row_delta.rows" in tensors}
     if len(rows) != len(names):
         raise ValueError(f"{path} lacks the rows of some deltas")
@@ -165,6 +167,38 @@ def load_row_deltas(model: nn.Module, folder: str | os.PathLike) -> int | None:
         detach_row_deltas(model)
         raise ValueError(f"{path} does not fit the model's layers ({str(err).splitlines()[0]})") from None
     return len(names)
+
+
+def _check_row_tensors(path: Path, name: str, tensors: dict[str, torch.Tensor], module: nn.Module) -> None:
+    """A ValueError naming the file, the tensor and what was expected when `name`'s delta tensors do
+    not fit its linear: rows 1-D integers, distinct, in [0, out); delta float (R, in); keep (R, in)."""
+    out_features, in_features = weight_as_out_in(module).shape
+    rows = tensors.get(f"{name}.row_delta.rows")
+    if rows is None:
+        raise ValueError(f"{path} lacks tensor {name}.row_delta.rows")
+    if rows.dtype not in (torch.int64, torch.int32) or rows.dim() != 1 or not 0 < rows.numel() <= out_features:
+        raise ValueError(
+            f"{path}: tensor {name}.row_delta.rows is {sides.describe(rows)}; expected int64 (R,), R from 1 to "
+            f"{out_features}"
+        )
+    if int(rows.min()) < 0 or int(rows.max()) >= out_features or len(torch.unique(rows)) != len(rows):
+        raise ValueError(
+            f"{path}: tensor {name}.row_delta.rows holds rows outside 0..{out_features - 1} or repeats one; "
+            "expected distinct output rows of the layer"
+        )
+    shape = (rows.numel(), in_features)
+    for part, floating in (("delta", True), ("keep", False)):
+        t = tensors.get(f"{name}.row_delta.{part}")
+        if t is None:
+            if part == "delta":
+                raise ValueError(f"{path} lacks tensor {name}.row_delta.delta (float {shape})")
+            continue
+        kind_ok = t.is_floating_point() if floating else t.dtype in (torch.bool, torch.uint8)
+        if not kind_ok or tuple(t.shape) != shape:
+            raise ValueError(
+                f"{path}: tensor {name}.row_delta.{part} is {sides.describe(t)}; expected "
+                f"{'float' if floating else 'bool'} {shape}"
+            )
 
 
 def _full_keep(row_keep: torch.Tensor, rows: torch.Tensor, module: nn.Module) -> torch.Tensor:
