@@ -17,11 +17,11 @@ from pathlib import Path
 
 from sparsefit import __version__
 from sparsefit.cli import eval as eval_cmd
-from sparsefit.cli import export, finetune, generate, models, prune, run
+from sparsefit.cli import export, finetune, generate, models, prune, run, serve
 from sparsefit.cli.common import Parser
 from sparsefit.errors import SparsefitError, first_line, missing_package
 
-COMMAND_MODULES = (eval_cmd, prune, finetune, run, export, generate, models)
+COMMAND_MODULES = (eval_cmd, prune, finetune, run, export, generate, serve, models)
 
 
 def _quiet_libraries() -> None:

@@ -46,3 +46,32 @@ class GenerateOptions(RuntimeOptions):
     seed: int | None = Field(None, ge=0, lt=2**63, description="sampling seed (default: random)")
     stop: list[str] = Field([], description="stop strings: the text ends before the first one")
     chat: bool = Field(False, description="wrap the prompt in the model's chat template")
+
+
+class ServeOptions(RuntimeOptions):
+    """How `sparsefit serve` listens and schedules: the OpenAI-compatible server over the runtime."""
+
+    runtime: Literal["auto", "sparse", "dense"] = Field(
+        "auto",
+        description="sparse: the packed sparse kernels | dense: the same decode loop on torch's dense matmuls | "
+        "auto (default): sparse where the kernels are built, else dense",
+    )
+    host: str = Field("127.0.0.1", min_length=1, description="address to listen on (default 127.0.0.1: loopback)")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port (0: any free port, printed at start)")
+    api_key: str | None = Field(
+        None, min_length=1, description="require 'Authorization: Bearer KEY' on /v1/* (default: no key)"
+    )
+    model_name: str | None = Field(None, min_length=1, description="model id clients send (default: --model)")
+    max_batch: int = Field(16, ge=1, le=1024, description="requests decoded together: the KV cache's slots")
+    max_model_len: int | None = Field(
+        None, ge=2, le=1 << 20, description="tokens per request, prompt plus completion (default: the model's "
+        "context, at most 2048)",
+    )  # fmt: skip
+    max_queue: int = Field(64, ge=0, le=1 << 16, description="requests waiting for a slot before new ones get 429")
+    prefill_chunk: int = Field(512, ge=1, le=1 << 16, description="prompt tokens prefilled per decode step")
+    shutdown_timeout: float = Field(
+        5.0, ge=0.0, le=3600.0, description="seconds in-flight requests get to finish on SIGTERM/Ctrl-C"
+    )
+
+
+DEFAULT_MAX_MODEL_LEN = 2048  # the KV cache grows with slots x tokens: a longer context is one flag away
