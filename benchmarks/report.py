@@ -527,6 +527,8 @@ def runtime(r: dict) -> str:
         out += [f"Llama-2-7B-shaped decoder layers ({layers['layers']}, random weights), batch-1 decode after "
                 f"{layers['context_tokens']} tokens:", "", table(head, rows)]  # fmt: skip
     return "\n".join(out)
+
+
 def moe_calibration(r: dict) -> str:
     a, t, runs = r["args"], r["train"], r["runs"]
     rows = [

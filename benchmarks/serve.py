@@ -1,6 +1,6 @@
 """`sparsefit serve` under load: requests/s, tokens/s, time to first token and inter-token latency.
 
-For each model (the builtin dense model and its 50% / 70% Wanda-pruned copies, pruned once into
+For each model (the builtin dense model and its 50% / 70% magnitude-pruned copies, pruned once into
 --work-dir), a real server on 127.0.0.1 gets, at each concurrency, a fixed number of streaming
 completions (greedy, `ignore_eos`, --max-tokens each) from as many client threads. Client-side
 times per request: first token (TTFT) and between text chunks (ITL; a chunk is one token unless
@@ -133,11 +133,12 @@ def load(endpoint: Endpoint, concurrency: int, requests: int, max_tokens: int) -
 
 
 def pruned(work: Path, sparsity: float) -> str:
-    """The builtin model Wanda-pruned to `sparsity`, made once (speed needs the zeros, not the best recipe)."""
-    out = work / f"smollm2-135m-wanda{round(sparsity * 100)}"
+    """The builtin model magnitude-pruned to `sparsity`, made once (speed needs the zeros, not the best recipe)."""
+    out = work / f"smollm2-135m-magnitude{round(sparsity * 100)}"
     if not (out / "config.json").exists():
-        subprocess.run([sys.executable, "-m", "sparsefit.cli", "prune", "--model", "smollm2-135m", "--method", "wanda",
-                        "--sparsity", str(sparsity), "--output", str(out), "--overwrite"], check=True,
+        subprocess.run([sys.executable, "-m", "sparsefit.cli", "prune", "--model", "smollm2-135m",
+                        "--method", "magnitude", "--sparsity", str(sparsity), "--output", str(out), "--overwrite"],
+                       check=True,
                        env={**os.environ, "PYTHONPATH": str(ROOT / "src")})  # fmt: skip
     return str(out)
 
@@ -160,7 +161,7 @@ def run_model(label: str, endpoint: Endpoint, args: argparse.Namespace) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=None,
-                   help="LABEL=SPEC (default: dense=smollm2-135m and its 50%%/70%% Wanda-pruned copies)")  # fmt: skip
+                   help="LABEL=SPEC (default: dense=smollm2-135m, its 50%%/70%% magnitude-pruned copies)")  # fmt: skip
     p.add_argument("--work-dir", default=None, help="where pruned copies are kept (default: sparsefit's cache)")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 24])
     p.add_argument("--rounds", type=int, default=2, help="requests per client thread at each concurrency")

@@ -20,7 +20,7 @@ def test_wanda_two_four_on_the_embedded_model(shared_data):
         progress=False,
     )
     measured = sparsity_summary(model)
-    assert report.sparsity.overall == pytest.approx(0.5, abs=1e-6)
+    assert report.sparsity.overall == pytest.approx(0.5, abs=1e-4)  # 2:4, plus the few weights already zero
     assert len(measured["per_layer"]) == 30 * 7
     assert all(s == pytest.approx(0.5, abs=1e-3) for s in measured["per_layer"].values())
     ppl = evaluate_perplexity(model, tok, "wikitext2", seq_len=2048, max_windows=2, progress=False)["ppl"]

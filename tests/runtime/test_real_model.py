@@ -38,7 +38,7 @@ def pruned_builtin(tmp_path_factory):
 
 
 def test_sparse_and_dense_runtimes_decode_the_same_greedy_tokens(pruned_builtin):
-    from sparsefit.runtime import generate, load_runtime
+    from sparsefit.runtime.model import generate, load_runtime
 
     runs = {}
     for runtime in ("sparse", "dense"):

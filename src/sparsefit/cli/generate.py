@@ -48,7 +48,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     options = validate(GenerateOptions, flag_values(args, FIELDS), "generate options", as_flags=True)
     prompts = _prompts(args)
     check_writable_file(args.json, "--json", inputs=(args.model,))
-    from sparsefit.runtime.generate import run_generate
+    from sparsefit.runtime.generation import run_generate
 
     stream = sys.stdout if len(prompts) == 1 and not args.quiet else None
     result = run_generate(args.model, prompts, options, stream=stream)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from dataclasses import dataclass
@@ -319,30 +320,47 @@ def _check_against_config(
     head, embed = skeleton.get_output_embeddings(), skeleton.get_input_embeddings()
     tied = head is not None and head.weight is embed.weight
     folder = Path(resolved.path)
+    matched, unmatched = set(), []
     for key, shape in expected.items():
         prefix = key.removesuffix(".weight")
         if key in state:
             got = tuple(state[key].shape)
+            matched.add(key)
         elif key.endswith(".weight") and f"{prefix}.bitmask" in state:
             parts = {k.removeprefix(f"{prefix}."): v for k, v in state.items() if k.startswith(f"{prefix}.")}
             try:
                 got = check_parts(fmt, parts)
             except ValueError as err:
                 raise UsageError(f"{where[prefix + '.bitmask']}: {prefix}: {first_line(err)}") from None
+            matched.update(f"{prefix}.{k}" for k in parts)
             key = f"{prefix}.shape"
         elif tied and key == "lm_head.weight":
             continue
-        elif len(shape) >= 3:  # fused experts: stored one linear per expert, mapped by transformers' loading
+        else:  # perhaps stored under another name (a mixture of experts: one linear per expert)
+            unmatched.append((key, shape))
             continue
-        else:
-            raise UsageError(
-                f"{folder}: no tensor {key} (shape {shape}) that its config.json implies; config and weights "
-                "do not belong together"
-            )
         if got != shape:
             raise UsageError(
                 f"{where.get(key, folder)}: tensor {key} is {got}, but config.json implies {shape}; config and "
                 "weights do not belong together"
+            )
+    if unmatched:
+        # transformers' loading maps renamed tensors (and checks their shapes); here only what the
+        # file holds under other names must cover what the config implies, so that a small file
+        # with a huge config still fails before the model is allocated.
+        stored = 0
+        for k, v in state.items():
+            if k in matched:
+                continue
+            if k.endswith(".shape"):  # a compressed weight: its dense shape
+                stored += math.prod(int(d) for d in v.tolist())
+            elif k.rsplit(".", 1)[-1] not in ("bitmask", "compressed", "row_offsets"):
+                stored += v.numel()
+        if sum(math.prod(shape) for _, shape in unmatched) > stored:
+            key, shape = unmatched[0]
+            raise UsageError(
+                f"{folder}: no tensor {key} (shape {shape}) that its config.json implies; config and weights "
+                "do not belong together"
             )
 
 
