@@ -46,6 +46,7 @@ SCRIPTS = {
     "moe_calibration": "moe_calibration.py",
     "sparse24_gpu": "sparse24_gpu.py",
     "runtime": "runtime.py",
+    "serve": "serve.py",
 }
 
 
@@ -555,6 +556,24 @@ def moe_calibration(r: dict) -> str:
     )
 
 
+def serve(r: dict) -> str:
+    out = [
+        f"Streaming completions, {r['args']['max_tokens']} tokens each (greedy, EOS ignored), client-side times.",
+        "",
+    ]
+    rows = []
+    for name, m in r["models"].items():
+        for lv in m["levels"]:
+            rows.append([name, lv["concurrency"], lv["requests"], lv["failed"], f(lv["decode_tokens_per_s"], 1),
+                         f(lv["ttft_p50"] * 1e3, 0), f(lv["itl_p50"] * 1e3, 1), f(lv["itl_p99"] * 1e3, 1)])  # fmt: skip
+    head = ["model", "concurrency", "requests", "failed", "decode tok/s", "TTFT p50 ms", "ITL p50 ms", "ITL p99 ms"]
+    out += [table(head, rows), ""]
+    rows = [[n, f(m["decode_speedup_top_vs_1"]), f(m["itl_p99_top_vs_1"])] for n, m in r["models"].items()]
+    out += [table(["model", "decode tok/s, top vs 1 stream", "ITL p99, top vs 1 stream"], rows), ""]
+    out.append(f"llama-server: {r['llama_server']}" if isinstance(r["llama_server"], str) else "")
+    return "\n".join(out)
+
+
 RENDER: dict[str, Callable[[dict], str]] = {
     "quick": quick,
     "oneshot": oneshot,
@@ -575,6 +594,7 @@ RENDER: dict[str, Callable[[dict], str]] = {
     "reference_llmcompressor": reference_llmcompressor,
     "sparse24_gpu": sparse24_gpu,
     "runtime": runtime,
+    "serve": serve,
     "moe_calibration": moe_calibration,
 }
 

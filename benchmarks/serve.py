@@ -162,7 +162,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=None,
                    help="LABEL=SPEC (default: dense=smollm2-135m, its 50%%/70%% magnitude-pruned copies)")  # fmt: skip
-    p.add_argument("--work-dir", default=None, help="where pruned copies are kept (default: sparsefit's cache)")
+    p.add_argument("--work-dir", default=None, help="where pruned copies are kept (default: ../serve-bench-models)")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 24])
     p.add_argument("--rounds", type=int, default=2, help="requests per client thread at each concurrency")
     p.add_argument("--requests-per-level", type=int, default=8)
@@ -178,9 +178,7 @@ def main() -> None:
     if args.models:
         models = dict(m.split("=", 1) for m in args.models)
     else:
-        from sparsefit.models import cache_root
-
-        work = Path(args.work_dir) if args.work_dir else cache_root() / "benchmarks"
+        work = Path(args.work_dir) if args.work_dir else ROOT.parent / "serve-bench-models"
         work.mkdir(parents=True, exist_ok=True)
         models = {"dense": "smollm2-135m", "sparse50": pruned(work, 0.5), "sparse70": pruned(work, 0.7)}
 
