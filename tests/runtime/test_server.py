@@ -245,7 +245,8 @@ def test_a_bad_request_is_a_4xx_with_an_openai_error_and_the_server_goes_on(serv
     if param and code == 400:
         assert param.split(".")[0] in error["message"]
     assert server.request("GET", "/health")[0] == 200
-    assert any(f"{status} POST {path}" in line for line in server.lines[-5:])  # one log line
+    # one log line, read from the server's output by another thread: wait for it to arrive
+    assert server.wait_for(lambda: any(f"{status} POST {path}" in line for line in server.lines[-5:]), 5.0)
 
 
 def test_too_long_prompt_names_the_context(server):
