@@ -227,6 +227,25 @@ def create_app(model: object, engine: Engine, name: str, api_key: str | None = N
         return StreamingResponse(generator, media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})  # fmt: skip
 
+    async def reply(
+        body: CompletionRequest | ChatCompletionRequest,
+        ticket: Ticket,
+        prompt_tokens: int,
+        chunk: Callable[[str | None, str | None], dict | None],
+        whole: Callable[[str, str | None], dict],
+        request: Request,
+    ) -> Response:
+        """The answer of either endpoint: server-sent `chunk`s when streaming, else `whole(text,
+        finish_reason)` with usage once the request ends (499 when the client left first)."""
+        if body.stream:
+            include = bool(body.stream_options and body.stream_options.include_usage)
+            return sse_response(stream(ticket, prompt_tokens, include, chunk, request.url.path))
+        collected = await collect(ticket, request)
+        if collected is None:
+            return Response(status_code=499)
+        log.info("200 POST %s: %d prompt + %d completion tokens", request.url.path, prompt_tokens, ticket.tokens)
+        return JSONResponse({**whole(*collected), "usage": usage(prompt_tokens, ticket.tokens)})
+
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
         check_model(body.model)
@@ -246,15 +265,7 @@ def create_app(model: object, engine: Engine, name: str, api_key: str | None = N
             choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
             return {"id": rid, "object": "text_completion", "created": now, "model": name, "choices": [choice]}
 
-        if body.stream:
-            include = bool(body.stream_options and body.stream_options.include_usage)
-            return sse_response(stream(ticket, len(ids), include, chunk, request.url.path))
-        collected = await collect(ticket, request)
-        if collected is None:
-            return Response(status_code=499)
-        text, reason = collected
-        log.info("200 POST %s: %d prompt + %d completion tokens", request.url.path, len(ids), ticket.tokens)
-        return JSONResponse({**chunk(text, reason), "usage": usage(len(ids), ticket.tokens)})
+        return await reply(body, ticket, len(ids), chunk, chunk, request)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
@@ -276,18 +287,12 @@ def create_app(model: object, engine: Engine, name: str, api_key: str | None = N
             delta = {"role": "assistant", "content": ""} if text is None else ({"content": text} if text else {})
             return {**head, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}]}
 
-        if body.stream:
-            include = bool(body.stream_options and body.stream_options.include_usage)
-            return sse_response(stream(ticket, len(ids), include, chunk, request.url.path))
-        collected = await collect(ticket, request)
-        if collected is None:
-            return Response(status_code=499)
-        content, reason = collected
-        log.info("200 POST %s: %d prompt + %d completion tokens", request.url.path, len(ids), ticket.tokens)
-        message = {"role": "assistant", "content": content}
-        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": reason}
-        return JSONResponse({**head, "object": "chat.completion", "choices": [choice],
-                             "usage": usage(len(ids), ticket.tokens)})  # fmt: skip
+        def whole(content: str, reason: str | None) -> dict:
+            choice = {"index": 0, "message": {"role": "assistant", "content": content}, "logprobs": None,
+                      "finish_reason": reason}  # fmt: skip
+            return {**head, "object": "chat.completion", "choices": [choice]}
+
+        return await reply(body, ticket, len(ids), chunk, whole, request)
 
     def model_card() -> dict:
         return {"id": name, "object": "model", "created": created, "owned_by": "sparsefit",
