@@ -14,6 +14,13 @@ from sparsefit.runtime.config import MAX_NEW_TOKENS
 _STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
+def _refuse_if_set(value: object, info: ValidationInfo) -> object:
+    """An OpenAI field this server does not do: fine when absent or falsy, else the field is named."""
+    if value:
+        raise ValueError(f"{info.field_name} is not supported by this server; leave it out")
+    return value
+
+
 class StreamOptions(BaseModel):
     model_config = _STRICT
 
@@ -58,9 +65,7 @@ class _Generation(BaseModel):
     @field_validator("presence_penalty", "frequency_penalty", "logit_bias")
     @classmethod
     def _no_penalties(cls, value: object, info: ValidationInfo) -> object:
-        if value:
-            raise ValueError(f"{info.field_name} is not supported by this server; leave it out")
-        return value
+        return _refuse_if_set(value, info)
 
 
 class CompletionRequest(_Generation):
@@ -85,9 +90,7 @@ class CompletionRequest(_Generation):
     @field_validator("echo", "logprobs", "suffix")
     @classmethod
     def _unsupported(cls, value: object, info: ValidationInfo) -> object:
-        if value:
-            raise ValueError(f"{info.field_name} is not supported by this server; leave it out")
-        return value
+        return _refuse_if_set(value, info)
 
     @field_validator("best_of")
     @classmethod
@@ -129,9 +132,7 @@ class ChatCompletionRequest(_Generation):
     @field_validator("logprobs", "top_logprobs", "tools", "tool_choice", "parallel_tool_calls", "response_format")
     @classmethod
     def _unsupported(cls, value: object, info: ValidationInfo) -> object:
-        if value:
-            raise ValueError(f"{info.field_name} is not supported by this server; leave it out")
-        return value
+        return _refuse_if_set(value, info)
 
     @property
     def token_budget(self) -> int | None:
