@@ -23,6 +23,8 @@
 namespace sparsefit::avx2 {
 
 constexpr int kMaxBatch = 8;  // batch rows per pass of the batched loop (16 ymm registers in all)
+constexpr int64_t kAheadValues = 2048;  // software prefetch distances, bytes (see avx512.h)
+constexpr int64_t kAheadMasks = 512;
 
 inline float hsum(__m256 v) {
   const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -73,6 +75,9 @@ inline void gemv_block(const PackedView& w, const float* x, float* y, int64_t b)
         for (int r = s0 + S; r < R; ++r) q += _mm_popcnt_u64(mg[r]);
         group = q;
       }
+      // Software prefetch, as on AVX-512 (avx512.h: the hardware prefetchers lose these streams).
+      for (int j = 0; j < S; ++j) _mm_prefetch(reinterpret_cast<const char*>(p[j]) + kAheadValues, _MM_HINT_T0);
+      if constexpr (!Dense) _mm_prefetch(reinterpret_cast<const char*>(m + g * R) + kAheadMasks, _MM_HINT_T0);
       const float* xg = x + g * kGroup;
       for (int k = 0; k < 8; ++k) {
         const __m256 xk = _mm256_loadu_ps(xg + 8 * k);
