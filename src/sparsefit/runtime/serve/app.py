@@ -91,15 +91,15 @@ class _Gate:
 def create_app(model: object, engine: Engine, name: str, api_key: str | None = None, max_queue: int = 64,
                shutdown_timeout: float = 5.0, banner: str | None = None) -> FastAPI:  # fmt: skip
     """The app serving `engine` (built on `model`, a `RuntimeModel`) as model id `name`; `banner` is
-    logged once the scheduler runs."""
+    logged at start-up. The caller runs `app.state.scheduler.run()` in the thread that loaded the
+    model, beside uvicorn (server.py); the app's shutdown stops it."""
     metrics = Metrics()
     scheduler = Scheduler(engine, metrics, max_queue)
     created = int(time.time())
     tokenizer = model.tokenizer
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI):
-        scheduler.start()
+    async def lifespan(app: FastAPI):  # the caller runs `scheduler.run()` in the model's thread
         if banner:
             log.info("%s", banner)
         yield

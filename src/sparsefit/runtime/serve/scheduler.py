@@ -1,9 +1,14 @@
-"""One thread that owns the engine: it takes submissions and cancellations from a thread-safe
-inbox, steps the engine while any request is live (continuous batching: requests join and leave
-between steps), and hands each request's events to its asyncio queue on the server's loop.
+"""The loop that owns the engine: it takes submissions and cancellations from a thread-safe inbox,
+steps the engine while any request is live (continuous batching: requests join and leave between
+steps), and hands each request's events to its asyncio queue on the server's loop.
 
-The engine is not thread-safe, so nothing else touches it. The number of live requests (running
-plus waiting) is bounded: past the bound `submit` raises `QueueFull` (the server answers 429).
+The engine is not thread-safe, so nothing else touches it. `run()` is called from the thread that
+loaded the model (the server's main thread; uvicorn's event loop runs in another): the kernels'
+OpenMP team belongs to that thread, and a second thread driving them would start a second team,
+which makes libgomp throttle its spin-waits to fit the cores and costs every parallel region a
+sleep and a wake-up (measured: a decode step in a fresh thread ran at ~0.6x the speed of the same
+step in the loading thread). The number of live requests (running plus waiting) is bounded: past
+the bound `submit` raises `QueueFull` (the server answers 429).
 """
 
 from __future__ import annotations
@@ -95,9 +100,9 @@ class Scheduler:
         self._lock = threading.Lock()
         self._live = 0  # submitted and not yet ended (under _lock)
         self._stopping = False
-        self._tickets: dict[int, Ticket] = {}  # engine id -> ticket: the scheduler thread's alone
-        self.running = 0  # published by the scheduler thread after each step
-        self._thread = threading.Thread(target=self._run, name="sparsefit-scheduler", daemon=True)
+        self._tickets: dict[int, Ticket] = {}  # engine id -> ticket: the loop's thread's alone
+        self.running = 0  # published by the scheduler's thread after each step
+        self._ended = threading.Event()
 
     @property
     def live(self) -> int:
@@ -107,15 +112,12 @@ class Scheduler:
     def waiting(self) -> int:
         return max(0, self._live - self.running)
 
-    def start(self) -> None:
-        self._thread.start()
-
     def stop(self, timeout: float = 10.0) -> None:
-        """Refuse new requests, end the live ones with a 503, and join the thread."""
+        """Refuse new requests, end the live ones with a 503, and wait (up to `timeout` s) for `run` to return."""
         with self._lock:
             self._stopping = True
         self._inbox.put(("stop", None, None))
-        self._thread.join(timeout)
+        self._ended.wait(timeout)
 
     def submit(self, request: Request, loop: asyncio.AbstractEventLoop) -> Ticket:
         with self._lock:
@@ -134,12 +136,24 @@ class Scheduler:
         if not ticket.done:
             self._inbox.put(("cancel", ticket, None))
 
-    # The scheduler thread's own methods.
+    # The methods of the thread that runs the loop.
 
-    def _run(self) -> None:
+    def run(self) -> None:
+        """Serve until `stop`: call from the thread that loaded the model (see the module docstring)."""
+        try:
+            self._loop()
+        finally:
+            self._ended.set()
+
+    def _loop(self) -> None:
         stop = False
         while not stop:
-            messages = [] if self.engine.busy else [self._inbox.get()]  # idle: sleep until something arrives
+            messages = []
+            if not self.engine.busy:  # idle: sleep until something arrives (waking now and then for signals)
+                try:
+                    messages.append(self._inbox.get(timeout=0.5))
+                except queue.Empty:
+                    continue
             while True:
                 try:
                     messages.append(self._inbox.get_nowait())

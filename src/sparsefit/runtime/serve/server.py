@@ -101,7 +101,26 @@ def run_server(spec: str, options: ServeOptions) -> None:
         app = build_server(spec, options, sock)
         config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="on",
                                 timeout_graceful_shutdown=options.shutdown_timeout)  # fmt: skip
-        _Server(config).run(sockets=[sock])
+        server = _Server(config)
+        scheduler = app.state.scheduler
+
+        def serve_http() -> None:
+            try:
+                server.run(sockets=[sock])
+            finally:  # however uvicorn ended, the decode loop ends with it
+                scheduler.stop(0)
+
+        # The decode loop keeps this (the model's) thread, uvicorn's event loop takes another (see
+        # scheduler.py for why); signals arrive here and ask uvicorn for its graceful shutdown.
+        http = threading.Thread(target=serve_http, name="sparsefit-http")
+        previous = {s: signal.signal(s, server.handle_exit) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            http.start()
+            scheduler.run()
+            http.join()
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
     finally:
         sock.close()
 
@@ -109,14 +128,7 @@ def run_server(spec: str, options: ServeOptions) -> None:
 class _Server(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self):
-        """uvicorn's handlers for SIGINT and SIGTERM (a graceful shutdown, a second Ctrl-C forces it)
-        without raising the signal again afterwards: a server asked to stop has done its job, exit 0."""
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-        previous = {s: signal.signal(s, self.handle_exit) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            yield
-        finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
+        """No signal handlers of uvicorn's own: it runs outside the main thread, where `run_server`
+        routes SIGINT and SIGTERM to `handle_exit` (a graceful shutdown; a second Ctrl-C forces it)
+        and does not raise them again afterwards: a server asked to stop has done its job, exit 0."""
+        yield
