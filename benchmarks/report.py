@@ -497,8 +497,8 @@ def runtime(r: dict) -> str:
         out += [table(["sparsity, values, batch", "x torch best", "x torch fp32", "of floor", "bytes"], rows), ""]
         rows = [[f"{x['shape'][0]}x{x['shape'][1]}", x["batch"], f"{x['sparsity']:.0%}", x["values"],
                  f(x["seconds"] * 1e6, 1), f(x["gbps"], 1), f(x["vs_torch_best"]), f(x["vs_torch_fp32"])]
-                for x in r["linears"] if x["batch"] in (1, 16)]  # fmt: skip
-        out += ["<details><summary>every linear (batch 1 and 16)</summary>", "",
+                for x in r["linears"] if x["batch"] in (1, 8, 16)]  # fmt: skip
+        out += ["<details><summary>every linear (batch 1, 8 and 16)</summary>", "",
                 table(["shape", "batch", "sparsity", "values", "us", "GB/s", "x torch best", "x fp32"], rows),
                 "", "</details>", ""]  # fmt: skip
     if "crossover" in r:

@@ -149,7 +149,7 @@ def crossover(isa: str) -> list[dict]:
     for values in ("bfloat16", "int8"):
         d = pack(w, values, dense=True)
         t_dense = _per_call(_packed_calls(d, 1, isa, _copies(d.nbytes))[0])
-        for density in (0.95, 0.9, 0.85, 0.8, 0.75, 0.7):
+        for density in (0.98, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7):
             p = pack(w * (torch.rand_like(w) < density), values, dense=False)
             t = _per_call(_packed_calls(p, 1, isa, _copies(p.nbytes))[0])
             rows.append({"values": values, "density": density, "bitmask_seconds": t, "dense_seconds": t_dense,
@@ -165,8 +165,9 @@ def _geomean(xs: list[float]) -> float:
 def summarize_linears(rows: list[dict]) -> dict:
     out = {}
     for sparsity, values, batch in ((0.5, "bfloat16", 1), (0.7, "bfloat16", 1), (0.7, "int8", 1),
-                                    (0.9, "bfloat16", 1), (0.5, "bfloat16", 4), (0.5, "bfloat16", 16),
-                                    (0.0, "bfloat16", 1), (0.0, "int8", 1)):  # fmt: skip
+                                    (0.9, "bfloat16", 1), (0.5, "bfloat16", 4), (0.5, "bfloat16", 8),
+                                    (0.7, "int8", 8), (0.5, "bfloat16", 16), (0.0, "bfloat16", 1),
+                                    (0.0, "int8", 1)):  # fmt: skip
         sel = [r for r in rows if r["sparsity"] == sparsity and r["values"] == values and r["batch"] == batch
                and tuple(r["shape"]) in SHAPES_7B]  # fmt: skip
         if sel:
@@ -344,7 +345,7 @@ def main() -> None:
     print(f"DRAM read {result['dram_read_gbps']:.1f} GB/s, kernel {isa}, {torch.get_num_threads()} threads", flush=True)
     if "linears" in args.parts:
         shapes = SHAPES_BUILTIN[:1] if args.quick else SHAPES_7B + SHAPES_BUILTIN
-        rows = linears(isa, result["dram_read_gbps"], shapes, [1] if args.quick else [1, 4, 16],
+        rows = linears(isa, result["dram_read_gbps"], shapes, [1] if args.quick else [1, 4, 8, 16],
                        [0.0, 0.7] if args.quick else [0.0, 0.5, 0.7, 0.9])  # fmt: skip
         result["linears"] = rows
         result["linears_summary"] = summarize_linears(rows)
