@@ -8,6 +8,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -332,3 +333,26 @@ def test_a_full_queue_answers_429_and_sigterm_exits_0(checkpoint):
         first.close(), second.close()
     finally:
         s.proc.kill()
+
+
+@pytest.mark.parametrize(
+    "flags, says",
+    [
+        (["--port", "70000"], "--port"),
+        (["--max-batch", "0"], "--max-batch"),
+        (["--shutdown-timeout", "-1"], "--shutdown-timeout"),
+        (["--runtime", "gpu"], "--runtime"),
+        (["--host", "no-such-host.invalid"], "--host"),
+        (["--port", "{busy}"], "--port"),
+        (["--max-model-len", "100000"], "--max-model-len"),
+    ],
+)
+def test_bad_serve_flags_end_in_one_error_line_and_exit_2(checkpoint, flags, says):
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        flags = [f.format(busy=busy.getsockname()[1]) for f in flags]
+        argv = [sys.executable, "-m", "sparsefit.cli", "serve", "--model", checkpoint, *flags]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=120)
+    errors = [line for line in done.stderr.splitlines() if line.startswith("sparsefit: error:")]
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr and len(errors) == 1 and says in errors[0], done.stderr
