@@ -32,6 +32,8 @@ def _cpu() -> dict:
         "avx512": "avx512f" in flags,
         "native_bf16": bool({"avx512_bf16", "amx_bf16"} & flags),
         "amx": "amx_bf16" in flags,  # bf16 matrix units (Intel AMX)
+        # the vector and matrix extensions the kernels may pick from
+        "flags": sorted(f for f in flags if f.startswith(("avx", "amx", "fma", "f16c"))),
     }
 
 

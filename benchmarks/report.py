@@ -3,8 +3,15 @@ the run's environment (commit, date, CPU, versions, device) and its numbers as t
 
     python benchmarks/report.py            # rewrite benchmarks/README.md
     python benchmarks/report.py --check    # exit 1 if the README is not what the results give
+    python benchmarks/report.py --strict   # also exit 1 while a result is untraceable (see below)
 
 Times are quoted as ratios to a yardstick measured in the same run wherever the benchmark has one.
+
+Each result shows its age: how many commits its `environment.commit` is behind the commit the
+README was generated at (named in its header, so `--check` counts to the same one). A result
+from a tree with uncommitted changes (`+dirty`), without a recorded commit or CPU, or from a
+commit that is not in this history is marked untraceable; those and the results more than
+STALE_AFTER commits behind are listed, with the command that refreshes them, under "To re-run".
 """
 
 from __future__ import annotations
@@ -12,6 +19,8 @@ from __future__ import annotations
 import argparse
 import ast
 import json
+import re
+import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +28,39 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 README = HERE / "README.md"
+STALE_AFTER = 50  # commits behind the reference commit before a result is listed for a re-run
+_DATA = "SPARSEFIT_DATA_DIR=../shared/data"
+
+# result file stem -> the command that measures it again (each script's docstring says more)
+RERUN = {
+    "quick": f"{_DATA} python benchmarks/quick.py",
+    "oneshot": f"{_DATA} python benchmarks/oneshot.py --seeds 0 1 2",
+    "oneshot_avx2": "ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 "
+    f"{_DATA} python benchmarks/oneshot.py --runs sparsegpt-50 sparsegpt-2:4 wanda-50 --one-seed sparsegpt-2:4 "
+    "wanda-50 --seeds 0 1 2 --out benchmarks/results/oneshot_avx2.json",
+    "calibration": f"{_DATA} python benchmarks/calibration.py --out benchmarks/results/calibration.json",
+    "quantize": f"{_DATA} python benchmarks/quantize.py",
+    "generation": f"{_DATA} python benchmarks/generation.py",
+    "checkpoint_overhead": f"{_DATA} python benchmarks/checkpoint_overhead.py",
+    "recovery": f"{_DATA} python benchmarks/recovery.py --out benchmarks/results/recovery.json",
+    "adaptive": f"{_DATA} python benchmarks/adaptive.py --damp 0.01 --out benchmarks/results/adaptive.json",
+    "adapters": f"{_DATA} python benchmarks/adapters.py --tasks A,B --tokens 50000 "
+    "--out benchmarks/results/adapters.json",
+    "adapters_150k": f"{_DATA} python benchmarks/adapters.py --tasks A,B --out benchmarks/results/adapters_150k.json",
+    "adaptive_lr4e-4": f"{_DATA} python benchmarks/adaptive.py --lr 4e-4 --damp 0.01 "
+    "--out benchmarks/results/adaptive_lr4e-4.json",
+    "adaptive_300k": f"{_DATA} python benchmarks/adaptive.py --tokens 300000 --lr 4e-4 --damp 0.01 "
+    "--out benchmarks/results/adaptive_300k.json",
+    "adaptive_damp3": f"{_DATA} python benchmarks/adaptive.py --lr 4e-4 --out benchmarks/results/adaptive_damp3.json",
+    "gsm8k": f"{_DATA} python benchmarks/gsm8k_agreement.py --limit 200 --out benchmarks/results/gsm8k.json",
+    "reconstruct_error": f"{_DATA} python benchmarks/reconstruct_error.py",
+    "reference_llmcompressor": f"{_DATA} python benchmarks/reference_llmcompressor.py "
+    "--lc-python /tmp/lcvenv/bin/python",
+    "moe_calibration": f"{_DATA} python benchmarks/moe_calibration.py --out benchmarks/results/moe_calibration.json",
+    "sparse24_gpu": "python benchmarks/sparse24_gpu.py --out benchmarks/results/sparse24_gpu.json (on a GPU)",
+    "runtime": f"{_DATA} python benchmarks/runtime.py",
+    "serve": f"{_DATA} python benchmarks/serve.py",
+}
 
 # result file stem -> the script that writes it
 SCRIPTS = {
@@ -60,10 +102,65 @@ def f(x: float | None, digits: int = 2) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
 
 
+def _git(*cmd: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["git", *cmd], cwd=HERE, capture_output=True, text=True)
+
+
+def resolve(commit: str) -> str | None:
+    """The full hash of `commit` in this repository's history, or None (no git, unknown commit)."""
+    try:
+        proc = _git("rev-parse", "--verify", "--quiet", f"{commit}^{{commit}}")
+    except OSError:
+        return None
+    return proc.stdout.strip() if proc.returncode == 0 else None
+
+
+def age(result: dict, reference: str) -> dict:
+    """How traceable and how old a result is against the `reference` commit.
+
+    `problem` (None for a traceable result) says why it cannot be traced to a clean commit of this
+    history; `behind` counts the commits from its commit to the reference."""
+    env = result.get("environment")
+    if env is None:
+        return {"problem": "records no environment (commit, CPU, versions)", "behind": None}
+    commit = env.get("commit") or ""
+    if not commit:
+        return {"problem": "records no commit", "behind": None}
+    if not env.get("cpu"):
+        return {"problem": "records no CPU", "behind": None}
+    if commit.endswith("+dirty"):
+        return {"problem": f"measured on a tree with uncommitted changes to src/ ({commit[:12]}+dirty)",
+                "behind": _behind(commit.removesuffix("+dirty"), reference)}  # fmt: skip
+    behind = _behind(commit, reference)
+    if behind is None:
+        return {"problem": f"commit {commit[:12]} is not an ancestor of {reference[:12]}", "behind": None}
+    return {"problem": None, "behind": behind}
+
+
+def _behind(commit: str, reference: str) -> int | None:
+    full = resolve(commit)
+    if full is None or _git("merge-base", "--is-ancestor", full, reference).returncode != 0:
+        return None
+    return int(_git("rev-list", "--count", f"{full}..{reference}").stdout.strip())
+
+
+def needs_gpu(result: dict) -> bool:
+    return not str((result.get("environment") or {}).get("device", "cpu")).startswith("cpu")
+
+
+def age_line(a: dict, reference: str, gpu: bool) -> str:
+    if a["problem"]:
+        return f"**Untraceable: this result {a['problem']}; re-run it (see To re-run).**"
+    words = f"{a['behind']} commits behind {reference[:12]}"
+    if a["behind"] > STALE_AFTER:
+        words += f", stale (over {STALE_AFTER})" + ("; it needs a GPU" if gpu else "")
+    return f"_Age: {words}._"
+
+
 def environment_line(result: dict) -> str:
     env = result.get("environment")
     if env is None:
-        return "_Environment not recorded: measured before the benchmarks recorded it; rerun to refresh._"
+        return "_Environment not recorded: measured before the benchmarks recorded it._"
     versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v and k != "sparsefit")
     limits = env.get("isa_limits")
     limited = (
@@ -599,42 +696,95 @@ RENDER: dict[str, Callable[[dict], str]] = {
 }
 
 
-def render() -> str:
+def render(reference: str) -> str:
+    """benchmarks/README.md, every result's age counted to the `reference` commit."""
+    stems = sorted(p.stem for p in RESULTS.glob("*.json"))
+    unknown = [s for s in stems if s not in RENDER]
+    if unknown:
+        raise SystemExit(f"no renderer for {', '.join(unknown)}: add one to benchmarks/report.py or delete the file")
+    results = {stem: json.loads((RESULTS / f"{stem}.json").read_text()) for stem in stems}
+    ages = {stem: age(r, reference) for stem, r in results.items()}
     parts = [
         "# Benchmarks",
         "",
         "Generated by `python benchmarks/report.py` from `benchmarks/results/` (one current JSON per "
         "benchmark; git history keeps the earlier ones). Each script's docstring says how to run it; run "
-        "benchmarks alone on the machine. Times are ratios to a yardstick measured in the same run.",
+        "benchmarks alone on the machine. Times are ratios to a yardstick measured in the same run. "
+        f"Ages are counted in commits to {reference[:12]}, the commit this page was generated at.",
     ]
-    stems = sorted(p.stem for p in RESULTS.glob("*.json"))
-    unknown = [s for s in stems if s not in RENDER]
-    if unknown:
-        raise SystemExit(f"no renderer for {', '.join(unknown)}: add one to benchmarks/report.py or delete the file")
     waiting = sorted({script for stem, script in SCRIPTS.items() if stem not in stems} - {SCRIPTS[s] for s in stems})
     if waiting:
         parts += ["", "Not measured yet: " + ", ".join(f"`benchmarks/{s}` ({docstring_summary(s)})" for s in waiting)]
+    parts += ["", *rerun_section(results, ages)]
     for stem in sorted(stems, key=list(RENDER).index):
-        result = json.loads((RESULTS / f"{stem}.json").read_text())
-        script = SCRIPTS[stem]
+        result, script = results[stem], SCRIPTS[stem]
         parts += [
             "",
             f"## {stem} (`benchmarks/{script}`)",
             "",
             docstring_summary(script),
             "",
-            environment_line(result),
+            environment_line(result) + " " + age_line(ages[stem], reference, needs_gpu(result)),
             "",
             RENDER[stem](result),
         ]
     return "\n".join(parts) + "\n"
 
 
+def to_rerun(results: dict, ages: dict) -> list[tuple[str, str]]:
+    """(stem, why) of every result that is untraceable or more than STALE_AFTER commits behind."""
+    out = []
+    for stem in sorted(results):
+        a = ages[stem]
+        if a["problem"]:
+            out.append((stem, a["problem"]))
+        elif a["behind"] > STALE_AFTER:
+            gpu = "; needs a GPU" if needs_gpu(results[stem]) else ""
+            out.append((stem, f"{a['behind']} commits behind{gpu}"))
+    return out
+
+
+def rerun_section(results: dict, ages: dict) -> list[str]:
+    rows = to_rerun(results, ages)
+    if not rows:
+        return ["## To re-run", "", f"Every result is traceable and at most {STALE_AFTER} commits behind."]
+    return [
+        "## To re-run",
+        "",
+        f"Results that are untraceable or more than {STALE_AFTER} commits behind, and the command that "
+        "measures each again (from the repository root):",
+        "",
+        table(["result", "why", "command"], [[f"`{stem}`", why, f"`{RERUN[stem]}`"] for stem, why in rows]),
+    ]
+
+
+_REFERENCE = re.compile(r"Ages are counted in commits to ([0-9a-f]{7,40}), the commit")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="exit 1 if benchmarks/README.md is out of date")
+    parser.add_argument("--strict", action="store_true", help="exit 1 while any result is untraceable")
     args = parser.parse_args()
-    text = render()
+    head = resolve("HEAD")
+    if args.check:
+        # Count to the commit the README names, so that later commits alone do not outdate it.
+        found = _REFERENCE.search(README.read_text()) if README.exists() else None
+        reference = resolve(found.group(1)) if found else None
+        if reference is None:
+            sys.exit(
+                "benchmarks/README.md names no commit of this history to count ages to: run python benchmarks/report.py"
+            )
+    elif head is None:
+        sys.exit("benchmarks/report.py counts each result's age with git: run it inside the repository")
+    else:
+        reference = head
+    text = render(reference)
+    if args.strict:
+        results = {p.stem: json.loads(p.read_text()) for p in RESULTS.glob("*.json")}
+        bad = [f"{stem} ({a['problem']})" for stem, r in sorted(results.items()) if (a := age(r, reference))["problem"]]
+        if bad:
+            sys.exit("untraceable results, re-run them: " + "; ".join(bad))
     if args.check:
         if not README.exists() or README.read_text() != text:
             sys.exit("benchmarks/README.md is out of date: run python benchmarks/report.py")

@@ -168,15 +168,16 @@ def write_data_dir(root):
 
 @pytest.fixture(scope="session")
 def shared_data():
-    """The real datasets (SPARSEFIT_DATA_DIR, e.g. ../shared/data): slow tests fail loudly without them."""
-    import os
-    from pathlib import Path
+    """The real datasets (SPARSEFIT_DATA_DIR, else the default data folder): slow tests fail loudly
+    without them."""
+    from sparsefit.data.sources import data_dir
 
-    root = os.environ.get("SPARSEFIT_DATA_DIR")
-    assert root and (Path(root) / "wikitext-2-raw" / "wiki.test.raw").is_file(), (
-        "slow tests need SPARSEFIT_DATA_DIR pointing at the shared data (wikitext-2-raw, gsm8k)"
+    root = data_dir()
+    assert (root / "wikitext-2-raw" / "wiki.test.raw").is_file(), (
+        f"slow tests need the datasets (wikitext-2-raw, gsm8k) in {root}: set SPARSEFIT_DATA_DIR to a folder "
+        "holding them (README, Models and data)"
     )
-    return Path(root)
+    return root
 
 
 @pytest.fixture(scope="session")

@@ -41,6 +41,38 @@ def test_missing_named_dataset_names_both_places(tmp_path, monkeypatch):
     assert str(tmp_path / "gsm8k" / "train.jsonl") in msg and "openai/gsm8k" in msg
 
 
+def test_the_default_data_folder_is_data_in_the_cache(tmp_path, monkeypatch):
+    monkeypatch.delenv("SPARSEFIT_DATA_DIR", raising=False)
+    monkeypatch.setenv("SPARSEFIT_CACHE", str(tmp_path))
+    (tmp_path / "data" / "gsm8k").mkdir(parents=True)
+    (tmp_path / "data" / "gsm8k" / "test.jsonl").write_text(json.dumps({"question": "q?", "answer": "#### 1"}) + "\n")
+    assert load_rows("gsm8k", "test") == [{"question": "q?", "answer": "#### 1"}]
+
+
+def test_missing_data_says_where_it_looked_and_how_to_get_it(tmp_path, monkeypatch):
+    """Without the data anywhere: one line naming the default folder, SPARSEFIT_DATA_DIR, the hub and
+    where the files come from."""
+    import builtins
+
+    monkeypatch.delenv("SPARSEFIT_DATA_DIR", raising=False)
+    monkeypatch.setenv("SPARSEFIT_CACHE", str(tmp_path))
+    real_import = builtins.__import__
+
+    def no_datasets(name, *args, **kwargs):
+        if name == "datasets":
+            raise ImportError("No module named 'datasets'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_datasets)
+    with pytest.raises(UsageError) as err:
+        load_rows("wikitext2", "test")
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert f"not in {tmp_path / 'data' / 'wikitext-2-raw' / 'wiki.test.raw'} (the default data folder)" in msg
+    assert "pip install 'sparsefit[data]'" in msg and "set SPARSEFIT_DATA_DIR" in msg
+    assert "Salesforce/wikitext, wikitext-2-raw-v1" in msg
+
+
 @pytest.mark.parametrize("spec", ["nope.txt", "./missing.jsonl", "unknownname"])
 def test_missing_dataset_paths(spec):
     with pytest.raises(UsageError, match="not found"):

@@ -1,7 +1,8 @@
 """Datasets by name or path: WikiText-2, GSM8K, local .txt / .jsonl files, hub ids.
 
-Named datasets resolve first from `SPARSEFIT_DATA_DIR` (layout `wikitext-2-raw/wiki.test.raw`,
-`gsm8k/{train,test}.jsonl`), then from the Hugging Face hub through `datasets`.
+Named datasets resolve first from the data folder, `SPARSEFIT_DATA_DIR` or by default `data` in the
+sparsefit cache (`~/.cache/sparsefit/data`), laid out as `wikitext-2-raw/wiki.test.raw` and
+`gsm8k/{train,test}.jsonl`; then from the Hugging Face hub through `datasets`.
 """
 
 from __future__ import annotations
@@ -21,11 +22,19 @@ _LOCAL_FILES = {
     ("gsm8k", "test"): "gsm8k/test.jsonl",
 }
 _HUB = {"wikitext2": ("Salesforce/wikitext", "wikitext-2-raw-v1"), "gsm8k": ("openai/gsm8k", "main")}
+# Where to get the files when neither the data folder nor the hub has them (named in the error).
+_ORIGIN = {
+    "wikitext2": "WikiText-2 raw is the hub's Salesforce/wikitext, wikitext-2-raw-v1",
+    "gsm8k": "GSM8K's jsonl files are in github.com/openai/grade-school-math, grade_school_math/data",
+}
 
 
-def data_dir() -> Path | None:
+def data_dir() -> Path:
+    """The data folder: `SPARSEFIT_DATA_DIR`, else `data` in the sparsefit cache."""
+    from sparsefit.models.builtin import cache_root
+
     value = os.environ.get("SPARSEFIT_DATA_DIR")
-    return Path(value).expanduser() if value else None
+    return Path(value).expanduser() if value else cache_root() / "data"
 
 
 def format_gsm8k(row: dict) -> str:
@@ -39,9 +48,8 @@ def join_wikitext(lines: list[str]) -> str:
 
 
 def _local_file(name: str, split: str) -> Path | None:
-    """Where a named split would live under SPARSEFIT_DATA_DIR (None when unset or unknown)."""
-    root = data_dir()
-    return root / _LOCAL_FILES[name, split] if root and (name, split) in _LOCAL_FILES else None
+    """Where a named split would live in the data folder (None for an unknown split)."""
+    return data_dir() / _LOCAL_FILES[name, split] if (name, split) in _LOCAL_FILES else None
 
 
 def load_rows(name: str, split: str = "test") -> list[dict]:
@@ -84,18 +92,20 @@ def wikitext_stream(split: str = "test") -> str:
 
 def _hub_rows(name: str, split: str, local: Path | None) -> list[dict]:
     hub_id, config = _HUB[name]
-    where = f"{local}" if local else "SPARSEFIT_DATA_DIR (unset)"
+    where = "SPARSEFIT_DATA_DIR" if os.environ.get("SPARSEFIT_DATA_DIR") else "the default data folder"
     try:
         import datasets
-
-        return list(datasets.load_dataset(hub_id, config, split=split))
-    except Exception as err:  # any hub failure ends the same way: name both places tried
-        reason = first_line(err, 160)
-        raise UsageError(
-            f"dataset '{name}' split '{split}' not found: not in {where}, and the hub "
-            f"({hub_id}) failed: {reason}; set SPARSEFIT_DATA_DIR to a folder with "
-            f"'{_LOCAL_FILES[name, split]}'"
-        ) from None
+    except ImportError:
+        hub = f"the hub ({hub_id}) needs datasets: pip install 'sparsefit[data]'"
+    else:
+        try:
+            return list(datasets.load_dataset(hub_id, config, split=split))
+        except Exception as err:  # any hub failure ends the same way: name both places tried
+            hub = f"the hub ({hub_id}) failed: {first_line(err, 160)}"
+    raise UsageError(
+        f"dataset '{name}' split '{split}' not found: not in {local} ({where}), and {hub}; put the file "
+        f"there or set SPARSEFIT_DATA_DIR to a folder holding '{_LOCAL_FILES[name, split]}' ({_ORIGIN[name]})"
+    )
 
 
 def read_text(path: Path) -> str:

@@ -20,13 +20,14 @@ ZERO_SHOT_SUITE = ["boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_c
 
 
 def local_task_dir() -> Path | None:
-    """Write `gsm8k_local`, the harness's own gsm8k task pointed at `$SPARSEFIT_DATA_DIR/gsm8k`.
+    """Write `gsm8k_local`, the harness's own gsm8k task pointed at the data folder's `gsm8k`
+    (`SPARSEFIT_DATA_DIR`, by default `~/.cache/sparsefit/data`).
 
     The task includes the installed `gsm8k.yaml` and only swaps the dataset source, so prompt,
     stops, filters and metric stay the harness's.
     """
     root = data_dir()
-    if root is None or not (root / "gsm8k" / "test.jsonl").is_file():
+    if not (root / "gsm8k" / "test.jsonl").is_file():
         return None
     import lm_eval
 
