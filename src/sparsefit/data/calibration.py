@@ -49,7 +49,7 @@ def token_stream(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> torch.
     unreadable or unwritable cache only costs the tokenization.
     """
     from sparsefit.atomic import write_bytes
-    from sparsefit.models.builtin import cache_root
+    from sparsefit.cache import cache_root
 
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:

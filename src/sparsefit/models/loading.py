@@ -182,9 +182,9 @@ def load_model(
 
 def _restore_side_modules(model: PreTrainedModel, resolved: ResolvedModel) -> None:
     """Re-attach the side modules a local checkpoint keeps beside its weights: SLoRB branches
-    (`models.slorb`) and unmerged row adapters (`training.adapters.rows`)."""
+    (`models.slorb`) and unmerged row adapters (`models.row_deltas`)."""
+    from sparsefit.models.row_deltas import ROWS_FILE, load_row_deltas, row_delta_info
     from sparsefit.models.slorb import SLORB_FILE, load_slorb, slorb_info
-    from sparsefit.training.adapters.rows import ROWS_FILE, load_row_deltas, row_delta_info
 
     if resolved.source not in ("local", "builtin") or not Path(resolved.path).is_dir():
         return
@@ -207,7 +207,7 @@ def _restore_side_modules(model: PreTrainedModel, resolved: ResolvedModel) -> No
 def _bitmask_format(resolved: ResolvedModel) -> str | None:
     """The bitmask format of a checkpoint in one (compressed-tensors <= 0.14), else None. For a hub id
     only its config.json is fetched here."""
-    from sparsefit.export.bitmask import sparse_format
+    from sparsefit.models.bitmask import sparse_format
 
     config = Path(resolved.path) / "config.json" if resolved.source != "hub" else _hub_config(resolved.path)
     if config is None or resolved.source == "gguf" or not config.is_file():
@@ -246,7 +246,7 @@ def _hub_snapshot(resolved: ResolvedModel) -> str:
 
 def _load_bitmask(resolved: ResolvedModel, fmt: str, dtype: torch.dtype, trust_remote_code: bool) -> PreTrainedModel:
     """Build the model from its config and load the weights decompressed: current transformers no
-    longer opens bitmask-compressed checkpoints, so they are read here (`sparsefit.export.bitmask`).
+    longer opens bitmask-compressed checkpoints, so they are read here (`sparsefit.models.bitmask`).
 
     Every tensor is checked against the config (built on the meta device: no memory) before the
     model is allocated or any weight decompressed, so a small file whose config claims a large
@@ -255,9 +255,9 @@ def _load_bitmask(resolved: ResolvedModel, fmt: str, dtype: torch.dtype, trust_r
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-    from sparsefit.export.bitmask import decompress_state_dict
+    from sparsefit.models.bitmask import decompress_state_dict
+    from sparsefit.models.row_deltas import ROWS_FILE
     from sparsefit.models.slorb import SLORB_FILE
-    from sparsefit.training.adapters.rows import ROWS_FILE
 
     path = Path(resolved.path)
     try:
@@ -314,7 +314,7 @@ def _check_against_config(
 ) -> None:
     """A UsageError naming the file and tensor when a stored tensor (or a compressed weight's parts)
     does not have the shape the config implies; the model is still on the meta device."""
-    from sparsefit.export.bitmask import check_parts
+    from sparsefit.models.bitmask import check_parts
 
     expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
     head, embed = skeleton.get_output_embeddings(), skeleton.get_input_embeddings()

@@ -202,7 +202,7 @@ class CheckpointTensors:
         return Weight(self.tensor(f"{name}.weight").float())
 
     def _bitmask_weight(self, name: str) -> Weight:
-        from sparsefit.export.bitmask import decompress_state_dict
+        from sparsefit.models.bitmask import decompress_state_dict
 
         parts = {f"{name}.{s}": self.tensor(f"{name}.{s}") for s in (*_BITMASK_PARTS, *_QUANT_PARTS)
                  if f"{name}.{s}" in self._where}  # fmt: skip
