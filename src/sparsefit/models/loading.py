@@ -168,6 +168,7 @@ def load_model(
             f"the checkpoint '{resolved.spec}' lacks weights the {type(model).__name__} in its config needs "
             f"({', '.join(absent[:2])}{more}); its config and weights do not belong together"
         )
+    _refuse_non_finite_weights(model, resolved)  # packed layers: their codes and scales as stored
     if resolved.gguf_file:
         strip_gguf_quantization(model)
     # A compressed-tensors checkpoint loads packed, to be unpacked by a hook on the first forward;
@@ -178,6 +179,28 @@ def load_model(
     _restore_side_modules(model, resolved)
     model.config.name_or_path = resolved.spec
     return model.to(device).eval()
+
+
+def _refuse_non_finite_weights(model: PreTrainedModel, resolved: ResolvedModel) -> None:
+    """A UsageError naming the file and the tensor when a loaded weight (or scale) is NaN or
+    infinite: such a model loads without complaint and computes garbage. Each tensor is tested in
+    place, where from_pretrained put it."""
+    from sparsefit.models.finite import refuse_non_finite_input
+
+    def file_of(name: str) -> str:
+        if resolved.gguf_file:
+            return str(Path(resolved.path) / resolved.gguf_file)
+        if resolved.source == "hub":
+            return resolved.spec
+        from safetensors import safe_open
+
+        for file in sorted(Path(resolved.path).glob("*.safetensors")):
+            with safe_open(file, "pt") as f:  # headers only
+                if name in f.keys():
+                    return str(file)
+        return resolved.path
+
+    refuse_non_finite_input((*model.named_parameters(), *model.named_buffers()), file_of)
 
 
 def _restore_side_modules(model: PreTrainedModel, resolved: ResolvedModel) -> None:
@@ -276,6 +299,9 @@ def _load_bitmask(resolved: ResolvedModel, fmt: str, dtype: torch.dtype, trust_r
     except (*_load_errors(), SafetensorError) as err:
         raise _load_error(resolved, err) from None
     _check_against_config(resolved, skeleton, state, where, fmt)
+    from sparsefit.models.finite import refuse_non_finite_input
+
+    refuse_non_finite_input(state, lambda key: where.get(key, path))  # values and scales as stored
     try:
         state, notes = decompress_state_dict(state, fmt)
     except ValueError as err:
