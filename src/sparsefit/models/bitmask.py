@@ -156,6 +156,9 @@ def decompress_state_dict(state: dict[str, torch.Tensor], fmt: str) -> tuple[dic
             notes.append(f"{prefix}: quantization parameters beside float values ignored (already dequantized)")
         elif "weight_scale" in quant:
             weight = _dequantize(weight, quant["weight_scale"], quant.get("weight_zero_point"))
+            n = bad_values(weight)
+            if n:  # finite codes times a finite but huge scale
+                raise ValueError(f"{prefix}.weight_scale times its codes overflows float32 in {n} weights")
             if "input_scale" in quant:
                 notes.append(f"{prefix}: static activation scales dropped (the model computes unquantized)")
         elif codes:
