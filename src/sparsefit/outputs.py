@@ -4,52 +4,26 @@
 destroy (a file, `.`, `/`, the home directory, a directory holding the input model, a non-empty
 directory sparsefit did not write, an earlier sparsefit output without `--overwrite`), takes an
 exclusive lock on the path for the rest of the process, and cleans the staging folders a killed
-run left there. Locks are files under `$SPARSEFIT_CACHE/locks`, keyed by the resolved path, so
+run left there. Locks (`sparsefit.cache`) are keyed by the resolved path, not held inside it, so
 directories can be exchanged wholesale while the lock stays put.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from filelock import FileLock, Timeout
+from filelock import FileLock
 
-from sparsefit.atomic import check_replaceable, clean_stale, clean_stale_in, is_empty_dir, is_ours, make_dir
+from sparsefit.atomic import check_replaceable, clean_stale, clean_stale_in, is_empty_dir, is_ours
+from sparsefit.cache import acquire_lock, cache_root
 from sparsefit.errors import UsageError
 
 
 def resolve(path: str | os.PathLike) -> Path:
     return Path(path).expanduser().resolve()
-
-
-def _lock_file(key: str) -> Path:
-    from sparsefit.models.builtin import cache_root
-
-    try:
-        folder = make_dir(cache_root() / "locks")
-    except OSError as err:
-        raise UsageError(
-            f"cannot create the lock folder {cache_root() / 'locks'} ({err.strerror}); "
-            "set SPARSEFIT_CACHE to a writable folder"
-        ) from None
-    return folder / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.lock"
-
-
-def acquire_lock(key: str, busy: str, wait: bool = False) -> FileLock:
-    """Take the exclusive lock named `key` (re-entrant within a process; `release()` it when done).
-
-    Another process holding it: a UsageError with `busy` at once, or, with `wait`, a wait for it.
-    """
-    lock = FileLock(_lock_file(key), timeout=0, is_singleton=True, thread_local=False)
-    try:
-        lock.acquire(timeout=-1 if wait else 0)
-    except Timeout:
-        raise UsageError(busy) from None
-    return lock
 
 
 def is_main_process() -> bool:
@@ -103,8 +77,6 @@ def claim_output(
     forbidden[Path.cwd().resolve()] = "the current directory"
     if path in forbidden:
         raise UsageError(f"{flag} '{given}' is {forbidden[path]}; pass a new directory, e.g. {flag} out/model")
-    from sparsefit.models.builtin import cache_root
-
     cache = resolve(cache_root())  # builtin models live here
     if path == cache or cache in path.parents:
         raise UsageError(f"{flag} '{given}' is inside sparsefit's cache ({cache}); write the output elsewhere")

@@ -2,6 +2,7 @@ import os
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from sparsefit.data import calibration
 from sparsefit.data.calibration import token_stream, tokenize_stream
@@ -96,3 +97,12 @@ def test_leftovers_of_killed_writes_go_once_stale(cache, tokenizer):
     os.utime(old, (1000, 1000))  # killed long ago; `fresh` may be a write in progress
     token_stream(tokenizer, TEXTS)
     assert not old.exists() and fresh.exists() and len(entries(cache)) == 1
+
+
+def test_a_cached_stream_with_ids_beyond_the_vocabulary_is_made_anew(cache, tokenizer):
+    first = token_stream(tokenizer, TEXTS)
+    (name,) = entries(cache)
+    entry = cache / name
+    save_file({"ids": torch.full((5,), len(tokenizer) + 7, dtype=torch.int32)}, str(entry))
+    assert torch.equal(token_stream(tokenizer, TEXTS), first)
+    assert torch.equal(load_file(str(entry))["ids"].long(), first)  # the entry is repaired

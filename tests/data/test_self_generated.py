@@ -1,8 +1,13 @@
 """Self-generated text: seeded per row, whatever the batch; drawn from the model's own distribution."""
 
+import re
+
+import pytest
 import torch
+from safetensors.torch import save_file
 
 from sparsefit.data.self_generated import load_or_sample, sample_from_model
+from sparsefit.errors import UsageError
 from tests.conftest import tiny_model
 
 
@@ -49,3 +54,30 @@ def test_load_or_sample_samples_once_then_reads_the_file(tmp_path):
     assert torch.equal(load_or_sample(path, sample), ids)  # read back, not sampled again
     assert calls == [1]
     assert list(tmp_path.iterdir()) == [path]  # no temporary file left beside it
+
+
+@pytest.mark.parametrize(
+    "stored, message",
+    [
+        (torch.tensor([[0, 5], [7, 256]]), r"token id 256 is outside the model's vocabulary \[0, 256\)"),
+        (torch.tensor([[0, -1], [7, 3]]), r"token id -1 is outside the model's vocabulary"),
+        (torch.zeros(3, 2), r"input_ids are float32, not token ids"),
+        (torch.zeros(2, 3, dtype=torch.long), r"input_ids are \(2, 3\), expected \(2, 2\)"),
+    ],
+)
+def test_a_damaged_self_text_file_is_one_line_naming_it(tmp_path, stored, message):
+    path = tmp_path / "self-text.safetensors"
+    save_file({"input_ids": stored}, str(path))
+    with pytest.raises(UsageError, match=rf"^{re.escape(str(path))}: {message}.*delete it") as info:
+        load_or_sample(path, lambda: pytest.fail("a file that is there is never sampled again"), 256, (2, 2))
+    assert "\n" not in str(info.value)
+
+
+def test_a_self_text_file_without_input_ids_is_named(tmp_path):
+    path = tmp_path / "self-text.safetensors"
+    path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    with pytest.raises(UsageError, match=rf"^{re.escape(str(path))} is not a self-generated text file"):
+        load_or_sample(path, lambda: torch.zeros(1, 1), 256)
+    save_file({"other": torch.zeros(2, 2, dtype=torch.long)}, str(path))
+    with pytest.raises(UsageError, match=r"is not a self-generated text file \(no readable input_ids"):
+        load_or_sample(path, lambda: torch.zeros(1, 1), 256)

@@ -7,15 +7,9 @@ from safetensors.torch import save_file
 
 from sparsefit.errors import UsageError
 from sparsefit.export import export_checkpoint
-from sparsefit.export.bitmask import (
-    compress_24_bitmask,
-    compress_bitmask,
-    decompress,
-    pack_bitmask,
-    sparse_format,
-    unpack_bitmask,
-)
+from sparsefit.export.bitmask import compress_24_bitmask, compress_bitmask
 from sparsefit.models import load_model
+from sparsefit.models.bitmask import decompress, pack_bitmask, sparse_format, unpack_bitmask
 from sparsefit.pruning import OneShotConfig, oneshot
 from tests.conftest import tiny_model
 

@@ -172,5 +172,5 @@ def test_a_compact_int8_checkpoint_with_a_nan_scale_is_refused_naming_the_tensor
     key = "model.layers.1.mlp.down_proj.weight_scale"
     state[key][3] = float("nan")
     save_file(state, str(weights), metadata={"format": "pt"})
-    with pytest.raises(UsageError, match=rf"{key} holds 1 NaN or infinite values"):
+    with pytest.raises(UsageError, match=rf"model.safetensors: tensor {key} holds 1 NaN or infinite value"):
         load_model(tmp_path / "out")

@@ -6,7 +6,8 @@ import argparse
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from sparsefit.models import BUILTIN_MODELS, cache_root
+    from sparsefit.cache import cache_root
+    from sparsefit.models import BUILTIN_MODELS
 
     for spec in BUILTIN_MODELS.values():
         cached = (cache_root() / "models" / spec.name / "config.json").exists()

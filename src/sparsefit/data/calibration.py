@@ -49,7 +49,7 @@ def token_stream(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> torch.
     unreadable or unwritable cache only costs the tokenization.
     """
     from sparsefit.atomic import write_bytes
-    from sparsefit.models.builtin import cache_root
+    from sparsefit.cache import cache_root
 
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
@@ -64,9 +64,13 @@ def token_stream(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> torch.
     path = folder / f"{digest.hexdigest()[:32]}.safetensors"
     try:
         stream = load_file(path)["ids"].long()
-    except (OSError, SafetensorError, KeyError):
+    except (OSError, SafetensorError, KeyError, RuntimeError):
         pass
     else:
+        if stream.dim() != 1 or (stream.numel() and not 0 <= int(stream.min()) <= int(stream.max()) < len(tokenizer)):
+            stream = tokenize_stream(tokenizer, texts)  # a damaged entry (ids beyond the vocabulary): made anew
+            with contextlib.suppress(OSError):
+                write_bytes(path, save({"ids": stream.to(torch.int32)}))
         with contextlib.suppress(OSError):
             os.utime(path)  # recently used: the last to be evicted
         return stream

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file, save
 from tqdm.auto import tqdm
 
+from sparsefit.errors import UsageError, first_line
 from sparsefit.runtime.hf_cache import SlotCache, with_cache
 
 if TYPE_CHECKING:
@@ -64,13 +65,47 @@ def sample_from_model(
     return torch.cat(rows)
 
 
-def load_or_sample(path: Path, sample: Callable[[], torch.Tensor]) -> torch.Tensor:
+def load_or_sample(
+    path: Path, sample: Callable[[], torch.Tensor], vocab: int | None = None, shape: tuple[int, int] | None = None
+) -> torch.Tensor:
     """The token ids kept in safetensors file `path`, or, when there is none, `sample()`'s, written there
-    atomically first: every caller asking for the same text (same file) then trains or calibrates on it."""
+    atomically first: every caller asking for the same text (same file) then trains or calibrates on it.
+
+    A file that is there is checked before use: one integer tensor `input_ids` of `shape`, every id
+    in [0, `vocab`) (an id beyond the embedding reads out of bounds); a UsageError names the file."""
+    from safetensors import SafetensorError
+
     from sparsefit.atomic import write_bytes
 
     if path.is_file():
-        return load_file(str(path))["input_ids"]
+        try:
+            ids = load_file(str(path))["input_ids"]
+        except (SafetensorError, OSError, KeyError) as err:
+            raise UsageError(
+                f"{path} is not a self-generated text file (no readable input_ids: {first_line(err, 80)}); "
+                "delete it to sample the text again"
+            ) from None
+        check_token_ids(ids, path, vocab, shape)
+        return ids
     ids = sample().cpu().contiguous()
     write_bytes(path, save({"input_ids": ids}))
     return ids
+
+
+def check_token_ids(
+    ids: torch.Tensor, path: Path | str, vocab: int | None, shape: tuple[int, ...] | None = None
+) -> None:
+    """A UsageError naming `path` unless `ids` are integers of `shape`, each in [0, `vocab`)."""
+    fix = "delete it to sample the text again"
+    if ids.is_floating_point() or ids.dtype == torch.bool or ids.is_complex():
+        raise UsageError(f"{path}: input_ids are {str(ids.dtype).removeprefix('torch.')}, not token ids; {fix}")
+    if shape is not None and tuple(ids.shape) != tuple(shape):
+        raise UsageError(f"{path}: input_ids are {tuple(ids.shape)}, expected {tuple(shape)}; {fix}")
+    if vocab is not None and ids.numel():
+        low, high = int(ids.min()), int(ids.max())
+        if low < 0 or high >= vocab:
+            bad = low if low < 0 else high
+            raise UsageError(
+                f"{path}: token id {bad} is outside the model's vocabulary [0, {vocab}); "
+                f"the file is damaged or from another model: {fix}"
+            )

@@ -37,9 +37,14 @@ def data_dir() -> Path:
     return Path(value).expanduser() if value else cache_root() / "data"
 
 
+def question_prompt(question: str) -> str:
+    """A GSM8K question as the harness's gsm8k task prompts it (evaluation and fine-tuning alike)."""
+    return f"Question: {question}\nAnswer:"
+
+
 def format_gsm8k(row: dict) -> str:
     """A GSM8K row as one training text: the harness's `Question: ...\\nAnswer: ...` layout."""
-    return f"Question: {row['question']}\nAnswer: {row['answer']}"
+    return f"{question_prompt(row['question'])} {row['answer']}"
 
 
 def join_wikitext(lines: list[str]) -> str:

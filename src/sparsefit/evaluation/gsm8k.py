@@ -13,7 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from sparsefit.atomic import write_text
-from sparsefit.data.sources import load_rows
+from sparsefit.data.sources import load_rows, question_prompt
 from sparsefit.errors import UsageError
 from sparsefit.evaluation.answers import extract_flexible, extract_strict, is_correct, mean_stderr, reference_answer
 from sparsefit.evaluation.generation import generate_texts
@@ -25,10 +25,6 @@ if TYPE_CHECKING:
 # The harness's gsm8k task: prompt, target delimiter, stop sequences, few-shot separator.
 STOPS = ["Question:", "</s>", "<|im_end|>"]
 FEWSHOT_SEED = 1234
-
-
-def question_prompt(question: str) -> str:
-    return f"Question: {question}\nAnswer:"
 
 
 def build_prompt(tokenizer: PreTrainedTokenizerBase, question: str, shots: list[dict], chat: bool) -> str:

@@ -8,9 +8,9 @@ from typing import TYPE_CHECKING
 
 import yaml
 
+from sparsefit.cache import cache_root
 from sparsefit.data.sources import data_dir
 from sparsefit.errors import UsageError
-from sparsefit.models.builtin import cache_root
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase

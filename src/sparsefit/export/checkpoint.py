@@ -13,15 +13,15 @@ from torch import nn
 
 from sparsefit.atomic import staging_dir
 from sparsefit.errors import UsageError
-from sparsefit.export.bitmask import FORMATS as BITMASK_FORMATS
 from sparsefit.export.bitmask import compress_state_dict, legacy_quantization_config
+from sparsefit.models.bitmask import FORMATS as BITMASK_FORMATS
 from sparsefit.models.builtin import strip_gguf_quantization
 from sparsefit.models.experts import ExpertMatrix
 from sparsefit.models.finite import refuse_non_finite
 from sparsefit.models.layout import decoder_linears
+from sparsefit.models.row_deltas import merge_row_deltas, row_delta_info, row_delta_state, save_row_deltas
 from sparsefit.models.slorb import detach_slorb, merge_slorb, save_slorb, slorb_info, slorb_state
 from sparsefit.models.sparsity import measure_sparsity
-from sparsefit.training.adapters.rows import merge_row_deltas, row_delta_info, row_delta_state, save_row_deltas
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -68,7 +68,7 @@ def save_checkpoint(
     out_dir = Path(out_dir)
     branches = slorb_state(model, state_dict)
     deltas = row_delta_state(model, state_dict)
-    if branches or deltas:  # side modules go to their own files (`models.slorb`, `training.adapters.rows`)
+    if branches or deltas:  # side modules go to their own files (`models.slorb`, `models.row_deltas`)
         whole = state_dict if state_dict is not None else model.state_dict()
         state_dict = {k: v for k, v in whole.items() if k not in branches and k not in deltas}
         if branches:
@@ -145,7 +145,7 @@ def export_checkpoint(
     """Write `model` in format `fmt`; returns files, bytes and sparsity.
 
     "hf": a plain checkpoint. "sparse-bitmask" / "sparse-24-bitmask": the decoder linears stored as
-    bitmask and nonzero values (`sparsefit.export.bitmask`), the layouts compressed-tensors up to
+    bitmask and nonzero values (`sparsefit.models.bitmask`), the layouts compressed-tensors up to
     0.14 wrote; sparsefit loads them back, current transformers and vLLM do not.
 
     A model with SLoRB branches: "keep" writes them beside the weights (`slorb.safetensors`, which

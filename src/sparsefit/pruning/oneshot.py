@@ -252,7 +252,7 @@ def oneshot(
 
     `calib` (N, L), or a list of ready batches, overrides the calibration data the config names.
     """
-    from sparsefit.training.adapters.rows import refuse_row_deltas
+    from sparsefit.models.row_deltas import refuse_row_deltas
 
     refuse_row_deltas(model, "pruning")  # a delta's mask would keep newly pruned weights alive
     start = time.perf_counter()

@@ -134,8 +134,8 @@ def quantize(
 
     `calib` (N, L), or a list of ready batches, overrides the calibration data the config names.
     """
+    from sparsefit.models.row_deltas import refuse_row_deltas
     from sparsefit.models.slorb import slorb_modules
-    from sparsefit.training.adapters.rows import refuse_row_deltas
 
     if slorb_modules(model):
         raise UsageError(

@@ -237,7 +237,22 @@ def _self_text(
         mark(run_dir, path.name)  # recorded as the run's before it exists
         return ids
 
-    return load_or_sample(path, sample)
+    model_config = loaded[0].config if loaded is not None else _model_config(spec)
+    return load_or_sample(path, sample, vocab=model_config.vocab_size, shape=(num, seq_len))
+
+
+def _model_config(spec: str):
+    """The config of model `spec`, read without loading its weights."""
+    from transformers import AutoConfig
+
+    from sparsefit.models import resolve_model
+    from sparsefit.models.loading import _load_error
+
+    resolved = resolve_model(spec)
+    try:
+        return AutoConfig.from_pretrained(resolved.path, **resolved.kwargs())
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise _load_error(resolved, err) from None
 
 
 def _evaluate(stage: EvaluateStage, model, tok, progress: bool, self_tokens) -> dict:  # noqa: ANN001

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from sparsefit.errors import UsageError
+from sparsefit.models.finite import refuse_non_finite_input
 
 # safetensors' dtype names
 DTYPES = {
@@ -93,7 +94,9 @@ class SafetensorsFile:
                 done += got
         if not data:
             return torch.empty(shape, dtype=dtype)
-        return torch.frombuffer(data, dtype=dtype).reshape(shape)
+        tensor = torch.frombuffer(data, dtype=dtype).reshape(shape)
+        refuse_non_finite_input({key: tensor}, self.path)  # each tensor (or run of rows) as it is read
+        return tensor
 
 
 SIDE_FILES = {
@@ -202,7 +205,7 @@ class CheckpointTensors:
         return Weight(self.tensor(f"{name}.weight").float())
 
     def _bitmask_weight(self, name: str) -> Weight:
-        from sparsefit.export.bitmask import decompress_state_dict
+        from sparsefit.models.bitmask import decompress_state_dict
 
         parts = {f"{name}.{s}": self.tensor(f"{name}.{s}") for s in (*_BITMASK_PARTS, *_QUANT_PARTS)
                  if f"{name}.{s}" in self._where}  # fmt: skip

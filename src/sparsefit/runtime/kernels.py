@@ -64,7 +64,7 @@ def _build_key() -> str:
 
 
 def build_dir() -> Path:
-    from sparsefit.models.builtin import cache_root
+    from sparsefit.cache import cache_root
 
     return cache_root() / "kernels" / _build_key()
 

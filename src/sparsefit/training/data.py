@@ -13,9 +13,8 @@ from typing import TYPE_CHECKING, Literal
 import torch
 
 from sparsefit.data.calibration import token_stream
-from sparsefit.data.sources import load_rows, load_texts, read_jsonl
+from sparsefit.data.sources import load_rows, load_texts, question_prompt, read_jsonl
 from sparsefit.errors import UsageError
-from sparsefit.evaluation.gsm8k import question_prompt
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

@@ -33,12 +33,12 @@ from transformers.pytorch_utils import Conv1D
 from sparsefit.atomic import clean_stale_in, discard_dir, foreign_entries, is_empty_dir, make_dir, mark, read_marker
 from sparsefit.errors import Interrupted, SparsefitError, UsageError
 from sparsefit.models.layout import decoder_layout
+from sparsefit.models.row_deltas import refuse_row_deltas
 from sparsefit.models.slorb import slorb_info
 from sparsefit.outputs import claim_output
 from sparsefit.pruning.magnitude import prune_magnitude
 from sparsefit.pruning.oneshot import peak_rss_mb
 from sparsefit.training.adapters.finetune import Adapters, finish_adapters, setup_adapters
-from sparsefit.training.adapters.rows import refuse_row_deltas
 from sparsefit.training.adaptive import AdaptiveMasks, input_sq_sums, setup_adaptive
 from sparsefit.training.config import FinetuneConfig
 from sparsefit.training.data import collate, example_order, load_examples, token_examples

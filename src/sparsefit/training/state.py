@@ -21,7 +21,7 @@ from torch import nn
 
 from sparsefit.atomic import crash_point, discard_dir, sha256_file, staging_dir
 from sparsefit.errors import SparsefitError, first_line
-from sparsefit.models.finite import refuse_non_finite
+from sparsefit.models.finite import refuse_non_finite, refuse_non_finite_input
 from sparsefit.training import sharding
 
 TRAINER_FILE = "trainer_state.json"
@@ -174,6 +174,9 @@ def read_trainer_state(folder: str | os.PathLike) -> dict:
     return json.loads((Path(folder) / TRAINER_FILE).read_text())["trainer"]
 
 
+_DAMAGED = "the checkpoint is damaged: delete it to resume from an earlier one, or start afresh"
+
+
 def load_training_state(
     path: str | os.PathLike,
     model: nn.Module,
@@ -187,7 +190,9 @@ def load_training_state(
     device = next(model.parameters()).device
     try:
         if sharding.is_sharded(model):  # every rank reads the full tensors and keeps its shard
-            sharding.load_model_state(model, load_file(str(path / "model.safetensors"), device=str(device)))
+            full = load_file(str(path / "model.safetensors"), device=str(device))
+            refuse_non_finite_input(full, path / "model.safetensors", _DAMAGED)
+            sharding.load_model_state(model, full)
             tensors = load_file(str(path / "optimizer.safetensors"), device=str(device))
             sharding.load_optimizer_state(model, optimizer, _optimizer_from_flat(tensors, meta["optimizer_groups"]))
         else:
@@ -198,6 +203,9 @@ def load_training_state(
         raise SparsefitError(
             f"checkpoint {path} does not fit this model and optimizer ({first_line(err, 160)})"
         ) from None
+    if not sharding.is_sharded(model):  # the sharded path tested the full tensors before sharding them
+        refuse_non_finite_input(model.named_parameters(), path / "model.safetensors", _DAMAGED)
+    refuse_non_finite_input(tensors, path / "optimizer.safetensors", _DAMAGED)
     scheduler.load_state_dict(meta["scheduler"])
     rng = load_file(str(path / "rng.safetensors"))
     torch.set_rng_state(rng["torch"])

@@ -10,8 +10,8 @@ from pydantic import ValidationError
 from sparsefit.cli import main
 from sparsefit.models import load_model
 from sparsefit.models.layout import weight_as_out_in
+from sparsefit.models.row_deltas import ROWS_FILE, row_delta_modules
 from sparsefit.training import FinetuneConfig, finetune
-from sparsefit.training.adapters.rows import ROWS_FILE, row_delta_modules
 from sparsefit.training.masks import SparsityMasks, decoder_linears
 from tests.training.test_loop import BASE, _interrupt_after, losses, sparse_tiny
 

@@ -8,7 +8,7 @@ from sparsefit.models.layout import weight_as_out_in
 from sparsefit.training.adapters.lora import attach_lora, lora_modules, merge_lora
 from sparsefit.training.masks import SparsityMasks, decoder_linears
 from tests.conftest import tiny_model
-from tests.training.adapters.test_rows import sparse_linears
+from tests.models.test_row_deltas import sparse_linears
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])

@@ -5,6 +5,7 @@ import torch
 from torch.nn.utils import parametrize
 
 from sparsefit.models.layout import weight_as_out_in
+from sparsefit.models.row_deltas import attach_row_deltas, merge_row_deltas
 from sparsefit.quantization.scheme import Grid, quantize_rtn
 from sparsefit.training.adapters.quantized import (
     base_bytes,
@@ -14,10 +15,9 @@ from sparsefit.training.adapters.quantized import (
     quantized_modules,
     unpack_int4,
 )
-from sparsefit.training.adapters.rows import attach_row_deltas, merge_row_deltas
 from sparsefit.training.masks import decoder_linears
 from tests.conftest import tiny_model
-from tests.training.adapters.test_rows import sparse_linears
+from tests.models.test_row_deltas import sparse_linears
 
 
 def test_pack_round_trip():

@@ -16,9 +16,9 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from sparsefit.errors import UsageError
+from sparsefit.models.row_deltas import attach_row_deltas, merge_row_deltas, row_delta_info
 from sparsefit.training.adapters.lora import attach_lora, merge_lora
 from sparsefit.training.adapters.quantized import base_bytes, dequantize_base, quantize_base_
-from sparsefit.training.adapters.rows import attach_row_deltas, merge_row_deltas, row_delta_info
 from sparsefit.training.adapters.select import choose_rows, row_scores
 from sparsefit.training.config import FinetuneConfig
 from sparsefit.training.losses import HeadPath, task_loss

@@ -7,7 +7,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from sparsefit.models.layout import weight_as_out_in
-from sparsefit.training.adapters.rows import (
+from sparsefit.models.row_deltas import (
     ROWS_FILE,
     RowDelta,
     attach_row_deltas,

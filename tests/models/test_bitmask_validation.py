@@ -4,7 +4,8 @@ allocates the dense weight: a damaged or hostile file gets one ValueError naming
 import pytest
 import torch
 
-from sparsefit.export.bitmask import compress_24_bitmask, compress_bitmask, decompress, decompress_state_dict
+from sparsefit.export.bitmask import compress_24_bitmask, compress_bitmask
+from sparsefit.models.bitmask import decompress, decompress_state_dict
 
 
 def weight(two_four=False):
