@@ -76,7 +76,7 @@ def _gguf():  # noqa: ANN202 - the module
     try:
         import gguf
     except ImportError:
-        raise UsageError("GGUF exports need the gguf package: pip install 'sparsefit[export]' (or gguf)") from None
+        raise UsageError("GGUF exports need the gguf package (a sparsefit dependency): pip install gguf") from None
     return gguf
 
 
