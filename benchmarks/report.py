@@ -89,6 +89,8 @@ SCRIPTS = {
     "sparse24_gpu": "sparse24_gpu.py",
     "runtime": "runtime.py",
     "serve": "serve.py",
+    # not gguf.py: a script beside the others named gguf would shadow the gguf package
+    "gguf": "gguf_export.py",
 }
 
 
@@ -671,6 +673,35 @@ def serve(r: dict) -> str:
     return "\n".join(out)
 
 
+def gguf(r: dict) -> str:
+    if isinstance(r.get("llama_cpp"), str):
+        return r["llama_cpp"]
+    a = r["args"]
+    out = [
+        f"{a['model']}, llama-perplexity on WikiText-2 test, context 512, first {a['chunks']} chunks, "
+        f"{a['threads']} threads. sparsefit's GGUF vs llama.cpp's convert_hf_to_gguf.py (+ llama-quantize) "
+        "of the same checkpoint; revived: pruned weights that read back nonzero from the file.",
+        "",
+    ]
+    rows = []
+    for name, m in r["models"].items():
+        for t, row in m["formats"].items():
+            if isinstance(row, str):
+                rows.append([name, t, row, "", "", "", "", ""])
+                continue
+            ours, theirs = row["sparsefit"], row.get("llama_cpp", {})
+            rows.append([name, t, f(ours.get("ppl"), 3), f(theirs.get("ppl"), 3), f(row.get("ppl_ratio"), 4),
+                         f"{ours['revived']} / {ours['pruned_weights']}",
+                         f"{theirs['revived']} / {theirs['pruned_weights']}" if theirs else "-",
+                         f(row["bytes"] / 2**20, 1)])  # fmt: skip
+    head = ["model", "type", "ppl sparsefit", "ppl llama.cpp", "ratio", "revived sparsefit", "revived llama.cpp",
+            "MiB"]  # fmt: skip
+    out += [table(head, rows), ""]
+    if r.get("max_ppl_deviation") is not None:
+        out.append(f"Largest perplexity deviation from llama.cpp's own files: {100 * r['max_ppl_deviation']:.2f}%.")
+    return "\n".join(out)
+
+
 RENDER: dict[str, Callable[[dict], str]] = {
     "quick": quick,
     "oneshot": oneshot,
@@ -693,6 +724,7 @@ RENDER: dict[str, Callable[[dict], str]] = {
     "runtime": runtime,
     "serve": serve,
     "moe_calibration": moe_calibration,
+    "gguf": gguf,
 }
 
 

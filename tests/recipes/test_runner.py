@@ -67,6 +67,10 @@ def test_run_chain_report_and_resume(tiny_checkpoint, data_dir, tmp_path, capsys
     resolved = yaml.safe_load((run_dir / "recipe.yaml").read_text())
     assert resolved["stages"][1]["sparsity"] == 0.5  # variables resolved
     assert (run_dir / "06-export" / "model.safetensors").is_file()
+    # the export's model card: what made the model (the fine-tune's record) and the numbers the run measured on it
+    card = (run_dir / "06-export" / "README.md").read_text()
+    assert "**Fine-tuning**" in card and f"| {rows['recovered']['ppl']:.4g} |" in card
+    assert f"| GSM8K answer perplexity | {rows['recovered']['answer_ppl']:.4g} |" in card
 
     # a full rerun skips every stage; the CLI prints the same table
     run_recipe(recipe_from_data(tiny_recipe(tiny_checkpoint)), run_dir, "cpu", progress=False)

@@ -31,7 +31,7 @@ _ORIGIN = {
 
 def data_dir() -> Path:
     """The data folder: `SPARSEFIT_DATA_DIR`, else `data` in the sparsefit cache."""
-    from sparsefit.models.builtin import cache_root
+    from sparsefit.cache import cache_root
 
     value = os.environ.get("SPARSEFIT_DATA_DIR")
     return Path(value).expanduser() if value else cache_root() / "data"

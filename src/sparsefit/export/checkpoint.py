@@ -14,6 +14,9 @@ from torch import nn
 from sparsefit.atomic import staging_dir
 from sparsefit.errors import UsageError
 from sparsefit.export.bitmask import compress_state_dict, legacy_quantization_config
+from sparsefit.export.card import README, model_card
+from sparsefit.export.gguf import FORMATS as GGUF_FORMATS
+from sparsefit.export.gguf import check_format as check_gguf_format
 from sparsefit.models.bitmask import FORMATS as BITMASK_FORMATS
 from sparsefit.models.builtin import strip_gguf_quantization
 from sparsefit.models.experts import ExpertMatrix
@@ -46,6 +49,8 @@ def save_checkpoint(
     state_dict: dict[str, torch.Tensor] | None = None,
     label: str = "checkpoint",
     sparsity: dict | None = None,
+    source_record: dict | None = None,
+    evaluation: dict | None = None,
 ) -> Path:
     """Save model + tokenizer as safetensors, plus `sparsity.json`, as one atomic replacement of `out_dir`.
 
@@ -56,6 +61,8 @@ def save_checkpoint(
     replaces the model's own tensors (the gathered weights of an FSDP-sharded model). An `out_dir`
     holding files sparsefit did not write is refused. `label` names the publish's crash points.
     `sparsity` replaces the summary measured on the weights (when `state_dict` holds packed ones).
+    A model card (`README.md`, `export.card`) is written from the same record, with `source_record`
+    (the record of the checkpoint an export came from) and `evaluation` (numbers measured in the run).
     """
     strip_gguf_quantization(model)
     if getattr(model, "hf_quantizer", None) is not None:
@@ -94,13 +101,14 @@ def save_checkpoint(
             tokenizer.save_pretrained(stage)
         as_json = {k: v.model_dump(mode="json") if isinstance(v, BaseModel) else v for k, v in info.items()}
         (stage / SPARSITY_FILE).write_text(json.dumps(as_json, indent=2) + "\n")
+        (stage / README).write_text(model_card(as_json, source_record, evaluation))
         for name, text in (extra_files or {}).items():
             (stage / name).write_text(text)
     return out_dir
 
 
 def _save_bitmask(
-    model: nn.Module, tokenizer: PreTrainedTokenizerBase, out_dir: Path, fmt: str, metadata: dict
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, out_dir: Path, fmt: str, metadata: dict, **card
 ) -> None:
     linears = decoder_linears(model)
     for module in linears.values():
@@ -117,7 +125,41 @@ def _save_bitmask(
     config = model.config.to_dict()
     config["quantization_config"] = legacy_quantization_config(fmt, names, summary["overall"])
     files = {"config.json": json.dumps(config, indent=2, sort_keys=True) + "\n"}
-    save_checkpoint(model, tokenizer, out_dir, metadata, extra_files=files, state_dict=state, sparsity=summary)
+    save_checkpoint(model, tokenizer, out_dir, metadata, extra_files=files, state_dict=state, sparsity=summary, **card)
+
+
+def _save_gguf(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    out_dir: Path,
+    fmt: str,
+    source: str,
+    metadata: dict,
+    source_record: dict | None = None,
+    evaluation: dict | None = None,
+) -> dict:
+    """One .gguf (weights, tokenizer, chat template), an Ollama Modelfile and sparsity.json, published
+    together as one atomic replacement of `out_dir`."""
+    from sparsefit.export.gguf import FILE_SUFFIX, MODELFILE, modelfile, write_gguf
+
+    strip_gguf_quantization(model)
+    if getattr(model, "hf_quantizer", None) is not None:
+        raise UsageError(
+            "the model was loaded from a quantized checkpoint; export its unquantized source as GGUF instead"
+        )
+    if tokenizer is None:
+        raise UsageError("a GGUF file holds the tokenizer: export a model that has one")
+    summary = sparsity_summary(model)
+    name = Path(str(source).rstrip("/")).name.removesuffix(".gguf") or "model"
+    filename = f"{name}-{FILE_SUFFIX[fmt]}.gguf"
+    with staging_dir(out_dir, label="gguf") as stage:
+        written = write_gguf(model, tokenizer, stage / filename, fmt, name, summary)
+        info = {"file": filename, **written}
+        (stage / MODELFILE).write_text(modelfile(filename, tokenizer))
+        as_json = {"sparsity": summary, **metadata, "gguf": info}
+        (stage / SPARSITY_FILE).write_text(json.dumps(as_json, indent=2) + "\n")
+        (stage / README).write_text(model_card(as_json, source_record, evaluation))
+    return info
 
 
 def read_sparsity(checkpoint: str | os.PathLike) -> dict | None:
@@ -129,7 +171,7 @@ def read_sparsity(checkpoint: str | os.PathLike) -> dict | None:
     return info if isinstance(info, dict) and isinstance(info.get("sparsity"), dict) else None
 
 
-EXPORT_FORMATS = ("hf", *BITMASK_FORMATS)
+EXPORT_FORMATS = ("hf", *BITMASK_FORMATS, *GGUF_FORMATS)
 SLORB_CHOICES = ("keep", "drop", "merge")
 
 
@@ -141,6 +183,7 @@ def export_checkpoint(
     fmt: str = "hf",
     slorb: str = "keep",
     row_adapters: str = "keep",
+    evaluation: dict | None = None,
 ) -> dict:
     """Write `model` in format `fmt`; returns files, bytes and sparsity.
 
@@ -153,7 +196,12 @@ def export_checkpoint(
     weights (one plain checkpoint, no longer N:M). Unmerged row adapters: "keep" writes them beside
     the weights (`row_adapters.safetensors`), "merge" folds them in (W[rows] += D * M[rows]: the
     sparsity is kept).
+
+    Every format gets a model card (`README.md`) stating what the source checkpoint's record says
+    was done (pruning, fine-tuning, quantization), the sparsity measured now, and `evaluation`
+    (name -> number, measured on this model in the same run) when given.
     """
+    check_gguf_format(fmt)
     if fmt not in EXPORT_FORMATS:
         raise UsageError(f"unknown export format '{fmt}'; use one of: {', '.join(EXPORT_FORMATS)}")
     if slorb not in SLORB_CHOICES:
@@ -163,20 +211,31 @@ def export_checkpoint(
     out_dir = Path(out_dir)
     metadata = {"exported_from": source, "format": fmt}
     branches = slorb_info(model)
+    if fmt in GGUF_FORMATS and branches is not None and slorb == "keep":
+        raise UsageError("a GGUF file holds the plain weights, not SLoRB branches: pass --slorb merge or --slorb drop")
     if branches is not None and slorb != "keep":
         (detach_slorb if slorb == "drop" else merge_slorb)(model)
         metadata["slorb"] = {"dropped" if slorb == "drop" else "merged": branches}
     deltas = row_delta_info(model)
+    if fmt in GGUF_FORMATS and deltas is not None and row_adapters == "keep":
+        raise UsageError("a GGUF file holds the plain weights, not row adapters: pass --row-adapters merge")
     if deltas is not None and row_adapters == "merge":
         merge_row_deltas(model)
         metadata["row_adapters"] = {"merged": deltas}
+    gguf_info = None
+    recorded = read_sparsity(source) if Path(source).is_dir() else None
+    card = {"source_record": {k: v for k, v in (recorded or {}).items() if k != "sparsity"}, "evaluation": evaluation}
     if fmt == "hf":
-        save_checkpoint(model, tokenizer, out_dir, metadata)
+        save_checkpoint(model, tokenizer, out_dir, metadata, **card)
+    elif fmt in GGUF_FORMATS:
+        gguf_info = _save_gguf(model, tokenizer, out_dir, fmt, source, metadata, **card)
     else:
-        _save_bitmask(model, tokenizer, out_dir, fmt, metadata)
+        _save_bitmask(model, tokenizer, out_dir, fmt, metadata, **card)
     files = sorted(p.name for p in out_dir.iterdir() if not p.name.startswith("."))
     size = sum(p.stat().st_size for p in out_dir.iterdir() if p.is_file())
     info = {"format": fmt, "files": files, "bytes": size, "sparsity": sparsity_summary(model)["overall"]}
+    if gguf_info is not None:
+        info["gguf"] = gguf_info
     if branches is not None:
         info["slorb"] = {"keep": "kept", "drop": "dropped", "merge": "merged"}[slorb]
     if deltas is not None:

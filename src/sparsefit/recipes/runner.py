@@ -207,8 +207,23 @@ def _run_stage(
         return result
     if isinstance(stage, ExportStage):
         model, tok = load_model_and_tokenizer(current, "float32", "cpu")
-        return export_checkpoint(model, tok, folder, current, stage.format)
+        return export_checkpoint(model, tok, folder, current, stage.format, evaluation=_evaluation_of(current, outputs))
     raise TypeError(f"unknown stage {stage!r}")
+
+
+def _evaluation_of(model: str, outputs: dict[str, str]) -> dict | None:
+    """The numbers of the last evaluate stage of this run that measured `model` (for its model card)."""
+    from sparsefit.export.card import evaluation_numbers
+
+    found = None
+    for folder in outputs.values():
+        try:
+            result = json.loads((Path(folder) / "eval.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(result, dict) and result.get("model") == model:
+            found = evaluation_numbers(result)
+    return found or None
 
 
 def _self_text(
