@@ -59,7 +59,9 @@ RERUN = {
     "moe_calibration": f"{_DATA} python benchmarks/moe_calibration.py --out benchmarks/results/moe_calibration.json",
     "sparse24_gpu": "python benchmarks/sparse24_gpu.py --out benchmarks/results/sparse24_gpu.json (on a GPU)",
     "runtime": f"{_DATA} python benchmarks/runtime.py",
-    "serve": f"{_DATA} python benchmarks/serve.py",
+    "serve": f"{_DATA} python benchmarks/serve.py --llama-server ../llamacpp/llama.cpp/build/bin/llama-server "
+    "--gguf ../llamacpp/smollm2-135m-Q8_0.gguf",
+    "gguf": f"{_DATA} python benchmarks/gguf_export.py --llama-cpp-dir ../llamacpp --chunks 16",
 }
 
 # result file stem -> the script that writes it
