@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from environment import environment
+from sparsefit.atomic import write_json
 from sparsefit.data import load_texts, sample_calibration
 from sparsefit.models import load_model_and_tokenizer
 from sparsefit.models.layout import decoder_layout, select_linears, weight_as_out_in
@@ -95,6 +97,7 @@ def main() -> None:
     )
     parser.add_argument("--out", default="benchmarks/results/reconstruct_error.json")
     args = parser.parse_args()
+    env = environment()  # at the start: the code that measures is the code recorded
 
     model, tok = load_model_and_tokenizer(args.model, "float32", "cpu")
     calib = sample_calibration(tok, load_texts("gsm8k", "train"), args.num_samples, args.seq_len, 0)
@@ -112,14 +115,15 @@ def main() -> None:
                 for structure in args.structures:
                     rows += measure_layer(name, weight_as_out_in(module), stats, structure, args.iters, args.ranks)
     result = {
+        "benchmark": "reconstruct_error",
+        "environment": env,
         "model": args.model,
         "calibration": f"gsm8k train {args.num_samples} x {args.seq_len}, seed 0",
         "blocks": args.blocks,
         "summary_loss_ratio": summarize(rows),  # sum over the layers of the refit loss / the method's loss
         "layers": rows,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    write_json(Path(args.out), result)
     print(json.dumps(result["summary_loss_ratio"], indent=2))
 
 
