@@ -62,6 +62,7 @@ RERUN = {
     "serve": f"{_DATA} python benchmarks/serve.py --llama-server ../llamacpp/llama.cpp/build/bin/llama-server "
     "--gguf ../llamacpp/smollm2-135m-Q8_0.gguf",
     "gguf": f"{_DATA} python benchmarks/gguf_export.py --llama-cpp-dir ../llamacpp --chunks 16",
+    "fuzz": "python benchmarks/fuzz.py --scale 20",
 }
 
 # result file stem -> the script that writes it
@@ -93,6 +94,7 @@ SCRIPTS = {
     "serve": "serve.py",
     # not gguf.py: a script beside the others named gguf would shadow the gguf package
     "gguf": "gguf_export.py",
+    "fuzz": "fuzz.py",
 }
 
 
@@ -631,6 +633,17 @@ def runtime(r: dict) -> str:
     return "\n".join(out)
 
 
+def fuzz(r: dict) -> str:
+    c = r["cases"]
+    return (
+        f"The readers' fuzz test (`tests/test_fuzz_readers.py`: mutated safetensors checkpoints, bitmask "
+        f"parts, row-adapter and SLoRB side files, wrongly typed recipe fields) at {r['scale']}x the cases "
+        f"CI runs, on fresh random draws: {c['passing']} cases passed (a correct load or one clean error, "
+        f"peak memory within the bound), {c['failing']} failed, {c['invalid']} draws rejected by the "
+        f"strategies; {r['seconds']:.0f} s; pytest: {r['pytest_summary']}."
+    )
+
+
 def moe_calibration(r: dict) -> str:
     a, t, runs = r["args"], r["train"], r["runs"]
     rows = [
@@ -726,6 +739,7 @@ RENDER: dict[str, Callable[[dict], str]] = {
     "runtime": runtime,
     "serve": serve,
     "moe_calibration": moe_calibration,
+    "fuzz": fuzz,
     "gguf": gguf,
 }
 

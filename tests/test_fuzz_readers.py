@@ -6,6 +6,7 @@ exception, and the process must not grow by a large allocation (a small file cla
 tensor). Bounded: few examples, a deadline each, the whole file well under 30 s."""
 
 import copy
+import os
 import resource
 import shutil
 
@@ -26,9 +27,16 @@ from sparsefit.recipes.loading import builtin_recipes, read_recipe_data, recipe_
 from sparsefit.runtime.checkpoint import CheckpointTensors
 from tests.conftest import tiny_model
 
-FUZZ = settings(
-    max_examples=25, deadline=2000, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture]
-)
+# The fast slice CI runs is fixed (derandomized); SPARSEFIT_FUZZ_SCALE=N runs N times the cases on
+# fresh random draws (the long run: benchmarks/fuzz.py).
+SCALE = max(1, int(os.environ.get("SPARSEFIT_FUZZ_SCALE", "1")))
+
+
+def fuzz(examples: int, deadline: int, **kw: object) -> settings:
+    return settings(max_examples=examples * SCALE, deadline=deadline, derandomize=SCALE == 1, **kw)
+
+
+FUZZ = fuzz(25, 2000, suppress_health_check=[HealthCheck.function_scoped_fixture])
 GROWTH_MB = 256  # what one case may add to the process's peak memory
 
 
@@ -113,7 +121,7 @@ part_changes = st.lists(
 )
 
 
-@settings(max_examples=200, deadline=1000, derandomize=True)
+@fuzz(200, 1000)
 @given(fmt=st.sampled_from(["sparse-bitmask", "sparse-24-bitmask"]), changes=part_changes)
 def test_bitmask_parts_that_disagree_are_a_value_error(fmt, changes):
     torch.manual_seed(0)
@@ -236,7 +244,7 @@ def paths_of(data, prefix=()):
             yield from paths_of(v, (*prefix, i))
 
 
-@settings(max_examples=60, deadline=1000, derandomize=True)
+@fuzz(60, 1000)
 @given(name=st.sampled_from(sorted(builtin_recipes())), pick=st.integers(0, 10**6), value=WRONG)
 def test_a_recipe_with_a_wrongly_typed_field_is_valid_or_one_usage_error(name, pick, value):
     data, label = read_recipe_data(name)
