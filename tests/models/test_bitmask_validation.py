@@ -1,6 +1,11 @@
 """The compact reader checks every part of a compressed weight against the others before it
 allocates the dense weight: a damaged or hostile file gets one ValueError naming the part."""
 
+import os
+import resource
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -166,3 +171,33 @@ def test_a_compressed_weight_whose_parts_disagree_names_file_and_tensor(compact,
     edit_tensors(compact, model__layers__0__mlp__up_proj__shape=torch.tensor([1 << 30, 64]))
     with pytest.raises(UsageError, match=r"model.safetensors: model.layers.0.mlp.up_proj: bitmask is uint8 \(128, 8\)"):
         load_model(compact)
+
+
+LIMIT_BYTES = 6 << 30  # address space for a child that loads a tiny model: ample for it, not for a bomb
+
+
+def _limited(argv: list[str]) -> subprocess.CompletedProcess:
+    """`sparsefit ...` in a child whose address space is capped: an allocation for what a config
+    claims fails there, however lazily the memory would have been touched."""
+
+    def cap() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (LIMIT_BYTES, LIMIT_BYTES))
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_ARENA_MAX": "2"}
+    return subprocess.run([sys.executable, "-m", "sparsefit.cli", *argv], capture_output=True, text=True,
+                          env=env, preexec_fn=cap, timeout=300)  # fmt: skip
+
+
+@pytest.mark.parametrize("command", ["export", "generate"])
+def test_a_config_claiming_a_huge_model_is_refused_under_an_address_space_limit(compact, tmp_path, command):
+    argv = {
+        "export": ["export", "--model", str(compact), "--output", str(tmp_path / "o")],
+        "generate": ["generate", "--model", str(compact), "--prompt", "Tom", "--max-new-tokens", "2"],
+    }[command]
+    fine = _limited(argv)  # the honest checkpoint works under the cap
+    assert fine.returncode == 0, fine.stderr[-2000:]
+    edit_config(compact, hidden_size=1 << 16, intermediate_size=1 << 18, vocab_size=1 << 20)
+    bomb = _limited([a.replace(str(tmp_path / "o"), str(tmp_path / "o2")) for a in argv])
+    errors = [line for line in bomb.stderr.splitlines() if line.startswith("sparsefit: error:")]
+    assert bomb.returncode == 2 and len(errors) == 1 and "config.json implies" in errors[0], bomb.stderr[-2000:]
+    assert "MemoryError" not in bomb.stderr and "Traceback" not in bomb.stderr
