@@ -39,7 +39,7 @@ RERUN = {
     f"{_DATA} python benchmarks/oneshot.py --runs sparsegpt-50 sparsegpt-2:4 wanda-50 --one-seed sparsegpt-2:4 "
     "wanda-50 --seeds 0 1 2 --out benchmarks/results/oneshot_avx2.json",
     "calibration": f"{_DATA} python benchmarks/calibration.py --out benchmarks/results/calibration.json",
-    "quantize": f"{_DATA} python benchmarks/quantize.py",
+    "quantize": f"{_DATA} python benchmarks/quantize.py --dense",
     "generation": f"{_DATA} python benchmarks/generation.py",
     "checkpoint_overhead": f"{_DATA} python benchmarks/checkpoint_overhead.py",
     "recovery": f"{_DATA} python benchmarks/recovery.py --out benchmarks/results/recovery.json",
