@@ -11,7 +11,7 @@ import threading
 
 import uvicorn
 
-from sparsefit.errors import UsageError
+from sparsefit.errors import SparsefitError, UsageError
 from sparsefit.runtime.config import DEFAULT_MAX_MODEL_LEN, ServeOptions
 
 log = logging.getLogger("sparsefit.serve")
@@ -121,6 +121,8 @@ def run_server(spec: str, options: ServeOptions) -> None:
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
+        if not server.started:  # uvicorn gave up before serving (its reason is in the log above)
+            raise SparsefitError("the HTTP server did not start; see the log lines above")
     finally:
         sock.close()
 
