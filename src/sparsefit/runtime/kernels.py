@@ -36,7 +36,7 @@ SOURCES = (
     "bf16_avx2.cpp",
     "int8_avx2.cpp",
 )
-HEADERS = ("packed.h", "dispatch.h", "avx512.h", "avx2.h")
+HEADERS = ("packed.h", "prefetch.h", "dispatch.h", "avx512.h", "avx2.h")
 ISAS = ("avx512", "avx2")  # the dispatch table's rows, best first (ops.cpp)
 ISA_ENV = "SPARSEFIT_KERNEL_ISA"  # auto (default) | avx512 | avx2: force a row, e.g. to test AVX2 here
 

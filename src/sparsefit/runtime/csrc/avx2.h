@@ -19,12 +19,11 @@
 #include <vector>
 
 #include "packed.h"
+#include "prefetch.h"
 
 namespace sparsefit::avx2 {
 
 constexpr int kMaxBatch = 8;  // batch rows per pass of the batched loop (16 ymm registers in all)
-constexpr int64_t kAheadValues = 2048;  // software prefetch distances, bytes (see avx512.h)
-constexpr int64_t kAheadMasks = 512;
 
 inline float hsum(__m256 v) {
   const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -75,7 +74,7 @@ inline void gemv_block(const PackedView& w, const float* x, float* y, int64_t b)
         for (int r = s0 + S; r < R; ++r) q += _mm_popcnt_u64(mg[r]);
         group = q;
       }
-      // Software prefetch, as on AVX-512 (avx512.h: the hardware prefetchers lose these streams).
+      // Software prefetch (prefetch.h: the hardware prefetchers lose these streams).
       for (int j = 0; j < S; ++j) _mm_prefetch(reinterpret_cast<const char*>(p[j]) + kAheadValues, _MM_HINT_T0);
       if constexpr (!Dense) _mm_prefetch(reinterpret_cast<const char*>(m + g * R) + kAheadMasks, _MM_HINT_T0);
       const float* xg = x + g * kGroup;
@@ -108,28 +107,14 @@ inline void gemm_block(const PackedView& w, const float* x, int64_t xs, float* y
     int64_t at = w.block_offsets[b];
     for (int64_t i = 0; i < w.groups * R; ++i) starts[i] = at, at += _mm_popcnt_u64(m[i]);
   }
-  // The next block into L2 while this one is worked on, a few lines per (row, group) step: the
-  // loop visits a block's values row by row, out of their stored order, which the hardware
-  // prefetchers do not follow from DRAM.
-  const char* ahead = nullptr;
-  const char* ahead_end = nullptr;
-  int64_t per_step = 0;
-  if (b + 1 < w.blocks) {
-    if constexpr (!Dense) {
-      const char* mn = reinterpret_cast<const char*>(w.masks + (b + 1) * w.groups * R);
-      for (int64_t k = 0; k < w.groups * R * 8; k += 64) _mm_prefetch(mn + k, _MM_HINT_T1);
-    }
-    ahead = reinterpret_cast<const char*>(base + w.block_offsets[b + 1]);
-    ahead_end = reinterpret_cast<const char*>(base + w.block_offsets[b + 2]);
-    per_step = ((ahead_end - ahead) / 64 + w.groups * R) / (w.groups * R);
-  }
+  NextBlock next = next_block<V, R>(w, b, w.groups * R);  // one step per (row, group)
   for (int r = 0; r < R; ++r) {
     const int64_t n = b * R + r;
     if (n >= w.rows) break;
     __m256 acc[B];
     for (int i = 0; i < B; ++i) acc[i] = _mm256_setzero_ps();
     for (int64_t g = 0; g < w.groups; ++g) {
-      for (int64_t k = 0; k < per_step && ahead < ahead_end; ++k, ahead += 64) _mm_prefetch(ahead, _MM_HINT_T1);
+      next.step();
       const V* p = base + (Dense ? w.block_offsets[b] + (g * R + r) * kGroup : starts[g * R + r]);
       const uint64_t mask = Dense ? ~0ull : m[g * R + r];
       const float* xg = x + g * kGroup;

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "packed.h"
+#include "prefetch.h"
 
 namespace sparsefit::avx512 {
 
@@ -33,14 +34,6 @@ inline void load_row(const typename L::Value* p, uint64_t mask, __m512 v[4]) {
     L::load(p, mask, v);
   }
 }
-
-// Software prefetch distances. The hardware prefetchers lose track of the two streams (masks, and
-// values whose addresses depend on the masks' popcounts): without these the batch-1 loop waits on
-// memory and moves a fraction of the DRAM bandwidth, at every density. Measured on a Xeon with
-// AVX-512 over a rotation of weights larger than L3: 2 KiB ahead in the values and 512 B in the masks
-// reach ~95% of the DRAM read bandwidth at 30-50% density (benchmarks/runtime.py).
-constexpr int64_t kAheadValues = 2048;  // bytes
-constexpr int64_t kAheadMasks = 512;    // bytes
 
 // Batch 1: the R rows of block b side by side, so each group's 64 inputs are loaded once for R rows
 // and R independent accumulation chains are in flight.
@@ -96,35 +89,6 @@ inline void row_starts(const PackedView& w, int64_t b, std::vector<int64_t>& sta
 constexpr int kBatchTile = 8;
 constexpr int64_t kChunkGroups = 8;
 
-// Brings the next block into L2 while the batched loop works on this one, a few lines per step:
-// the batched loop visits a block's values out of order (row pairs within column chunks), which
-// the hardware prefetchers do not follow from DRAM.
-struct NextBlock {
-  const char* at = nullptr;
-  const char* end = nullptr;
-  int64_t per_step = 0;
-  inline void step() {
-    for (int64_t k = 0; k < per_step && at < end; ++k, at += 64) _mm_prefetch(at, _MM_HINT_T1);
-  }
-};
-
-template <class L, int R>
-inline NextBlock next_block(const PackedView& w, int64_t b, int64_t steps) {
-  using V = typename L::Value;
-  NextBlock n;
-  if (b + 1 >= w.blocks) return n;
-  const V* values = static_cast<const V*>(w.values);
-  // Masks first (they sit apart from the values; prefetch them in one go), then the values.
-  if (w.masks != nullptr) {
-    const char* m = reinterpret_cast<const char*>(w.masks + (b + 1) * w.groups * R);
-    for (int64_t k = 0; k < w.groups * R * 8; k += 64) _mm_prefetch(m + k, _MM_HINT_T1);
-  }
-  n.at = reinterpret_cast<const char*>(values + w.block_offsets[b + 1]);
-  n.end = reinterpret_cast<const char*>(values + w.block_offsets[b + 2]);
-  n.per_step = ((n.end - n.at) / 64 + steps) / steps;
-  return n;
-}
-
 template <class L, bool Dense, int R, int B>
 inline void gemm_block(const PackedView& w, const __m512* xt, float* y, int64_t ys, int64_t b,
                        const std::vector<int64_t>& starts, __m512* acc) {
@@ -135,7 +99,7 @@ inline void gemm_block(const PackedView& w, const __m512* xt, float* y, int64_t 
     return base + (Dense ? w.block_offsets[b] + (g * R + r) * kGroup : starts[g * R + r]);
   };
   for (int i = 0; i < R * B; ++i) acc[i] = _mm512_setzero_ps();
-  NextBlock next = next_block<L, R>(w, b, w.groups * R / 2);
+  NextBlock next = next_block<V, R>(w, b, w.groups * R / 2);
   for (int64_t g0 = 0; g0 < w.groups; g0 += kChunkGroups) {
     const int64_t g1 = g0 + kChunkGroups < w.groups ? g0 + kChunkGroups : w.groups;
     for (int r = 0; r < R; r += 2) {
