@@ -9,13 +9,18 @@ import torch
 from sparsefit.runtime.checkpoint import CheckpointTensors
 from sparsefit.runtime.decoder import load_decoder
 from sparsefit.runtime.engine import Engine, Request, run_requests
-from sparsefit.runtime.kernels import load_kernels
+from sparsefit.runtime.kernels import ISAS, input_dtype, load_kernels
 from sparsefit.runtime.reference import ReferenceDecoder
 from sparsefit.runtime.sampling import Sampling
 from tests.conftest import tiny_model
 
 pytestmark = pytest.mark.skipif(not load_kernels().available, reason="kernels unavailable")
 FAMILIES = ["llama", "qwen2", "qwen3", "mistral"]
+RUNNABLE = [isa for isa in ISAS if load_kernels().supports(isa)]
+# The comparisons with transformers' fp32 forward run the kernels that take fp32 inputs; the ones
+# that round inputs to bf16 (AMX) are compared with a reference that rounds them the same way.
+FP32_ISA = next((isa for isa in RUNNABLE if input_dtype(isa, "bfloat16") == torch.float32), None)
+BF16_ISAS = [isa for isa in RUNNABLE if input_dtype(isa, "bfloat16") == torch.bfloat16]
 
 
 def _bf16_model(arch: str, window: int | None = None, sparsity: float = 0.5):
@@ -60,13 +65,28 @@ def test_decoder_and_reference_match_transformers(arch, saved):
     with torch.no_grad():
         expected = model(torch.tensor([ids])).logits[0]
     src = CheckpointTensors(path)
-    for decoder in (load_decoder(src), ReferenceDecoder(src)):
+    for decoder in (load_decoder(src, isa=FP32_ISA), ReferenceDecoder(src)):
         torch.testing.assert_close(_prefill(decoder, ids), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not BF16_ISAS, reason="this CPU has no kernels that round inputs to bf16 (AMX)")
+@pytest.mark.parametrize("values", ["bfloat16", "int8"])
+def test_bf16_input_kernels_match_a_reference_that_rounds_the_same(saved, values):
+    model = _bf16_model("llama")
+    src = CheckpointTensors(saved(model))
+    ids = [1, 17, 43, 99, 5, 250, 12, 7, 64, 3, 200, 31]
+    fp32 = _prefill(load_decoder(src, values, isa=FP32_ISA), ids)
+    for isa in BF16_ISAS:
+        got = _prefill(load_decoder(src, values, isa=isa), ids)
+        if values == "bfloat16":
+            torch.testing.assert_close(got, _prefill(ReferenceDecoder(src, torch.bfloat16), ids), rtol=1e-4, atol=1e-4)
+        # Rounding the inputs moves the logits by about bf16's precision, not more.
+        assert (got - fp32).abs().max() < 0.05 * fp32.abs().max()
 
 
 def test_int8_values_run_the_weights_they_report(saved):
     model = _bf16_model("llama")
-    decoder = load_decoder(CheckpointTensors(saved(model)), values="int8")
+    decoder = load_decoder(CheckpointTensors(saved(model)), values="int8", isa=FP32_ISA)
     h, kv = model.config.hidden_size, model.config.num_key_value_heads * 16
     with torch.no_grad():
         for layer, block in zip(decoder.layers, model.model.layers):

@@ -29,7 +29,7 @@ class RuntimeOptions(BaseModel):
         description="stored values of the packed weights: bfloat16, or int8 with one scale per output row "
         "(default: int8 for a per-channel int8 checkpoint, else bfloat16)",
     )
-    isa: Literal["auto", "avx512", "avx2"] = Field(
+    isa: Literal["auto", "amx", "avx512", "avx2"] = Field(
         "auto", description="instruction set of the kernels (default auto: the best this CPU has)"
     )
     threads: int | None = Field(None, ge=1, le=1024, description="CPU threads (default: torch's, one per core)")

@@ -33,12 +33,17 @@ SOURCES = (
     "llama.cpp",
     "bf16_avx512.cpp",
     "int8_avx512.cpp",
+    "bf16_amx.cpp",
+    "int8_amx.cpp",
     "bf16_avx2.cpp",
     "int8_avx2.cpp",
 )
-HEADERS = ("packed.h", "prefetch.h", "dispatch.h", "avx512.h", "avx2.h")
-ISAS = ("avx512", "avx2")  # the dispatch table's rows, best first (ops.cpp)
-ISA_ENV = "SPARSEFIT_KERNEL_ISA"  # auto (default) | avx512 | avx2: force a row, e.g. to test AVX2 here
+HEADERS = ("packed.h", "prefetch.h", "dispatch.h", "avx512.h", "avx2.h", "amx.h")
+ISAS = ("amx", "avx512", "avx2")  # the dispatch table's rows, best first (ops.cpp)
+# The rows whose kernels round the inputs to bf16 for a value type (AMX multiplies bf16 by bf16);
+# the others take fp32 inputs as they are.
+ROUNDS_INPUTS = {("amx", "bfloat16"), ("amx", "int8")}
+ISA_ENV = "SPARSEFIT_KERNEL_ISA"  # auto (default) | amx | avx512 | avx2: force a row, e.g. to test AVX2 here
 
 
 @dataclass(frozen=True)
@@ -114,6 +119,11 @@ def _register_fake() -> None:
     @torch.library.register_fake("sparsefit::linear")
     def _(x, masks, values, block_offsets, scales, bias, rows, cols, row_block, isa):  # noqa: ANN001, ANN202
         return x.new_empty((*x.shape[:-1], rows))
+
+
+def input_dtype(isa: str, values: str) -> torch.dtype:
+    """The precision the kernels of `isa` take the inputs of `values` weights in."""
+    return torch.bfloat16 if (isa, values) in ROUNDS_INPUTS else torch.float32
 
 
 def choose_isa(requested: str | None = None) -> str:

@@ -3,8 +3,9 @@
 `load_runtime(spec)` packs any sparsefit checkpoint (a builtin name, a checkpoint directory of any
 export format, a .gguf file) into a `RuntimeModel`: the decoder, its tokenizer and end-of-text
 tokens. `runtime="sparse"` (default) runs the packed kernels; `"dense"` runs `reference.py` on the
-same bfloat16 weights with torch's dense matmuls. Weights are read one tensor at a time, so the
-dense model is never built (except from a .gguf file, which transformers dequantizes whole).
+same bfloat16 weights with torch's dense matmuls (its inputs rounded as the kernels round them).
+Weights are read one tensor at a time, so the dense model is never built (except from a .gguf
+file, which transformers dequantizes whole).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import torch
 
 from sparsefit.errors import UsageError
 from sparsefit.runtime.checkpoint import CheckpointTensors
@@ -123,9 +126,16 @@ def load_runtime(
         decoder = load_decoder(src, values, isa=isa, progress=progress)
         kernel = isa
     else:
+        from sparsefit.runtime.kernels import choose_isa, input_dtype
         from sparsefit.runtime.reference import ReferenceDecoder
 
-        decoder, kernel, values = ReferenceDecoder(src), "torch", "bfloat16"
+        # The sparse runtime's arithmetic on this CPU (inputs rounded to bf16 where its kernels do
+        # that) by torch's dense matmuls: the reference its greedy tokens are checked against.
+        try:
+            inputs = input_dtype(choose_isa(isa), "bfloat16")
+        except ValueError:
+            inputs = torch.float32
+        decoder, kernel, values = ReferenceDecoder(src, inputs), "torch", "bfloat16"
     tokenizer = load_tokenizer(str(folder))
     return RuntimeModel(decoder, tokenizer, _eos_ids(folder, tokenizer), runtime, kernel, values, spec,
                         time.perf_counter() - start)  # fmt: skip

@@ -36,8 +36,12 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class ReferenceDecoder:
-    def __init__(self, src: CheckpointTensors) -> None:
+    """`inputs`: the precision each linear's inputs are rounded to first (bfloat16 to follow the
+    kernels that multiply bf16 by bf16, `kernels.input_dtype`); float32 leaves them as they are."""
+
+    def __init__(self, src: CheckpointTensors, inputs: torch.dtype = torch.float32) -> None:
         config = src.config
+        self.inputs = inputs
         self.shape: DecoderShape = decoder_shape(config, 8)
 
         def w(name: str) -> torch.Tensor:
@@ -69,6 +73,9 @@ class ReferenceDecoder:
         self.norm = src.tensor("model.norm.weight").float()
         self.cos, self.sin = rotary_tables(config, self.shape.max_positions)
 
+    def _in(self, h: torch.Tensor) -> torch.Tensor:
+        return h if self.inputs == torch.float32 else h.to(self.inputs).float()
+
     @property
     def weight_bytes(self) -> int:
         tensors = {id(t): t for layer in self.layers for t in vars(layer).values() if t is not None}
@@ -92,7 +99,7 @@ class ReferenceDecoder:
             visible &= columns[None] > positions[:, None] - s.window
         for i, layer in enumerate(self.layers):
             h = F.rms_norm(x, (s.hidden,), layer.ln1, s.eps)
-            qkv = F.linear(h, layer.qkv, layer.qkv_bias)
+            qkv = F.linear(self._in(h), layer.qkv, layer.qkv_bias)
             q = qkv[:, : s.heads * d].view(n, s.heads, d)
             k = qkv[:, s.heads * d : (s.heads + s.kv_heads) * d].view(n, s.kv_heads, d)
             v = qkv[:, (s.heads + s.kv_heads) * d :].view(n, s.kv_heads, d)
@@ -107,9 +114,9 @@ class ReferenceDecoder:
             a = F.scaled_dot_product_attention(
                 q[:, :, None], keys, values, attn_mask=visible[:, None, None], enable_gqa=True
             )  # (n, heads, 1, d)
-            x = x + F.linear(a.reshape(n, s.heads * d), layer.o)
+            x = x + F.linear(self._in(a.reshape(n, s.heads * d)), layer.o)
             h = F.rms_norm(x, (s.hidden,), layer.ln2, s.eps)
-            gate, up = F.linear(h, layer.gate_up).chunk(2, -1)
-            x = x + F.linear(F.silu(gate) * up, layer.down)
+            gate, up = F.linear(self._in(h), layer.gate_up).chunk(2, -1)
+            x = x + F.linear(self._in(F.silu(gate) * up), layer.down)
         h = F.rms_norm(x[last], (s.hidden,), self.norm, s.eps)
-        return F.linear(h, self.head)
+        return F.linear(self._in(h), self.head)

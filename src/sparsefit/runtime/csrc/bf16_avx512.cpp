@@ -23,8 +23,8 @@ struct Bf16 {
   }
   static inline void load(const Value* p, uint64_t mask, __m512 w[4]) {
     const uint32_t lo = static_cast<uint32_t>(mask), hi = static_cast<uint32_t>(mask >> 32);
-    widen(_mm512_maskz_expandloadu_epi16(lo, p), w);
-    widen(_mm512_maskz_expandloadu_epi16(hi, p + _mm_popcnt_u32(lo)), w + 2);
+    widen(_mm512_maskz_expand_epi16(lo, _mm512_loadu_si512(p)), w);
+    widen(_mm512_maskz_expand_epi16(hi, _mm512_loadu_si512(p + _mm_popcnt_u32(lo))), w + 2);
   }
   static inline void load_dense(const Value* p, __m512 w[4]) {
     widen(_mm512_loadu_si512(p), w);

@@ -4,6 +4,10 @@
 
 #include <ATen/Parallel.h>
 
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
 #include <algorithm>
 
 namespace sparsefit {
@@ -15,12 +19,27 @@ bool has_avx512() {
          __builtin_cpu_supports("avx512vbmi2") && __builtin_cpu_supports("popcnt") && __builtin_cpu_supports("fma");
 }
 
+// AMX needs the CPU's AMX-TILE and AMX-BF16 (and AVX512-BF16 for the input rounding), the OS's tile
+// state enabled (XCR0 bits 17-18), and Linux's per-process permission to use it (arch_prctl).
+bool has_amx() {
+  if (!has_avx512() || !__builtin_cpu_supports("avx512bf16")) return false;
+  unsigned a, b, c, d;
+  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(d & (1u << 24)) || !(d & (1u << 22))) return false;
+  unsigned lo, hi;
+  asm volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+  if ((lo & (3u << 17)) != (3u << 17)) return false;
+  constexpr long kReqPerm = 0x1023, kTileData = 18;  // ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA
+  static const bool granted = syscall(SYS_arch_prctl, kReqPerm, kTileData) == 0;
+  return granted;
+}
+
 bool has_avx2() {
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("popcnt");
 }
 
 // Best first.
 const IsaRow kIsas[] = {
+    {"amx", has_amx, amx::bf16, amx::int8},
     {"avx512", has_avx512, avx512::bf16, avx512::int8},
     {"avx2", has_avx2, avx2::bf16, avx2::int8},
 };

@@ -37,7 +37,7 @@ struct Int8 {
     }
   }
   static inline void load(const Value* p, uint64_t mask, __m512 w[4]) {
-    widen(_mm512_maskz_expandloadu_epi8(mask, p), w);
+    widen(_mm512_maskz_expand_epi8(mask, _mm512_loadu_si512(p)), w);
   }
   static inline void load_dense(const Value* p, __m512 w[4]) { widen(_mm512_loadu_si512(p), w); }
 };

@@ -52,6 +52,10 @@ namespace avx512 {
 void bf16(const PackedView&, const float*, int64_t, int64_t, float*, int64_t, int64_t, int64_t);
 void int8(const PackedView&, const float*, int64_t, int64_t, float*, int64_t, int64_t, int64_t);
 }  // namespace avx512
+namespace amx {
+void bf16(const PackedView&, const float*, int64_t, int64_t, float*, int64_t, int64_t, int64_t);
+void int8(const PackedView&, const float*, int64_t, int64_t, float*, int64_t, int64_t, int64_t);
+}  // namespace amx
 namespace avx2 {
 void bf16(const PackedView&, const float*, int64_t, int64_t, float*, int64_t, int64_t, int64_t);
 void int8(const PackedView&, const float*, int64_t, int64_t, float*, int64_t, int64_t, int64_t);
