@@ -156,6 +156,7 @@ def test_pruning_with_offload_gives_the_same_model(tmp_path, arch):
     config = cfg(method="sparsegpt", sequential=True, offload_dir=str(tmp_path / "off"))
     report = oneshot(offloaded, None, config, calib=x, progress=False)
     assert "offload" in report.phases
+    assert len(report.block_seconds) == len(decoder_layout(offloaded).blocks) and min(report.block_seconds) > 0
     assert list((tmp_path / "off").iterdir()) == []
     for (name, p), q in zip(plain.named_parameters(), offloaded.parameters()):
         assert torch.equal(p, q), name

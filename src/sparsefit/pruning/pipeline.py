@@ -68,6 +68,7 @@ class LayerwiseReport:
     phases: dict[str, float] = field(default_factory=dict)  # seconds per phase
     # expert matrix -> routed calibration tokens, for those pruned by magnitude for want of tokens
     starved_experts: dict[str, int] = field(default_factory=dict)
+    block_seconds: list[float] = field(default_factory=list)  # wall time of each block, offload included
 
     def add_time(self, phase: str, seconds: float) -> None:
         self.phases[phase] = self.phases.get(phase, 0.0) + seconds
@@ -467,6 +468,7 @@ def prune_layerwise(
     for i, (block, layers) in enumerate(
         tqdm(list(zip(layout.blocks, per_block))[: last + 1], desc=options.name, unit="block", disable=not progress)
     ):
+        started = time.perf_counter()
         home = next(block.parameters()).device
         block.to(runner.device)
         groups = layout.input_groups(layers, f"{layout.prefix}.{i}")
@@ -477,4 +479,5 @@ def prune_layerwise(
             offload_parameters(block.named_parameters(), offload_dir)
             release_free_heap()
             report.add_time("offload", time.perf_counter() - t)
+        report.block_seconds.append(time.perf_counter() - started)
     return report
