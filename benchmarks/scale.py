@@ -175,6 +175,7 @@ def prune(model_dir: Path, work: Path, args: argparse.Namespace) -> dict:
         "--offload-dir", str(work / "offload"), "--output", str(work / "pruned"), "--overwrite",
         "--json", str(report),
     ]  # fmt: skip
+    load_before = os.getloadavg()  # the machine is shared: its load says how far the times are inflated
     start = time.perf_counter()
     with open(work / "stdout.txt", "w") as out_f, open(work / "stderr.txt", "w") as err_f:
         proc = subprocess.Popen(cmd, stdout=out_f, stderr=err_f, text=True)
@@ -189,6 +190,7 @@ def prune(model_dir: Path, work: Path, args: argparse.Namespace) -> dict:
         "command": " ".join(cmd[1:]),
         "exit_code": code,
         "seconds": round(seconds, 1),
+        "load_average_1min_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
         "sampled_peak_rss_mib": sampler.peak["VmRSS"] >> 20,
         "sampled_peak_anon_mib": sampler.peak["RssAnon"] >> 20,
         "sampled_peak_file_mib": sampler.peak["RssFile"] >> 20,
