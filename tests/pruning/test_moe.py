@@ -266,7 +266,7 @@ def test_options_validate():
         OneShotConfig(method="magnitude", min_expert_tokens=-1)
 
 
-def test_quantize_measures_experts_and_names_them_unquantized():
+def test_quantize_covers_the_experts_and_names_only_what_it_left():
     from sparsefit.quantization import QuantizeConfig, quantize
 
     model = tiny_model("qwen2_moe")
@@ -274,10 +274,12 @@ def test_quantize_measures_experts_and_names_them_unquantized():
     before = measure_sparsity(model)["overall"]
     report = quantize(model, None, QuantizeConfig(method="rtn", calib=None), progress=False).report
     assert report.sparsity_before == pytest.approx(before) and report.sparsity_before == pytest.approx(0.5, abs=0.01)
-    assert report.not_quantized == [
+    assert report.not_quantized == []  # the shared expert's gate is a router: kept in float, not counted
+    left = quantize(model, None, QuantizeConfig(method="rtn", calib=None, ignore=["down_proj"]), progress=False)
+    assert left.report.not_quantized == [
         "model.layers.*.mlp.experts.down_proj",
-        "model.layers.*.mlp.experts.gate_up_proj",
-    ]  # the shared expert's gate is a router: kept in float, not counted as a matrix
+        "model.layers.*.mlp.shared_expert.down_proj",
+    ]
 
 
 def test_all_expert_calibration_feeds_every_token_to_every_expert():
