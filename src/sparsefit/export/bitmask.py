@@ -113,11 +113,13 @@ def compress_experts(
     """
     from sparsefit.models.layout import decoder_linears
 
-    tensors, shapes = {}, {}
+    tensors, shapes, transposed = {}, {}, set()
     for name, layer in decoder_linears(model).items():
         if not isinstance(layer, ExpertMatrix):
             continue
         shapes[name.rsplit(".", 1)[0]] = list(getattr(layer.module, layer.param).shape)
+        if layer.spec.transposed:  # stored (experts, in, out): the slices are kept (out, in) all the same
+            transposed.add(name.rsplit(".", 1)[0])
         weight = layer.weight.detach()
         if scales is not None and name in scales:
             scale = scales[name]
@@ -127,4 +129,5 @@ def compress_experts(
         else:
             parts = compress_bitmask(weight)
         tensors.update({f"{name}.{key}": value.contiguous() for key, value in parts.items()})
-    return tensors, {"format": EXPERTS_FORMAT, "experts": json.dumps(shapes)}, list(shapes)
+    metadata = {"format": EXPERTS_FORMAT, "experts": json.dumps(shapes), "transposed": json.dumps(sorted(transposed))}
+    return tensors, metadata, list(shapes)

@@ -7,7 +7,8 @@ sparse-bitmask exports and the quantized ones write these parameters here instea
 weights: each expert's (out, in) slice in the `sparse-bitmask` layout of `models.bitmask`, as its
 float values, or as quantized codes (int8, or float8) with their `weight_scale` (per output channel
 or per group of input columns). Keys are `<parameter>.<expert>.<part>`; the metadata names the
-format and every parameter's (experts, out, in) shape.
+format, every parameter's shape, and those stored (experts, in, out) (GPT-OSS), whose slices are
+kept (out, in) all the same.
 
 Every sparsefit loader restores them (`read_experts`), bit for bit; other loaders (transformers
 alone, vLLM) find these parameters missing.
@@ -45,7 +46,8 @@ def read_experts(folder: str | os.PathLike, expected: dict[str, tuple[int, ...]]
         raise ValueError(f"{path} is not a readable safetensors file ({str(err).splitlines()[0][:120]})") from None
     try:
         shapes = {name: tuple(int(d) for d in shape) for name, shape in json.loads(meta["experts"]).items()}
-    except (KeyError, ValueError, TypeError):
+        transposed = set(json.loads(meta.get("transposed", "[]")))
+    except (KeyError, ValueError, TypeError, AttributeError):
         shapes = None
     if meta.get("format") != FORMAT or shapes is None:
         raise ValueError(f"{path} is not a sparsefit experts file (its metadata names no expert tensors)")
@@ -56,6 +58,8 @@ def read_experts(folder: str | os.PathLike, expected: dict[str, tuple[int, ...]]
         if shape != tuple(expected[name]) or len(shape) != 3:
             raise ValueError(f"{path}: {name} is {shape}, but the model's config implies {tuple(expected[name])}")
         slices = []
+        flip = name in transposed  # stored (experts, in, out); each slice is kept (out, in)
+        matrix = shape[:0:-1] if flip else shape[1:]
         for e in range(shape[0]):
             prefix = f"{name}.{e}"
             parts = {
@@ -65,12 +69,12 @@ def read_experts(folder: str | os.PathLike, expected: dict[str, tuple[int, ...]]
             }
             try:
                 got = check_parts("sparse-bitmask", {k.removeprefix(f"{prefix}."): v for k, v in parts.items()})
-                if got != shape[1:]:
-                    raise ValueError(f"is {got}, expected {shape[1:]}")
+                if got != matrix:
+                    raise ValueError(f"is {got}, expected {matrix}")
                 dense, _ = decompress_state_dict(parts, "sparse-bitmask")
             except ValueError as err:
                 raise ValueError(f"{path}: expert {prefix}: {str(err).splitlines()[0]}") from None
-            slices.append(dense[f"{prefix}.weight"])
+            slices.append(dense[f"{prefix}.weight"].t() if flip else dense[f"{prefix}.weight"])
         out[name] = torch.stack(slices)
     if tensors:
         raise ValueError(f"{path}: tensor {next(iter(tensors))} belongs to no parameter its metadata names")

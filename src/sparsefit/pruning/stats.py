@@ -99,8 +99,8 @@ class InputStats:
         )
 
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            given = dict(zip(("hidden_states", "top_k_index"), args)) | kwargs
-            hidden, index = given["hidden_states"], given["top_k_index"]
+            given = dict(zip(("hidden_states", spec.index_arg), args)) | kwargs
+            hidden, index = given["hidden_states"], given[spec.index_arg]
             for e, x_gate_up, x_down in routed_inputs(module, spec, hidden, index, self.every_token):
                 for param, x in ((spec.gate_up, x_gate_up), (spec.down, x_down)):
                     name = f"{prefix}.{param}.{e}"
