@@ -63,6 +63,7 @@ RERUN = {
     "--gguf ../llamacpp/smollm2-135m-Q8_0.gguf",
     "gguf": f"{_DATA} python benchmarks/gguf_export.py --llama-cpp-dir ../llamacpp --chunks 16",
     "fuzz": "python benchmarks/fuzz.py --scale 20",
+    "scale": f"{_DATA} python benchmarks/scale.py --out benchmarks/results/scale.json",
 }
 
 # result file stem -> the script that writes it
@@ -95,6 +96,7 @@ SCRIPTS = {
     # not gguf.py: a script beside the others named gguf would shadow the gguf package
     "gguf": "gguf_export.py",
     "fuzz": "fuzz.py",
+    "scale": "scale.py",
 }
 
 
@@ -717,6 +719,36 @@ def gguf(r: dict) -> str:
     return "\n".join(out)
 
 
+def scale(r: dict) -> str:
+    c = r["calibration"]
+    out = [
+        f"Random-weight bf16 checkpoints of 8B-class shapes cut to a few decoder layers, pruned by `sparsefit prune "
+        f"--method sparsegpt --sparsity 0.5 --dtype bfloat16 --offload-dir` (default best preset) in a child "
+        f"process; calibration {c['samples']} x {c['seq_len']} GSM8K tokens. Bound: one block's weights in fp32 "
+        "+ its Hessians + the calibration activations (fp32) + 1 GiB. Peak RSS is the child's ru_maxrss (mapped "
+        "checkpoint pages included); anonymous is the sampled peak of its RssAnon. Full depth: seconds = fixed + "
+        "32 x per block; peak = the measured one. The machine was shared: the load average is given.",
+        "",
+    ]
+    rows = []
+    for name, m in r["models"].items():
+        run, b = m["run"], m["bound"]
+        if run["exit_code"]:
+            rows.append([name, m["layers"], f"failed (exit {run['exit_code']})", *[""] * 7])
+            continue
+        full = m["full_depth"]
+        rows.append([
+            name, m["layers"], f(run["sparsity_overall"], 4), " / ".join(f(s, 0) for s in run["block_seconds"]),
+            f(b["total_mib"] / 1024, 1), f(b["peak_rss_mib"] / 1024, 1), f(b["anon_peak_mib"] / 1024, 1),
+            "met" if b["met"] else "missed", f(full["hours"], 1),
+            " -> ".join(f(x, 1) for x in run["load_average_1min_before_after"]),
+        ])  # fmt: skip
+    head = ["shape", "layers", "sparsity", "s per block", "bound GiB", "peak RSS GiB", "anon peak GiB", "bound",
+            "32 layers, h", "load avg"]  # fmt: skip
+    out.append(table(head, rows))
+    return "\n".join(out)
+
+
 RENDER: dict[str, Callable[[dict], str]] = {
     "quick": quick,
     "oneshot": oneshot,
@@ -741,6 +773,7 @@ RENDER: dict[str, Callable[[dict], str]] = {
     "moe_calibration": moe_calibration,
     "fuzz": fuzz,
     "gguf": gguf,
+    "scale": scale,
 }
 
 

@@ -12,6 +12,7 @@ from transformers import (
     Gemma2Config,
     Gemma3TextConfig,
     GPT2Config,
+    GptOssConfig,
     LlamaConfig,
     MistralConfig,
     MixtralConfig,
@@ -73,6 +74,13 @@ def tiny_config(arch: str, vocab: int = VOCAB):
         return OlmoeConfig(num_experts=4, **moe)
     if arch == "qwen2_moe":  # plus a shared expert behind a one-output gate
         return Qwen2MoeConfig(num_experts=4, moe_intermediate_size=32, shared_expert_intermediate_size=64, **moe)
+    if arch == "gpt_oss":  # experts stored (experts, in, out) with biases; 2I = 96 != hidden, so no square slice
+        rope = {"rope_type": "yarn", "factor": 1.0, "beta_fast": 32.0, "beta_slow": 1.0, "rope_theta": 150000.0,
+                "original_max_position_embeddings": 256, "truncate": False}  # fmt: skip
+        return GptOssConfig(
+            num_local_experts=4, head_dim=16, sliding_window=8, rope_parameters=rope,
+            **{**moe, "intermediate_size": 48},
+        )  # fmt: skip
     if arch == "opt":
         return OPTConfig(
             hidden_size=64,
@@ -95,7 +103,7 @@ def tiny_config(arch: str, vocab: int = VOCAB):
     raise ValueError(arch)
 
 
-MOE_ARCHS = ["qwen3_moe", "mixtral", "olmoe", "qwen2_moe", "deepseek_v2", "deepseek_v3"]
+MOE_ARCHS = ["qwen3_moe", "mixtral", "olmoe", "qwen2_moe", "deepseek_v2", "deepseek_v3", "gpt_oss"]
 ARCHS = ["llama", "qwen2", "qwen3", "mistral", "opt", "gpt2", "gemma2", "gemma3_text", "olmo2", "phi3", *MOE_ARCHS]
 
 

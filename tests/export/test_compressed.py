@@ -174,3 +174,54 @@ def test_a_compact_int8_checkpoint_with_a_nan_scale_is_refused_naming_the_tensor
     save_file(state, str(weights), metadata={"format": "pt"})
     with pytest.raises(UsageError, match=rf"model.safetensors: tensor {key} holds 1 NaN or infinite value"):
         load_model(tmp_path / "out")
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
+@pytest.mark.parametrize("scheme, method", [("w4a16", "gptq"), ("w8a16", "rtn"), ("w8a8-fp8", "rtn")])
+def test_quantized_experts_are_stored_as_codes_and_reload_exactly(tmp_path, tokenizer, arch, scheme, method):
+    """Fused expert tensors go to experts.safetensors as int8 / float8 codes (sparse-bitmask layout) with
+    their scales; sparsefit's loader restores every expert weight bit for bit, zeros included."""
+    from safetensors import safe_open
+
+    from sparsefit.models import load_model
+
+    model, result = quantized(scheme, method, arch)
+    assert not any("experts" in p for p in result.report.not_quantized)
+    info = save_quantized(model, tokenizer, tmp_path / "out", result)
+    assert "experts.safetensors" in info["files"]
+    fused = {n: p for n, p in model.named_parameters() if p.dim() == 3}
+    with safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as f:
+        assert not set(fused) & set(f.keys())
+    with safe_open(str(tmp_path / "out" / "experts.safetensors"), "pt") as f:
+        codes = [f.get_tensor(k) for k in f.keys() if k.endswith(".compressed")]
+        assert codes and all(c.dtype == (torch.float8_e4m3fn if scheme == "w8a8-fp8" else torch.int8) for c in codes)
+    stored = (tmp_path / "out" / "experts.safetensors").stat().st_size
+    # Half the codes kept, a byte each: a quarter of dense bf16, plus masks, row offsets, scales and the
+    # header of every slice's tensors (large next to these tiny 32-column matrices).
+    assert stored < 0.75 * sum(p.numel() * 2 for p in fused.values())
+    loaded = load_model(tmp_path / "out")
+    theirs = dict(loaded.named_parameters())
+    for name, p in fused.items():
+        assert torch.equal(theirs[name], p), name
+
+
+def test_quantize_command_on_a_mixture_of_experts(tmp_path, tokenizer, data_dir, capsys):
+    """The experts are quantized (GPTQ, routed tokens), said so, and the output reloads with them."""
+    from sparsefit.models import load_model
+
+    model = tiny_model("mixtral")
+    oneshot(model, None, OneShotConfig(method="magnitude", sparsity=0.5), progress=False)
+    model.save_pretrained(tmp_path / "in")
+    tokenizer.save_pretrained(tmp_path / "in")
+    out, report = tmp_path / "q", tmp_path / "q.json"
+    argv = ["quantize", "--model", str(tmp_path / "in"), "--scheme", "w4a16", "--group-size", "32",
+            "--num-samples", "4", "--seq-len", "32", "--output", str(out), "--json", str(report)]  # fmt: skip
+    code, stdout, stderr = run_cli(argv, capsys)
+    assert code == 0, stderr
+    assert "0 pruned weights revived" in stdout and "experts.safetensors" in stdout and "not quantized" not in stdout
+    data = json.loads(report.read_text())
+    assert data["not_quantized"] == [] and "experts.safetensors" in data["export"]["files"]
+    loaded = load_model(out)
+    for layer in loaded.model.layers:
+        w = layer.mlp.experts.down_proj
+        assert (w == 0).float().mean() >= 0.5

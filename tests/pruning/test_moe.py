@@ -1,6 +1,7 @@
 """Mixtures of experts: each expert's matrices pruned as linears of their own, from their routed tokens."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -62,9 +63,12 @@ def routed_reference(model, x, block=0):
     for e in range(experts.gate_up_proj.shape[0]):
         rows = (index == e).any(-1)
         xe = hidden[rows]
-        inter = experts.down_proj.shape[-1]
         w = experts.gate_up_proj[e].detach()
-        down_in = experts.act_fn(xe @ w[:inter].t()) * (xe @ w[inter:].t())
+        if hasattr(experts, "gate_up_proj_bias"):  # GPT-OSS: (in, out), a bias, its own activation
+            down_in = experts._apply_gate(xe @ w + experts.gate_up_proj_bias[e].detach())
+        else:
+            inter = experts.down_proj.shape[-1]
+            down_in = experts.act_fn(xe @ w[:inter].t()) * (xe @ w[inter:].t())
         out[e] = (xe, down_in)
     return out
 
@@ -196,7 +200,7 @@ def test_finetune_masks_keep_every_expert_zero(arch):
 @pytest.mark.parametrize("fmt", ["hf", "sparse-bitmask"])
 def test_export_keeps_expert_zeros(tmp_path, fmt, arch):
     """The checkpoint reloads (by sparsefit's loader, which reads the bitmask layout) to the same
-    weights; fused expert tensors are stored whole (dense, zeros kept) in either format."""
+    weights; sparse-bitmask stores each expert's slice sparse in experts.safetensors, in fewer bytes."""
     from sparsefit.export import export_checkpoint
     from sparsefit.models.loading import load_model
 
@@ -208,6 +212,17 @@ def test_export_keeps_expert_zeros(tmp_path, fmt, arch):
     assert recorded["per_expert"][f"model.layers.{moe_block(model)}.mlp.experts.down_proj"] == pytest.approx(
         [0.5] * 4, abs=0.01
     )
+    if fmt == "sparse-bitmask":
+        from safetensors import safe_open
+
+        fused = {n: p for n, p in model.named_parameters() if p.dim() == 3}
+        with safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as f:
+            # neither fused nor as transformers renames them on save (one linear per expert)
+            assert not any(k in fused or k.startswith(tuple(f"{n}." for n in fused)) for k in f.keys())
+            assert not any(re.search(r"experts\.\d+\.", k) for k in f.keys())
+        stored = (tmp_path / "out" / "experts.safetensors").stat().st_size
+        dense = sum(p.numel() * p.element_size() for p in fused.values())
+        assert stored < 0.75 * dense  # half the values, one bit each for the mask, a little metadata
     back = load_model(str(tmp_path / "out"))
     for (name, a), b in zip(back.model.layers.named_parameters(), model.model.layers.parameters()):
         assert torch.equal(a, b), name
@@ -255,7 +270,7 @@ def test_options_validate():
         OneShotConfig(method="magnitude", min_expert_tokens=-1)
 
 
-def test_quantize_measures_experts_and_names_them_unquantized():
+def test_quantize_covers_the_experts_and_names_only_what_it_left():
     from sparsefit.quantization import QuantizeConfig, quantize
 
     model = tiny_model("qwen2_moe")
@@ -263,10 +278,12 @@ def test_quantize_measures_experts_and_names_them_unquantized():
     before = measure_sparsity(model)["overall"]
     report = quantize(model, None, QuantizeConfig(method="rtn", calib=None), progress=False).report
     assert report.sparsity_before == pytest.approx(before) and report.sparsity_before == pytest.approx(0.5, abs=0.01)
-    assert report.not_quantized == [
+    assert report.not_quantized == []  # the shared expert's gate is a router: kept in float, not counted
+    left = quantize(model, None, QuantizeConfig(method="rtn", calib=None, ignore=["down_proj"]), progress=False)
+    assert left.report.not_quantized == [
         "model.layers.*.mlp.experts.down_proj",
-        "model.layers.*.mlp.experts.gate_up_proj",
-    ]  # the shared expert's gate is a router: kept in float, not counted as a matrix
+        "model.layers.*.mlp.shared_expert.down_proj",
+    ]
 
 
 def test_all_expert_calibration_feeds_every_token_to_every_expert():
@@ -310,3 +327,29 @@ def test_prune_finetune_export_a_mixture_of_experts(tmp_path, data_dir, tokenize
         for w in (layer.mlp.experts.gate_up_proj, layer.mlp.experts.down_proj):
             assert ((w != 0).reshape(-1, 4).sum(-1) == 2).all()
     assert measure_sparsity(back)["overall"] == pytest.approx(0.5)
+
+
+def test_a_damaged_experts_file_is_a_one_line_error(tmp_path):
+    """experts.safetensors whose metadata claims another shape, or whose slices do not match their
+    bitmask, fails to load with the file named, before any expert is allocated."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from sparsefit.export import export_checkpoint
+    from sparsefit.models.loading import load_model
+
+    model = tiny_model("mixtral")
+    oneshot(model, None, cfg(method="magnitude"), progress=False)
+    export_checkpoint(model, None, tmp_path / "out", "tiny", fmt="sparse-bitmask")
+    path = tmp_path / "out" / "experts.safetensors"
+    with safe_open(str(path), "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    shapes = json.loads(meta["experts"])
+    name = next(iter(shapes))
+    save_file(tensors, str(path), metadata={**meta, "experts": json.dumps({**shapes, name: [4, 7, 7]})})
+    with pytest.raises(UsageError, match="experts.safetensors.*re-export"):
+        load_model(str(tmp_path / "out"))
+    key = next(k for k in tensors if k.endswith(".compressed"))
+    save_file({**tensors, key: tensors[key][1:]}, str(path), metadata=meta)
+    with pytest.raises(UsageError, match=f"experts.safetensors: expert {key.removesuffix('.compressed')}"):
+        load_model(str(tmp_path / "out"))

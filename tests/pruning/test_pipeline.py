@@ -156,6 +156,7 @@ def test_pruning_with_offload_gives_the_same_model(tmp_path, arch):
     config = cfg(method="sparsegpt", sequential=True, offload_dir=str(tmp_path / "off"))
     report = oneshot(offloaded, None, config, calib=x, progress=False)
     assert "offload" in report.phases
+    assert len(report.block_seconds) == len(decoder_layout(offloaded).blocks) and min(report.block_seconds) > 0
     assert list((tmp_path / "off").iterdir()) == []
     for (name, p), q in zip(plain.named_parameters(), offloaded.parameters()):
         assert torch.equal(p, q), name
@@ -677,3 +678,32 @@ def test_a_block_with_nothing_selected_still_feeds_the_next():
         dense(x)
     expected, _ = prune_wanda(q1.weight, stats.sq_sum("q"), 0.5)
     assert torch.equal(model.model.layers[1].self_attn.q_proj.weight, expected)
+
+
+def test_each_group_frees_its_statistics_once_solved(monkeypatch):
+    """A block's Hessians (and inverses) do not pile up: when a group is solved, none of the groups
+    solved before it holds its statistics any longer, and a late input for a freed group is an error."""
+    from sparsefit.pruning import methods
+    from sparsefit.pruning.stats import InputStats
+
+    seen = []
+    original = methods.BlockSolver.solve_shared
+
+    def spy(self, names, *args):
+        held = set(self.stats._hessians) | set(self.stats.xtx)
+        seen.append((self.stats.root(names[0]), held, set(self.stats.root(n) for n in self._hinv)))
+        return original(self, names, *args)
+
+    monkeypatch.setattr(methods.BlockSolver, "solve_shared", spy)
+    model = tiny_model("mixtral")
+    oneshot(model, None, cfg(method="sparsegpt", sequential=True), calib=calib(), progress=False)
+    assert len(seen) > 8
+    solved = set()
+    for root, held, inverses in seen:
+        assert not held & solved and not inverses & solved, root
+        solved.add(root)
+    stats = InputStats({"a": torch.nn.Linear(4, 4)}, hessian=True)
+    stats._accumulate("a", torch.randn(3, 4))
+    stats.release("a")
+    with pytest.raises(RuntimeError, match="released"):
+        stats._accumulate("a", torch.randn(3, 4))

@@ -20,7 +20,7 @@ PRUNE_FIELDS = [
 QUANTIZE_FIELDS = [
     "scheme", "method", "group_size", "export_dtype", "sparse_format", "targets", "ignore", "calib", "calib_split",
     "text_field", "num_samples", "self_mix", "seq_len", "seed", "batch_size", "block_size", "damp", "sequential",
-    "compute_dtype",
+    "compute_dtype", "min_expert_tokens",
 ]  # fmt: skip
 
 
@@ -115,6 +115,14 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     )
     if r.not_quantized:
         print(f"  not quantized (stored as floats): {', '.join(r.not_quantized)}")
+    if "experts.safetensors" in info["files"]:
+        print("  expert tensors: codes and scales in experts.safetensors (sparsefit's own file; other loaders lack it)")
+    if r.starved_experts:
+        print(
+            f"  {len(r.starved_experts)} expert matrices got fewer than {config.min_expert_tokens} calibration tokens "
+            f"and were rounded to nearest: {', '.join(f'{n} ({t})' for n, t in list(r.starved_experts.items())[:6])}"
+            + (" ..." if len(r.starved_experts) > 6 else "")
+        )
     write_json({**r.to_json(), "export": info}, args.json)
     return 0
 

@@ -7,10 +7,15 @@ block that declares the format.
 
 from __future__ import annotations
 
+import json
+
 import torch
 
 from sparsefit.models.bitmask import pack_bitmask
+from sparsefit.models.expert_store import FORMAT as EXPERTS_FORMAT
+from sparsefit.models.experts import ExpertMatrix
 from sparsefit.pruning.structure import Structure
+from sparsefit.quantization.scheme import Grid, group_view
 
 
 def _positive_zeros(weight: torch.Tensor) -> torch.Tensor:
@@ -93,3 +98,36 @@ def legacy_quantization_config(fmt: str, names: list[str], overall: float) -> di
             "registry_requires_subclass": False,
         },
     }
+
+
+def compress_experts(
+    model: torch.nn.Module,
+    scales: dict[str, torch.Tensor] | None = None,
+    grid: Grid | None = None,
+    scale_dtype: torch.dtype = torch.float32,
+) -> tuple[dict[str, torch.Tensor], dict[str, str], list[str]]:
+    """The tensors and metadata of `experts.safetensors` (`models.expert_store`) for every fused expert
+    parameter of the decoder blocks, and those parameters' state-dict names (left out of the main
+    weights). Each expert slice is stored in the sparse-bitmask layout: as its values, or, for a slice
+    in `scales` (quantized on `grid`), as int8 / float8 codes with its `weight_scale` in `scale_dtype`.
+    """
+    from sparsefit.models.layout import decoder_linears
+
+    tensors, shapes, transposed = {}, {}, set()
+    for name, layer in decoder_linears(model).items():
+        if not isinstance(layer, ExpertMatrix):
+            continue
+        shapes[name.rsplit(".", 1)[0]] = list(getattr(layer.module, layer.param).shape)
+        if layer.spec.transposed:  # stored (experts, in, out): the slices are kept (out, in) all the same
+            transposed.add(name.rsplit(".", 1)[0])
+        weight = layer.weight.detach()
+        if scales is not None and name in scales:
+            scale = scales[name]
+            codes = grid.codes(group_view(weight.float(), grid.group_size), scale.unsqueeze(-1)).reshape(weight.shape)
+            codes = codes.to(torch.float8_e4m3fn if grid.kind == "float" else torch.int8)
+            parts = {**compress_bitmask(codes), "weight_scale": scale.to(scale_dtype)}
+        else:
+            parts = compress_bitmask(weight)
+        tensors.update({f"{name}.{key}": value.contiguous() for key, value in parts.items()})
+    metadata = {"format": EXPERTS_FORMAT, "experts": json.dumps(shapes), "transposed": json.dumps(sorted(transposed))}
+    return tensors, metadata, list(shapes)

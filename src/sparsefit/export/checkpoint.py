@@ -13,16 +13,18 @@ from torch import nn
 
 from sparsefit.atomic import staging_dir
 from sparsefit.errors import UsageError
-from sparsefit.export.bitmask import compress_state_dict, legacy_quantization_config
+from sparsefit.export.bitmask import compress_experts, compress_state_dict, legacy_quantization_config
 from sparsefit.export.card import README, model_card
 from sparsefit.export.gguf import FORMATS as GGUF_FORMATS
 from sparsefit.export.gguf import check_format as check_gguf_format
 from sparsefit.models.bitmask import FORMATS as BITMASK_FORMATS
 from sparsefit.models.builtin import strip_gguf_quantization
+from sparsefit.models.expert_store import EXPERTS_FILE
 from sparsefit.models.experts import ExpertMatrix
 from sparsefit.models.finite import refuse_non_finite
 from sparsefit.models.layout import decoder_linears
 from sparsefit.models.row_deltas import merge_row_deltas, row_delta_info, row_delta_state, save_row_deltas
+from sparsefit.models.side_modules import save_side_file
 from sparsefit.models.slorb import detach_slorb, merge_slorb, save_slorb, slorb_info, slorb_state
 from sparsefit.models.sparsity import measure_sparsity
 
@@ -51,6 +53,7 @@ def save_checkpoint(
     sparsity: dict | None = None,
     source_record: dict | None = None,
     evaluation: dict | None = None,
+    experts: tuple[dict[str, torch.Tensor], dict[str, str]] | None = None,
 ) -> Path:
     """Save model + tokenizer as safetensors, plus `sparsity.json`, as one atomic replacement of `out_dir`.
 
@@ -63,6 +66,8 @@ def save_checkpoint(
     `sparsity` replaces the summary measured on the weights (when `state_dict` holds packed ones).
     A model card (`README.md`, `export.card`) is written from the same record, with `source_record`
     (the record of the checkpoint an export came from) and `evaluation` (numbers measured in the run).
+    `experts`: the tensors and metadata of `experts.safetensors` (`export.bitmask.compress_experts`),
+    written beside the weights (the fused parameters it holds must be absent from `state_dict`).
     """
     strip_gguf_quantization(model)
     if getattr(model, "hf_quantizer", None) is not None:
@@ -97,6 +102,8 @@ def save_checkpoint(
             save_slorb(branches, stage, metadata["slorb"]["k"])
         if deltas:
             save_row_deltas(deltas, stage)
+        if experts is not None:
+            save_side_file(experts[0], stage / EXPERTS_FILE, experts[1])
         if tokenizer is not None:
             tokenizer.save_pretrained(stage)
         as_json = {k: v.model_dump(mode="json") if isinstance(v, BaseModel) else v for k, v in info.items()}
@@ -114,18 +121,23 @@ def _save_bitmask(
     for module in linears.values():
         if not isinstance(module, (nn.Linear, ExpertMatrix)):
             raise UsageError(f"{fmt} stores torch Linear weights; {type(module).__name__} layers: use --format hf")
-    # Fused expert tensors (experts, out, in) are stored whole and dense, their zeros kept: the format
-    # describes 2-D weights of linears only.
+    # Fused expert tensors (experts, out, in) go to experts.safetensors, each expert's slice in the
+    # sparse-bitmask layout (`models.expert_store`): the format describes 2-D weights of linears only.
     names = [name for name, module in linears.items() if isinstance(module, nn.Linear)]
+    experts = compress_experts(model)
+    state = {k: v for k, v in model.state_dict().items() if k not in experts[2]}
     try:
-        state = compress_state_dict(dict(model.state_dict()), names, fmt)
+        state = compress_state_dict(state, names, fmt)
     except ValueError as err:
         raise UsageError(f"{err}: prune with --structure 2:4 first, or export as sparse-bitmask") from None
     summary = sparsity_summary(model)
     config = model.config.to_dict()
     config["quantization_config"] = legacy_quantization_config(fmt, names, summary["overall"])
     files = {"config.json": json.dumps(config, indent=2, sort_keys=True) + "\n"}
-    save_checkpoint(model, tokenizer, out_dir, metadata, extra_files=files, state_dict=state, sparsity=summary, **card)
+    save_checkpoint(
+        model, tokenizer, out_dir, metadata, extra_files=files, state_dict=state, sparsity=summary,
+        experts=experts[:2] if experts[2] else None, **card,
+    )  # fmt: skip
 
 
 def _save_gguf(
@@ -189,7 +201,9 @@ def export_checkpoint(
 
     "hf": a plain checkpoint. "sparse-bitmask" / "sparse-24-bitmask": the decoder linears stored as
     bitmask and nonzero values (`sparsefit.models.bitmask`), the layouts compressed-tensors up to
-    0.14 wrote; sparsefit loads them back, current transformers and vLLM do not.
+    0.14 wrote; sparsefit loads them back, current transformers and vLLM do not. Fused expert
+    tensors go to `experts.safetensors`, each expert's slice in the sparse-bitmask layout
+    (`models.expert_store`).
 
     A model with SLoRB branches: "keep" writes them beside the weights (`slorb.safetensors`, which
     sparsefit restores), "drop" leaves them out (the N:M model alone), "merge" folds them into the

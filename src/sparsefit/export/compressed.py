@@ -6,7 +6,11 @@ and vLLM load as ordinary quantized models.
 - w8a8-fp8: `float-quantized` (float8 e4m3 codes, per-channel scales; activations likewise).
 
 The weights are packed by compressed-tensors' own compressors, so the layout is the one its loader
-reads. The model's config gets a `quantization_config` whose `sparsity_config` is empty: loaders
+reads. Fused expert tensors (experts, out, in), which these formats do not describe, go to
+`experts.safetensors`: each expert's int8 / float8 codes in the sparse-bitmask layout with its scales
+(`models.expert_store`), restored by sparsefit's loader; other loaders find the experts missing.
+
+The model's config gets a `quantization_config` whose `sparsity_config` is empty: loaders
 that refuse sparse checkpoints (vLLM refuses any non-empty sparsity targets) take these. The
 sparsity is written down in `sparsity.json` beside the weights instead.
 """
@@ -22,9 +26,11 @@ import torch
 from torch import nn
 
 from sparsefit.errors import UsageError
-from sparsefit.export.bitmask import compress_state_dict, legacy_quantization_config
+from sparsefit.export.bitmask import compress_experts, compress_state_dict, legacy_quantization_config
 from sparsefit.export.checkpoint import save_checkpoint, sparsity_summary
+from sparsefit.models.experts import ExpertMatrix
 from sparsefit.models.finite import refuse_non_finite
+from sparsefit.models.layout import decoder_linears
 from sparsefit.quantization.config import SCHEMES
 
 if TYPE_CHECKING:
@@ -66,8 +72,16 @@ def ct_scheme(scheme: str, group_size: int | None):  # noqa: ANN201 - a compress
     return QuantizationScheme(targets=["Linear"], weights=weights, input_activations=inputs)
 
 
-def compressed_state_dict(model: nn.Module, result: QuantizeResult) -> dict[str, torch.Tensor]:
-    """The model's tensors with each quantized linear's weight replaced by its compressed parts."""
+def expert_names(model: nn.Module) -> set[str]:
+    """Names of the expert matrices (slices of fused expert tensors) of the decoder blocks."""
+    return {name for name, layer in decoder_linears(model).items() if isinstance(layer, ExpertMatrix)}
+
+
+def compressed_state_dict(
+    model: nn.Module, result: QuantizeResult, leave_out: tuple[str, ...] = ()
+) -> dict[str, torch.Tensor]:
+    """The model's tensors with each quantized linear's weight replaced by its compressed parts;
+    `leave_out`: state-dict names not to write (fused expert tensors, stored apart)."""
     _compressed_tensors()
     from compressed_tensors.compressors import BaseCompressor
 
@@ -75,7 +89,8 @@ def compressed_state_dict(model: nn.Module, result: QuantizeResult) -> dict[str,
     dtype = getattr(torch, config.export_dtype)
     scheme = ct_scheme(config.scheme, result.grid.group_size)
     compressor = BaseCompressor.get_value_from_registry(FORMATS[config.scheme])
-    state = dict(model.state_dict())
+    state = {k: v for k, v in model.state_dict().items() if k not in leave_out}
+    experts = expert_names(model)
     where = f"cannot export in {config.export_dtype}"
     fix = "use --export-dtype bfloat16 or float32" if dtype == torch.float16 else "start from a sound checkpoint"
     # The scales and the tensors cast to `dtype` below: finite, and within its range, before any is packed.
@@ -83,6 +98,8 @@ def compressed_state_dict(model: nn.Module, result: QuantizeResult) -> dict[str,
     cast_to = {k: v for k, v in state.items() if v.is_floating_point() and v.dtype != torch.float8_e4m3fn}
     refuse_non_finite(cast_to, where, fix, cast_to=dtype)
     for name, scale in result.scales.items():
+        if name in experts:  # written apart (`export.bitmask.compress_experts`)
+            continue
         weight = state.pop(f"{name}.weight")
         # The scale was rounded to `dtype` before the codes were chosen: storing it there is exact.
         parts = compressor.compress({"weight": weight, "weight_scale": scale.to(dtype)}, scheme)
@@ -101,7 +118,8 @@ def quantization_config(model: nn.Module, result: QuantizeResult) -> dict:
 
     config = result.report.config
     linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
-    missing = [name for name in result.scales if name not in linears]
+    experts = expert_names(model)
+    missing = [name for name in result.scales if name not in linears and name not in experts]
     if missing:
         raise UsageError(
             f"{missing[0]} is not a torch Linear, so compressed-tensors formats cannot describe it; "
@@ -147,11 +165,15 @@ def save_quantized(
     config = model.config.to_dict()
     config["quantization_config"] = quantization_config(model, result)
     config["dtype"] = result.report.config.export_dtype
-    state = compressed_state_dict(model, result)
+    # Fused expert tensors: each expert's codes and scales in experts.safetensors (`models.expert_store`).
+    dtype = getattr(torch, result.report.config.export_dtype)
+    experts = compress_experts(model, result.scales, result.grid, dtype)
+    state = compressed_state_dict(model, result, tuple(experts[2]))
     sparsity = sparsity_summary(model)
     fmt = result.report.config.sparse_format
     if fmt != "none":  # the codes of each layer (its `weight`) in the legacy bitmask layout
-        names = list(result.scales)
+        inside = expert_names(model)
+        names = [name for name in result.scales if name not in inside]
         try:
             state = compress_state_dict(state, names, fmt)
         except ValueError as err:
@@ -169,6 +191,7 @@ def save_quantized(
         extra_files={"config.json": json.dumps(config, indent=2, sort_keys=True) + "\n"},
         state_dict=state,
         sparsity=sparsity,
+        experts=experts[:2] if experts[2] else None,
     )
     files = sorted(p.name for p in out_dir.iterdir() if not p.name.startswith("."))
     size = sum(p.stat().st_size for p in out_dir.iterdir() if p.is_file())

@@ -32,6 +32,11 @@ class FusedExperts:
     module: str = "mlp.experts"  # inside a block
     gate_up: str = "gate_up_proj"
     down: str = "down_proj"
+    # GPT-OSS: parameters stored (experts, in, out), each with a `<param>_bias` (experts, out) beside it,
+    # gate and up interleaved in gate_up's outputs and combined by the module's own clamped `_apply_gate`.
+    transposed: bool = False
+    index_arg: str = "top_k_index"  # the name of the call's second argument, the routing
+    activation: str = "act_fn"  # "act_fn": act_fn(gate) * up, gate the first half | "apply_gate"
 
 
 @dataclass(frozen=True)
@@ -114,6 +119,13 @@ ARCHITECTURES: dict[str, Architecture] = {
     "gpt2": Architecture(
         blocks="transformer.h",
         groups=(("attn.c_attn",), ("attn.c_proj",), ("mlp.c_fc",), ("mlp.c_proj",)),
+    ),
+    # GPT-OSS: Llama attention (with biases and per-head sinks), routed experts stored (experts, in, out).
+    "gpt_oss": Architecture(
+        blocks="model.layers",
+        groups=_ATTENTION,
+        experts=FusedExperts(transposed=True, index_arg="router_indices", activation="apply_gate"),
+        routers=("mlp.router",),
     ),
     # DeepSeek-V2/V3: MLA attention (q through a low-rank pair unless q_lora_rank is None; k/v from a
     # compressed latent), a dense MLP in the first `first_k_dense_replace` blocks, routed experts plus

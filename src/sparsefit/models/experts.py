@@ -26,7 +26,9 @@ class ExpertMatrix:
 
     @property
     def weight(self) -> torch.Tensor:
-        return getattr(self.module, self.param).data[self.index]
+        """(out, in); for a parameter stored (experts, in, out) a transposed view, writes reaching it all the same."""
+        w = getattr(self.module, self.param).data[self.index]
+        return w.t() if self.spec.transposed else w
 
     def __repr__(self) -> str:
         return f"ExpertMatrix({type(self.module).__name__}.{self.param}[{self.index}])"
@@ -70,8 +72,16 @@ def routed_inputs(
             if tokens.numel() == 0:
                 continue
             x = hidden[tokens]
-        gate, up = nn.functional.linear(x, gate_up[e].to(x.dtype)).chunk(2, dim=-1)
-        yield e, x, module.act_fn(gate) * up
+        w = gate_up[e].to(x.dtype)
+        out = x @ w if spec.transposed else nn.functional.linear(x, w)
+        bias = getattr(module, f"{spec.gate_up}_bias", None)
+        if bias is not None:
+            out = out + bias[e].to(x.dtype)
+        if spec.activation == "apply_gate":  # the module's own activation (GPT-OSS)
+            yield e, x, module._apply_gate(out)  # noqa: SLF001
+        else:
+            gate, up = out.chunk(2, dim=-1)
+            yield e, x, module.act_fn(gate) * up
 
 
 class FusedWeight:

@@ -162,6 +162,8 @@ def load_model(
     # transformers fills weights the checkpoint lacks (or holds in another shape) with random values
     # and only warns; a model with random layers must never be evaluated, pruned or saved.
     absent = sorted(info.get("missing_keys") or []) + sorted(str(k) for k in info.get("mismatched_keys") or [])
+    if absent and resolved.source != "hub":
+        absent = _restore_experts(model, resolved, absent)
     if absent:
         more = f" and {len(absent) - 2} more" if len(absent) > 2 else ""
         raise UsageError(
@@ -179,6 +181,28 @@ def load_model(
     _restore_side_modules(model, resolved)
     model.config.name_or_path = resolved.spec
     return model.to(device).eval()
+
+
+def _expert_tensors(resolved: ResolvedModel, expected: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+    """The fused expert parameters of the checkpoint's `experts.safetensors` (`models.expert_store`)."""
+    from sparsefit.models.expert_store import read_experts
+
+    try:
+        return read_experts(resolved.path, expected)
+    except ValueError as err:
+        raise UsageError(f"{first_line(err)}; the checkpoint is damaged: re-export it") from None
+
+
+def _restore_experts(model: PreTrainedModel, resolved: ResolvedModel, absent: list[str]) -> list[str]:
+    """Fill the fused expert parameters the main weights lack from `experts.safetensors`; returns what
+    is still absent."""
+    missing = set(absent)
+    params = dict(model.named_parameters())
+    stored = _expert_tensors(resolved, {k: tuple(v.shape) for k, v in params.items() if k in missing})
+    with torch.no_grad():
+        for name, value in stored.items():
+            params[name].copy_(value)
+    return [k for k in absent if k not in stored]
 
 
 def _refuse_non_finite_weights(model: PreTrainedModel, resolved: ResolvedModel) -> None:
@@ -279,6 +303,7 @@ def _load_bitmask(resolved: ResolvedModel, fmt: str, dtype: torch.dtype, trust_r
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     from sparsefit.models.bitmask import decompress_state_dict
+    from sparsefit.models.expert_store import EXPERTS_FILE
     from sparsefit.models.row_deltas import ROWS_FILE
     from sparsefit.models.slorb import SLORB_FILE
 
@@ -289,7 +314,7 @@ def _load_bitmask(resolved: ResolvedModel, fmt: str, dtype: torch.dtype, trust_r
             if hasattr(config, key):
                 delattr(config, key)
         state, where = {}, {}
-        side = (SLORB_FILE, ROWS_FILE)  # side modules: restored below
+        side = (SLORB_FILE, ROWS_FILE, EXPERTS_FILE)  # side modules: restored below; experts: read apart
         for file in sorted(f for f in path.glob("*.safetensors") if f.name not in side):
             with safe_open(file, "pt") as f:
                 state.update({key: f.get_tensor(key) for key in f.keys()})  # views of the mapped file
@@ -298,6 +323,10 @@ def _load_bitmask(resolved: ResolvedModel, fmt: str, dtype: torch.dtype, trust_r
             skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     except (*_load_errors(), SafetensorError) as err:
         raise _load_error(resolved, err) from None
+    # Fused expert tensors, stored slice by slice beside the weights: checked against the skeleton first.
+    experts = _expert_tensors(resolved, {k: tuple(v.shape) for k, v in skeleton.state_dict().items()})
+    state.update(experts)
+    where.update(dict.fromkeys(experts, path / EXPERTS_FILE))
     _check_against_config(resolved, skeleton, state, where, fmt)
     from sparsefit.models.finite import refuse_non_finite_input
 

@@ -50,7 +50,7 @@ def block_matrices(model: nn.Module) -> tuple[list[BlockMatrix], dict[str, str]]
                 excluded[pattern] = "adapter riding on a linear (SLoRB branch, row delta; saved apart)"
             elif is_router(layout.arch, module_rel):
                 excluded[pattern] = "router (kept dense)"
-            elif p.ndim < 2:
+            elif p.ndim < 2 or leaf.endswith("bias"):  # GPT-OSS's expert biases are (experts, out)
                 excluded[pattern] = "norm or bias (a vector)"
             else:
                 fused = p.ndim > 2 or leaf != "weight"  # a bare parameter, not a module's weight

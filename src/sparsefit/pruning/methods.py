@@ -30,6 +30,15 @@ class GroupSolver(Protocol):
         self, name: str, weight: torch.Tensor, pruned: torch.Tensor, keep: torch.Tensor
     ) -> torch.Tensor: ...
 
+    def release(self, name: str, statistics: bool = True) -> None:
+        """Free what solving `name`'s group needed: its inverse Hessian, and with `statistics` its
+        statistics too (the group is done)."""
+        ...
+
+    def data_free(self) -> GroupSolver:
+        """The solver for a group with no statistics (an expert no calibration token reaches)."""
+        ...
+
 
 class LayerMethod(Protocol):
     """What the layer-by-layer driver asks of a method: the statistics it needs, and a solver of one
@@ -125,6 +134,16 @@ class BlockSolver:
         groups = list(zip(rows, sparsities))
         pruned, keep = prune_sparsegpt(torch.cat(weights), hinv, dead, 0.0, o.structure, o.block_size, preserve, groups)
         return list(zip(pruned.split(rows), keep.split(rows)))
+
+    def release(self, name: str, statistics: bool = True) -> None:
+        if self.stats is None:
+            return
+        self._hinv.pop(self.stats.root(name), None)
+        if statistics:
+            self.stats.release(name)
+
+    def data_free(self) -> BlockSolver:
+        return MethodOptions("magnitude", self.options.structure).solver(None)
 
     def reconstruct(self, name: str, weight: torch.Tensor, pruned: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         """Refit the kept weights of `pruned` to `weight`'s outputs on the calibration inputs (mask unchanged).

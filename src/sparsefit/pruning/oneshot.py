@@ -72,6 +72,7 @@ class OneShotReport(BaseModel):
     compute_dtype: str  # of the block forwards: "bfloat16" or "float32"
     low_memory: bool  # whether finished blocks and paused activations went to files (`offload_dir`)
     phases: dict[str, float]  # seconds per phase
+    block_seconds: list[float] = []  # wall time of each pruned block (statistics, solves, offload)
     seconds: float
     peak_rss_mb: float  # of the process during pruning
     # On a GPU: the most the pruning held there at once (embeddings and head, one block, its
@@ -378,6 +379,7 @@ def oneshot(
         compute_dtype="bfloat16" if runner.bf16 else "float32",
         low_memory=offload_dir is not None,
         phases=report.phases,
+        block_seconds=report.block_seconds,
         seconds=time.perf_counter() - start,
         peak_rss_mb=peak_rss_mb(),
         peak_gpu_mb=torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,

@@ -45,7 +45,7 @@ from sparsefit.models.offload import (
     prefault,
     release_free_heap,
 )
-from sparsefit.pruning.methods import GroupSolver, LayerMethod, MethodOptions
+from sparsefit.pruning.methods import GroupSolver, LayerMethod
 from sparsefit.pruning.owl import outlier_ratio
 from sparsefit.pruning.stats import InputStats
 from sparsefit.pruning.wanda import wanda_scores
@@ -68,6 +68,7 @@ class LayerwiseReport:
     phases: dict[str, float] = field(default_factory=dict)  # seconds per phase
     # expert matrix -> routed calibration tokens, for those pruned by magnitude for want of tokens
     starved_experts: dict[str, int] = field(default_factory=dict)
+    block_seconds: list[float] = field(default_factory=list)  # wall time of each block, offload included
 
     def add_time(self, phase: str, seconds: float) -> None:
         self.phases[phase] = self.phases.get(phase, 0.0) + seconds
@@ -397,7 +398,7 @@ class _BlockPruner:
             if tokens < max(self.min_expert_tokens, 1):
                 # Too few routed tokens for meaningful statistics: the data-free rule.
                 self.report.starved_experts.update({n: tokens for n in group})
-                solver = self._magnitude_solver()
+                solver = solver.data_free()
         weights = [weight_as_out_in(layers[n]) for n in group]
         targets = [self.sparsity_of(index, n) for n in group]
         preserves = [w != 0 if self.preserve_zeros else None for w in weights]
@@ -405,6 +406,7 @@ class _BlockPruner:
             results = solver.solve_shared(group, weights, targets, preserves)
         except ValueError as err:  # the math's message, e.g. a Hessian that is not positive definite
             raise SparsefitError(f"pruning {group[0]} failed: {err}") from None
+        solver.release(group[0], statistics=False)  # the refit needs the Hessian, not its inverse
         self.report.add_time("solve", time.perf_counter() - t)
         if self.options.reconstruct_iters and getattr(solver, "stats", None) is not None:
             t = time.perf_counter()
@@ -413,6 +415,7 @@ class _BlockPruner:
             refit = solver.reconstruct(group[0], *stacked).split([w.shape[0] for w in weights])
             results = [(r, mask) for r, (_, mask) in zip(refit, results)]
             self.report.add_time("reconstruct", time.perf_counter() - t)
+        solver.release(group[0])
         for name, (pruned, mask) in zip(group, results):
             set_weight_out_in(layers[name], pruned)
             self.report.per_layer[name] = {
@@ -420,11 +423,6 @@ class _BlockPruner:
                 "sparsity": 1.0 - mask.sum().item() / mask.numel(),
                 "shape": list(pruned.shape),
             }
-
-    def _magnitude_solver(self) -> GroupSolver:
-        if not isinstance(self.options, MethodOptions):
-            raise SparsefitError(f"{self.options.name} has no data-free rule for experts that no token reaches")
-        return MethodOptions("magnitude", self.options.structure).solver(None)
 
     @staticmethod
     def _check_all_ran(unused: list[str]) -> None:
@@ -467,6 +465,7 @@ def prune_layerwise(
     for i, (block, layers) in enumerate(
         tqdm(list(zip(layout.blocks, per_block))[: last + 1], desc=options.name, unit="block", disable=not progress)
     ):
+        started = time.perf_counter()
         home = next(block.parameters()).device
         block.to(runner.device)
         groups = layout.input_groups(layers, f"{layout.prefix}.{i}")
@@ -477,4 +476,5 @@ def prune_layerwise(
             offload_parameters(block.named_parameters(), offload_dir)
             release_free_heap()
             report.add_time("offload", time.perf_counter() - t)
+        report.block_seconds.append(time.perf_counter() - started)
     return report

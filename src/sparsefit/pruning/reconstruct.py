@@ -62,22 +62,26 @@ def reconstruct(
         raise ValueError(f"damp {damp} must be positive, e.g. 0.01")
     if rank < 0:
         raise ValueError(f"rank {rank} must be >= 0 (0: diagonal preconditioner)")
-    H = hessian.detach().to(torch.float32, copy=True)
+    # The dampened H + lam I is applied as H x + lam x, never formed: a copy of H would be the largest
+    # buffer of the refit (784 MiB at 14336 inputs).
+    H = hessian.detach().float()  # no copy when it is float32 already
     live = torch.diag(H) != 0
-    H.diagonal().add_(damp * H.diagonal().mean())
+    lam = damp * float(H.diagonal().mean())
     mask = float_mask(keep)
     X = pruned.detach().to(torch.float32, copy=True) * mask
     if iters == 0:
         return X.to(weight.dtype)
-    # Residual of the normal equations on the kept weights: ((W - X) H) restricted to the mask.
-    R = ((weight.detach().float() * live - X) @ H) * mask
-    precondition = low_rank_preconditioner(H, mask, rank)
+    # Residual of the normal equations on the kept weights: ((W - X) (H + lam I)) restricted to the mask.
+    D = weight.detach().float() * live - X
+    R = torch.mm(D, H).add_(D, alpha=lam).mul_(mask)
+    del D
+    precondition = low_rank_preconditioner(H, mask, rank, lam)
     Z, AP = torch.empty_like(R), torch.empty_like(R)
     P = precondition(R, Z).clone()
     rz = torch.linalg.vecdot(R, Z).unsqueeze(1)
     tiny = torch.finfo(torch.float32).tiny
     for _ in range(iters):
-        torch.mm(P, H, out=AP).mul_(mask)
+        torch.mm(P, H, out=AP).add_(P, alpha=lam).mul_(mask)
         # Rows already solved have rz = 0 and P = 0: their step is 0, not 0/0.
         alpha = rz / torch.linalg.vecdot(P, AP).unsqueeze(1).clamp_min(tiny)
         X.addcmul_(alpha, P)
@@ -90,18 +94,20 @@ def reconstruct(
 
 
 def low_rank_preconditioner(
-    H: torch.Tensor, mask: torch.Tensor, rank: int
+    H: torch.Tensor, mask: torch.Tensor, rank: int, shift: float = 0.0
 ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """For a positive definite H (in, in) and a 0/1 float `mask` (rows, in): `apply(R, out)` writes,
     row by row, M_KK^-1 r_K into `out` (zeros off the mask), where M = D^1/2 (I + U S U^T) D^1/2
     keeps the top `rank` eigenpairs (lambda, u) of C = D^-1/2 H D^-1/2 with lambda > 1, S = lambda - 1.
 
     With r~ = D_K^-1/2 r_K, Woodbury gives M_KK^-1 r_K = D_K^-1/2 (r~ - U_K G^-1 U_K^T r~),
-    G = S^-1 + U_K^T U_K, a different small G for each row.
+    G = S^-1 + U_K^T U_K, a different small G for each row. With `shift`, all of this for H + shift I.
     """
-    inv_diag = 1.0 / H.diagonal()
+    inv_diag = 1.0 / (H.diagonal() + shift)
     inv_sqrt = inv_diag.sqrt()
-    eigvals, U = _top_eigenpairs(H * inv_sqrt[:, None] * inv_sqrt[None, :], rank)
+    # C = D^-1/2 H D^-1/2 is applied as scalings around H, never formed: a second in x in buffer
+    # (822 MB at 14336 inputs) would be most of the refit's memory.
+    eigvals, U = _top_eigenpairs(H, rank, inv_sqrt, shift)
     outlier = eigvals > 1.0
     eigvals, U = eigvals[outlier], U[:, outlier]
     if not len(eigvals):
@@ -124,8 +130,11 @@ def low_rank_preconditioner(
     return apply
 
 
-def _top_eigenpairs(C: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The `rank` largest eigenvalues (ascending) of symmetric C with orthonormal eigenvectors as columns.
+def _top_eigenpairs(
+    C: torch.Tensor, rank: int, scale: torch.Tensor | None = None, shift: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The `rank` largest eigenvalues (ascending) of symmetric C (with `scale`: of diag(scale)
+    (C + shift I) diag(scale)) with orthonormal eigenvectors as columns.
 
     By subspace iteration from a fixed random start (deterministic) and Rayleigh-Ritz; a full
     `eigh` when the subspace would be most of C.
@@ -134,14 +143,24 @@ def _top_eigenpairs(C: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Ten
     rank = min(rank, n)
     if rank == 0:
         return C.new_zeros(0), C.new_zeros(n, 0)
+
+    def apply(Q: torch.Tensor) -> torch.Tensor:
+        if scale is None:
+            return C @ Q
+        scaled = scale[:, None] * Q
+        return scale[:, None] * (C @ scaled + shift * scaled)
+
     width = rank + OVERSAMPLE
     if 2 * width >= n:
-        eigvals, vectors = torch.linalg.eigh(C)
+        full = C if scale is None else C + shift * torch.eye(n, dtype=C.dtype, device=C.device)
+        if scale is not None:
+            full = full * scale[:, None] * scale[None, :]
+        eigvals, vectors = torch.linalg.eigh(full)
         return eigvals[n - rank :], vectors[:, n - rank :]
     # Drawn on the CPU whatever C's device: a CUDA generator gives other numbers for the same seed,
     # and with a few CG steps the refit depends on the start (a GPU refit differed by 1e-3 before).
     Q = torch.randn(n, width, generator=torch.Generator().manual_seed(0), dtype=C.dtype).to(C.device)
     for _ in range(POWER_STEPS):
-        Q = torch.linalg.qr(C @ Q).Q
-    eigvals, ritz = torch.linalg.eigh(Q.t() @ C @ Q)
+        Q = torch.linalg.qr(apply(Q)).Q
+    eigvals, ritz = torch.linalg.eigh(Q.t() @ apply(Q))
     return eigvals[-rank:], Q @ ritz[:, -rank:]

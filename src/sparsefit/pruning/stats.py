@@ -44,6 +44,7 @@ class InputStats:
         self.sq: dict[str, torch.Tensor] = {}
         self.xtx: dict[str, torch.Tensor] = {}  # upper triangles of X^T X, until `hessian` mirrors them
         self._hessians: dict[str, torch.Tensor] = {}
+        self._released: set[str] = set()  # groups solved and freed: no input may arrive for them
         self.owner = {name: group[0] for group in self.groups for name in group}  # member -> group's first
         # Groups already fed in the current forward, per scope (a forward that may be paused beside others).
         self._seen: dict[Hashable, set[str]] = {}
@@ -98,8 +99,8 @@ class InputStats:
         )
 
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            given = dict(zip(("hidden_states", "top_k_index"), args)) | kwargs
-            hidden, index = given["hidden_states"], given["top_k_index"]
+            given = dict(zip(("hidden_states", spec.index_arg), args)) | kwargs
+            hidden, index = given["hidden_states"], given[spec.index_arg]
             for e, x_gate_up, x_down in routed_inputs(module, spec, hidden, index, self.every_token):
                 for param, x in ((spec.gate_up, x_gate_up), (spec.down, x_down)):
                     name = f"{prefix}.{param}.{e}"
@@ -109,6 +110,8 @@ class InputStats:
         return hook
 
     def _accumulate(self, name: str, x: torch.Tensor) -> None:
+        if name in self._released:
+            raise RuntimeError(f"inputs of {name} arrived after its statistics were released")
         self.count[name] = self.count.get(name, 0) + x.shape[0]
         if self.want_sq:
             sq = (x * x).sum(0)
@@ -119,6 +122,14 @@ class InputStats:
             if name not in self.xtx:
                 self.xtx[name] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float32, device=x.device)
             accumulate_upper(self.xtx[name], x)
+
+    def release(self, name: str) -> None:
+        """Free the statistics of `name`'s group once it is solved (its count stays): a block's Hessians
+        would otherwise all live until the block ends (in a Mixtral-8x7B block, 7 GB of them)."""
+        root = self.root(name)
+        self._released.add(root)
+        for store in (self._hessians, self.xtx, self.sq):
+            store.pop(root, None)
 
     def root(self, name: str) -> str:
         return self.owner.get(name, name)

@@ -50,6 +50,12 @@ class QuantizeConfig(LayerwiseOptions):
     )
     block_size: int = Field(128, ge=1, le=MAX_DIM, description="GPTQ column block (lazy batch updates)")
     damp: float = Field(0.01, gt=0, le=10, description="GPTQ dampening, a fraction of the Hessian's mean diagonal")
+    # Each expert slice of a fused (experts, out, in) tensor is quantized as its own linear, its GPTQ
+    # Hessian from the tokens routed to that expert; too few of them give a rank-deficient Hessian.
+    min_expert_tokens: int = Field(
+        16, ge=0, description="mixture of experts: an expert routed fewer calibration tokens than this is "
+        "quantized by round-to-nearest (data-free) instead of GPTQ, and reported"
+    )  # fmt: skip
     sequential: bool = Field(
         True,
         description="quantize each linear with the earlier linears of its block already quantized, one forward "

@@ -92,5 +92,15 @@ class QuantSolver:
             results.append((q.to(weights[0].dtype), k))
         return results
 
+    def release(self, name: str, statistics: bool = True) -> None:
+        if self.stats is not None and statistics:
+            self.stats.release(name)
+
+    def data_free(self) -> QuantSolver:
+        """Round-to-nearest on the same grid, into the same sink: GPTQ for an expert no token reaches."""
+        return QuantOptions("rtn", self.options.grid, self.options.sink, scale_dtype=self.options.scale_dtype).solver(
+            None
+        )
+
     def reconstruct(self, name: str, weight: torch.Tensor, pruned: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError("quantized weights are not refit")

@@ -46,9 +46,10 @@ class QuantizeReport(BaseModel):
     revived_weights: int  # pruned (zero) weights that quantization made nonzero: always 0, verified per layer
     sparsity_before: float  # over every block matrix (`models.sparsity`), the unquantized ones too
     sparsity_after: float  # kept weights that round to 0 add a little
-    # Block matrices left in float, by name pattern: those --targets/--ignore leave out, and fused expert
-    # tensors (the quantized formats store torch Linears only).
+    # Block matrices left in float, by name pattern: those --targets/--ignore leave out.
     not_quantized: list[str] = []
+    # expert matrix -> routed calibration tokens, for those quantized by round-to-nearest for want of tokens
+    starved_experts: dict[str, int] = {}
     calibration: CalibrationReport | None
     compute_dtype: str
     phases: dict[str, float]
@@ -146,12 +147,18 @@ def quantize(
     start = time.perf_counter()
     device = torch.device(device) if device is not None else next(model.parameters()).device
     layout = decoder_layout(model)
-    # Expert matrices are not quantized (the quantized export stores torch Linears); they are measured.
-    per_block = select_block_linears(layout, config.targets, config.ignore, experts=False)
+    # Each expert's slice of a fused expert tensor is quantized as a linear of its own (routers stay float).
+    per_block = select_block_linears(layout, config.targets, config.ignore)
     grid = _fitting_grid(weight_grid(config), per_block, explicit="group_size" in config.model_fields_set)
     _refuse_unquantizable(per_block, grid, getattr(torch, config.export_dtype))
     quantized = {name for layers in per_block for name in layers}
-    not_quantized = sorted({name_pattern(m.name) for m in block_matrices(model)[0] if m.name not in quantized})
+    not_quantized = sorted(
+        {
+            name_pattern(m.name)
+            for m in block_matrices(model)[0]
+            if m.name not in quantized and f"{m.name}.0" not in quantized  # a fused tensor by its first expert
+        }
+    )
     sparsity_before = measure_sparsity(model)["overall"]  # over every block matrix, experts included
 
     report = LayerwiseReport()
@@ -171,7 +178,7 @@ def quantize(
         report.add_time("capture", time.perf_counter() - t)
     prune_layerwise(
         model, options, lambda block, name: 0.0, inputs, per_block, runner, preserve_zeros=True,
-        progress=progress, report=report, sequential=config.sequential,
+        progress=progress, report=report, sequential=config.sequential, min_expert_tokens=config.min_expert_tokens,
     )  # fmt: skip
     quant_report = QuantizeReport(
         scheme=config.scheme,
@@ -182,6 +189,7 @@ def quantize(
         sparsity_before=sparsity_before,
         sparsity_after=measure_sparsity(model)["overall"],
         not_quantized=not_quantized,
+        starved_experts=report.starved_experts,
         calibration=None if calib is None else describe_calibration(calib, source),
         compute_dtype="bfloat16" if runner.bf16 else "float32",
         phases=report.phases,
