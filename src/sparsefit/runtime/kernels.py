@@ -38,7 +38,7 @@ SOURCES = (
     "bf16_avx2.cpp",
     "int8_avx2.cpp",
 )
-HEADERS = ("packed.h", "prefetch.h", "dispatch.h", "avx512.h", "avx2.h", "amx.h")
+HEADERS = ("packed.h", "prefetch.h", "dispatch.h", "avx512.h", "avx2.h", "amx.h", "int8_codes.h")
 ISAS = ("avx512", "amx", "avx2")  # the dispatch table's rows, best first (ops.cpp)
 # The rows whose kernels round the inputs to bf16 for a value type (AMX multiplies bf16 by bf16);
 # the others take fp32 inputs as they are.

@@ -8,38 +8,23 @@
 
 #include <immintrin.h>
 
+#include "int8_codes.h"
 #include "amx.h"
 
 namespace sparsefit::amx {
 namespace {
 
-// vpermb controls: for the codes 16q .. 16q + 15, byte 4i + 3 selects code 16q + i (the other bytes
-// are zeroed by the write mask).
-struct TopByteControls {
-  alignas(64) uint8_t c[4][64];
-  constexpr TopByteControls() : c{} {
-    for (int q = 0; q < 4; ++q)
-      for (int i = 0; i < 16; ++i) c[q][4 * i + 3] = static_cast<uint8_t>(16 * q + i);
-  }
-};
-constexpr TopByteControls kControls;
-
 struct Int8 {
   using Value = int8_t;
   static constexpr bool kScaled = true;
-  static constexpr float kUnit = 0x1p-24f;  // the codes arrive as code * 2^24
+  static constexpr float kUnit = kInt8Unit;
   static constexpr bool kSplitHalves = false;
   static constexpr bool kDirectDense = false;
-  static constexpr uint64_t kTopBytes = 0x8888888888888888ull;
 
-  static inline __m512 quarter(__m512i codes, int q) {
-    const __m512i control = _mm512_load_si512(kControls.c[q]);
-    return _mm512_cvtepi32_ps(_mm512_maskz_permutexvar_epi8(kTopBytes, control, codes));
-  }
   static inline void widen(__m512i codes, uint16_t a[2][32]) {
     // cvtne2ps puts its second operand in the low 16 words: columns 0..15, then 16..31.
-    _mm512_store_si512(a[0], (__m512i)_mm512_cvtne2ps_pbh(quarter(codes, 1), quarter(codes, 0)));
-    _mm512_store_si512(a[1], (__m512i)_mm512_cvtne2ps_pbh(quarter(codes, 3), quarter(codes, 2)));
+    _mm512_store_si512(a[0], (__m512i)_mm512_cvtne2ps_pbh(int8_quarter(codes, 1), int8_quarter(codes, 0)));
+    _mm512_store_si512(a[1], (__m512i)_mm512_cvtne2ps_pbh(int8_quarter(codes, 3), int8_quarter(codes, 2)));
   }
   static inline void expand(const Value* p, uint64_t mask, uint16_t a[2][32]) {
     widen(_mm512_maskz_expand_epi8(mask, _mm512_loadu_si512(p)), a);

@@ -8,33 +8,19 @@
 
 #include <immintrin.h>
 
+#include "int8_codes.h"
 #include "avx512.h"
 
 namespace sparsefit::avx512 {
 namespace {
 
-// vpermb controls: for the codes 16q .. 16q + 15, byte 4i + 3 selects code 16q + i (the other bytes
-// are zeroed by the write mask).
-struct TopByteControls {
-  alignas(64) uint8_t c[4][64];
-  constexpr TopByteControls() : c{} {
-    for (int q = 0; q < 4; ++q)
-      for (int i = 0; i < 16; ++i) c[q][4 * i + 3] = static_cast<uint8_t>(16 * q + i);
-  }
-};
-constexpr TopByteControls kControls;
-
 struct Int8 {
   using Value = int8_t;
   static constexpr bool kScaled = true;
-  static constexpr float kUnit = 0x1p-24f;  // the codes arrive as code * 2^24
-  static constexpr uint64_t kTopBytes = 0x8888888888888888ull;
+  static constexpr float kUnit = kInt8Unit;
 
   static inline void widen(__m512i a, __m512 w[4]) {
-    for (int q = 0; q < 4; ++q) {
-      const __m512i control = _mm512_load_si512(kControls.c[q]);
-      w[q] = _mm512_cvtepi32_ps(_mm512_maskz_permutexvar_epi8(kTopBytes, control, a));
-    }
+    for (int q = 0; q < 4; ++q) w[q] = int8_quarter(a, q);
   }
   static inline void load(const Value* p, uint64_t mask, __m512 w[4]) {
     widen(_mm512_maskz_expand_epi8(mask, _mm512_loadu_si512(p)), w);
