@@ -136,8 +136,7 @@ MOE = ["mixtral", "qwen3_moe"]
 def test_each_expert_is_quantized_by_gptq_from_its_routed_tokens(arch):
     """Paper order (statistics of the dense block): each expert slice equals GPTQ applied to that expert
     alone, its Hessian from the tokens the router sends it; zeros kept, every slice on its grid."""
-    from sparsefit.pruning.sparsegpt import inverse_hessian
-    from sparsefit.quantization.gptq import quantize_gptq
+    from sparsefit.quantization.gptq import gptq
     from sparsefit.quantization.scheme import Grid
     from tests.pruning.test_moe import expert_layers, routed_reference
 
@@ -154,7 +153,7 @@ def test_each_expert_is_quantized_by_gptq_from_its_routed_tokens(arch):
     for name, w in dense.items():
         param, e = name.rsplit(".", 2)[1:]
         inp = reference[int(e)][0 if param == "gate_up_proj" else 1]
-        expected, scale = quantize_gptq(w, *inverse_hessian(2 * inp.t() @ inp / inp.shape[0], 0.01), grid, w != 0)
+        expected, scale, _ = gptq(w, 2 * inp.t() @ inp / inp.shape[0], grid, w != 0)  # the defaults: act-order, mse
         got = expert_layers(model)[name].weight
         assert (got[w == 0] == 0).all(), name
         # GPTQ rounds column by column: a Hessian equal up to float32 summation order may flip a rare
@@ -167,7 +166,8 @@ def test_each_expert_is_quantized_by_gptq_from_its_routed_tokens(arch):
 
 
 def test_experts_with_too_few_tokens_are_rounded_to_nearest_and_reported():
-    from sparsefit.quantization.scheme import Grid, quantize_rtn
+    from sparsefit.quantization.observer import choose_scale
+    from sparsefit.quantization.scheme import Grid, group_view
     from tests.pruning.test_moe import expert_layers, routed_reference
 
     model, x = pruned("mixtral"), calib()
@@ -181,5 +181,7 @@ def test_experts_with_too_few_tokens_are_rounded_to_nearest_and_reported():
         for param in ("gate_up_proj", "down_proj"):
             name = f"model.layers.0.mlp.experts.{param}.{e}"
             assert result.report.starved_experts[name] == counts[e]
-            expected, _ = quantize_rtn(dense[name], Grid("int", 4, 16), torch.bfloat16)
+            grid, groups = Grid("int", 4, 16), group_view(dense[name], 16)
+            scale = choose_scale(groups, grid, "mse", torch.bfloat16)  # the default observer
+            expected = grid.fake_quantize(groups, scale.unsqueeze(-1)).reshape(dense[name].shape)
             assert torch.equal(expert_layers(model)[name].weight, expected), name

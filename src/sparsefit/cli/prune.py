@@ -19,8 +19,8 @@ PRUNE_FIELDS = [
 ]  # fmt: skip
 QUANTIZE_FIELDS = [
     "scheme", "method", "group_size", "export_dtype", "sparse_format", "targets", "ignore", "calib", "calib_split",
-    "text_field", "num_samples", "self_mix", "seq_len", "seed", "batch_size", "block_size", "damp", "sequential",
-    "compute_dtype", "min_expert_tokens",
+    "text_field", "num_samples", "self_mix", "seq_len", "seed", "batch_size", "actorder", "observer", "block_size",
+    "damp", "sequential", "compute_dtype", "min_expert_tokens",
 ]  # fmt: skip
 
 

@@ -48,6 +48,16 @@ class QuantizeConfig(LayerwiseOptions):
         description="legacy storage for w8a8 schemes: the int8 / float8 codes as bitmask plus values, as "
         "compressed-tensors <= 0.14 wrote them (sparsefit reads these; current transformers and vLLM do not)",
     )
+    actorder: Literal["static", "none"] = Field(
+        "static",
+        description="GPTQ column order: static (act-order: columns visited by descending input energy, diag(H); "
+        "groups stay in column order, scales taken up front) | none: left to right",
+    )
+    observer: Literal["mse", "minmax"] = Field(
+        "mse",
+        description="how each weight scale is chosen: mse (the clip ratio, 0.8-1.0 of max|w|, that loses least "
+        "in the round trip) | minmax (max|w| maps to the top code)",
+    )
     block_size: int = Field(128, ge=1, le=MAX_DIM, description="GPTQ column block (lazy batch updates)")
     damp: float = Field(0.01, gt=0, le=10, description="GPTQ dampening, a fraction of the Hessian's mean diagonal")
     # Each expert slice of a fused (experts, out, in) tensor is quantized as its own linear, its GPTQ

@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 import torch
 
 from sparsefit.errors import UsageError
-from sparsefit.pruning.sparsegpt import inverse_hessian
 from sparsefit.pruning.stats import InputStats
-from sparsefit.quantization.gptq import quantize_gptq
-from sparsefit.quantization.scheme import Grid, quantize_rtn
+from sparsefit.quantization.gptq import ActOrder, gptq
+from sparsefit.quantization.observer import Observer, choose_scale
+from sparsefit.quantization.scheme import Grid, group_view
 
 
 @dataclass
@@ -35,6 +35,8 @@ class QuantOptions:
     damp: float = 0.01
     scale_dtype: torch.dtype = torch.float32  # the dtype the scales are stored in
     reconstruct_iters: int = 0  # the driver's refit: not for quantized weights
+    actorder: ActOrder = "static"
+    observer: Observer = "mse"
 
     @property
     def needs_sq_sum(self) -> bool:
@@ -70,11 +72,14 @@ class QuantSolver:
         keep = torch.cat([w != 0 if p is None else p for w, p in zip(weights, preserves)])
         stacked = torch.cat(weights)
         if o.name == "rtn":
-            quantized, scale = quantize_rtn(stacked * keep, o.grid, o.scale_dtype)
+            groups = group_view((stacked * keep).float(), o.grid.group_size)
+            scale = choose_scale(groups, o.grid, o.observer, o.scale_dtype)
+            quantized = o.grid.fake_quantize(groups, scale.unsqueeze(-1)).reshape(stacked.shape)
         else:
             hessian = self.stats.hessian(names[0]).to(stacked.device)
-            hinv, dead = inverse_hessian(hessian, o.damp)
-            quantized, scale = quantize_gptq(stacked, hinv, dead, o.grid, keep, o.block_size, o.scale_dtype)
+            quantized, scale, _ = gptq(
+                stacked, hessian, o.grid, keep, o.actorder, o.observer, o.damp, o.block_size, o.scale_dtype
+            )
         rows = [w.shape[0] for w in weights]
         results = []
         for name, w, q, s, k in zip(names, weights, quantized.split(rows), scale.split(rows), keep.split(rows)):
@@ -98,9 +103,8 @@ class QuantSolver:
 
     def data_free(self) -> QuantSolver:
         """Round-to-nearest on the same grid, into the same sink: GPTQ for an expert no token reaches."""
-        return QuantOptions("rtn", self.options.grid, self.options.sink, scale_dtype=self.options.scale_dtype).solver(
-            None
-        )
+        o = self.options
+        return QuantOptions("rtn", o.grid, o.sink, scale_dtype=o.scale_dtype, observer=o.observer).solver(None)
 
     def reconstruct(self, name: str, weight: torch.Tensor, pruned: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError("quantized weights are not refit")

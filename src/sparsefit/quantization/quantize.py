@@ -169,7 +169,8 @@ def quantize(
     report.add_time("calibration_data", time.perf_counter() - t)
     sink = QuantizeSink()
     scale_dtype = getattr(torch, config.export_dtype)  # one of three literal names, never free text
-    options = QuantOptions(config.method, grid, sink, config.block_size, config.damp, scale_dtype)
+    options = QuantOptions(config.method, grid, sink, config.block_size, config.damp, scale_dtype,
+                           actorder=config.actorder, observer=config.observer)  # fmt: skip
     runner = BlockRunner(device, use_bf16(config.compute_dtype, device))
     inputs = None
     if options.needs_data:
