@@ -75,3 +75,11 @@ def test_a_cpu_that_did_not_record_amx_is_not_said_to_lack_it():
     assert report._cpu_words({**CPU, "amx": True}).endswith("(native bf16, AMX)")
     assert report._cpu_words({**CPU, "amx": False}).endswith("(native bf16, no AMX)")
     assert report._cpu_words({k: v for k, v in CPU.items() if k != "amx"}).endswith("(native bf16, AMX not recorded)")
+
+
+def test_every_benchmark_script_records_its_environment():
+    """A re-run leaves a traceable result only if the script writes `environment()` (commit, CPU, versions)."""
+    report = _report()
+    scripts = set(report.SCRIPTS.values())
+    silent = sorted(s for s in scripts if "environment(" not in (ROOT / "benchmarks" / s).read_text())
+    assert not silent, f"these benchmarks write results without environment(): {silent}"
