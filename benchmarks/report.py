@@ -684,16 +684,21 @@ def serve(r: dict) -> str:
         f"Streaming completions, {r['args']['max_tokens']} tokens each (greedy, EOS ignored), client-side times.",
         "",
     ]
+    # the reference, llama.cpp's llama-server under the same load, is a row of its own when it ran
+    reference = r.get("llama_server")
+    servers = dict(r["models"])
+    if isinstance(reference, dict):
+        servers[f"llama-server ({Path(reference['gguf']).name})"] = reference
     rows = []
-    for name, m in r["models"].items():
+    for name, m in servers.items():
         for lv in m["levels"]:
             rows.append([name, lv["concurrency"], lv["requests"], lv["failed"], f(lv["decode_tokens_per_s"], 1),
                          f(lv["ttft_p50"] * 1e3, 0), f(lv["itl_p50"] * 1e3, 1), f(lv["itl_p99"] * 1e3, 1)])  # fmt: skip
     head = ["model", "concurrency", "requests", "failed", "decode tok/s", "TTFT p50 ms", "ITL p50 ms", "ITL p99 ms"]
     out += [table(head, rows), ""]
-    rows = [[n, f(m["decode_speedup_top_vs_1"]), f(m["itl_p99_top_vs_1"])] for n, m in r["models"].items()]
+    rows = [[n, f(m["decode_speedup_top_vs_1"]), f(m["itl_p99_top_vs_1"])] for n, m in servers.items()]
     out += [table(["model", "decode tok/s, top vs 1 stream", "ITL p99, top vs 1 stream"], rows), ""]
-    out.append(f"llama-server: {r['llama_server']}" if isinstance(r["llama_server"], str) else "")
+    out.append(f"llama-server: {reference}" if isinstance(reference, str) else "")
     return "\n".join(out)
 
 
