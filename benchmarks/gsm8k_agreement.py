@@ -14,6 +14,7 @@ import json
 import time
 from pathlib import Path
 
+from environment import environment
 from sparsefit.evaluation.answers import extract_flexible, extract_strict, is_correct
 from sparsefit.evaluation.gsm8k import evaluate_answer_ppl, evaluate_gsm8k
 from sparsefit.evaluation.harness import run_harness
@@ -68,6 +69,7 @@ def main() -> None:
         assert is_correct(extract_flexible(theirs), answer) == bool(filters["flexible-extract"]["exact_match"])
     metrics = harness["results"]["gsm8k_local"]
     result = {
+        "environment": environment(),
         "model": args.model,
         "rows": args.limit,
         "num_fewshot": 0,

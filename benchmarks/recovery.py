@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from environment import environment
 from sparsefit.atomic import write_json
 from sparsefit.evaluation.gsm8k import evaluate_answer_ppl
 from sparsefit.evaluation.tasks import evaluate_perplexity
@@ -86,7 +87,7 @@ def main() -> None:
     args = p.parse_args()
     reuse_freed_memory()  # as the CLI's training commands do
     work = Path(args.work)
-    result: dict = {"args": vars(args), "stages": {}, "threads": torch.get_num_threads()}
+    result: dict = {"environment": environment(), "args": vars(args), "stages": {}, "threads": torch.get_num_threads()}
 
     def record(stage: str, data: dict) -> None:
         result["stages"][stage] = data

@@ -22,6 +22,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from environment import environment
 from oneshot import RUNS as PRUNE_FLAGS  # sparsefit's side of each run, as benchmarks/oneshot.py prunes it
 from oneshot import evaluate, sparsefit
 
@@ -100,7 +101,13 @@ def main() -> None:
     version = run_llmcompressor(
         [args.lc_python, "-c", "import llmcompressor; print(llmcompressor.__version__)"]
     ).split()[-1]
-    result = {"llmcompressor": version, "model": args.model, "seed": args.seed, "runs": {}}
+    result = {
+        "environment": environment(),
+        "llmcompressor": version,
+        "model": args.model,
+        "seed": args.seed,
+        "runs": {},
+    }
     result["calibration"] = f"gsm8k train {args.num_samples} x {args.seq_len}, sparsefit's windows for seed {args.seed}"
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

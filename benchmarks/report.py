@@ -3,7 +3,7 @@ the run's environment (commit, date, CPU, versions, device) and its numbers as t
 
     python benchmarks/report.py            # rewrite benchmarks/README.md
     python benchmarks/report.py --check    # exit 1 if the README is not what the results give
-    python benchmarks/report.py --strict   # also exit 1 while a result is untraceable (see below)
+    python benchmarks/report.py --strict   # also exit 1 while a result is to re-run (see below)
 
 Times are quoted as ratios to a yardstick measured in the same run wherever the benchmark has one.
 
@@ -11,7 +11,9 @@ Each result shows its age: how many commits its `environment.commit` is behind t
 README was generated at (named in its header, so `--check` counts to the same one). A result
 from a tree with uncommitted changes (`+dirty`), without a recorded commit or CPU, or from a
 commit that is not in this history is marked untraceable; those and the results more than
-STALE_AFTER commits behind are listed, with the command that refreshes them, under "To re-run".
+STALE_AFTER commits behind are listed, with their age, date, CPU and the command that refreshes
+them, under "To re-run". `--strict` fails while that list holds any result but a stale one that
+needs a GPU (the CPU machine cannot refresh it; its row says so).
 """
 
 from __future__ import annotations
@@ -184,7 +186,8 @@ def environment_line(result: dict) -> str:
 
 def _cpu_words(cpu: dict) -> str:
     bf16 = "native bf16" if cpu["native_bf16"] else ("AVX-512, no native bf16" if cpu["avx512"] else "no AVX-512")
-    bf16 += ", AMX" if cpu.get("amx") else ""  # bf16 matrix units: bf16 training runs much faster
+    # bf16 matrix units: bf16 training runs much faster; results older than the field did not record them
+    bf16 += {True: ", AMX", False: ", no AMX", None: ", AMX not recorded"}[cpu.get("amx")]
     return f"{cpu['model']}, {cpu['cores']} cores ({bf16})"
 
 
@@ -283,22 +286,26 @@ def generation(r: dict) -> str:
         if name != "generate-batch16":
             rows.append([f"sparsefit, {name.split('-')[1]}", f(row["tokens_per_second"], 1),
                          f(row["speedup"]) + "x", f"{row['identical']}/{a['questions']}"])  # fmt: skip
+    # sampling against sampling: the greedy yardstick stops rows early and would flatter sparsefit
     sampled = [
-        ["transformers `generate(do_sample=True)`, batch 16", f(s["generate-batch16"]["tokens_per_second"], 1),
-         f(s["generate-batch16"]["tokens_per_second"] / yard) + "x"],
-        ["sparsefit `sample_from_model`", f(s["sparsefit"]["tokens_per_second"], 1),
-         f(s["speedup_vs_greedy_yardstick"]) + "x"],
+        ["transformers `generate(do_sample=True)`, batch 16 (yardstick)",
+         f(s["generate-batch16"]["tokens_per_second"], 1), "1.00x"],
+        ["sparsefit `sample_from_model`", f(s["sparsefit"]["tokens_per_second"], 1), f(s["speedup"]) + "x"],
     ]  # fmt: skip
+    slots = " / ".join(str(n) for n in a["slots"])
     return "\n".join(
         [
-            f"Greedy: the first {a['questions']} GSM8K test questions, up to {a['max_new_tokens']} new tokens.",
+            f"Greedy: the first {a['questions']} GSM8K test questions, up to {a['max_new_tokens']} new tokens. "
+            f"The yardstick is `generate` in batches of 16, each row stopped by a Python stopping criterion, "
+            f"not `generate`'s own `stop_strings` at its best batch size; sparsefit decodes {slots} rows at once. "
+            "The ratios compare those two set-ups, not the two at the same batch size.",
             "",
             table(["generator", "tokens/s", "vs yardstick", "outputs identical to generate's"], rows),
             "",
             f"Sampling: {a['samples']} self-generated sequences of {a['sample_len']} tokens (the `quick` recipe's "
             "training text), temperature 1.",
             "",
-            table(["generator", "tokens/s", "vs greedy yardstick"], sampled),
+            table(["generator", "tokens/s", "vs sampling yardstick"], sampled),
         ]
     )
 
@@ -677,16 +684,21 @@ def serve(r: dict) -> str:
         f"Streaming completions, {r['args']['max_tokens']} tokens each (greedy, EOS ignored), client-side times.",
         "",
     ]
+    # the reference, llama.cpp's llama-server under the same load, is a row of its own when it ran
+    reference = r.get("llama_server")
+    servers = dict(r["models"])
+    if isinstance(reference, dict):
+        servers[f"llama-server ({Path(reference['gguf']).name})"] = reference
     rows = []
-    for name, m in r["models"].items():
+    for name, m in servers.items():
         for lv in m["levels"]:
             rows.append([name, lv["concurrency"], lv["requests"], lv["failed"], f(lv["decode_tokens_per_s"], 1),
                          f(lv["ttft_p50"] * 1e3, 0), f(lv["itl_p50"] * 1e3, 1), f(lv["itl_p99"] * 1e3, 1)])  # fmt: skip
     head = ["model", "concurrency", "requests", "failed", "decode tok/s", "TTFT p50 ms", "ITL p50 ms", "ITL p99 ms"]
     out += [table(head, rows), ""]
-    rows = [[n, f(m["decode_speedup_top_vs_1"]), f(m["itl_p99_top_vs_1"])] for n, m in r["models"].items()]
+    rows = [[n, f(m["decode_speedup_top_vs_1"]), f(m["itl_p99_top_vs_1"])] for n, m in servers.items()]
     out += [table(["model", "decode tok/s, top vs 1 stream", "ITL p99, top vs 1 stream"], rows), ""]
-    out.append(f"llama-server: {r['llama_server']}" if isinstance(r["llama_server"], str) else "")
+    out.append(f"llama-server: {reference}" if isinstance(reference, str) else "")
     return "\n".join(out)
 
 
@@ -821,8 +833,31 @@ def to_rerun(results: dict, ages: dict) -> list[tuple[str, str]]:
             out.append((stem, a["problem"]))
         elif a["behind"] > STALE_AFTER:
             gpu = "; needs a GPU" if needs_gpu(results[stem]) else ""
-            out.append((stem, f"{a['behind']} commits behind{gpu}"))
+            out.append((stem, f"stale (over {STALE_AFTER} commits behind){gpu}"))
     return out
+
+
+def blocking(results: dict, ages: dict) -> list[str]:
+    """The results `--strict` refuses, each with why: every one to re-run but a stale one that needs
+    a GPU, which this (CPU) machine cannot refresh and whose row says so."""
+    out = []
+    for stem, _ in to_rerun(results, ages):
+        a = ages[stem]
+        if a["problem"]:
+            out.append(f"{stem} ({a['problem']})")
+        elif not needs_gpu(results[stem]):
+            out.append(f"{stem} ({a['behind']} commits behind)")
+    return out
+
+
+def _measured(result: dict) -> str:
+    """When and on what a result was measured, for the re-run table ("-" where it does not say)."""
+    env = result.get("environment") or {}
+    cpu = env.get("cpu")
+    where = _cpu_words(cpu) if cpu else "CPU not recorded"
+    device = env.get("device", "cpu")
+    where += "" if str(device).startswith("cpu") else f", {device}"
+    return f"{env.get('date') or 'date not recorded'}; {where}"
 
 
 def rerun_section(results: dict, ages: dict) -> list[str]:
@@ -832,10 +867,22 @@ def rerun_section(results: dict, ages: dict) -> list[str]:
     return [
         "## To re-run",
         "",
-        f"Results that are untraceable or more than {STALE_AFTER} commits behind, and the command that "
-        "measures each again (from the repository root):",
+        f"Results that are untraceable or more than {STALE_AFTER} commits behind, when and where each was "
+        "measured, and the command that measures it again (from the repository root, on a quiet machine):",
         "",
-        table(["result", "why", "command"], [[f"`{stem}`", why, f"`{RERUN[stem]}`"] for stem, why in rows]),
+        table(
+            ["result", "why", "commits behind", "measured", "command"],
+            [
+                [
+                    f"`{stem}`",
+                    why,
+                    "-" if ages[stem]["behind"] is None else ages[stem]["behind"],
+                    _measured(results[stem]),
+                    f"`{RERUN[stem]}`",
+                ]
+                for stem, why in rows
+            ],
+        ),  # fmt: skip
     ]
 
 
@@ -845,7 +892,11 @@ _REFERENCE = re.compile(r"Ages are counted in commits to ([0-9a-f]{7,40}), the c
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="exit 1 if benchmarks/README.md is out of date")
-    parser.add_argument("--strict", action="store_true", help="exit 1 while any result is untraceable")
+    parser.add_argument(
+        "--strict",
+        action="store_true",
+        help=f"exit 1 while a result is untraceable or over {STALE_AFTER} commits behind",
+    )
     args = parser.parse_args()
     head = resolve("HEAD")
     if args.check:
@@ -863,9 +914,9 @@ def main() -> None:
     text = render(reference)
     if args.strict:
         results = {p.stem: json.loads(p.read_text()) for p in RESULTS.glob("*.json")}
-        bad = [f"{stem} ({a['problem']})" for stem, r in sorted(results.items()) if (a := age(r, reference))["problem"]]
+        bad = blocking(results, {stem: age(r, reference) for stem, r in results.items()})
         if bad:
-            sys.exit("untraceable results, re-run them: " + "; ".join(bad))
+            sys.exit(f"results to re-run (untraceable, or over {STALE_AFTER} commits behind): " + "; ".join(bad))
     if args.check:
         if not README.exists() or README.read_text() != text:
             sys.exit("benchmarks/README.md is out of date: run python benchmarks/report.py")

@@ -45,3 +45,41 @@ def test_results_are_aged_and_untraceable_ones_marked_for_a_rerun():
 def test_every_result_has_a_rerun_command():
     report = _report()
     assert set(report.RENDER) <= set(report.RERUN)
+
+
+def test_strict_refuses_untraceable_and_stale_cpu_results_but_not_a_stale_gpu_one():
+    report = _report()
+    cpu, gpu = {"cpu": CPU, "device": "cpu"}, {"cpu": CPU, "device": "NVIDIA H200"}
+    # real stems, so that each has its re-run command
+    results = {"quick": {"environment": cpu}, "runtime": {"environment": cpu}, "oneshot": {"environment": cpu},
+               "sparse24_gpu": {"environment": gpu}}  # fmt: skip
+    behind = report.STALE_AFTER + 1
+    ages = {
+        "quick": {"problem": "measured on a tree with uncommitted changes", "behind": 3},
+        "runtime": {"problem": None, "behind": report.STALE_AFTER},
+        "oneshot": {"problem": None, "behind": behind},
+        "sparse24_gpu": {"problem": None, "behind": behind},
+    }
+    assert [stem for stem, _ in report.to_rerun(results, ages)] == ["oneshot", "quick", "sparse24_gpu"]
+    assert report.blocking(results, ages) == [
+        f"oneshot ({behind} commits behind)",
+        "quick (measured on a tree with uncommitted changes)",
+    ]
+    table = "\n".join(report.rerun_section(results, ages))
+    assert f"| `sparse24_gpu` | stale (over {report.STALE_AFTER} commits behind); needs a GPU | {behind} |" in table
+    assert "| `quick` | measured on a tree with uncommitted changes | 3 |" in table and "`runtime`" not in table
+
+
+def test_a_cpu_that_did_not_record_amx_is_not_said_to_lack_it():
+    report = _report()
+    assert report._cpu_words({**CPU, "amx": True}).endswith("(native bf16, AMX)")
+    assert report._cpu_words({**CPU, "amx": False}).endswith("(native bf16, no AMX)")
+    assert report._cpu_words({k: v for k, v in CPU.items() if k != "amx"}).endswith("(native bf16, AMX not recorded)")
+
+
+def test_every_benchmark_script_records_its_environment():
+    """A re-run leaves a traceable result only if the script writes `environment()` (commit, CPU, versions)."""
+    report = _report()
+    scripts = set(report.SCRIPTS.values())
+    silent = sorted(s for s in scripts if "environment(" not in (ROOT / "benchmarks" / s).read_text())
+    assert not silent, f"these benchmarks write results without environment(): {silent}"

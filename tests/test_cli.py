@@ -51,3 +51,36 @@ def test_usage_errors_exit_2_with_one_line(argv, message, capsys):
 def test_seq_len_beyond_context(tiny_checkpoint, data_dir, capsys):
     code, _, err = run(["eval", "--model", str(tiny_checkpoint), "--seq-len", "4096"], capsys)
     assert code == 2 and "larger than the model's context (256)" in err
+
+
+@pytest.fixture
+def no_data_anywhere(tmp_path, monkeypatch):
+    """A fresh machine: SPARSEFIT_DATA_DIR unset, an empty default data folder, no `datasets`."""
+    monkeypatch.delenv("SPARSEFIT_DATA_DIR", raising=False)
+    monkeypatch.setenv("SPARSEFIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(__import__("sys").modules, "datasets", None)  # `import datasets` raises ImportError
+    return tmp_path / "cache" / "data"
+
+
+def test_eval_without_the_data_says_where_to_put_it(tiny_checkpoint, no_data_anywhere, capsys):
+    code, _, err = run(["eval", "--model", str(tiny_checkpoint), "--seq-len", "64"], capsys)
+    errors = [line for line in err.splitlines() if line.startswith("sparsefit: error:")]
+    assert code == 2 and len(errors) == 1 and "Traceback" not in err
+    line = errors[0]
+    assert str(no_data_anywhere / "wikitext-2-raw" / "wiki.test.raw") in line and "(the default data folder)" in line
+    assert "set SPARSEFIT_DATA_DIR" in line and "pip install 'sparsefit[data]'" in line
+    assert "Salesforce/wikitext" in line  # where the file comes from
+
+
+def test_prune_without_the_data(tiny_checkpoint, no_data_anywhere, tmp_path, capsys):
+    """The default calibration falls back to text the model writes, with a notice; a dataset named
+    with --calib is an error that names the fix."""
+    small = ["--model", str(tiny_checkpoint), "--num-samples", "2", "--seq-len", "32"]
+    code, _, err = run(["prune", *small, "--output", str(tmp_path / "p")], capsys)
+    assert code == 0, err
+    assert "notice: the default calibration data (gsm8k) is out of reach" in err and "--calib self" in err
+    code, _, err = run(["prune", *small, "--calib", "gsm8k", "--output", str(tmp_path / "q")], capsys)
+    errors = [line for line in err.splitlines() if line.startswith("sparsefit: error:")]
+    assert code == 2 and len(errors) == 1
+    assert "set SPARSEFIT_DATA_DIR" in errors[0]
+    assert errors[0].endswith("or calibrate on text the model writes: --calib self")
