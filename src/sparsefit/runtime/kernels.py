@@ -33,17 +33,18 @@ SOURCES = (
     "llama.cpp",
     "bf16_avx512.cpp",
     "int8_avx512.cpp",
+    "bf16_avx512bf16.cpp",
     "bf16_amx.cpp",
     "int8_amx.cpp",
     "bf16_avx2.cpp",
     "int8_avx2.cpp",
 )
 HEADERS = ("packed.h", "prefetch.h", "dispatch.h", "avx512.h", "avx2.h", "amx.h", "int8_codes.h")
-ISAS = ("avx512", "amx", "avx2")  # the dispatch table's rows, best first (ops.cpp)
-# The rows whose kernels round the inputs to bf16 for a value type (AMX multiplies bf16 by bf16);
-# the others take fp32 inputs as they are.
-ROUNDS_INPUTS = {("amx", "bfloat16"), ("amx", "int8")}
-ISA_ENV = "SPARSEFIT_KERNEL_ISA"  # auto (default) | amx | avx512 | avx2: force a row, e.g. to test AVX2 here
+ISAS = ("avx512bf16", "avx512", "amx", "avx2")  # the dispatch table's rows, best first (ops.cpp)
+# The rows whose kernels round the inputs to bf16 for a value type (AMX and vdpbf16ps multiply bf16
+# by bf16); the others take fp32 inputs as they are.
+ROUNDS_INPUTS = {("amx", "bfloat16"), ("amx", "int8"), ("avx512bf16", "bfloat16")}
+ISA_ENV = "SPARSEFIT_KERNEL_ISA"  # auto (default) | avx512 | avx512bf16 | amx | avx2: force a row
 
 
 @dataclass(frozen=True)

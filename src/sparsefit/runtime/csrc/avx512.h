@@ -1,12 +1,19 @@
-// The AVX-512 loops over a packed weight (packed.h), shared by the value types: bf16_avx512.cpp and
-// int8_avx512.cpp each define a Loader (how 64 columns of one row become four 16-lane fp32 vectors)
-// and instantiate `run` with it. Include after `#pragma GCC target(...)` and <immintrin.h>.
+// The AVX-512 loops over a packed weight (packed.h), shared by the value types and multiply units:
+// bf16_avx512.cpp and int8_avx512.cpp (fp32 FMA) and bf16_avx512bf16.cpp (bf16 pair dot products)
+// each define a Loader and instantiate `run` with it. Include after `#pragma GCC target(...)` and
+// <immintrin.h>.
 //
 // Loader concept:
 //   using Value = ...;                      the stored element type
 //   static constexpr bool kScaled;          multiply each row's sum by kUnit, then by scales[row]
-//   static void load(const Value* p, uint64_t mask, __m512 w[4]);  expand the popcount(mask) values at p
-//   static void load_dense(const Value* p, __m512 w[4]);           64 stored values at p
+//   static constexpr int kVecs;             vectors per 64 columns (4 of fp32, 2 of bf16 pairs)
+//   using W = ...;                          one vector of weights or inputs as multiplied (__m512, __m512bh)
+//   static void load(const Value* p, uint64_t mask, W w[kVecs]);  expand the popcount(mask) values at p
+//   static void load_dense(const Value* p, W w[kVecs]);           64 stored values at p
+//   static void inputs(const float* x, Lanes out[kVecs]);          64 fp32 inputs as madd takes them
+//   static W in(const Lanes& x);                                   one vector of those inputs
+//   static __m512 madd(__m512 acc, W w, W x);                      acc + w * x, lane by lane
+// (Fp32Fma below is the multiply unit of the fp32 loaders.)
 
 #pragma once
 
@@ -18,6 +25,22 @@
 
 namespace sparsefit::avx512 {
 
+// 64 bytes of lanes (16 fp32 or 32 bf16), as an element type a std::vector aligns.
+struct alignas(64) Lanes {
+  float f[16];
+};
+
+// fp32 inputs as they are, multiplied by fp32 weights with FMA.
+struct Fp32Fma {
+  static constexpr int kVecs = 4;
+  using W = __m512;
+  static inline __m512 in(const Lanes& x) { return _mm512_load_ps(x.f); }
+  static inline __m512 madd(__m512 acc, __m512 w, __m512 x) { return _mm512_fmadd_ps(w, x, acc); }
+  static inline void inputs(const float* x, Lanes out[4]) {
+    for (int q = 0; q < 4; ++q) _mm512_store_ps(out[q].f, _mm512_loadu_ps(x + 16 * q));
+  }
+};
+
 template <class L>
 inline float finish(const PackedView& w, __m512 acc, int64_t n) {
   float s = _mm512_reduce_add_ps(acc);
@@ -27,7 +50,7 @@ inline float finish(const PackedView& w, __m512 acc, int64_t n) {
 }
 
 template <class L, bool Dense>
-inline void load_row(const typename L::Value* p, uint64_t mask, __m512 v[4]) {
+inline void load_row(const typename L::Value* p, uint64_t mask, typename L::W v[L::kVecs]) {
   if constexpr (Dense) {
     L::load_dense(p, v);
   } else {
@@ -35,30 +58,29 @@ inline void load_row(const typename L::Value* p, uint64_t mask, __m512 v[4]) {
   }
 }
 
-// Batch 1: the R rows of block b side by side, so each group's 64 inputs are loaded once for R rows
-// and R independent accumulation chains are in flight.
+// Batch 1: the R rows of block b side by side, so each group's inputs are loaded once for R rows
+// and R independent accumulation chains are in flight. `xv`: the inputs as `L::inputs` gives them,
+// kVecs per group.
 template <class L, bool Dense, int R>
-inline void gemv_block(const PackedView& w, const float* x, float* y, int64_t b) {
+inline void gemv_block(const PackedView& w, const Lanes* xv, float* y, int64_t b) {
   using V = typename L::Value;
+  constexpr int K = L::kVecs;
   const V* p = static_cast<const V*>(w.values) + w.block_offsets[b];
   const uint64_t* m = Dense ? nullptr : w.masks + b * w.groups * R;
   __m512 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
   for (int64_t g = 0; g < w.groups; ++g) {
-    const float* xg = x + g * kGroup;
+    typename L::W xg[K];
+    for (int q = 0; q < K; ++q) xg[q] = L::in(xv[g * K + q]);
     if constexpr (!Dense) _mm_prefetch(reinterpret_cast<const char*>(m + g * R) + kAheadMasks, _MM_HINT_T0);
-    const __m512 x0 = _mm512_loadu_ps(xg), x1 = _mm512_loadu_ps(xg + 16);
-    const __m512 x2 = _mm512_loadu_ps(xg + 32), x3 = _mm512_loadu_ps(xg + 48);
     for (int r = 0; r < R; ++r) {
-      __m512 v[4];
+      typename L::W v[K];
       const uint64_t mask = Dense ? ~0ull : m[g * R + r];
       _mm_prefetch(reinterpret_cast<const char*>(p) + kAheadValues, _MM_HINT_T0);
       load_row<L, Dense>(p, mask, v);
       p += Dense ? kGroup : _mm_popcnt_u64(mask);
-      acc[r] = _mm512_fmadd_ps(v[0], x0, acc[r]);
-      acc[r] = _mm512_fmadd_ps(v[1], x1, acc[r]);
-      acc[r] = _mm512_fmadd_ps(v[2], x2, acc[r]);
-      acc[r] = _mm512_fmadd_ps(v[3], x3, acc[r]);
+#pragma GCC unroll 4
+      for (int q = 0; q < K; ++q) acc[r] = L::madd(acc[r], v[q], xg[q]);
     }
   }
   for (int r = 0; r < R; ++r) {
@@ -81,8 +103,8 @@ inline void row_starts(const PackedView& w, int64_t b, std::vector<int64_t>& sta
 
 // Batch B (2..8) per pass: a register tile of 2 weight rows x B batch rows (2B accumulators), so
 // each expanded piece of weight meets B inputs and each input vector loaded meets 2 rows. The
-// inputs come interleaved (`interleave`: xt[(g * 4 + q) * B + i] is batch row i's 16 columns
-// g * 64 + 16q ..) so the tile reads them at fixed offsets from one pointer. Columns go in chunks of
+// inputs come interleaved (`interleave`: xt[(g * kVecs + q) * B + i] is batch row i's vector q of
+// group g) so the tile reads them at fixed offsets from one pointer. Columns go in chunks of
 // kChunkGroups groups (B x 512 inputs, 16 KiB, stay in L1 while the block's row pairs pass over
 // them); a tile's accumulators wait in `acc` between chunks, unchanged, so each output is still
 // summed in gemv_block's order.
@@ -90,9 +112,10 @@ constexpr int kBatchTile = 8;
 constexpr int64_t kChunkGroups = 8;
 
 template <class L, bool Dense, int R, int B>
-inline void gemm_block(const PackedView& w, const __m512* xt, float* y, int64_t ys, int64_t b,
+inline void gemm_block(const PackedView& w, const Lanes* xt, float* y, int64_t ys, int64_t b,
                        const std::vector<int64_t>& starts, __m512* acc) {
   using V = typename L::Value;
+  constexpr int K = L::kVecs;
   const V* base = static_cast<const V*>(w.values);
   const uint64_t* m = Dense ? nullptr : w.masks + b * w.groups * R;
   auto row_at = [&](int64_t g, int r) -> const V* {
@@ -106,18 +129,19 @@ inline void gemm_block(const PackedView& w, const __m512* xt, float* y, int64_t 
       __m512 a0[B], a1[B];
 #pragma GCC unroll 8
       for (int i = 0; i < B; ++i) a0[i] = acc[r * B + i], a1[i] = acc[(r + 1) * B + i];
-      const __m512* xg = xt + g0 * 4 * B;
-      for (int64_t g = g0; g < g1; ++g, xg += 4 * B) {
+      const Lanes* xg = xt + g0 * K * B;
+      for (int64_t g = g0; g < g1; ++g, xg += K * B) {
         next.step();
-        __m512 v0[4], v1[4];
+        typename L::W v0[K], v1[K];
         load_row<L, Dense>(row_at(g, r), Dense ? ~0ull : m[g * R + r], v0);
         load_row<L, Dense>(row_at(g, r + 1), Dense ? ~0ull : m[g * R + r + 1], v1);
 #pragma GCC unroll 4
-        for (int q = 0; q < 4; ++q) {
+        for (int q = 0; q < K; ++q) {
 #pragma GCC unroll 8
           for (int i = 0; i < B; ++i) {
-            a0[i] = _mm512_fmadd_ps(v0[q], xg[q * B + i], a0[i]);
-            a1[i] = _mm512_fmadd_ps(v1[q], xg[q * B + i], a1[i]);
+            const typename L::W xi = L::in(xg[q * B + i]);
+            a0[i] = L::madd(a0[i], v0[q], xi);
+            a1[i] = L::madd(a1[i], v1[q], xi);
           }
         }
       }
@@ -132,34 +156,34 @@ inline void gemm_block(const PackedView& w, const __m512* xt, float* y, int64_t 
   }
 }
 
-// 16 fp32 lanes, as an element type a std::vector aligns.
-struct alignas(64) Lanes {
-  float f[16];
-};
-
-// x (B rows, xs apart) in gemm_block's interleaved order, for groups * 64 columns.
+// x (B rows, xs apart) as L::inputs gives it, in gemm_block's interleaved order (B = 1: gemv_block's).
+template <class L>
 inline void interleave(const float* x, int64_t xs, int64_t batch, int64_t groups, Lanes* xt) {
+  constexpr int K = L::kVecs;
+  Lanes v[K];
   for (int64_t g = 0; g < groups; ++g)
-    for (int q = 0; q < 4; ++q)
-      for (int64_t i = 0; i < batch; ++i)
-        _mm512_store_ps(xt[(g * 4 + q) * batch + i].f, _mm512_loadu_ps(x + i * xs + g * kGroup + 16 * q));
+    for (int64_t i = 0; i < batch; ++i) {
+      L::inputs(x + i * xs + g * kGroup, v);
+      for (int q = 0; q < K; ++q) xt[(g * K + q) * batch + i] = v[q];
+    }
 }
 
 template <class L, bool Dense, int R>
 inline void run_r(const PackedView& w, const float* x, int64_t batch, int64_t xs, float* y, int64_t ys, int64_t b0,
                   int64_t b1) {
-  if (batch == 1) {
-    for (int64_t b = b0; b < b1; ++b) gemv_block<L, Dense, R>(w, x, y, b);
-    return;
-  }
   // Each pass of up to 8 batch rows gets its own interleaved copy of its inputs. Blocks outermost,
   // so each block streams from memory once and the passes re-read it from cache.
+  constexpr int K = L::kVecs;
   const int64_t passes = (batch + kBatchTile - 1) / kBatchTile;
   static thread_local std::vector<Lanes> xt;
-  xt.resize(batch * w.groups * 4);
+  xt.resize(batch * w.groups * K);
   for (int64_t k = 0; k < passes; ++k) {
     const int64_t n = batch - k * kBatchTile < kBatchTile ? batch - k * kBatchTile : kBatchTile;
-    interleave(x + k * kBatchTile * xs, xs, n, w.groups, xt.data() + k * kBatchTile * w.groups * 4);
+    interleave<L>(x + k * kBatchTile * xs, xs, n, w.groups, xt.data() + k * kBatchTile * w.groups * K);
+  }
+  if (batch == 1) {
+    for (int64_t b = b0; b < b1; ++b) gemv_block<L, Dense, R>(w, xt.data(), y, b);
+    return;
   }
   std::vector<int64_t> starts;
   __m512 acc[R * kBatchTile];
@@ -167,7 +191,7 @@ inline void run_r(const PackedView& w, const float* x, int64_t batch, int64_t xs
     if (!Dense) row_starts<R>(w, b, starts);
     for (int64_t k = 0; k < passes; ++k) {
       const int64_t n = batch - k * kBatchTile < kBatchTile ? batch - k * kBatchTile : kBatchTile;
-      const __m512* xk = reinterpret_cast<const __m512*>(xt.data() + k * kBatchTile * w.groups * 4);
+      const Lanes* xk = xt.data() + k * kBatchTile * w.groups * K;
       float* yk = y + k * kBatchTile * ys;
       switch (n) {
 #define SPARSEFIT_CASE(B) \

@@ -13,7 +13,7 @@
 namespace sparsefit::avx512 {
 namespace {
 
-struct Bf16 {
+struct Bf16 : Fp32Fma {
   using Value = uint16_t;
   static constexpr bool kScaled = false;
 

@@ -14,7 +14,7 @@
 namespace sparsefit::avx512 {
 namespace {
 
-struct Int8 {
+struct Int8 : Fp32Fma {
   using Value = int8_t;
   static constexpr bool kScaled = true;
   static constexpr float kUnit = kInt8Unit;
