@@ -4,8 +4,8 @@ These families share Llama's block: RMSNorm, rotary attention with grouped key/v
 SiLU-gated MLP, and transformers' checkpoint names for them. A row says what varies: where the
 family's rotary embedding lives (so its own class computes the tables, rope scaling included) and
 how its config states a sliding window. Biases (Qwen2's q/k/v) and per-head q/k norms (Qwen3) are
-read from the checkpoint itself. A family not listed runs as transformers' modules with its
-linears replaced by `SparseLinear` (`loader.load_hf_modules`), slower but correct.
+read from the checkpoint itself. A family not listed has no sparse runtime: `generate` runs it
+on plain transformers `generate` (`--runtime hf`) and `serve` refuses it.
 """
 
 from __future__ import annotations

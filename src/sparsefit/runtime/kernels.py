@@ -34,6 +34,7 @@ SOURCES = (
     "bf16_avx512.cpp",
     "int8_avx512.cpp",
     "bf16_avx512bf16.cpp",
+    "int8_avx512bf16.cpp",
     "bf16_amx.cpp",
     "int8_amx.cpp",
     "bf16_avx2.cpp",
@@ -43,7 +44,7 @@ HEADERS = ("packed.h", "prefetch.h", "dispatch.h", "avx512.h", "avx2.h", "amx.h"
 ISAS = ("avx512bf16", "avx512", "amx", "avx2")  # the dispatch table's rows, best first (ops.cpp)
 # The rows whose kernels round the inputs to bf16 for a value type (AMX and vdpbf16ps multiply bf16
 # by bf16); the others take fp32 inputs as they are.
-ROUNDS_INPUTS = {("amx", "bfloat16"), ("amx", "int8"), ("avx512bf16", "bfloat16")}
+ROUNDS_INPUTS = {("amx", "bfloat16"), ("amx", "int8"), ("avx512bf16", "bfloat16"), ("avx512bf16", "int8")}
 ISA_ENV = "SPARSEFIT_KERNEL_ISA"  # auto (default) | avx512 | avx512bf16 | amx | avx2: force a row
 
 

@@ -43,7 +43,7 @@ bool has_avx2() {
 const IsaRow kIsas[] = {
     // bf16 values by vdpbf16ps on inputs rounded to bf16 (twice the multiply-adds per instruction of
     // the avx512 row's fp32 FMA); int8 values as in the avx512 row.
-    {"avx512bf16", has_avx512bf16, avx512bf16::bf16, avx512::int8},
+    {"avx512bf16", has_avx512bf16, avx512bf16::bf16, avx512bf16::int8},
     {"avx512", has_avx512, avx512::bf16, avx512::int8},
     // Opt-in (--isa amx): faster from batch 2 up, slower at batch 1 on 70% sparse weights.
     {"amx", has_amx, amx::bf16, amx::int8},

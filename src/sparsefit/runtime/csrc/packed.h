@@ -54,6 +54,7 @@ void int8(const PackedView&, const float*, int64_t, int64_t, float*, int64_t, in
 }  // namespace avx512
 namespace avx512bf16 {
 void bf16(const PackedView&, const float*, int64_t, int64_t, float*, int64_t, int64_t, int64_t);
+void int8(const PackedView&, const float*, int64_t, int64_t, float*, int64_t, int64_t, int64_t);
 }  // namespace avx512bf16
 namespace amx {
 void bf16(const PackedView&, const float*, int64_t, int64_t, float*, int64_t, int64_t, int64_t);
