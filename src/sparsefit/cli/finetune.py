@@ -80,7 +80,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from sparsefit.models.offload import reuse_freed_memory
     from sparsefit.outputs import check_writable_file, claim_output
     from sparsefit.training import FinetuneConfig, finetune, iterative_prune_finetune
-    from sparsefit.training.loop import fingerprint_changes, finished_run, options_fingerprint
+    from sparsefit.training.resume import fingerprint_changes, finished_run, options_fingerprint
 
     config = validate(
         FinetuneConfig, finetune_options(args), "finetune options", as_flags=True, flattened=("ast", "adapter")

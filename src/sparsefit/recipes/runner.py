@@ -168,7 +168,7 @@ def _run_stage(
         return {"sparsity": report.sparsity.overall, "seconds": report.seconds, "phases": report.phases}
     if isinstance(stage, FinetuneStage):
         from sparsefit.training import FinetuneConfig, finetune
-        from sparsefit.training.loop import finished_run
+        from sparsefit.training.resume import finished_run
 
         fields = stage.model_dump(exclude={"kind", "name"})
         if fields.get("teacher"):

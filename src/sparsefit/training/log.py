@@ -7,6 +7,8 @@ from pathlib import Path
 
 from sparsefit.atomic import write_text
 
+LOG_FILE = "train_log.jsonl"
+
 
 def read_log(path: Path, warn: bool = True) -> list[dict]:
     """The records of a training log. A line that does not parse (the torn end of a log that a power
