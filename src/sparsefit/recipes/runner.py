@@ -31,6 +31,8 @@ from sparsefit.recipes.schema import (
 )
 
 STAGE_FILE = "stage.json"
+# Stage fields that change nothing a later stage reads: a stage that differs only in them stays complete.
+NOT_FINGERPRINTED = ("report_to",)
 
 
 def stage_dir(run_dir: Path, index: int, name: str) -> Path:
@@ -49,7 +51,11 @@ def run_recipe(recipe: Recipe, run_dir: str | Path, device: str | torch.device =
     it is locked for the whole run.
     """
     from sparsefit.models import parse_device
+    from sparsefit.training.trackers import check_tracker
 
+    for stage in recipe.stages:  # a missing tracker library fails before the first stage
+        if isinstance(stage, FinetuneStage):
+            check_tracker(stage.report_to)
     device = parse_device(device) if isinstance(device, str) else device
     with claim_output(run_dir, reuse=True, replaces=False, inputs=(recipe.model,)) as claim:
         run_dir = claim.path
@@ -68,7 +74,7 @@ def _run_stages(recipe: Recipe, run_dir: Path, device: torch.device, progress: b
     stamps = {current: "input"}  # model -> the run that made it (fingerprints, cached self-generated text)
     for i, stage in enumerate(recipe.stages):
         folder = stage_dir(run_dir, i, stage.name)
-        config = stage.model_dump(mode="json")
+        config = stage.model_dump(mode="json", exclude=set(NOT_FINGERPRINTED))
         fingerprint = _fingerprint(config, current, stamps[current])
         done = _completed(folder, fingerprint)
         if done is not None:

@@ -17,6 +17,7 @@ from sparsefit.training.mask_steps import masks_of_copy, weight_sparsity
 from sparsefit.training.resume import CHECKPOINTS_DIR, METRICS_FILE, non_finite, params_finite, write_checkpoint
 from sparsefit.training.sharding import filled, model_state
 from sparsefit.training.state import checkpoint_dir
+from sparsefit.training.trackers import TRACKING_DIR
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -74,7 +75,7 @@ def finish(
             output_dir,
             {"finetune": metrics},
             extra_files={METRICS_FILE: json.dumps(metrics, indent=2) + "\n"},
-            carry=(LOG_FILE,),
+            carry=(LOG_FILE, TRACKING_DIR),
             state_dict=weights,
             label="final",
         )

@@ -56,6 +56,7 @@ from sparsefit.training.run import Run
 from sparsefit.training.sharding import full
 from sparsefit.training.signals import StopRequest
 from sparsefit.training.state import checkpoint_dir
+from sparsefit.training.trackers import check_tracker, open_tracker
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -96,10 +97,11 @@ def finetune(
     """
     info = init_distributed()
     output_dir = Path(output_dir)
+    check_tracker(config.report_to)  # a missing library fails before any work
     with claim_output(output_dir, overwrite=overwrite, reuse=resume), StopRequest() as stop:
         if info.main:  # the others wait at the first collective; if this raises, torchrun stops them
             check_resumable(output_dir, resume, overwrite)
-            prepare_output(output_dir, fresh=not resume)
+            prepare_output(output_dir, fresh=not resume, tracking=config.report_to != "none")
         rows = checkpointed_rows(output_dir) if resume and config.peft == "rows" else None
         run = prepare_run(model, tokenizer, config, teacher, device, info, rows, self_text)
         start_step, tokens_seen, resumed_from = 0, 0, None
@@ -127,49 +129,58 @@ def _train(
 ) -> dict:
     info, steps = run.info, run.steps
     initial_sparsity = run.masks.sparsity() if run.masks else 0.0
-    log = TrainLog(output_dir / LOG_FILE, info.main, start_step)
-    bar = tqdm(total=steps, initial=start_step, desc="finetune", disable=not (progress and info.main))
+    tracker = (
+        open_tracker(config.report_to, output_dir, config.model_dump(mode="json"), start_step) if info.main else None
+    )
+    log = TrainLog(output_dir / LOG_FILE, info.main, start_step, tracker)
+    bar = tqdm(total=steps, initial=start_step, desc="finetune", unit="step", disable=not (progress and info.main))
     train_seconds, run_tokens, last_loss = 0.0, 0, float("nan")  # this invocation only (after a resume)
     last_checkpoint = time.monotonic()
-    for step in range(start_step, steps):
-        t0 = time.perf_counter()
-        record = _step(config, run, step, output_dir)
-        minutes = config.checkpoint_minutes
-        due_by_time = minutes > 0 and time.monotonic() - last_checkpoint >= 60 * minutes
-        # one collective for the step's figures and for whether any rank was signalled or is due
-        flags = [record.pop("tokens_step"), float(stop.requested), float(due_by_time and info.main)]
-        sums = [record[k] for k in ("loss", "ce", "kl", "square_head")]
-        reduced = all_reduce_sum([*sums, *flags], info, run.device)
-        for k, v in zip(("loss", "ce", "kl", "square_head"), reduced[:4]):
-            record[k] = round(v / info.world, 6)
-        step_tokens, signalled, due_by_time = int(reduced[4]), reduced[5] > 0, reduced[6] > 0
-        tokens_seen += step_tokens
-        run_tokens += step_tokens
-        seconds = time.perf_counter() - t0
-        train_seconds += seconds
-        last_loss = record["loss"]
-        record.update({"tokens": tokens_seen, "tokens_per_second": step_tokens / seconds})
-        if run.masks is not None:
-            record["sparsity"] = run.masks.sparsity()
-        if step % config.log_every == 0 or step == steps - 1:
-            log.write(record)
-        bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{step_tokens / seconds:.0f}")
-        bar.update(1)
-        done = step + 1
-        due = (config.checkpoint_every and done % config.checkpoint_every == 0) or due_by_time or signalled
-        if due and done < steps:
-            write_checkpoint(output_dir, model, config, run, done, tokens_seen)
-            last_checkpoint = time.monotonic()
-        if signalled and done < steps:
-            bar.close()
-            signum = stop.signum or signal.SIGTERM
-            raise Interrupted(
-                f"stopped by {signal.Signals(signum).name} after step {done} of {steps}; checkpoint "
-                f"{checkpoint_dir(output_dir / CHECKPOINTS_DIR, done)} written: continue with --resume "
-                "(a recipe: run it again)",
-                signum,
+    try:
+        for step in range(start_step, steps):
+            t0 = time.perf_counter()
+            record = _step(config, run, step, output_dir)
+            minutes = config.checkpoint_minutes
+            due_by_time = minutes > 0 and time.monotonic() - last_checkpoint >= 60 * minutes
+            # one collective for the step's figures and for whether any rank was signalled or is due
+            flags = [record.pop("tokens_step"), float(stop.requested), float(due_by_time and info.main)]
+            sums = [record[k] for k in ("loss", "ce", "kl", "square_head")]
+            reduced = all_reduce_sum([*sums, *flags], info, run.device)
+            for k, v in zip(("loss", "ce", "kl", "square_head"), reduced[:4]):
+                record[k] = round(v / info.world, 6)
+            step_tokens, signalled, due_by_time = int(reduced[4]), reduced[5] > 0, reduced[6] > 0
+            tokens_seen += step_tokens
+            run_tokens += step_tokens
+            seconds = time.perf_counter() - t0
+            train_seconds += seconds
+            last_loss = record["loss"]
+            record.update({"tokens": tokens_seen, "tokens_per_second": step_tokens / seconds})
+            if run.masks is not None:
+                record["sparsity"] = run.masks.sparsity()
+            if step % config.log_every == 0 or step == steps - 1:
+                log.write(record)
+            # tokens/s over this invocation's steps: steadier than one step's, and what metrics report
+            bar.set_postfix(
+                loss=f"{last_loss:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{run_tokens / train_seconds:.0f}"
             )
-    bar.close()
+            bar.update(1)
+            done = step + 1
+            due = (config.checkpoint_every and done % config.checkpoint_every == 0) or due_by_time or signalled
+            if due and done < steps:
+                write_checkpoint(output_dir, model, config, run, done, tokens_seen)
+                last_checkpoint = time.monotonic()
+            if signalled and done < steps:
+                bar.close()
+                signum = stop.signum or signal.SIGTERM
+                raise Interrupted(
+                    f"stopped by {signal.Signals(signum).name} after step {done} of {steps}; checkpoint "
+                    f"{checkpoint_dir(output_dir / CHECKPOINTS_DIR, done)} written: continue with --resume "
+                    "(a recipe: run it again)",
+                    signum,
+                )
+        bar.close()
+    finally:  # closed before the final save, which carries its files into the model folder
+        log.close()
     if run.adaptive is not None:
         run.adaptive.finalize()  # the mask freezes: W *= M, an exact N:M model
     metrics = {

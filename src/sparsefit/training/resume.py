@@ -26,6 +26,7 @@ from sparsefit.training.state import (
     read_trainer_state,
     save_training_state,
 )
+from sparsefit.training.trackers import TRACKING_DIR
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -35,7 +36,7 @@ if TYPE_CHECKING:
 CHECKPOINTS_DIR = "checkpoints"
 METRICS_FILE = "metrics.json"
 # Options that change neither the trajectory nor the result: a resumed run may change them.
-BOOKKEEPING = {"checkpoint_every", "checkpoint_minutes", "keep_checkpoints", "log_every"}
+BOOKKEEPING = {"checkpoint_every", "checkpoint_minutes", "keep_checkpoints", "log_every", "report_to"}
 
 
 def _spec(name: str | None) -> str | None:
@@ -110,16 +111,20 @@ def check_resumable(output_dir: Path, resume: bool, overwrite: bool) -> None:
         )
 
 
-def prepare_output(output_dir: Path, fresh: bool) -> None:
+def prepare_output(output_dir: Path, fresh: bool, tracking: bool = False) -> None:
     """Mark the folder as sparsefit's; a fresh run drops what an earlier run left to resume from
-    (an earlier final model stays until this run's replaces it)."""
+    (an earlier final model stays until this run's replaces it). `tracking`: a tracker writes in
+    TRACKING_DIR, which a fresh run starts anew as it does the log."""
+    ours = set((read_marker(output_dir) or {}).get("entries", []))
     make_dir(output_dir)
-    mark(output_dir, CHECKPOINTS_DIR, LOG_FILE, METRICS_FILE)
+    mark(output_dir, CHECKPOINTS_DIR, LOG_FILE, METRICS_FILE, *([TRACKING_DIR] if tracking else []))
     clean_stale_in(output_dir / CHECKPOINTS_DIR)  # a checkpoint a kill cut short
     if fresh:
         discard_dir(output_dir / CHECKPOINTS_DIR)
         for name in (LOG_FILE, METRICS_FILE):
             (output_dir / name).unlink(missing_ok=True)
+        if TRACKING_DIR in ours:  # only a folder sparsefit recorded writing
+            discard_dir(output_dir / TRACKING_DIR)
 
 
 def restore(output_dir: Path, model: PreTrainedModel, run: Run) -> dict | None:
