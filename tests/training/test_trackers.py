@@ -158,23 +158,31 @@ def test_a_missing_tracker_library_is_a_one_line_error_before_training(tiny_chec
 
 
 @_needs("tensorboard")
-def test_a_recipe_run_reports_its_fine_tune_and_the_tracker_changes_no_fingerprint(
-    tiny_checkpoint, data_dir, tmp_path, capsys
-):
+def test_a_recipe_run_reports_its_fine_tune_and_evaluations(tiny_checkpoint, data_dir, tmp_path, capsys):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    ppl = {"kind": "evaluate", "tasks": ["perplexity"], "seq_len": 64, "max_windows": 1}
     stage = {"kind": "finetune", "name": "ft", "format": "plain", "seq_len": 64, "batch_size": 2, "max_steps": 2,
              "bf16": "false"}  # fmt: skip
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(json.dumps({"name": "r", "model": str(tiny_checkpoint), "stages": [stage]}))
+    stages = [{**ppl, "name": "before"}, stage, {**ppl, "name": "after"}]
+    recipe.write_text(json.dumps({"name": "r", "model": str(tiny_checkpoint), "stages": stages}))
     run_dir = tmp_path / "run"
     code, _, err = run_cli(["run", str(recipe), "--output", str(run_dir), "--report-to", "tensorboard"], capsys)
     assert code == 0, err
-    events = EventAccumulator(str(run_dir / "01-ft" / TRACKING_DIR / "tensorboard"))
+    events = EventAccumulator(str(run_dir / "02-ft" / TRACKING_DIR / "tensorboard"))
     events.Reload()
     assert [e.value for e in events.Scalars("train/loss")] == pytest.approx(
-        [r["loss"] for r in log_records(run_dir / "01-ft")], rel=1e-6
+        [r["loss"] for r in log_records(run_dir / "02-ft")], rel=1e-6
     )
+    evals = EventAccumulator(str(run_dir / TRACKING_DIR / "tensorboard"))  # the run's evaluations, one curve
+    evals.Reload()
+    results = [json.loads((run_dir / f / "stage.json").read_text())["result"] for f in ("01-before", "03-after")]
+    measured = [r["ppl"] for r in results]
+    assert [(e.step, e.value) for e in evals.Scalars("eval/ppl")] == [
+        (1, pytest.approx(measured[0], rel=1e-6)),
+        (3, pytest.approx(measured[1], rel=1e-6)),
+    ]
     code, out, err = run_cli(["run", str(recipe), "--output", str(run_dir)], capsys)  # no tracker now
     assert code == 0 and "ft: complete, skipped" in out, err
 

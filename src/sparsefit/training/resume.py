@@ -26,7 +26,7 @@ from sparsefit.training.state import (
     read_trainer_state,
     save_training_state,
 )
-from sparsefit.training.trackers import TRACKING_DIR
+from sparsefit.training.trackers import TRACKING_DIR, claim_tracking_dir
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -115,15 +115,17 @@ def prepare_output(output_dir: Path, fresh: bool, tracking: bool = False) -> Non
     """Mark the folder as sparsefit's; a fresh run drops what an earlier run left to resume from
     (an earlier final model stays until this run's replaces it). `tracking`: a tracker writes in
     TRACKING_DIR, which a fresh run starts anew as it does the log."""
-    ours = set((read_marker(output_dir) or {}).get("entries", []))
+    ours = (read_marker(output_dir) or {}).get("entries", [])
     make_dir(output_dir)
-    mark(output_dir, CHECKPOINTS_DIR, LOG_FILE, METRICS_FILE, *([TRACKING_DIR] if tracking else []))
+    if tracking:
+        claim_tracking_dir(output_dir, fresh)
+    mark(output_dir, CHECKPOINTS_DIR, LOG_FILE, METRICS_FILE)
     clean_stale_in(output_dir / CHECKPOINTS_DIR)  # a checkpoint a kill cut short
     if fresh:
         discard_dir(output_dir / CHECKPOINTS_DIR)
         for name in (LOG_FILE, METRICS_FILE):
             (output_dir / name).unlink(missing_ok=True)
-        if TRACKING_DIR in ours:  # only a folder sparsefit recorded writing
+        if TRACKING_DIR in ours:  # an earlier run's curves (only a folder sparsefit recorded writing)
             discard_dir(output_dir / TRACKING_DIR)
 
 

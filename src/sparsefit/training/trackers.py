@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Protocol
 
+from sparsefit.atomic import discard_dir, mark, read_marker
 from sparsefit.errors import UsageError
 
 TRACKING_DIR = "tracking"
@@ -51,6 +52,17 @@ def check_tracker(name: str) -> None:
             f"tracker '{name}' (--report-to / report_to) needs the package '{module}', which is not installed: "
             f"pip install 'sparsefit[{extra}]'"
         )
+
+
+def claim_tracking_dir(parent: Path, fresh: bool) -> None:
+    """Record PARENT/tracking as sparsefit's, emptied when `fresh`; one that sparsefit did not write
+    (by the marker of PARENT) is refused, never written into or deleted."""
+    folder = parent / TRACKING_DIR
+    if folder.exists() and TRACKING_DIR not in (read_marker(parent) or {}).get("entries", []):
+        raise UsageError(f"'{folder}' holds files sparsefit did not write; move it out to use a tracker here")
+    if fresh:
+        discard_dir(folder)
+    mark(parent, TRACKING_DIR)
 
 
 def numeric(record: dict) -> dict[str, float]:
