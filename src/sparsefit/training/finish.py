@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING
 
 from sparsefit.atomic import foreign_entries
 from sparsefit.errors import SparsefitError, UsageError
+from sparsefit.models.slorb import slorb_info
+from sparsefit.pruning.oneshot import peak_rss_mb
 from sparsefit.training.adapters.finetune import finish_adapters
 from sparsefit.training.config import FinetuneConfig
 from sparsefit.training.distributed import all_reduce_sum, barrier
@@ -80,6 +82,47 @@ def finish(
             label="final",
         )
     barrier(run.info)
+
+
+def run_metrics(
+    model: PreTrainedModel,
+    config: FinetuneConfig,
+    run: Run,
+    resumed_from: int | None,
+    tokens: int,
+    train_seconds: float,
+    run_tokens: int,
+    final_loss: float,
+    initial_sparsity: float,
+) -> dict:
+    """The metrics of a run that completed its steps (`metrics.json`). `train_seconds` and `run_tokens`
+    count this invocation only (after a resume), `tokens` the whole run."""
+    return {
+        "completed": True,
+        "steps": run.steps,
+        "resumed_from": resumed_from,
+        "tokens": tokens,
+        "train_seconds": train_seconds,
+        "tokens_per_second": run_tokens / train_seconds if train_seconds else None,
+        "checkpoint_seconds": run.checkpoint_seconds,
+        "checkpoints": run.checkpoints,
+        "final_loss": final_loss,
+        "bf16": run.bf16,
+        "world_size": run.info.world,
+        "strategy": "fsdp" if run.fsdp else "ddp" if run.info.enabled else "single process",
+        "examples": len(run.examples),
+        "mean_example_tokens": sum(run.lengths) / len(run.lengths),
+        "masks": run.masks is not None,
+        "initial_sparsity": initial_sparsity,
+        "sparsity": run.masks.sparsity() if run.masks is not None else 0.0,
+        "revived_weights": run.masks.revived() if run.masks is not None else 0,
+        "peak_rss_mb": peak_rss_mb(),
+        "method": config.method,
+        **({"structure": config.ast.structure, "slorb": slorb_info(model)} if run.adaptive is not None else {}),
+        **({"adapters": run.adapters.metrics()} if run.adapters is not None else {}),
+        "config": config.model_dump(),
+        "fingerprint": run.fingerprint,
+    }
 
 
 def for_inference(model: PreTrainedModel, config: FinetuneConfig) -> PreTrainedModel:

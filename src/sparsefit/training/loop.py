@@ -27,13 +27,11 @@ import torch
 from tqdm.auto import tqdm
 
 from sparsefit.errors import Interrupted
-from sparsefit.models.slorb import slorb_info
 from sparsefit.outputs import claim_output
-from sparsefit.pruning.oneshot import peak_rss_mb
 from sparsefit.training.config import FinetuneConfig
 from sparsefit.training.data import micro_batches
 from sparsefit.training.distributed import all_reduce_sum, init_distributed
-from sparsefit.training.finish import finish
+from sparsefit.training.finish import finish, run_metrics
 from sparsefit.training.log import LOG_FILE, TrainLog
 from sparsefit.training.losses import compute_losses
 from sparsefit.training.mask_steps import adaptive_before, gmp_step
@@ -183,32 +181,9 @@ def _train(
         log.close()
     if run.adaptive is not None:
         run.adaptive.finalize()  # the mask freezes: W *= M, an exact N:M model
-    metrics = {
-        "completed": True,
-        "steps": steps,
-        "resumed_from": resumed_from,
-        "tokens": tokens_seen,
-        "train_seconds": train_seconds,
-        "tokens_per_second": run_tokens / train_seconds if train_seconds else None,
-        "checkpoint_seconds": run.checkpoint_seconds,
-        "checkpoints": run.checkpoints,
-        "final_loss": last_loss,
-        "bf16": run.bf16,
-        "world_size": info.world,
-        "strategy": "fsdp" if run.fsdp else "ddp" if info.enabled else "single process",
-        "examples": len(run.examples),
-        "mean_example_tokens": sum(run.lengths) / len(run.lengths),
-        "masks": run.masks is not None,
-        "initial_sparsity": initial_sparsity,
-        "sparsity": run.masks.sparsity() if run.masks is not None else 0.0,
-        "revived_weights": run.masks.revived() if run.masks is not None else 0,
-        "peak_rss_mb": peak_rss_mb(),
-        "method": config.method,
-        **({"structure": config.ast.structure, "slorb": slorb_info(model)} if run.adaptive is not None else {}),
-        **({"adapters": run.adapters.metrics()} if run.adapters is not None else {}),
-        "config": config.model_dump(),
-        "fingerprint": run.fingerprint,
-    }
+    metrics = run_metrics(
+        model, config, run, resumed_from, tokens_seen, train_seconds, run_tokens, last_loss, initial_sparsity
+    )
     finish(model, tokenizer, config, output_dir, run, metrics, tokens_seen)
     (signalled,) = all_reduce_sum([float(stop.requested)], info, run.device)
     if signalled:  # during the last step or the final save: the run is complete, the caller stops
