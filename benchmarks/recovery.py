@@ -33,7 +33,7 @@ from sparsefit.models import load_model_and_tokenizer
 from sparsefit.models.offload import reuse_freed_memory
 from sparsefit.pruning import OneShotConfig, oneshot
 from sparsefit.training import FinetuneConfig, finetune
-from sparsefit.training.loop import BOOKKEEPING
+from sparsefit.training.resume import BOOKKEEPING
 
 
 def evaluate(model, tokenizer, args) -> dict:

@@ -62,6 +62,20 @@ def test_publishing_replaces_every_file_and_carries_only_the_named_ones(tmp_path
     assert names == [MARKER, "model.safetensors", "train_log.jsonl"]  # no stale shard of the old output
 
 
+def test_a_carried_folder_keeps_its_files_and_links(tmp_path):
+    with staging_dir(tmp_path / "out") as stage:  # as a tracker leaves it: nested files, a relative link
+        (stage / "tracking" / "run-1").mkdir(parents=True)
+        (stage / "tracking" / "run-1" / "events").write_text("curve")
+        (stage / "tracking" / "latest-run").symlink_to("run-1")
+        (stage / "stale.bin").write_text("old")
+    with staging_dir(tmp_path / "out", carry=("tracking",)) as stage:
+        (stage / "model.safetensors").write_text("new")
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir()) == [MARKER, "model.safetensors", "tracking"]
+    assert (out / "tracking" / "run-1" / "events").read_text() == "curve"
+    assert (out / "tracking" / "latest-run").is_symlink() and (out / "tracking" / "latest-run" / "events").is_file()
+
+
 @pytest.mark.parametrize("content", ["file", "dir"])
 def test_a_directory_sparsefit_did_not_write_is_never_replaced(tmp_path, content):
     target = tmp_path / "mine"

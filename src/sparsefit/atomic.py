@@ -101,6 +101,8 @@ def seal_tree(root: str | os.PathLike) -> None:
     for dirpath, _, files in os.walk(root, topdown=False):
         for name in files:
             path = os.path.join(dirpath, name)
+            if os.path.islink(path):  # a link has no permissions of its own (and may point outside)
+                continue
             os.chmod(path, 0o666 & ~umask)
             fd = os.open(path, os.O_RDONLY)
             try:
@@ -299,14 +301,22 @@ def make_dir(path: str | os.PathLike) -> Path:
     return path
 
 
+def _link_or_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
 @contextlib.contextmanager
 def staging_dir(final: str | os.PathLike, carry: Iterable[str] = (), label: str = "dir") -> Iterator[Path]:
     """Yield an empty staging directory that replaces `final` only if the block succeeds.
 
-    The staging directory gets the marker and the umask's permissions; `carry` names files of the
-    existing `final` to keep (hard-linked into the new directory, so the old one stays whole until
-    the exchange). A `final` holding files sparsefit did not write is refused before any work.
-    `label` names the crash points of the publish (see `publish_dir`).
+    The staging directory gets the marker and the umask's permissions; `carry` names files or
+    folders of the existing `final` to keep (files hard-linked into the new directory, so the old
+    one stays whole until the exchange; a folder's links stay links). A `final` holding files
+    sparsefit did not write is refused before any work. `label` names the crash points of the
+    publish (see `publish_dir`).
     """
     final = Path(final)
     check_replaceable(final)
@@ -316,11 +326,12 @@ def staging_dir(final: str | os.PathLike, carry: Iterable[str] = (), label: str 
         yield stage
         for name in carry:
             src = final / name
-            if src.is_file() and not (stage / name).exists():
-                try:
-                    os.link(src, stage / name)
-                except OSError:
-                    shutil.copy2(src, stage / name)
+            if (stage / name).exists():
+                continue
+            if src.is_dir() and not src.is_symlink():
+                shutil.copytree(src, stage / name, symlinks=True, copy_function=_link_or_copy)
+            elif src.is_file():
+                _link_or_copy(src, stage / name)
         mark(stage, *(p.name for p in stage.iterdir()))
         seal_tree(stage)  # mkdtemp made the folder 0700: it gets the umask's permissions here
         publish_dir(stage, final, label)

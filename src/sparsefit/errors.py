@@ -42,9 +42,14 @@ EXTRAS = {
     "uvicorn": "serve",
     "prometheus_client": "serve",
     "openai": "dev",
+    "tensorboard": "tensorboard",
+    "wandb": "wandb",
+    "trackio": "trackio",
+    "mlflow": "mlflow",
+    "mlflow_skinny": "mlflow",  # the pip name of the extra's package, which installs the module mlflow
 }
 # Import names whose pip name differs (beyond "_" -> "-").
-_PIP_NAMES = {"yaml": "pyyaml", "google": "protobuf", "sentencepiece": "sentencepiece"}
+_PIP_NAMES = {"yaml": "pyyaml", "google": "protobuf", "sentencepiece": "sentencepiece", "mlflow": "mlflow-skinny"}
 # transformers' wording: "accelerate is required when loading a GGUF file `pip install accelerate`."
 _REQUIRED = re.compile(r"\b([A-Za-z][\w.-]*) is required\b.*?pip install[ `'\"]+([A-Za-z][\w.\-]*)", re.S)
 

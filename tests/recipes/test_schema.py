@@ -87,3 +87,14 @@ def test_every_builtin_fine_tune_checkpoints_so_a_killed_run_resumes_it():
     for name in builtin_recipes():
         stages = [s for s in load_recipe(name).stages if s.kind == "finetune"]
         assert stages and all(s.checkpoint_every > 0 for s in stages), name
+
+
+def test_report_to_reaches_every_finetune_stage_that_names_none():
+    data = {**_stages({"kind": "finetune"}, {"kind": "finetune", "report_to": "mlflow"}), "report_to": "tensorboard"}
+    first, second = recipe_from_data(data).stages
+    assert (first.report_to, second.report_to) == ("tensorboard", "mlflow")  # a stage's own key wins
+    flagged = recipe_from_data(data).with_tracker("wandb")  # `sparsefit run --report-to` wins over both
+    assert [s.report_to for s in flagged.stages] == ["wandb", "wandb"]
+    assert [s.report_to for s in recipe_from_data(_stages({"kind": "finetune"})).stages] == ["none"]
+    with pytest.raises(UsageError, match="report_to"):
+        recipe_from_data({**_stages({"kind": "finetune"}), "report_to": "comet"})

@@ -27,6 +27,7 @@ FINETUNE_GROUPS = {
         "seed",
     ],  # fmt: skip
     "checkpoints": ["checkpoint_every", "checkpoint_minutes", "keep_checkpoints"],
+    "tracking": ["report_to"],
     "sparsity": ["method", "masks", "targets", "ignore", "peft"],
     "distillation": [
         "teacher",
@@ -80,11 +81,13 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from sparsefit.models.offload import reuse_freed_memory
     from sparsefit.outputs import check_writable_file, claim_output
     from sparsefit.training import FinetuneConfig, finetune, iterative_prune_finetune
-    from sparsefit.training.loop import fingerprint_changes, finished_run, options_fingerprint
+    from sparsefit.training.resume import fingerprint_changes, finished_run, options_fingerprint
+    from sparsefit.training.trackers import check_tracker
 
     config = validate(
         FinetuneConfig, finetune_options(args), "finetune options", as_flags=True, flattened=("ast", "adapter")
     )
+    check_tracker(config.report_to)  # before the output is claimed or the model loads
     device = parse_device(args.device)
     check_writable_file(args.json, "--json", args.output, (args.model, args.teacher))
     cycles = float_list(args.cycles, "--cycles") if args.cycles else None

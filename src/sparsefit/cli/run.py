@@ -12,6 +12,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from sparsefit.recipes.report import format_table
 
     recipe = load_recipe(args.recipe, args.set or [], args.model)
+    if getattr(args, "report_to", None) is not None:  # the flag wins over the recipe's key and its stages' own
+        recipe = recipe.with_tracker(args.report_to)
     if args.check:
         print(f"recipe {recipe.name}: {len(recipe.stages)} stages on {recipe.model}")
         for i, stage in enumerate(recipe.stages):
@@ -61,6 +63,11 @@ def register(sub: argparse._SubParsersAction, parents: list, only: str | None) -
     p.add_argument("--model", default=None, help="replace the recipe's model")
     p.add_argument("--device", default="auto", help="cpu | cuda | auto (default auto)")
     p.add_argument("--check", action="store_true", help="validate and print the stages, run nothing")
+    if only in (None, "run"):
+        from sparsefit.config import add_flags
+        from sparsefit.training import FinetuneConfig
+
+        add_flags(p, FinetuneConfig, ["report_to"])  # for every finetune stage
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("report", help="print the report table of a run directory", parents=parents)

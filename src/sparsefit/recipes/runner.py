@@ -31,6 +31,8 @@ from sparsefit.recipes.schema import (
 )
 
 STAGE_FILE = "stage.json"
+# Stage fields that change nothing a later stage reads: a stage that differs only in them stays complete.
+NOT_FINGERPRINTED = ("report_to",)
 
 
 def stage_dir(run_dir: Path, index: int, name: str) -> Path:
@@ -49,7 +51,11 @@ def run_recipe(recipe: Recipe, run_dir: str | Path, device: str | torch.device =
     it is locked for the whole run.
     """
     from sparsefit.models import parse_device
+    from sparsefit.training.trackers import check_tracker
 
+    # a missing tracker library fails before the first stage
+    for name in {recipe.report_to or "none", *(s.report_to for s in recipe.stages if isinstance(s, FinetuneStage))}:
+        check_tracker(name)
     device = parse_device(device) if isinstance(device, str) else device
     with claim_output(run_dir, reuse=True, replaces=False, inputs=(recipe.model,)) as claim:
         run_dir = claim.path
@@ -68,7 +74,7 @@ def _run_stages(recipe: Recipe, run_dir: Path, device: torch.device, progress: b
     stamps = {current: "input"}  # model -> the run that made it (fingerprints, cached self-generated text)
     for i, stage in enumerate(recipe.stages):
         folder = stage_dir(run_dir, i, stage.name)
-        config = stage.model_dump(mode="json")
+        config = stage.model_dump(mode="json", exclude=set(NOT_FINGERPRINTED))
         fingerprint = _fingerprint(config, current, stamps[current])
         done = _completed(folder, fingerprint)
         if done is not None:
@@ -94,7 +100,26 @@ def _run_stages(recipe: Recipe, run_dir: Path, device: torch.device, progress: b
             current = str(folder)
             stamps[current] = record["fingerprint"]
         outputs[stage.name] = str(folder)
+    if recipe.report_to not in (None, "none"):
+        _track_evaluations(recipe, run_dir)
     return write_report(run_dir, recipe)
+
+
+def _track_evaluations(recipe: Recipe, run_dir: Path) -> None:
+    """The evaluate stages' numbers as one tracker run in RUN_DIR/tracking: `eval/<metric>` at step =
+    the stage's number, so dense -> pruned -> recovered reads as one curve. Rewritten whole from the
+    stages' records by every invocation (a rerun that skipped them reports them again)."""
+    from sparsefit.training.trackers import claim_tracking_dir, numeric, open_tracker
+
+    claim_tracking_dir(run_dir, fresh=True)
+    tracker = open_tracker(recipe.report_to, run_dir, {"recipe": recipe.name, "model": recipe.model})
+    try:
+        for i, stage in enumerate(recipe.stages):
+            if isinstance(stage, EvaluateStage):
+                result = json.loads((stage_dir(run_dir, i, stage.name) / STAGE_FILE).read_text())["result"]
+                tracker.log({f"eval/{k}": v for k, v in numeric(result).items()}, i + 1)
+    finally:
+        tracker.close()
 
 
 def _claim(folder: Path, fingerprint: str) -> None:
@@ -168,7 +193,7 @@ def _run_stage(
         return {"sparsity": report.sparsity.overall, "seconds": report.seconds, "phases": report.phases}
     if isinstance(stage, FinetuneStage):
         from sparsefit.training import FinetuneConfig, finetune
-        from sparsefit.training.loop import finished_run
+        from sparsefit.training.resume import finished_run
 
         fields = stage.model_dump(exclude={"kind", "name"})
         if fields.get("teacher"):

@@ -3,6 +3,7 @@
     name: gsm8k-50
     model: smollm2-135m
     variables: {sparsity: 0.5}
+    report_to: tensorboard      # optional: every finetune stage's tracker (a stage may name its own)
     stages:
       - kind: oneshot
         method: sparsegpt
@@ -29,6 +30,7 @@ from sparsefit.errors import UsageError
 from sparsefit.pruning import OneShotConfig
 from sparsefit.quantization.config import QuantizeConfig
 from sparsefit.training import FinetuneConfig
+from sparsefit.training.config import ReportTo
 
 EVAL_TASKS = ("self-ppl", "perplexity", "gsm8k-answer-ppl", "gsm8k")
 # Recipe and stage names become folder names: no separators, no leading dot (so no '..'), bounded length.
@@ -92,6 +94,20 @@ class Recipe(BaseModel):
     variables: dict[str, str | int | float | bool | None] = {}
     stages: list[Stage] = Field(min_length=1)
     notes: list[str] = []  # what a conversion (e.g. from SparseML) could not map
+    # the experiment tracker of every finetune stage that names none itself (FinetuneConfig.report_to)
+    report_to: ReportTo | None = None
+
+    @model_validator(mode="after")
+    def _tracker(self) -> Recipe:
+        for stage in self.stages:
+            if self.report_to is not None and stage.kind == "finetune" and "report_to" not in stage.model_fields_set:
+                stage.report_to = self.report_to
+        return self
+
+    def with_tracker(self, report_to: str) -> Recipe:
+        """This recipe with every finetune stage reporting to `report_to` (`sparsefit run --report-to`)."""
+        stages = [s.model_copy(update={"report_to": report_to}) if s.kind == "finetune" else s for s in self.stages]
+        return self.model_copy(update={"report_to": report_to, "stages": stages})
 
     @model_validator(mode="after")
     def _names(self) -> Recipe:  # noqa: C901

@@ -8,6 +8,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from sparsefit.config import MAX_BATCH, MAX_DIM, MAX_SAMPLES, MAX_SEQ_LEN, MAX_STEPS, check_regexes
 
+# The experiment trackers `report_to` names (`training.trackers`).
+ReportTo = Literal["none", "tensorboard", "wandb", "trackio", "mlflow"]
+
 
 class GMPConfig(BaseModel):
     """Gradual magnitude pruning: cubic from `initial` to `final` sparsity over steps [start, end], every `every`."""
@@ -239,6 +242,12 @@ class FinetuneConfig(BaseModel):
     )
     keep_checkpoints: int = Field(2, ge=1, le=1000, description="newest checkpoints kept")
     log_every: int = Field(1, ge=1, le=MAX_STEPS)
+    report_to: ReportTo = Field(
+        "none",
+        description="experiment tracker that also receives the training log, written under OUTPUT/tracking: "
+        "none (default) | tensorboard | wandb (offline unless WANDB_MODE says otherwise) | trackio (its local "
+        "database) | mlflow (a file store unless MLFLOW_TRACKING_URI is set)",
+    )
 
     @field_validator("targets", "ignore")
     @classmethod

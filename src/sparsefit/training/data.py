@@ -1,11 +1,13 @@
 """Fine-tuning data: supervised prompt/answer examples (GSM8K, jsonl) and packed plain text.
 
 An example is token ids plus labels (-100 where no loss is taken). Batches are right-padded.
-The order of examples is a pure function of (seed, step), so a resumed run sees the same data.
+The order of examples is a pure function of (seed, step), so a resumed run sees the same data:
+`run_examples` gathers what a run trains on, `micro_batches` deals it out to the processes.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -17,7 +19,10 @@ from sparsefit.data.sources import load_rows, load_texts, question_prompt, read_
 from sparsefit.errors import UsageError
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerBase
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from sparsefit.training.config import FinetuneConfig
+    from sparsefit.training.distributed import DistInfo
 
 Format = Literal["auto", "chat", "plain"]
 
@@ -154,3 +159,67 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
         labels[i, :n] = torch.tensor(e.labels)
         mask[i, :n] = 1
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def run_examples(
+    config: FinetuneConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    model: PreTrainedModel,
+    teacher: PreTrainedModel | None,
+    self_text: torch.Tensor | None,
+) -> list[Example]:
+    """The examples a run trains on: the dataset's, then the sampled text (`config.sampled_rows` rows),
+    sampled here from the teacher (or the model) unless `self_text` holds it already."""
+    examples = []
+    if config.dataset != "self":
+        examples = load_examples(
+            tokenizer,
+            config.dataset,
+            config.split,
+            config.format,
+            config.seq_len,
+            config.text_field,
+            config.prompt_field,
+            config.completion_field,
+            config.limit,
+        )
+    if config.sampled_rows:
+        if self_text is None:  # sampled before any training step, from the teacher when there is one
+            from sparsefit.data.self_generated import sample_from_model
+
+            was_training = model.training
+            source = teacher or model.eval()
+            self_text = sample_from_model(source, tokenizer, config.sampled_rows, config.seq_len, config.seed)
+            model.train(was_training)
+        elif self_text.ndim != 2 or len(self_text) != config.sampled_rows or self_text.shape[1] > config.seq_len:
+            raise ValueError(
+                f"self_text is {tuple(self_text.shape)}; this run trains on {config.sampled_rows} sampled rows "
+                f"of at most seq_len {config.seq_len} tokens"
+            )
+        examples += token_examples(self_text)
+    return examples
+
+
+def micro_batches(
+    config: FinetuneConfig,
+    examples: list,
+    lengths: list[int],
+    info: DistInfo,
+    pad_id: int,
+    device: torch.device,
+    count: int,
+    start_step: int = 0,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """This process's first `count` micro-batches from step `start_step` on, in training order."""
+    per_rank = config.batch_size * config.grad_accum
+    global_batch = per_rank * info.world
+    step, done = start_step, 0
+    while done < count:
+        ids = example_order(lengths, global_batch, config.seed, step)[info.rank * per_rank : (info.rank + 1) * per_rank]
+        for k in range(config.grad_accum):
+            if done == count:
+                return
+            batch = collate([examples[i] for i in ids[k * config.batch_size : (k + 1) * config.batch_size]], pad_id)
+            yield {key: v.to(device) for key, v in batch.items()}
+            done += 1
+        step += 1

@@ -1,4 +1,5 @@
-"""The per-step training log, `train_log.jsonl`: one JSON record per logged step."""
+"""The per-step training log, `train_log.jsonl`: one JSON record per logged step, also sent to the
+run's experiment tracker (`trackers`) when it has one."""
 
 from __future__ import annotations
 
@@ -6,6 +7,9 @@ import json
 from pathlib import Path
 
 from sparsefit.atomic import write_text
+from sparsefit.training.trackers import Tracker, numeric
+
+LOG_FILE = "train_log.jsonl"
 
 
 def read_log(path: Path, warn: bool = True) -> list[dict]:
@@ -26,10 +30,11 @@ def read_log(path: Path, warn: bool = True) -> list[dict]:
 
 
 class TrainLog:
-    """The per-step JSONL log (main process only); a resumed run drops the lines of steps it redoes."""
+    """The per-step JSONL log (main process only); a resumed run drops the lines of steps it redoes.
+    Each record's numbers also go to `tracker` as `train/<key>` at the record's step."""
 
-    def __init__(self, path: Path, enabled: bool, resume_step: int) -> None:
-        self.path, self.enabled = path, enabled
+    def __init__(self, path: Path, enabled: bool, resume_step: int, tracker: Tracker | None = None) -> None:
+        self.path, self.enabled, self.tracker = path, enabled, tracker
         if not enabled:
             return
         kept = [r for r in read_log(path) if r["step"] < resume_step] if resume_step > 0 and path.is_file() else []
@@ -39,3 +44,11 @@ class TrainLog:
         if self.enabled:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+        if self.tracker is not None:
+            self.tracker.log({f"train/{k}": v for k, v in numeric(record).items()}, record["step"])
+
+    def close(self) -> None:
+        """Flush and close the tracker (before the final save carries its files along)."""
+        if self.tracker is not None:
+            self.tracker.close()
+            self.tracker = None

@@ -11,6 +11,8 @@ from sparsefit.errors import UsageError
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+    from sparsefit.training.config import FinetuneConfig
+
 
 def load_teacher(
     spec: str, dtype: torch.dtype, device: torch.device
@@ -20,6 +22,22 @@ def load_teacher(
     teacher, tokenizer = load_model_and_tokenizer(spec, dtype, device)
     freeze(teacher)
     return teacher, tokenizer
+
+
+def prepare_teacher(
+    config: FinetuneConfig, teacher: PreTrainedModel | None, device: torch.device, bf16: bool
+) -> tuple[PreTrainedModel | None, PreTrainedTokenizerBase | None]:
+    """The run's teacher, frozen on `device`: `teacher` when given, else `config.teacher` loaded when the
+    run distills (in bfloat16 when teacher_dtype says so, or by default with bf16 training); its
+    tokenizer when loaded here."""
+    teacher_tok = None
+    if config.distilling and teacher is None:
+        use_bf16 = config.teacher_dtype == "bfloat16" or (config.teacher_dtype == "auto" and bf16)
+        teacher, teacher_tok = load_teacher(config.teacher, torch.bfloat16 if use_bf16 else torch.float32, device)
+    if teacher is not None:
+        freeze(teacher)
+        teacher.to(device)
+    return teacher, teacher_tok
 
 
 def freeze(teacher: torch.nn.Module) -> None:
