@@ -83,3 +83,14 @@ def test_a_gguf_model_without_accelerate_is_one_line_naming_it(tmp_path, monkeyp
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "unexpected" not in err and "damaged" not in err
     assert "the package 'accelerate' is needed here but is not installed: pip install accelerate" in err
+
+
+def test_python_dash_m_sparsefit_exits_with_the_commands_status(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "sparsefit", "prune", "--model", str(tmp_path / "absent"), "--output", str(tmp_path / "o")],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert proc.returncode == 2 and proc.stderr.strip().startswith("sparsefit: error:")

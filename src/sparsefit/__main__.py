@@ -1,5 +1,7 @@
-"""`python -m sparsefit ...`: the same CLI as the `sparsefit` command."""
+"""`python -m sparsefit ...`: the same CLI as the `sparsefit` command, with its exit status."""
+
+import sys
 
 from sparsefit.cli import main
 
-main()
+sys.exit(main())
