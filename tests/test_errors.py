@@ -89,8 +89,6 @@ def test_python_dash_m_sparsefit_exits_with_the_commands_status(tmp_path):
     import subprocess
     import sys
 
-    proc = subprocess.run(
-        [sys.executable, "-m", "sparsefit", "prune", "--model", str(tmp_path / "absent"), "--output", str(tmp_path / "o")],
-        capture_output=True, text=True,
-    )  # fmt: skip
+    command = ["prune", "--model", str(tmp_path / "absent"), "--output", str(tmp_path / "o")]
+    proc = subprocess.run([sys.executable, "-m", "sparsefit", *command], capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.strip().startswith("sparsefit: error:")
