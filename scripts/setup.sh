@@ -9,5 +9,5 @@ $py -m pip install --quiet --upgrade pip
 if ! command -v nvidia-smi >/dev/null 2>&1; then
     $py -m pip install --quiet "torch==2.13.0"
 fi
-$py -m pip install --quiet -e ".[all,gpu]"  # gpu: torchao, so the FP8 2:4 config is tested here too
+$py -m pip install --quiet -e ".[all,gpu,trackers]"  # gpu: torchao, so the FP8 2:4 config is tested here too; trackers: each is tested
 .venv/bin/python -m sparsefit.runtime  # build the sparse CPU kernels once, not inside the first test
