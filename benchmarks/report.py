@@ -613,6 +613,12 @@ def runtime(r: dict) -> str:
         out += ["<details><summary>every linear (batch 1, 8 and 16)</summary>", "",
                 table(["shape", "batch", "sparsity", "values", "us", "GB/s", "x torch best", "x fp32"], rows),
                 "", "</details>", ""]  # fmt: skip
+    if "isas" in r:
+        keys = sorted({k for v in r["isas"].values() for k in v})
+        rows = [[k.removeprefix("7b_"), *(f(r["isas"][isa].get(k, {}).get("vs_torch_best")) for isa in r["isas"])]
+                for k in keys]  # fmt: skip
+        out += ["Every kernel row this CPU runs, same shapes (geomean), speed against torch's best dense in the "
+                "same run:", "", table(["sparsity, values, batch", *r["isas"]], rows), ""]  # fmt: skip
     if "crossover" in r:
         rows = [[x["values"], f(x["density"]), f(x["bitmask_vs_dense"])] for x in r["crossover"]]
         out += ["Bitmask layout against the packed dense layout near full density (4096x11008, batch 1):", "",

@@ -11,6 +11,8 @@
     unstructured mask), bf16 and 70% + int8, prefill and decode tokens/s at batch 1 and 8, against
     plain transformers `generate` of the dense model (fp32 and bf16, batch 1) and llama.cpp's
     `llama-bench` on F16 / Q8_0 / Q4_0 GGUFs of the same weights.
+(isas) every kernel row this CPU runs (`--isa`) on the 7B shapes, batch 1 and 8, 50% / 70%, both
+    value types, each against torch's best in the same run: what `auto` chose over.
 (c) a stack of Llama-2-7B-shaped decoder layers (random weights, small vocabulary): decode latency
     per layer, dense (torch fp32, the packed dense layout) against sparse.
 
@@ -36,7 +38,7 @@ import torch.nn.functional as F
 import llama_cpp
 from environment import ROOT, environment
 from sparsefit.atomic import write_json
-from sparsefit.runtime.kernels import choose_isa, load_kernels
+from sparsefit.runtime.kernels import ISAS, choose_isa, load_kernels
 from sparsefit.runtime.packing import pack
 
 SHAPES_7B = [(4096, 4096), (11008, 4096), (4096, 11008)]  # (out, in): q/k/v/o, gate/up, down
@@ -321,7 +323,10 @@ def layers_7b(num_layers: int, steps: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--parts", nargs="+", default=["linears", "e2e", "layers"], choices=["linears", "e2e", "layers"]
+        "--parts",
+        nargs="+",
+        default=["linears", "isas", "e2e", "layers"],
+        choices=["linears", "isas", "e2e", "layers"],
     )
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--new-tokens", type=int, default=128)
@@ -352,6 +357,13 @@ def main() -> None:
         if not args.quick:
             result["crossover"] = crossover(isa)
         write_json(Path(args.out), result)  # each part kept as it ends
+    if "isas" in args.parts:
+        result["isas"] = {}
+        for name in (n for n in ISAS if kernels.supports(n)):
+            print(f"kernel row {name}:", flush=True)
+            rows = linears(name, result["dram_read_gbps"], SHAPES_7B, [1, 8], [0.5, 0.7])
+            result["isas"][name] = summarize_linears(rows)
+            write_json(Path(args.out), result)
     if "e2e" in args.parts:
         llama_dir = None if args.no_llama_cpp else Path(args.llama_cpp_dir)
         result["end_to_end"] = end_to_end(args.model, 16 if args.quick else args.new_tokens, llama_dir,
