@@ -218,3 +218,27 @@ def test_mse_scales_lower_the_layer_error_of_gptq():
 def test_unknown_actorder_is_refused():
     with pytest.raises(ValueError, match="actorder"):
         gptq(torch.randn(4, 8), torch.eye(8), Grid("int", 4, None), actorder="weird")
+
+
+@pytest.mark.parametrize("actorder", ["static", "dynamic", "none"])
+def test_a_dead_input_is_zeroed_under_every_order_and_static_scales_ignore_it(actorder):
+    x = energetic_inputs()
+    x[:, 9] = 0  # input 9 never fires
+    torch.manual_seed(15)
+    w = torch.randn(8, 64)
+    w[:, 9] = 100.0  # the largest weight of its group: a scale taken from it would be far too coarse
+    H, grid = hessian_of(x), Grid("int", 4, 16)
+    q, scales, _ = gptq(w, H, grid, None, actorder, "minmax")
+    assert (q[:, 9] == 0).all()
+    if actorder == "static":
+        live = w.clone()
+        live[:, 9] = 0
+        assert torch.equal(scales, choose_scale(group_view(live, 16), grid, "minmax"))
+
+
+def test_the_inverse_in_an_order_is_that_of_the_permuted_hessian():
+    H = hessian_of(energetic_inputs())
+    perm = torch.randperm(64, generator=torch.Generator().manual_seed(0))
+    U, dead = inverse_hessian(H, 0.01, order=perm)
+    V, dead2 = inverse_hessian(H[perm][:, perm], 0.01)
+    assert torch.equal(dead, dead2) and torch.allclose(U, V, rtol=1e-5, atol=1e-6)

@@ -1,16 +1,17 @@
 import pytest
 import torch
 
-from sparsefit.quantization.observer import MSE_GRID, MSE_MAXSHRINK, MSE_NORM, choose_scale
+from sparsefit.quantization.observer import MSE_NORM, choose_scale
 from sparsefit.quantization.scheme import Grid
 
 
 def brute_force(groups, grid, dtype):
-    """Every candidate ratio scored in float64; the first of the lowest errors wins (as a strict `<` does)."""
+    """Every candidate ratio (1.00, 0.99, ..., 0.80: the grid pinned here, not read from the code) scored
+    in float64; the first of the lowest errors wins (as a strict `<` does)."""
     amax = groups.abs().amax(-1)
     best, best_err = None, None
-    for i in range(int(MSE_MAXSHRINK * MSE_GRID) + 1):
-        s = grid.scale(amax * (1 - i / MSE_GRID), dtype).double()
+    for i in range(21):
+        s = grid.scale(amax * (1 - i / 100), dtype).double()
         q = (groups.double() / s[..., None]).round().clamp(grid.qmin, grid.qmax) * s[..., None]
         err = (q - groups.double()).abs().pow(MSE_NORM).sum(-1)
         if best is None:

@@ -23,11 +23,14 @@ from sparsefit.pruning.structure import UNSTRUCTURED, Structure, check_sparsity,
 SUB_BLOCK = 16
 
 
-def inverse_hessian(hessian: torch.Tensor, damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+def inverse_hessian(
+    hessian: torch.Tensor, damp: float = 0.01, order: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """H (cols, cols) -> (upper Cholesky factor of (H + damp * mean(diag H) I)^-1, dead-input bool (cols,)).
 
     `hessian` is not modified. Inputs that never fired (H_jj = 0) get H_jj = 1 so the factorization
-    exists; the solver zeroes their weights since they never influenced the output.
+    exists; the solver zeroes their weights since they never influenced the output. `order` (cols,):
+    the factor of H with its inputs in that order (GPTQ's act-order), permuted in the one copy made here.
     """
     if hessian.dim() != 2 or hessian.shape[0] != hessian.shape[1]:
         raise ValueError(f"Hessian must be square (cols, cols), got shape {tuple(hessian.shape)}")
@@ -36,13 +39,19 @@ def inverse_hessian(hessian: torch.Tensor, damp: float = 0.01) -> tuple[torch.Te
     if not torch.isfinite(hessian.sum(dtype=torch.float64)):  # NaN/inf propagate; one pass, no bool tensor
         raise ValueError("Hessian has NaN/inf entries; check the calibration activations (e.g. fp16 overflow)")
     diag = torch.diag(hessian).to(torch.float32, copy=True)
+    if order is not None:
+        diag = diag[order]
     dead = diag == 0
     diag[dead] = 1.0
     diag += damp * diag.mean()
     # With J the order reversal and J H J = L L^T: H^-1 = U^T U for the upper U = J L^-1 J. One
     # Cholesky and one triangular inverse, half the work of cholesky -> cholesky_inverse -> cholesky.
     # Each in x in buffer is dropped as soon as the next exists (at 14336 inputs each is 822 MB).
-    H = hessian.detach().flip(0, 1).to(torch.float32)  # J H J, a copy
+    if order is None:
+        H = hessian.detach().flip(0, 1).to(torch.float32)  # J H J, a copy
+    else:
+        rev = order.flip(0)
+        H = hessian.detach()[rev.unsqueeze(1), rev].to(torch.float32)  # J P H P^T J, one gather
     H.diagonal().copy_(diag.flip(0))
     factor, info = torch.linalg.cholesky_ex(H)
     del H

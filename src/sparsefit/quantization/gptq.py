@@ -116,7 +116,7 @@ def gptq(
     group = grid.group_size or cols
     perm = torch.argsort(torch.diagonal(hessian), descending=True, stable=True)
     inverse = torch.argsort(perm)
-    hinv, dead = inverse_hessian(hessian[perm][:, perm], damp)
+    hinv, dead = inverse_hessian(hessian, damp, order=perm)
     w, k = weight[:, perm], keep[:, perm]
     if actorder == "dynamic":
         q, scales = quantize_gptq(w, hinv, dead, grid, k, block_size, scale_dtype, observer)

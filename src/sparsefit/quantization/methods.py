@@ -8,12 +8,13 @@ layer's scales and the weights it revived (none, checked here on every layer) in
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 
 from sparsefit.errors import UsageError
 from sparsefit.pruning.stats import InputStats
-from sparsefit.quantization.gptq import ActOrder, gptq
+from sparsefit.quantization.gptq import gptq
 from sparsefit.quantization.observer import Observer, choose_scale
 from sparsefit.quantization.scheme import Grid, group_view
 
@@ -35,7 +36,7 @@ class QuantOptions:
     damp: float = 0.01
     scale_dtype: torch.dtype = torch.float32  # the dtype the scales are stored in
     reconstruct_iters: int = 0  # the driver's refit: not for quantized weights
-    actorder: ActOrder = "static"
+    actorder: Literal["static", "none"] = "static"  # not "dynamic": its column map is not exported
     observer: Observer = "mse"
 
     @property

@@ -3,7 +3,8 @@
 - minmax: the scale that maps the group's largest magnitude to the top of the grid (`Grid.scale`).
 - mse: the clip-ratio search of llm-compressor's `mse` observer (after GPTQ's reference code,
   `quant.py: Quantizer.find_params(..., mse=True)`): try the ranges p * max|w| for p = 1, 0.99, ...,
-  1 - maxshrink and keep, per group, the one whose round trip loses least, sum |w - q(w)|^2.4.
+  0.80 and keep, per group, the one whose round trip loses least, sum |w - q(w)|^2.4. (Those stop
+  at 0.81 and llm-compressor's ends early after 5 candidates without gain; every candidate is tried here.)
   Clipping a few large weights buys a finer step for all the others; at 4 bits that usually pays.
 
 Candidates are scored with the scale rounded to its storage dtype, so the scale kept is the one

@@ -29,10 +29,10 @@ class RuntimeOptions(BaseModel):
         description="stored values of the packed weights: bfloat16, or int8 with one scale per output row "
         "(default: int8 for a per-channel int8 checkpoint, else bfloat16)",
     )
-    isa: Literal["auto", "avx512bf16", "avx512", "amx", "avx2"] = Field(
+    isa: Literal["auto", "avx512", "avx512bf16", "amx", "avx2"] = Field(
         "auto",
-        description="instruction set of the kernels: auto (default: the first of avx512bf16, avx512, avx2 this "
-        "CPU has) | avx512bf16, amx: bf16 weights times inputs rounded to bf16 | avx512, avx2: fp32 inputs",
+        description="instruction set of the kernels: auto (default: avx512, else avx2; fp32 inputs) | "
+        "avx512bf16, amx (opt-in: bf16 weights times inputs rounded to bf16, faster)",
     )
     threads: int | None = Field(None, ge=1, le=1024, description="CPU threads (default: torch's, one per core)")
 

@@ -34,6 +34,9 @@
 #include "prefetch.h"
 
 namespace sparsefit::amx {
+// Internal linkage (unnamed namespace): each kernel file compiles its own copy under its own
+// `#pragma GCC target`, so the linker never hands one instruction set's code to another's row.
+namespace {
 namespace detail {
 
 constexpr int kTileN = 16;  // batch rows per C tile (16 fp32 = 64 bytes, a tile row's maximum)
@@ -185,4 +188,5 @@ void run(const PackedView& w, const float* x, int64_t batch, int64_t xs, float* 
   }
 }
 
+}  // namespace
 }  // namespace sparsefit::amx

@@ -22,6 +22,9 @@
 #include "prefetch.h"
 
 namespace sparsefit::avx2 {
+// Internal linkage (unnamed namespace): each kernel file compiles its own copy under its own
+// `#pragma GCC target`, so the linker never hands one instruction set's code to another's row.
+namespace {
 
 constexpr int kMaxBatch = 8;  // batch rows per pass of the batched loop (16 ymm registers in all)
 
@@ -208,4 +211,5 @@ inline __m256i expand8(const void* p, const ExpandTable<Width>& table, unsigned 
   return _mm256_shuffle_epi8(v, _mm256_load_si256(reinterpret_cast<const __m256i*>(table.control[byte])));
 }
 
+}  // namespace
 }  // namespace sparsefit::avx2

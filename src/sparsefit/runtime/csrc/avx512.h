@@ -24,6 +24,9 @@
 #include "prefetch.h"
 
 namespace sparsefit::avx512 {
+// Internal linkage (unnamed namespace): each kernel file compiles its own copy under its own
+// `#pragma GCC target`, so the linker never hands one instruction set's code to another's row.
+namespace {
 
 // 64 bytes of lanes (16 fp32 or 32 bf16), as an element type a std::vector aligns.
 struct alignas(64) Lanes {
@@ -221,4 +224,5 @@ void run(const PackedView& w, const float* x, int64_t batch, int64_t xs, float* 
   }
 }
 
+}  // namespace
 }  // namespace sparsefit::avx512

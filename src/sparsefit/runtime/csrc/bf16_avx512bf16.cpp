@@ -1,4 +1,4 @@
-// bf16 values on AVX-512 with AVX512_BF16 (Cooper Lake and later Xeons, AMD Zen 4 and later): the
+// bf16 values on AVX-512 with AVX512_BF16 and VBMI2 (Sapphire Rapids and later, AMD Zen 4 and later): the
 // kept values of 64 positions are expanded under their mask with vpexpandw (32 lanes at a time, as
 // in bf16_avx512.cpp) and multiplied as they are by vdpbf16ps, which adds the products of each
 // lane's pair of bf16 (positions 2k, 2k + 1) into one fp32 lane: twice the multiply-adds of an fp32

@@ -8,6 +8,9 @@
 #include <cstdint>
 
 namespace sparsefit {
+// Internal linkage (unnamed namespace): each kernel file compiles its own copy under its own
+// `#pragma GCC target`, so the linker never hands one instruction set's code to another's row.
+namespace {
 
 constexpr float kInt8Unit = 0x1p-24f;  // the codes arrive as code * 2^24
 
@@ -29,4 +32,5 @@ inline __m512 int8_quarter(__m512i codes, int q) {
   return _mm512_cvtepi32_ps(_mm512_maskz_permutexvar_epi8(kTopBytes, control, codes));
 }
 
+}  // namespace
 }  // namespace sparsefit

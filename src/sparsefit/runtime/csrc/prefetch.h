@@ -10,6 +10,9 @@
 #include "packed.h"
 
 namespace sparsefit {
+// Internal linkage (unnamed namespace): each kernel file compiles its own copy under its own
+// `#pragma GCC target`, so the linker never hands one instruction set's code to another's row.
+namespace {
 
 // Batch-1 distances, ahead of where the loop reads. Measured on a Xeon with AVX-512 over a rotation
 // of weights larger than L3: 2 KiB ahead in the values and 512 B in the masks reach ~95% of the DRAM
@@ -46,4 +49,5 @@ inline NextBlock next_block(const PackedView& w, int64_t b, int64_t steps) {
   return n;
 }
 
+}  // namespace
 }  // namespace sparsefit
