@@ -240,19 +240,25 @@ def oneshot(r: dict) -> str:
 
 
 def quantize(r: dict) -> str:
-    rows = [
-        [name, run["source"], run["format"], f(run["ppl"]), f(run["ratio_to_dense_forward"]) + "x",
-         f(run["peak_rss_mb"], 0), run["revived_weights"], f(run["sparsity_after"], 4),
-         f(run["weight_bytes"] / 2**20, 1), f(run["ratio_to_dense_bf16"])]
-        for name, run in r["runs"].items()
-    ]  # fmt: skip
-    header = ["run", "quantized", "format", "ppl", "time / yardstick", "peak RSS MB", "revived", "sparsity",
-              "weights MiB", "vs dense bf16"]  # fmt: skip
+    def cell(run: dict, key: str, digits: int = 2) -> str:
+        return f(run.get(key), digits) if run.get(key) is not None else "-"
+
+    rows = [[name, "float", "-", f(v["gsm8k_answer_ppl"], 3), f(v["wikitext_ppl_first"]), f(v["wikitext_ppl_other"]),
+             "-", "-", "-", "-"] for name, v in r["sources"].items()]  # fmt: skip
+    for name, run in r["runs"].items():
+        flags = " ".join(run["flags"]) if run.get("flags") else "llm-compressor GPTQModifier (W4A16, group 64)"
+        rows.append([name, run["tool"], f"`{flags}`", f(run["gsm8k_answer_ppl"], 3), f(run["wikitext_ppl_first"]),
+                     f(run["wikitext_ppl_other"]), run.get("revived_weights", "-"),
+                     f(run["ratio_to_dense_forward"]) + "x" if "ratio_to_dense_forward" in run else "-",
+                     f(run["peak_rss_mb"], 0), cell(run, "ratio_to_dense_bf16")])  # fmt: skip
+    header = ["run", "tool", "settings", "GSM8K answer ppl", "WikiText-2 first", "WikiText-2 other", "revived",
+              "time / yardstick", "peak RSS MB", "size vs dense bf16"]  # fmt: skip
+    yard = r.get("yardstick_dense_forward")
     return "\n".join(
         [
-            f"{r['model']} pruned with {r['pruning']}; quantization calibration {r['calibration']}; evaluation "
-            f"{r['eval']}. Dense ppl {f(r['dense']['ppl'])}, pruned {f(r['pruned']['ppl'])}. Yardstick: "
-            f"{f(r['yardstick_dense_forward']['seconds'], 1)} s.",
+            f"{r['model']}; pruned source: {r['pruning']}; quantization calibration {r['calibration']}; "
+            f"evaluation: {r['eval']}. llm-compressor {r.get('llmcompressor', 'not run')}."
+            + (f" Yardstick: {f(yard['seconds'], 1)} s." if yard else " (The run had not finished: no yardstick.)"),
             "",
             table(header, rows),
         ]
