@@ -32,7 +32,7 @@ from pathlib import Path
 
 from environment import environment
 from oneshot import sparsefit, yardstick
-from reference_llmcompressor import run_llmcompressor, save_calibration
+from reference_llmcompressor import run_llmcompressor, save_calibration, worker
 from sparsefit.atomic import write_json
 
 # name -> (sources it runs on, `sparsefit quantize` flags; None: llm-compressor's GPTQModifier)
@@ -50,32 +50,13 @@ RUNS: dict[str, tuple[tuple[str, ...], list[str] | None]] = {
 
 # llm-compressor's GPTQ, W4A16 in groups of 64 (what sparsefit picks for 576-column layers; it
 # refuses groups that do not divide a layer), its other settings left at their defaults.
-LC_WORKER = """
-import json, resource, sys, time
-import torch
+GPTQ_W4A16 = """
 from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
-from datasets import Dataset
-from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer
-from llmcompressor import oneshot
 from llmcompressor.modifiers.quantization import GPTQModifier
-
-source, calib, out = sys.argv[1:4]
-model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
-tokenizer = AutoTokenizer.from_pretrained(source)
-ids = load_file(calib)["input_ids"]
-data = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
 weights = QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="group", group_size=64)
 modifier = GPTQModifier(config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=weights)},
                         ignore=["lm_head"])
-start = time.perf_counter()
-oneshot(model=model, dataset=data, recipe=[modifier], num_calibration_samples=ids.shape[0],
-        max_seq_length=ids.shape[1], shuffle_calibration_samples=False)
-seconds = time.perf_counter() - start
-model.save_pretrained(out)
-tokenizer.save_pretrained(out)
-print(json.dumps({"seconds": seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                  "actorder": str(modifier.actorder), "dampening_frac": modifier.dampening_frac}))
+report = lambda: {"actorder": str(modifier.actorder), "dampening_frac": modifier.dampening_frac}
 """
 
 
@@ -162,8 +143,7 @@ def main() -> None:
                 out = work / f"{source}-{name}"
                 start = time.perf_counter()
                 if flags is None:
-                    worker = [args.lc_python, "-c", LC_WORKER, sources[source], str(calib), str(out)]
-                    row = {"tool": "llm-compressor", **json.loads(run_llmcompressor(worker).strip().splitlines()[-1])}
+                    row = {"tool": "llm-compressor", **worker(args.lc_python, GPTQ_W4A16, sources[source], calib, out)}
                 else:
                     report_path = work / f"{source}-{name}.json"
                     sparsefit(

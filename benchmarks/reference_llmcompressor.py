@@ -32,7 +32,9 @@ RUNS = {  # name: (method, llm-compressor mask_structure)
     "wanda-50": ("wanda", "0:0"),
 }
 
-# Runs inside llm-compressor's environment: prune with its oneshot on the saved windows, save a checkpoint.
+# Runs inside llm-compressor's environment: one oneshot pass of a modifier over the saved windows,
+# then a checkpoint. argv: source, calibration file, output, then the modifier's own arguments;
+# MODIFIER (python source) sets `modifier` from `args`, and may set `report`, more fields to print.
 WORKER = """
 import json, resource, sys, time
 import torch
@@ -40,23 +42,37 @@ from datasets import Dataset
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from llmcompressor import oneshot
-from llmcompressor.modifiers.pruning import SparseGPTModifier, WandaPruningModifier
 
-source, method, structure, calib, out = sys.argv[1:6]
+source, calib, out, *args = sys.argv[1:]
 model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
 tokenizer = AutoTokenizer.from_pretrained(source)
 ids = load_file(calib)["input_ids"]
 data = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
-kwargs = dict(sparsity=0.5, mask_structure=structure, targets=["Linear"], ignore=["re:.*lm_head"])
-modifier = SparseGPTModifier(**kwargs) if method == "sparsegpt" else WandaPruningModifier(**kwargs)
+report = dict
+MODIFIER
 start = time.perf_counter()
 oneshot(model=model, dataset=data, recipe=[modifier], num_calibration_samples=ids.shape[0],
         max_seq_length=ids.shape[1], shuffle_calibration_samples=False)
 seconds = time.perf_counter() - start
 model.save_pretrained(out)
 tokenizer.save_pretrained(out)
-print(json.dumps({"seconds": seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+print(json.dumps({"seconds": seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  **report()}))
 """
+
+PRUNE = """
+from llmcompressor.modifiers.pruning import SparseGPTModifier, WandaPruningModifier
+method, structure = args
+kwargs = dict(sparsity=0.5, mask_structure=structure, targets=["Linear"], ignore=["re:.*lm_head"])
+modifier = SparseGPTModifier(**kwargs) if method == "sparsegpt" else WandaPruningModifier(**kwargs)
+"""
+
+
+def worker(lc_python: str, modifier: str, source: str, calib: Path, out: Path, *args: str) -> dict:
+    """Run WORKER with `modifier` in llm-compressor's python; its printed record."""
+    script = WORKER.replace("MODIFIER", modifier.strip())
+    stdout = run_llmcompressor([lc_python, "-c", script, source, str(calib), str(out), *args])
+    return json.loads(stdout.strip().splitlines()[-1])
 
 
 def run_llmcompressor(cmd: list[str]) -> str:
@@ -116,8 +132,7 @@ def main() -> None:
         for name in args.runs:
             method, structure = RUNS[name]
             lc_out, sf_out, report = work / "lc", work / "sf", work / "report.json"
-            worker = [args.lc_python, "-c", WORKER, source, method, structure, str(calib), str(lc_out)]
-            lc = json.loads(run_llmcompressor(worker).strip().splitlines()[-1])
+            lc = worker(args.lc_python, PRUNE, source, calib, lc_out, method, structure)
             lc["ppl"] = evaluate(str(lc_out), work, args.windows)["ppl"]
             sparsefit("prune", "--model", args.model, *PRUNE_FLAGS[name], "--calib", "gsm8k", "--num-samples",
                       str(args.num_samples), "--seq-len", str(args.seq_len), "--seed", str(args.seed),
