@@ -12,6 +12,7 @@
 #include <immintrin.h>
 
 #include "avx512.h"
+#include "bf16_dot.h"
 
 namespace sparsefit::avx512bf16 {
 namespace {
@@ -27,12 +28,10 @@ struct PairControls {
 };
 inline constexpr PairControls kPairControls;
 
-struct Bf16Dot {
+struct Bf16Dot : Bf16DotUnit {
   using Value = uint16_t;
   static constexpr bool kScaled = false;
   static constexpr float kUnit = 1.0f;
-  static constexpr int kVecs = 2;
-  using W = __m512bh;
 
   static inline void load(const Value* p, uint64_t mask, W w[2]) {
     const uint32_t lo = static_cast<uint32_t>(mask), hi = static_cast<uint32_t>(mask >> 32);
@@ -51,8 +50,6 @@ struct Bf16Dot {
       _mm512_store_si512(out[h].f, _mm512_permutexvar_epi16(control, halves));
     }
   }
-  static inline W in(const Lanes& x) { return (__m512bh)_mm512_load_si512(x.f); }
-  static inline __m512 madd(__m512 acc, W w, W x) { return _mm512_dpbf16_ps(acc, w, x); }
 };
 
 }  // namespace

@@ -11,18 +11,17 @@
 
 #include "int8_codes.h"
 #include "avx512.h"
+#include "bf16_dot.h"
 
 namespace sparsefit::avx512bf16 {
 namespace {
 
 using avx512::Lanes;
 
-struct Int8Dot {
+struct Int8Dot : Bf16DotUnit {
   using Value = int8_t;
   static constexpr bool kScaled = true;
   static constexpr float kUnit = kInt8Unit;
-  static constexpr int kVecs = 2;
-  using W = __m512bh;
 
   static inline void widen(__m512i codes, W w[2]) {
     // vcvtne2ps2bf16(b, a): a in the low 16 lanes, b in the high 16.
@@ -38,8 +37,6 @@ struct Int8Dot {
       _mm512_store_si512(out[h].f, (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(x + 32 * h + 16),
                                                                  _mm512_loadu_ps(x + 32 * h)));
   }
-  static inline W in(const Lanes& x) { return (__m512bh)_mm512_load_si512(x.f); }
-  static inline __m512 madd(__m512 acc, W w, W x) { return _mm512_dpbf16_ps(acc, w, x); }
 };
 
 }  // namespace
