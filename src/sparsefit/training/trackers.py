@@ -103,7 +103,19 @@ class _TensorBoard:
         self.writer.close()
 
 
-class _WandB:
+class _RunHandle:
+    """Trackers whose `init` returns a run object with `log(values, step=)` and `finish()` (wandb, trackio)."""
+
+    run: object
+
+    def log(self, values: dict[str, float], step: int) -> None:
+        self.run.log(values, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+class _WandB(_RunHandle):
     def __init__(self, folder: Path, run_name: str, config: dict, start_step: int) -> None:
         import wandb
 
@@ -117,25 +129,12 @@ class _WandB:
             reinit="create_new",
         )
 
-    def log(self, values: dict[str, float], step: int) -> None:
-        self.run.log(values, step=step)
 
-    def close(self) -> None:
-        self.run.finish()
-
-
-class _Trackio:
+class _Trackio(_RunHandle):
     def __init__(self, folder: Path, run_name: str, config: dict, start_step: int) -> None:
         import trackio
 
-        self.trackio = trackio
         self.run = trackio.init(project=os.environ.get("TRACKIO_PROJECT") or PROJECT, name=run_name, config=config)
-
-    def log(self, values: dict[str, float], step: int) -> None:
-        self.run.log(values, step=step)
-
-    def close(self) -> None:
-        self.run.finish()
 
 
 class _MLflow:
