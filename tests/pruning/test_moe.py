@@ -144,11 +144,17 @@ def test_routers_stay_dense_and_the_shared_expert_is_pruned():
         assert (lin.weight == 0).float().mean().item() == pytest.approx(0.5, abs=0.01)
 
 
+def two_starved(model, x):
+    """Block 0's routed token counts, a min_expert_tokens threshold that the two least routed experts
+    fall short of, and those experts."""
+    counts = {e: xe.shape[0] for e, (xe, _) in routed_reference(model, x).items()}
+    threshold = sorted(counts.values())[1] + 1
+    return counts, threshold, [e for e, n in counts.items() if n < threshold]
+
+
 def test_experts_with_too_few_tokens_are_pruned_by_magnitude_and_reported():
     model, x = tiny_model("mixtral"), calib()
-    counts = {e: xe.shape[0] for e, (xe, _) in routed_reference(model, x).items()}
-    threshold = sorted(counts.values())[1] + 1  # the two least routed experts of block 0 fall short
-    starved = [e for e, n in counts.items() if n < threshold]
+    counts, threshold, starved = two_starved(model, x)
     dense = {n: m.weight.clone() for n, m in expert_layers(model).items()}
     report = oneshot(model, None, cfg(method="sparsegpt", min_expert_tokens=threshold), calib=x, progress=False)
     for e in starved:

@@ -168,12 +168,10 @@ def test_each_expert_is_quantized_by_gptq_from_its_routed_tokens(arch):
 def test_experts_with_too_few_tokens_are_rounded_to_nearest_and_reported():
     from sparsefit.quantization.observer import choose_scale
     from sparsefit.quantization.scheme import Grid, group_view
-    from tests.pruning.test_moe import expert_layers, routed_reference
+    from tests.pruning.test_moe import expert_layers, two_starved
 
     model, x = pruned("mixtral"), calib()
-    counts = {e: xe.shape[0] for e, (xe, _) in routed_reference(model, x).items()}
-    threshold = sorted(counts.values())[1] + 1  # the two least routed experts of block 0 fall short
-    starved = [e for e, n in counts.items() if n < threshold]
+    counts, threshold, starved = two_starved(model, x)
     dense = {n: m.weight.clone() for n, m in expert_layers(model).items()}
     config = QuantizeConfig(method="gptq", scheme="w4a16", group_size=16, min_expert_tokens=threshold, sequential=False)
     result = quantize(model, None, config, calib=x, progress=False)
