@@ -33,17 +33,12 @@ def read_experts(folder: str | os.PathLike, expected: dict[str, tuple[int, ...]]
     dense and float32 for quantized codes, by name. `expected`: the model's parameter shapes; a file
     naming a parameter the model lacks, or of another shape, is a ValueError naming the file, before
     any slice is decompressed."""
-    from safetensors import SafetensorError, safe_open
+    from sparsefit.models.side_modules import read_safetensors
 
     path = Path(folder) / EXPERTS_FILE
     if not path.is_file():
         return {}
-    try:
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-            tensors = {key: f.get_tensor(key) for key in f.keys()}  # views of the mapped file: no copy
-    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-        raise ValueError(f"{path} is not a readable safetensors file ({str(err).splitlines()[0][:120]})") from None
+    meta, tensors = read_safetensors(path)
     try:
         shapes = {name: tuple(int(d) for d in shape) for name, shape in json.loads(meta["experts"]).items()}
         transposed = set(json.loads(meta.get("transposed", "[]")))

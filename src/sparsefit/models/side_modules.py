@@ -62,25 +62,30 @@ def save_side_file(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[
     save_file(data, str(path), metadata=metadata)
 
 
+def read_safetensors(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """The metadata and tensors of the safetensors file `path` (views of the mapped file: no copy);
+    a ValueError naming the file when it cannot be read as one."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            return f.metadata() or {}, {key: f.get_tensor(key) for key in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise ValueError(f"{path} is not a readable safetensors file ({str(err).splitlines()[0][:120]})") from None
+
+
 def read_side_file(
     model: nn.Module, folder: str | os.PathLike, filename: str, attr: str, fmt: str, what: str
 ) -> tuple[dict[str, torch.Tensor], dict[str, str], dict[str, nn.Module]] | None:
     """The tensors and metadata of `folder/filename` and the modules they belong to, by name; None
     when there is no such file. A ValueError when the file is not of format `fmt` or names modules
     `model` lacks (`what` names the kind in the message)."""
-    from safetensors import SafetensorError, safe_open
-
     from sparsefit.models.finite import bad_values
 
     path = Path(folder) / filename
     if not path.is_file():
         return None
-    try:
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-            tensors = {key: f.get_tensor(key) for key in f.keys()}  # views of the mapped file: no copy
-    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-        raise ValueError(f"{path} is not a readable safetensors file ({str(err).splitlines()[0][:120]})") from None
+    meta, tensors = read_safetensors(path)
     if meta.get("format") != fmt:
         raise ValueError(f"{path} is not a sparsefit {what} file")
     bad = [key for key in tensors if f".{attr}." not in key]
