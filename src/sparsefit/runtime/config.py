@@ -31,8 +31,9 @@ class RuntimeOptions(BaseModel):
     )
     isa: Literal["auto", "avx512", "avx512bf16", "amx", "avx2"] = Field(
         "auto",
-        description="instruction set of the kernels: auto (default: avx512, else avx2; fp32 inputs) | "
-        "avx512bf16, amx (opt-in: bf16 weights times inputs rounded to bf16, faster)",
+        description="instruction set of the kernels: auto (default: avx512bf16 where the CPU has "
+        "AVX512-BF16, inputs rounded to bf16; else avx512, else avx2, fp32 inputs) | amx (opt-in: "
+        "faster from batch 2 up, slower at batch 1)",
     )
     threads: int | None = Field(None, ge=1, le=1024, description="CPU threads (default: torch's, one per core)")
 

@@ -41,7 +41,7 @@ SOURCES = (
     "int8_avx2.cpp",
 )
 HEADERS = ("packed.h", "prefetch.h", "dispatch.h", "avx512.h", "bf16_dot.h", "avx2.h", "amx.h", "int8_codes.h")
-ISAS = ("avx512", "avx512bf16", "amx", "avx2")  # the dispatch table's rows, best first (ops.cpp)
+ISAS = ("avx512bf16", "avx512", "amx", "avx2")  # the dispatch table's rows, best first (ops.cpp)
 # The rows whose kernels round the inputs to bf16 for a value type (AMX and vdpbf16ps multiply bf16
 # by bf16); the others take fp32 inputs as they are.
 ROUNDS_INPUTS = {("amx", "bfloat16"), ("amx", "int8"), ("avx512bf16", "bfloat16"), ("avx512bf16", "int8")}

@@ -41,11 +41,13 @@ bool has_avx2() {
 
 // Best first: `auto` takes the first this CPU supports.
 const IsaRow kIsas[] = {
-    {"avx512", has_avx512, avx512::bf16, avx512::int8},
-    // Opt-in (--isa avx512bf16): both value types by vdpbf16ps on inputs rounded to bf16, twice the
-    // multiply-adds per instruction of the avx512 row's fp32 FMA. Not the default while its sums,
-    // in another order than a dense matmul's, flip near-tied greedy tokens of the real model.
+    // Both value types by vdpbf16ps on inputs rounded to bf16: twice the multiply-adds per
+    // instruction of the fp32 FMA, which makes sparsity pay where the avx512 row is compute-bound.
+    // Rounding the inputs moves the logits by a few tenths at most, and greedy decodes part from
+    // the fp32 ones only at near-ties (tests/runtime/test_real_model.py).
     {"avx512bf16", has_avx512bf16, avx512bf16::bf16, avx512bf16::int8},
+    // fp32 inputs as they are (--isa avx512): the AVX-512 CPUs without BF16.
+    {"avx512", has_avx512, avx512::bf16, avx512::int8},
     // Opt-in (--isa amx): faster from batch 2 up, slower at batch 1 on 70% sparse weights.
     {"amx", has_amx, amx::bf16, amx::int8},
     {"avx2", has_avx2, avx2::bf16, avx2::int8},
