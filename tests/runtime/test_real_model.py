@@ -63,10 +63,7 @@ def _logits(decoder, ids: list[int]) -> torch.Tensor:
     return decoder.forward(torch.tensor(ids), torch.zeros(n, dtype=torch.long), positions, cache, positions)
 
 
-def _wikitext_ppl(decoder, tokenizer, windows: int = 2, length: int = 512) -> float:
-    from sparsefit.data.sources import wikitext_stream
-
-    ids = tokenizer(wikitext_stream()[:200_000])["input_ids"]
+def _perplexity(decoder, ids: list[int], windows: int = 2, length: int = 512) -> float:
     nll, count = 0.0, 0
     for w in range(windows):
         chunk = ids[w * length : (w + 1) * length]
@@ -87,6 +84,7 @@ ROWS = [isa for isa in _RUNNABLE if input_dtype(isa, "bfloat16") == torch.bfloat
 def test_each_kernel_row_decodes_the_reference_greedy_tokens(pruned_builtin, shared_data, isa):
     from sparsefit.runtime.model import encode_prompt, generate, load_runtime
 
+    inputs = input_dtype(isa, "bfloat16")
     sparse = load_runtime(str(pruned_builtin), "sparse", isa=isa, progress=False)
     ref = load_runtime(str(pruned_builtin), "dense", isa=isa, progress=False)
     assert sparse.decoder.layers[0].gate_up.layout == "bitmask"  # about half the bytes of the dense bf16 model
@@ -96,19 +94,20 @@ def test_each_kernel_row_decodes_the_reference_greedy_tokens(pruned_builtin, sha
 
     parted = []
     for prompt, mine, theirs in zip(PROMPTS, runs["sparse"], runs["ref"], strict=True):
-        start = len(encode_prompt(ref.tokenizer, prompt))
-        ids = encode_prompt(ref.tokenizer, prompt) + theirs
+        prompt_ids = encode_prompt(ref.tokenizer, prompt)
+        start, ids = len(prompt_ids), prompt_ids + theirs
         r, s = _logits(ref.decoder, ids)[start - 1 : -1], _logits(sparse.decoder, ids)[start - 1 : -1]
         deviation = (r - s).abs().max().item()
-        bound = MAX_LOGIT_DEVIATION[input_dtype(isa, "bfloat16")]
-        assert deviation < bound, f"{isa}: logits deviate by {deviation:.4f} on {prompt!r}"
+        assert deviation < MAX_LOGIT_DEVIATION[inputs], f"{isa}: logits deviate by {deviation:.4f} on {prompt!r}"
         j = next((i for i, (a, b) in enumerate(zip(mine, theirs, strict=True)) if a != b), None)
         if j is not None:  # the reference's own margin between its token and ours, where they parted
             gap = (r[j, theirs[j]] - r[j, mine[j]]).item()
             assert gap < NEAR_TIE, f"{isa}: parted at step {j} of {prompt!r} on a margin of {gap:.4f}"
             parted.append(prompt)
-    allowed = MAX_PARTED[input_dtype(isa, "bfloat16")]
-    assert len(parted) <= allowed, f"{isa}: {len(parted)} prompts parted at near-ties: {parted}"
+    assert len(parted) <= MAX_PARTED[inputs], f"{isa}: {len(parted)} prompts parted at near-ties: {parted}"
 
-    ppl = {name: _wikitext_ppl(m.decoder, m.tokenizer) for name, m in (("sparse", sparse), ("ref", ref))}
+    from sparsefit.data.sources import wikitext_stream
+
+    text = ref.tokenizer(wikitext_stream()[:20_000])["input_ids"]  # more than the 2 x 512 tokens scored
+    ppl = {name: _perplexity(m.decoder, text) for name, m in (("sparse", sparse), ("ref", ref))}
     assert abs(ppl["sparse"] / ppl["ref"] - 1) < 0.001, ppl
